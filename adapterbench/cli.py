@@ -1,0 +1,182 @@
+"""The `adapterbench` command line: each command builds a config and calls one stage."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, fuse and compare bottleneck adapters and their baselines.")
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (see configs/).")
+TaskOpt = typer.Option(None, "--task", "-t", help="Task name (adapterbench ls tasks) or task YAML.")
+ModelOpt = typer.Option(None, "--model", "-m", help="Hub id, local folder, or alias (minilm-l6).")
+MethodOpt = typer.Option(None, "--method", help="Method name (adapterbench ls methods).")
+SeedOpt = typer.Option(None, "--seed", help="Random seed.")
+OutOpt = typer.Option(None, "--out", help="Root folder of run folders (default runs/).")
+DataOpt = typer.Option(None, "--data-dir", help="glue_data-style folder (else $ADAPTERBENCH_DATA_DIR).")
+ForceOpt = typer.Option(False, "--force", help="Retrain even if a finished run with this config exists.")
+DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
+Overrides = typer.Argument(None, help="key=value overrides, e.g. train.lr=3e-4 train.epochs=3")
+
+
+def guarded(debug: bool, fn, *args, **kwargs):
+    """Run `fn`; bad input becomes one red line and exit code 2 (a traceback with --debug)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]")
+        raise typer.Exit(130)
+
+
+def _options(task, model, method, seed, out, data_dir) -> dict:
+    return {"task": task, "model.name": model, "method.name": method, "seed": seed,
+            "out_dir": out, "data.data_dir": data_dir}
+
+
+def _train(stage, config, task, model, method, seed, out, data_dir, overrides, force):
+    from .config import merge_layers
+    from .runs import RunExists
+    from .stages import resolve, train_stage
+    cfg = resolve(merge_layers(config, _options(task, model, method, seed, out, data_dir), overrides), stage)
+    try:
+        folder = train_stage(stage, cfg, force=force, console=console)
+    except RunExists as e:
+        console.print(f"already done: {e.folder} (status ok; --force retrains)")
+        folder = e.folder
+    print_metrics(folder)
+
+
+def print_metrics(folder: Path) -> None:
+    from .runs import read_json
+    m = read_json(Path(folder) / "metrics.json")
+    table = Table(title=f"{m['task']} / {m['method']} / {m['model']} (seed {m['seed']})")
+    for col in ("split", *m["metrics"]["dev"].keys()):
+        table.add_column(col)
+    table.add_row("dev", *(f"{v:.2f}" for v in m["metrics"]["dev"].values()))
+    console.print(table)
+    console.print(f"best epoch {m['best_epoch'] + 1}/{m['epochs_run']}  trainable {m['trainable_params']:,} "
+                  f"({m['trainable_percent']:.2f}% of {m['total_params']:,})  train {m['train_seconds']:.1f}s  "
+                  f"{m['samples_per_second']:.1f} samples/s")
+    console.print(f"run folder: {folder}")
+
+
+@app.command()
+def extract(config: Optional[Path] = ConfigOpt, task: Optional[str] = TaskOpt, model: Optional[str] = ModelOpt,
+            method: Optional[str] = MethodOpt, seed: Optional[int] = SeedOpt, out: Optional[str] = OutOpt,
+            data_dir: Optional[str] = DataOpt, overrides: Optional[list[str]] = Overrides,
+            force: bool = ForceOpt, debug: bool = DebugOpt):
+    """Train one adapter on one task (AdapterFusion stage 1; default method pfeiffer)."""
+    guarded(debug, _train, "extract", config, task, model, method, seed, out, data_dir, overrides, force)
+
+
+@app.command()
+def finetune(config: Optional[Path] = ConfigOpt, task: Optional[str] = TaskOpt, model: Optional[str] = ModelOpt,
+             method: Optional[str] = MethodOpt, seed: Optional[int] = SeedOpt, out: Optional[str] = OutOpt,
+             data_dir: Optional[str] = DataOpt, overrides: Optional[list[str]] = Overrides,
+             force: bool = ForceOpt, debug: bool = DebugOpt):
+    """Fully fine-tune the encoder on one task (the "Full" baseline; default method full)."""
+    guarded(debug, _train, "finetune", config, task, model, method, seed, out, data_dir, overrides, force)
+
+
+@app.command()
+def evaluate(run_dir: Path = typer.Argument(..., help="A run folder."),
+             split: str = typer.Option("dev", "--split", help="dev (metrics) or test (prediction file)."),
+             data_dir: Optional[str] = DataOpt, debug: bool = DebugOpt):
+    """Rebuild a model from its run folder and recompute its metrics."""
+    def go():
+        from .stages import evaluate_stage
+        res = evaluate_stage(run_dir, split, data_dir)
+        if split == "dev":
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in res["metrics"].items())
+            console.print(f"dev: {shown}")
+            mark = "[green]yes[/green]" if res["reproduced"] else "[red]NO[/red]"
+            console.print(f"stored main metric {res['stored']}: reproduced {mark}")
+        else:
+            console.print(f"test predictions: {res['predictions']}")
+    guarded(debug, go)
+
+
+@app.command("ls")
+def ls(what: str = typer.Argument(..., help="tasks | methods | runs"),
+       out: str = typer.Option("runs", "--out", help="Root of run folders (for `ls runs`)."),
+       debug: bool = DebugOpt):
+    """List tasks, methods or runs."""
+    guarded(debug, _ls, what, out)
+
+
+def _ls(what: str, out: str) -> None:
+    if what == "tasks":
+        from .tasks import parse_task, task_files
+        t = Table("task", "track", "labels", "metrics", "main", "sources")
+        for name, path in task_files().items():
+            s = parse_task(path)
+            src = "+".join(k for k in ("local", "hub") if getattr(s.sources, k) is not None)
+            t.add_row(name, s.track, "regression" if s.regression else str(len(s.labels)),
+                      ",".join(s.metrics), s.main_metric, src)
+        console.print(t)
+    elif what == "methods":
+        from .methods import METHODS
+        t = Table("method", "kind", "default lr", "what it is")
+        for name, mod in METHODS.items():
+            doc = " ".join((mod.__doc__ or "").split()).split(": ")[0]
+            t.add_row(name, mod.KIND, str(mod.TRAIN_DEFAULTS.get("lr")), doc)
+        console.print(t)
+    elif what == "runs":
+        from .runs import iter_runs, read_json
+        t = Table("run", "status", "main metric", "value")
+        for folder in iter_runs(Path(out)):
+            m = read_json(folder / "metrics.json")
+            t.add_row(str(folder), m.get("status", "?"), m.get("main_metric", ""),
+                      "" if m.get("main_value") is None else f"{m['main_value']:.2f}")
+        console.print(t)
+    else:
+        raise UserError(f"cannot list '{what}': use tasks, methods or runs")
+
+
+@app.command()
+def validate(config: Path = typer.Argument(..., help="A run config or task YAML."),
+             stage: str = typer.Option("extract", "--stage", help="extract or finetune defaults."),
+             overrides: Optional[list[str]] = Overrides, debug: bool = DebugOpt):
+    """Check a config (or a task YAML) without training."""
+    def go():
+        import yaml
+        from .config import load_yaml, merge_layers, to_dict
+        from .stages import resolve
+        from .tasks import load_task, parse_task
+        data = load_yaml(config)
+        if "sources" in data:  # a task YAML
+            spec = parse_task(config)
+            console.print(f"task {spec.name}: ok ({'regression' if spec.regression else len(spec.labels)} labels)")
+            return
+        if stage not in ("extract", "finetune"):
+            raise UserError(f"--stage '{stage}' must be extract or finetune")
+        cfg = resolve(merge_layers(config, {}, overrides), stage)
+        load_task(cfg.task)
+        console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        console.print(f"{config}: ok")
+    guarded(debug, go)
+
+
+def main():  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,231 @@
+"""Run configuration: dataclasses, YAML loading, `key=value` overrides, strict keys.
+
+Precedence, lowest first: dataclass defaults < method defaults < YAML file < CLI options
+< `key=value` overrides. Unknown keys are errors that name the valid ones (nanoGPT's
+configurator, torchtune's `validate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm-l6"          # hub id, local folder, or an alias (minilm-l6)
+    max_length: int = 128            # tokens per example after truncation (paper setting)
+    trust_remote_code: bool = False  # only when the user asks for it
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4                 # AdapterFusion ST-A setting; `full` lowers it to 2e-5
+    epochs: int = 30                 # AdapterFusion ST-A: up to 30 epochs, best on dev
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    warmup_ratio: float = 0.0        # share of steps with a linear warm-up
+    weight_decay: float = 0.01       # not applied to biases and LayerNorm weights
+    max_grad_norm: float = 1.0
+    patience: int = 0                # stop after this many epochs without a better dev metric; 0 = off
+    limit: int = 0                   # use only the first N training examples (0 = all)
+    eval_limit: int = 0              # use only the first N dev examples (0 = all)
+    max_steps: int = 0               # stop after N optimizer steps (0 = no cap)
+    log_every: int = 10              # steps between log.jsonl lines
+    save_model: bool = False         # `full`: also write the whole model's weights
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = None      # glue_data-style folder; else $ADAPTERBENCH_DATA_DIR, else the Hub
+    shuffle_seed: int | None = None  # order of training batches; defaults to the run seed
+
+
+@dataclass
+class RunConfig:
+    task: str = ""                   # task name (configs/tasks) or a task YAML path
+    method: dict = field(default_factory=lambda: {"name": "pfeiffer"})  # checked by the method
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 42
+    out_dir: str = "runs"            # root of all run folders
+
+
+# --- loading -------------------------------------------------------------------------------
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with safe_load; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist: check the path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}{where}: malformed YAML ({problem}): fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 3e-4); values are read as YAML scalars."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not key=value (e.g. train.lr=3e-4)")
+    key, _, raw = text.partition("=")
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def set_path(tree: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        node = tree.get(k)
+        if not isinstance(node, dict):
+            node = tree[k] = {}
+        tree = node
+    tree[keys[-1]] = value
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """Merge `top` into a copy of `base`; nested mappings merge, everything else replaces."""
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def merge_layers(yaml_path: str | Path | None, options: dict, overrides: list[str]) -> dict:
+    """User layers merged in precedence order: YAML < CLI options < key=value overrides."""
+    tree = load_yaml(yaml_path) if yaml_path else {}
+    if isinstance(tree.get("method"), str):
+        tree["method"] = {"name": tree["method"]}
+    opts: dict = {}
+    for dotted, value in options.items():
+        if value is not None:
+            set_path(opts, dotted.split("."), value)
+    tree = deep_merge(tree, opts)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        if keys == ["method"]:
+            keys = ["method", "name"]
+        set_path(tree, keys, value)
+    return tree
+
+
+# --- strict construction -------------------------------------------------------------------
+
+def build(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise UserError(f"unknown config key '{key}'; valid keys{' under ' + where if where else ''}: "
+                        f"{', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = coerce(hints[name], value, f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def coerce(hint, value, key: str):
+    """Check/convert one value against its type hint; a mismatch names the key."""
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(inner[0], value, key)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"config key '{key}' must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"config key '{key}' must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config key '{key}' must be a string, got {value!r}")
+    if origin is list or hint is list:
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+        return [coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
+        return value
+    return value
+
+
+def check_ranges(cfg: RunConfig) -> None:
+    """Out-of-range values are errors before anything runs."""
+    t = cfg.train
+    checks = [
+        (t.lr > 0, "train.lr", t.lr, "a positive learning rate"),
+        (t.epochs >= 1, "train.epochs", t.epochs, "at least 1"),
+        (t.batch_size >= 1, "train.batch_size", t.batch_size, "at least 1"),
+        (t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "at least 1"),
+        (0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "in [0, 1)"),
+        (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "0 or more"),
+        (t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "0 (off) or more"),
+        (min(t.patience, t.limit, t.eval_limit, t.max_steps) >= 0, "train.patience/limit/eval_limit/max_steps",
+         "negative", "0 or more"),
+        (t.log_every >= 1, "train.log_every", t.log_every, "at least 1"),
+        (cfg.model.max_length >= 8, "model.max_length", cfg.model.max_length, "at least 8"),
+    ]
+    for ok, key, value, want in checks:
+        if not ok:
+            raise UserError(f"config key '{key}' = {value} is out of range: use {want}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(resolved: dict) -> str:
+    """Short hash of what determines a run's result (the output root is left out)."""
+    keep = {k: v for k, v in resolved.items() if k != "out_dir"}
+    blob = json.dumps(keep, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]

@@ -1,0 +1,225 @@
+"""Load a task's splits (local glue_data-style files, else the Hugging Face Hub), tokenize,
+and batch with dynamic padding.
+
+An example is a dict: `text` (tuple of one or two strings), `label` (int class index,
+float score, or None on unlabeled test splits) and `id`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .tasks import FileSpec, TaskSpec
+
+SPLITS = ("train", "dev", "test")
+csv.field_size_limit(sys.maxsize)
+
+
+def resolve_data_dir(configured: str | None) -> Path | None:
+    value = configured or os.environ.get("ADAPTERBENCH_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def load_splits(task: TaskSpec, data_dir: str | None, splits=("train", "dev")) -> dict[str, list[dict]]:
+    """Examples per split, from the local copy if there is one, else from the Hub."""
+    root = resolve_data_dir(data_dir)
+    local = task.sources.local
+    folder = _local_folder(task, root) if local else None
+    if folder is not None:
+        return {s: read_local_split(task, folder, s) for s in splits}
+    if task.sources.hub is not None:
+        return {s: read_hub_split(task, s, root) for s in splits}
+    hint = f"under {root}" if root else "(no data_dir is set)"
+    raise UserError(f"task {task.name}: local files not found {hint}: set data.data_dir or "
+                    f"ADAPTERBENCH_DATA_DIR to a folder holding {local.dir}/")
+
+
+def _local_folder(task: TaskSpec, root: Path | None) -> Path | None:
+    rel = Path(task.sources.local.dir)
+    candidates = [rel] if rel.is_absolute() else []
+    if not rel.is_absolute():
+        if root is not None:
+            candidates.append(root / rel)
+        candidates.append(Path(task.path).parent / rel)
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+# --- local files ---------------------------------------------------------------------------
+
+def read_local_split(task: TaskSpec, folder: Path, split: str) -> list[dict]:
+    src = task.sources.local
+    if src.split_column:
+        if split not in src.split_values:
+            raise UserError(f"task {task.name}: sources.local.split_values has no '{split}' entry")
+        spec = _file_spec(src.files.get("all") or next(iter(src.files.values())))
+        rows = read_rows(folder / spec.path, src.format, spec.header)
+        rows = [(n, r) for n, r in rows if r.get(src.split_column) == str(src.split_values[split])]
+        path = folder / spec.path
+    else:
+        if split not in src.files:
+            raise UserError(f"task {task.name}: sources.local.files has no '{split}' file")
+        spec = _file_spec(src.files[split])
+        path = folder / spec.path
+        rows = read_rows(path, src.format, spec.header)
+    if not rows:
+        raise UserError(f"{path}: split '{split}' of task {task.name} is empty: check the file")
+    return [to_example(task, path, n, row, split) for n, row in rows]
+
+
+def _file_spec(value) -> FileSpec:
+    return FileSpec(path=value) if isinstance(value, str) else FileSpec(**value)
+
+
+def read_rows(path: Path, fmt: str, header: list[str] | None) -> list[tuple[int, dict]]:
+    """(line number, row dict) pairs. TSV quoting is off (GLUE texts hold stray quotes)."""
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist: check data.data_dir / ADAPTERBENCH_DATA_DIR")
+    text = path.read_text(encoding="utf-8-sig")  # MRPC starts with a BOM
+    if fmt == "jsonl":
+        return _read_jsonl(path, text)
+    lines = text.splitlines()
+    dialect = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else dict(delimiter=",")
+    reader = csv.reader(lines, **dialect)
+    names = header or next(reader, None)
+    if not names:
+        return []
+    rows = []
+    for lineno, values in enumerate(reader, start=1 if header else 2):
+        if not values or values == [""]:
+            continue
+        if len(values) != len(names):
+            raise UserError(f"{path} line {lineno}: {len(values)} fields where the header has "
+                            f"{len(names)}: fix or remove the malformed row")
+        rows.append((lineno, dict(zip(names, values))))
+    return rows
+
+
+def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {lineno}: not valid JSON ({e.msg}): fix the row") from None
+    return rows
+
+
+def to_example(task: TaskSpec, path, lineno: int, row: dict, split: str) -> dict:
+    cols = task.sources.local.columns if task.sources.local else {}
+    where = f"{path} line {lineno}"
+    text = []
+    for name in task.text_columns:
+        col = cols.get(name, name)
+        if col not in row:
+            raise UserError(f"{where}: column '{col}' (text '{name}') is missing; columns are "
+                            f"{', '.join(map(str, row))}: fix sources.local.columns")
+        text.append(str(row[col]))
+    label_col = cols.get(task.label_column, task.label_column)
+    raw = row.get(label_col)
+    if raw is None or raw == "":
+        if split != "test":
+            raise UserError(f"{where}: no label in column '{label_col}' of the {split} split")
+        label = None
+    else:
+        label = parse_label(task, raw, where)
+    ident = row.get(cols.get(task.id_column, task.id_column)) if task.id_column else None
+    return {"text": tuple(text), "label": label, "id": ident if ident is not None else lineno}
+
+
+def parse_label(task: TaskSpec, raw, where: str):
+    if task.regression:
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: score {raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise UserError(f"{where}: score {raw!r} is not finite: fix or drop the row")
+        return value
+    mapping = task.sources.local.label_map if task.sources.local else {}
+    name = str(mapping.get(str(raw), raw))
+    if name not in task.labels:
+        raise UserError(f"{where}: label {raw!r} is not one of the task's labels {task.labels}: "
+                        f"fix the row or the task's labels/label_map")
+    return task.labels.index(name)
+
+
+# --- Hugging Face Hub ----------------------------------------------------------------------
+
+def read_hub_split(task: TaskSpec, split: str, root: Path | None) -> list[dict]:
+    hub = task.sources.hub
+    name = hub.splits.get(split, {"dev": "validation"}.get(split, split))
+    try:
+        import datasets
+        ds = datasets.load_dataset(hub.path, hub.name, split=name)
+    except Exception as e:  # offline, unknown dataset, ...
+        local = task.sources.local
+        hint = f"no local copy ({local.dir}/ under {root or 'no data_dir'}) and " if local else ""
+        raise UserError(f"task {task.name}: {hint}the Hub failed for {hub.path}/{hub.name or ''} "
+                        f"[{name}] ({type(e).__name__}): set data.data_dir or ADAPTERBENCH_DATA_DIR") from None
+    out = []
+    for i, row in enumerate(ds):
+        text = tuple(str(row[hub.columns.get(c, c)]) for c in task.text_columns)
+        raw = row[hub.columns.get(task.label_column, task.label_column)]
+        if raw is None or (not task.regression and int(raw) < 0):  # GLUE test labels are -1
+            label = None
+        else:
+            label = float(raw) if task.regression else int(raw)
+        out.append({"text": text, "label": label, "id": row.get("idx", i)})
+    return out
+
+
+# --- tokenization and batching -------------------------------------------------------------
+
+def tokenize(examples: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Token ids per example (no padding; batches are padded to their longest member)."""
+    firsts = [e["text"][0] for e in examples]
+    seconds = [e["text"][1] for e in examples] if examples and len(examples[0]["text"]) > 1 else None
+    enc = tokenizer(firsts, seconds, truncation=True, max_length=max_length)
+    out = []
+    for i, e in enumerate(examples):
+        item = {k: enc[k][i] for k in enc.keys()}
+        item["labels"] = e["label"]
+        out.append(item)
+    return out
+
+
+class Collator:
+    """Pads a list of tokenized examples to the longest one in the batch."""
+
+    def __init__(self, pad_token_id: int, regression: bool):
+        self.pad = pad_token_id
+        self.regression = regression
+
+    def __call__(self, items: list[dict]) -> dict:
+        width = max(len(it["input_ids"]) for it in items)
+        batch = {}
+        for key in items[0]:
+            if key == "labels":
+                continue
+            fill = self.pad if key == "input_ids" else 0
+            batch[key] = torch.tensor([it[key] + [fill] * (width - len(it[key])) for it in items])
+        labels = [it["labels"] for it in items]
+        if all(x is not None for x in labels):
+            dtype = torch.float32 if self.regression else torch.long
+            batch["labels"] = torch.tensor(labels, dtype=dtype)
+        return batch
+
+
+def subsample(examples: list, limit: int, seed: int) -> list:
+    """The first `limit` examples of a seeded shuffle (0 = all), so subsets are class-mixed."""
+    if not limit or limit >= len(examples):
+        return examples
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in sorted(order[:limit])]

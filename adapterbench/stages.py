@@ -1,0 +1,189 @@
+"""Stages as short recipes: resolve the config, load task + data + model, train, save."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from . import __version__
+from .config import RunConfig, build, check_ranges, config_hash, to_dict
+from .data import Collator, load_splits, subsample, tokenize
+from .errors import UserError
+from .methods import get_method, method_config
+from .models import ClassificationHead, HeadConfig, TaskModel, count_params, head_config_dict, load_encoder
+from .runs import Run, atomic_write, load_tensors, read_json, run_path, save_tensors, write_json
+from .tasks import TaskSpec, load_task, parse_task
+from .train import make_accelerator, predict, score, seed_everything, train
+
+STAGE_DEFAULT_METHOD = {"extract": "pfeiffer", "finetune": "full"}
+
+
+def resolve(user: dict, stage: str) -> RunConfig:
+    """Defaults < method defaults < user layers, checked strictly."""
+    user = dict(user)
+    method = dict(user.get("method") or {})
+    method.setdefault("name", STAGE_DEFAULT_METHOD[stage])
+    user["method"] = method
+    defaults = {"train": dict(get_method(method["name"]).TRAIN_DEFAULTS)}
+    merged = {**defaults, **user, "train": {**defaults["train"], **(user.get("train") or {})}}
+    cfg = build(RunConfig, merged)
+    if not cfg.task:
+        raise UserError("no task given: pass --task NAME (see `adapterbench ls tasks`)")
+    cfg.method = vars(method_config(cfg.method))
+    check_ranges(cfg)
+    return cfg
+
+
+def build_model(cfg: RunConfig, task: TaskSpec):
+    """Encoder with the method applied (adapter named after the task) + a new head."""
+    method = get_method(cfg.method["name"])
+    mcfg = method_config(cfg.method)
+    encoder, tokenizer = load_encoder(cfg.model.name, cfg.model.trust_remote_code)
+    seed_everything(cfg.seed)
+    method.apply(encoder, mcfg, task.name)
+    head = ClassificationHead(HeadConfig(encoder.config.hidden_size, task.num_labels, task.regression,
+                                         labels=list(task.labels) or None))
+    return TaskModel(encoder, head), tokenizer
+
+
+def prepare_items(task, splits, tokenizer, cfg: RunConfig) -> dict:
+    items = {}
+    for name, examples in splits.items():
+        limit = {"train": cfg.train.limit, "dev": cfg.train.eval_limit}.get(name, 0)
+        items[name] = tokenize(subsample(examples, limit, cfg.seed), tokenizer, cfg.model.max_length)
+    return items
+
+
+def evaluate_items(model, items, collate, task, batch_size: int):
+    """(metrics, predictions) on one split; the same path for training-time and `evaluate`."""
+    accelerator = make_accelerator()
+    loader = accelerator.prepare(DataLoader(items, batch_size=batch_size, collate_fn=collate))
+    model = accelerator.prepare(model)
+    preds, labels = predict(model, loader, accelerator, task.regression)
+    return (score(task, preds, labels) if labels is not None else {}), preds
+
+
+def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, show_progress=True) -> Path:
+    """`extract` and `finetune`: train one method on one task and write its run folder."""
+    task = load_task(cfg.task)
+    splits = load_splits(task, cfg.data.data_dir, ("train", "dev"))
+    model, tokenizer = build_model(cfg, task)
+    items = prepare_items(task, splits, tokenizer, cfg)
+    resolved = to_dict(cfg)
+    folder = run_path(cfg.out_dir, stage, cfg.method["name"], task.name, cfg.model.name, cfg.seed,
+                      config_hash(resolved))
+    run = Run.create(folder, resolved, task, force)
+    try:
+        collate = Collator(tokenizer.pad_token_id or 0, task.regression)
+        started = time.time()
+        res = train(model, items["train"], items["dev"], collate, task, cfg.train,
+                    cfg.data.shuffle_seed if cfg.data.shuffle_seed is not None else cfg.seed,
+                    log=run.log, show_progress=show_progress)
+        dev, _ = evaluate_items(model, items["dev"], collate, task, cfg.train.eval_batch_size)
+        save_weights(run.folder, cfg, task, model)
+        trainable, total = count_params(model)
+        run.finish({
+            "stage": stage, "task": task.name, "method": cfg.method["name"], "model": cfg.model.name,
+            "seed": cfg.seed, "metrics": {"dev": dev}, "main_metric": task.main_metric,
+            "main_value": dev.get(task.main_metric), "best_epoch": res.best_epoch,
+            "epochs_run": len(res.history), "history": res.history, "steps": res.steps,
+            "trainable_params": trainable, "total_params": total,
+            "trainable_percent": round(100.0 * trainable / total, 4),
+            "train_examples": len(items["train"]), "dev_examples": len(items["dev"]),
+            "train_seconds": round(res.train_seconds, 3), "samples_per_second": round(res.samples_per_second, 3),
+            "wall_seconds": round(time.time() - started, 3), "adapterbench_version": __version__,
+        })
+    except BaseException as e:
+        run.fail(e)
+        raise
+    return run.folder
+
+
+def weights_dir(cfg: RunConfig) -> str:
+    return "model" if get_method(cfg.method["name"]).KIND == "model" else "adapter"
+
+
+def save_weights(folder: Path, cfg: RunConfig, task: TaskSpec, model: TaskModel) -> None:
+    """adapter/ (adapter_config.json, adapter.safetensors, head) or model/ for `full`."""
+    method = get_method(cfg.method["name"])
+    mcfg = method_config(cfg.method)
+    out = folder / weights_dir(cfg)
+    enc = model.encoder
+    if method.KIND != "model" or cfg.train.save_model:
+        state = method.trainable_state(enc, mcfg, task.name)
+        if state:
+            name = "model.safetensors" if method.KIND == "model" else "adapter.safetensors"
+            save_tensors(out / name, state, {"format": "pt"})
+    write_json(out / "adapter_config.json", {
+        "method": cfg.method, "base_model": cfg.model.name, "model_type": enc.config.model_type,
+        "hidden_size": enc.config.hidden_size, "num_layers": enc.config.num_hidden_layers,
+        "task": task.name, "adapterbench_version": __version__})
+    save_tensors(out / "head.safetensors", model.head.state_dict())
+    write_json(out / "head_config.json", head_config_dict(model.head))
+
+
+def load_run_model(folder: Path):
+    """Rebuild (cfg, task, model, tokenizer) from a run folder alone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"run folder {folder} does not exist: see `adapterbench ls runs`")
+    metrics = read_json(folder / "metrics.json")
+    if metrics.get("status") != "ok":
+        raise UserError(f"run {folder} has status '{metrics.get('status')}', not ok: rerun its stage")
+    from .config import load_yaml
+    cfg = build(RunConfig, load_yaml(folder / "config.yaml"))
+    task = parse_task(folder / "task.yaml")
+    method = get_method(cfg.method["name"])
+    mcfg = method_config(cfg.method)
+    model, tokenizer = build_model(cfg, task)
+    wdir = folder / weights_dir(cfg)
+    if method.KIND == "model":
+        if not (wdir / "model.safetensors").is_file():
+            raise UserError(f"{folder} holds no model weights (finetune saves them only with "
+                            f"train.save_model=true): rerun finetune with that override")
+        method.load_state(model.encoder, mcfg, task.name, load_tensors(wdir / "model.safetensors"))
+    elif method.KIND == "adapter":
+        method.load_state(model.encoder, mcfg, task.name, load_tensors(wdir / "adapter.safetensors"))
+    head_state = load_tensors(wdir / "head.safetensors")
+    try:
+        model.head.load_state_dict(head_state)
+    except RuntimeError:
+        raise UserError(f"{wdir / 'head.safetensors'} does not fit the task head: the file was changed") from None
+    return cfg, task, model, tokenizer, metrics
+
+
+def evaluate_stage(folder: Path, split: str = "dev", data_dir: str | None = None) -> dict:
+    """Recompute a run's metrics from its folder; `test` writes GLUE-style predictions."""
+    if split not in ("dev", "test"):
+        raise UserError(f"--split '{split}' must be dev or test")
+    cfg, task, model, tokenizer, stored = load_run_model(folder)
+    splits = load_splits(task, data_dir or cfg.data.data_dir, (split,))
+    items = prepare_items(task, splits, tokenizer, cfg)[split]
+    collate = Collator(tokenizer.pad_token_id or 0, task.regression)
+    metrics, preds = evaluate_items(model, items, collate, task, cfg.train.eval_batch_size)
+    result = {"split": split, "metrics": metrics}
+    if split == "dev":
+        want = stored.get("metrics", {}).get("dev", {}).get(task.main_metric)
+        result.update(stored=want, reproduced=metrics.get(task.main_metric) == want)
+    else:
+        path = Path(folder) / "predictions" / f"{task.name}.tsv"
+        write_predictions(path, task, splits[split], preds)
+        result["predictions"] = str(path)
+    write_json(Path(folder) / f"eval_{split}.json", result)
+    return result
+
+
+def write_predictions(path: Path, task: TaskSpec, examples: list[dict], preds) -> None:
+    """GLUE submission style: `index<TAB>prediction`, label names for classification."""
+    buf = io.StringIO()
+    w = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    w.writerow(["index", "prediction"])
+    for i, (ex, p) in enumerate(zip(examples, preds)):
+        ident = ex["id"] if task.id_column else i
+        w.writerow([ident, f"{float(p):.4f}" if task.regression else task.labels[int(p)]])
+    atomic_write(path, buf.getvalue())

@@ -1,0 +1,122 @@
+"""Tasks are data: one YAML per task under configs/tasks/ (lm-evaluation-harness style).
+
+A task YAML names its labels (or `regression: true`), text columns, metrics, main metric
+and where its data comes from: `sources.local` (a folder of TSV/CSV/JSONL files, or one
+file split by a column) and/or `sources.hub` (a `datasets.load_dataset` path).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import build, load_yaml
+from .errors import UserError
+from .metrics import METRICS
+
+
+def configs_dir() -> Path:
+    """The shipped configs/ folder ($ADAPTERBENCH_CONFIGS overrides it)."""
+    env = os.environ.get("ADAPTERBENCH_CONFIGS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class FileSpec:
+    path: str                               # relative to the source folder
+    header: list[str] | None = None         # column names for a file without a header line
+
+
+@dataclass
+class LocalSource:
+    dir: str = ""                           # under data_dir, else relative to the task YAML
+    format: str = "tsv"                     # tsv (quoting off) | csv | jsonl
+    files: dict = field(default_factory=dict)   # split -> file name or {path, header}
+    split_column: str | None = None         # one file holding all splits (SICK's SemEval_set)
+    split_values: dict = field(default_factory=dict)  # split -> value of split_column
+    columns: dict = field(default_factory=dict)       # canonical name -> column in the file
+    label_map: dict = field(default_factory=dict)     # raw label -> one of the task's labels
+
+
+@dataclass
+class HubSource:
+    path: str = ""                          # e.g. nyu-mll/glue
+    name: str | None = None                 # e.g. mrpc
+    splits: dict = field(default_factory=dict)        # split -> hub split name
+    columns: dict = field(default_factory=dict)
+
+
+@dataclass
+class Sources:
+    local: LocalSource | None = None
+    hub: HubSource | None = None
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    version: int = 1
+    description: str = ""
+    track: str = ""                         # task family for same-track merging (MerA)
+    text_columns: list[str] = field(default_factory=lambda: ["sentence"])
+    label_column: str = "label"
+    labels: list[str] = field(default_factory=list)   # class names; empty when regression
+    regression: bool = False
+    id_column: str | None = None            # written to test prediction files
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"])
+    main_metric: str = "accuracy"
+    sources: Sources = field(default_factory=Sources)
+    include: str | None = None              # another task YAML this one extends
+    path: str = ""                          # where the YAML was read from (filled in)
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.regression else len(self.labels)
+
+
+def task_files() -> dict[str, Path]:
+    root = configs_dir() / "tasks"
+    return {p.stem: p for p in sorted(root.glob("**/*.yaml"))}
+
+
+def load_task(name_or_path: str) -> TaskSpec:
+    """A shipped task by name, or any task YAML by path."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        files = task_files()
+        if name_or_path.lower() not in files:
+            raise UserError(f"unknown task '{name_or_path}'; known tasks: {', '.join(files)} "
+                            f"(or give the path of a task YAML)")
+        path = files[name_or_path.lower()]
+    return parse_task(path)
+
+
+def parse_task(path: Path) -> TaskSpec:
+    data = load_yaml(path)
+    if "include" in data:  # variants (MNLI mismatched) extend a base YAML
+        base = load_yaml(path.parent / data["include"])
+        base.update({k: v for k, v in data.items() if k != "include"})
+        data = base
+    spec = build(TaskSpec, data, where=f"task {path.name}")
+    spec.path = str(path.resolve())
+    validate_task(spec, path)
+    return spec
+
+
+def validate_task(spec: TaskSpec, path: Path) -> None:
+    where = f"task {path}"
+    for m in spec.metrics:
+        if m not in METRICS:
+            raise UserError(f"{where}: unknown metric '{m}'; known: {', '.join(METRICS)}")
+    if spec.main_metric not in spec.metrics:
+        raise UserError(f"{where}: main_metric '{spec.main_metric}' is not in metrics {spec.metrics}")
+    if not spec.regression and len(spec.labels) < 2:
+        raise UserError(f"{where}: a classification task needs at least two labels (or regression: true)")
+    if not 1 <= len(spec.text_columns) <= 2:
+        raise UserError(f"{where}: text_columns must name one or two columns")
+    if spec.sources.local is None and spec.sources.hub is None:
+        raise UserError(f"{where}: sources needs a 'local' or a 'hub' entry")
+    local = spec.sources.local
+    if local is not None and local.format not in ("tsv", "csv", "jsonl"):
+        raise UserError(f"{where}: sources.local.format '{local.format}' must be tsv, csv or jsonl")
