@@ -187,7 +187,8 @@ def coerce(hint, value, key: str):
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise UserError(f"config key '{key}' must be a string, got {value!r}")
+        hint_ = " (YAML reads yes/no/true/false as booleans: quote it)" if isinstance(value, bool) else ""
+        raise UserError(f"config key '{key}' must be a string, got {value!r}{hint_}")
     if origin is list or hint is list:
         if not isinstance(value, list):
             raise UserError(f"config key '{key}' must be a list, got {value!r}")

@@ -1,0 +1,151 @@
+"""Config precedence and strictness, task YAMLs, data loading quirks, metrics."""
+
+import math
+
+import pytest
+
+from adapterbench import metrics
+from adapterbench.config import merge_layers
+from adapterbench.data import load_splits, read_rows
+from adapterbench.errors import UserError
+from adapterbench.stages import resolve
+from adapterbench.tasks import load_task, task_files
+
+
+def test_precedence_defaults_yaml_options_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("task: rte\nseed: 1\ntrain: {lr: 0.5, epochs: 4}\nmethod: houlsby\n")
+    cfg = resolve(merge_layers(y, {"seed": 2, "train.epochs": 5}, ["train.epochs=6", "method.reduction_factor=8"]),
+                  "extract")
+    assert cfg.seed == 2                      # option beats YAML
+    assert cfg.train.epochs == 6              # override beats option
+    assert cfg.train.lr == 0.5                # YAML beats method defaults
+    assert cfg.train.batch_size == 32         # dataclass default
+    assert cfg.method["name"] == "houlsby" and cfg.method["reduction_factor"] == 8.0
+    assert cfg.method["init"] == "houlsby"    # method default filled in
+
+
+def test_method_train_defaults():
+    assert resolve({"task": "rte"}, "finetune").train.lr == 2e-5
+    assert resolve({"task": "rte"}, "extract").train.lr == 1e-4
+    assert resolve({"task": "rte"}, "extract").method["name"] == "pfeiffer"
+
+
+def test_float_written_without_dot_is_a_number():
+    assert resolve(merge_layers(None, {}, ["task=rte", "train.lr=3e-4"]), "extract").train.lr == 3e-4
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["train.lrr=1"], "unknown config key 'train.lrr'; valid keys under train: batch_size"),
+    (["bogus=1"], "unknown config key 'bogus'"),
+    (["method.rank=4"], "unknown config key 'method.rank'"),
+    (["train.epochs=abc"], "'train.epochs' must be an integer"),
+    (["train.epochs=0"], "'train.epochs' = 0 is out of range"),
+    (["train.lr=-1"], "'train.lr' = -1.0 is out of range"),
+    (["method=nosuch"], "unknown method 'nosuch'"),
+    (["trainlr"], "is not key=value"),
+])
+def test_bad_config_values_name_the_key(override, needle):
+    with pytest.raises(UserError, match=None) as e:
+        resolve(merge_layers(None, {"task": "rte"}, override), "extract")
+    assert needle in str(e.value)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("task: rte\ntrain: {lr: 1\n")
+    with pytest.raises(UserError, match=r"bad.yaml line \d+: malformed YAML"):
+        merge_layers(y, {}, [])
+
+
+def test_all_shipped_tasks_parse():
+    names = set(task_files())
+    assert {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "mnli_mismatched", "qnli", "rte", "wnli",
+            "cb", "boolq", "scitail", "sick"} <= names
+    for n in names:
+        spec = load_task(n)
+        assert spec.main_metric in spec.metrics and spec.track
+    assert load_task("mnli_mismatched").sources.local.files["dev"] == "dev_mismatched.tsv"
+    assert load_task("stsb").regression and load_task("stsb").num_labels == 1
+
+
+def test_unknown_task_lists_known_ones():
+    with pytest.raises(UserError, match="unknown task 'nope'; known tasks: .*rte"):
+        load_task("nope")
+
+
+def test_local_task_from_yaml(task_yamls, data_dir):
+    spec = load_task(str(task_yamls["toy"]))
+    splits = load_splits(spec, str(data_dir), ("train", "dev", "test"))
+    assert len(splits["train"]) == 48 and len(splits["dev"]) == 16
+    assert splits["train"][1]["label"] == 1 and len(splits["train"][0]["text"]) == 2
+    assert splits["test"][0]["label"] is None and splits["test"][1]["id"] == "1"
+
+
+def test_data_dir_from_environment(task_yamls, data_dir, monkeypatch):
+    monkeypatch.setenv("ADAPTERBENCH_DATA_DIR", str(data_dir))
+    spec = load_task(str(task_yamls["toyreg"]))
+    assert load_splits(spec, None)["dev"][1]["label"] == 1.25
+
+
+def test_split_by_column_and_label_map(tmp_path):
+    (tmp_path / "S").mkdir()
+    (tmp_path / "S" / "all.tsv").write_text(
+        "a\tb\tlab\tset\r\nx y\tz\tYES\tTRAIN\r\nq\tw\tNO\tTRIAL\r\ne\tr\tNO\tTRAIN\r\n")
+    (tmp_path / "t.yaml").write_text(
+        "name: s\ntext_columns: [a, b]\nlabel_column: lab\nlabels: ['no', 'yes']\n"
+        "sources:\n  local: {dir: S, files: {all: all.tsv}, split_column: set, "
+        "split_values: {train: TRAIN, dev: TRIAL}, label_map: {'YES': 'yes', 'NO': 'no'}}\n")
+    splits = load_splits(load_task(str(tmp_path / "t.yaml")), None)
+    assert [e["label"] for e in splits["train"]] == [1, 0] and len(splits["dev"]) == 1
+
+
+def test_tsv_quoting_off_and_bom(tmp_path):
+    p = tmp_path / "f.tsv"
+    p.write_bytes('\ufeffQuality\ttext\n1\the said "yes\n0\t"quoted" start\n'.encode())
+    rows = read_rows(p, "tsv", None)
+    assert rows[0][1] == {"Quality": "1", "text": 'he said "yes'}
+    assert rows[1][1]["text"] == '"quoted" start'
+
+
+def test_headerless_file(tmp_path):
+    p = tmp_path / "f.tsv"
+    p.write_text("src\t1\t\tGood sentence.\nsrc\t0\t*\tBad sentence")  # no final newline (CoLA dev)
+    rows = read_rows(p, "tsv", ["source", "label", "mark", "sentence"])
+    assert [r["label"] for _, r in rows] == ["1", "0"] and rows[1][0] == 2
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n", "label 'maybe' is not one of the task's labels"),
+    ("index\tsentence1\tsentence2\tlabel\n0\ta\tb\n", "3 fields where the header has 4"),
+    ("index\tsentence1\tlabel\n0\ta\tpos\n", "column 'sentence2' (text 'sentence2') is missing"),
+    ("index\tsentence1\tsentence2\tlabel\n", "is empty"),
+])
+def test_bad_data_rows(task_yamls, data_dir, content, needle):
+    (data_dir / "TOY" / "train.tsv").write_text(content)
+    with pytest.raises(UserError) as e:
+        load_splits(load_task(str(task_yamls["toy"])), str(data_dir))
+    assert needle in str(e.value) and "train.tsv" in str(e.value)
+
+
+def test_nan_score_rejected(task_yamls, data_dir):
+    (data_dir / "TOYREG" / "train.tsv").write_text("sentence\tscore\nthe cat\tnan\n")
+    with pytest.raises(UserError, match="not finite"):
+        load_splits(load_task(str(task_yamls["toyreg"])), str(data_dir))
+
+
+def test_missing_files_offline(task_yamls, tmp_path):
+    with pytest.raises(UserError, match="local files not found"):
+        load_splits(load_task(str(task_yamls["toy"])), str(tmp_path / "nowhere"))
+
+
+def test_metrics_glue_conventions():
+    y = [0, 1, 1, 0, 1, 1]
+    p = [0, 1, 0, 0, 1, 1]
+    m = metrics.compute(["accuracy", "f1", "mcc"], y, p)
+    assert m["accuracy"] == pytest.approx(100 * 5 / 6, abs=1e-3)
+    assert m["f1"] == pytest.approx(100 * 2 * 3 / (2 * 3 + 1), abs=1e-3)  # tp=3, fn=1, fp=0
+    assert m["mcc"] == pytest.approx(100 * 0.7071, abs=0.01)
+    r = metrics.compute(["pearson", "spearman"], [1.0, 2.0, 3.0, 4.0], [1.1, 1.9, 3.2, 3.9])
+    assert r["spearman"] == 100.0 and 99 < r["pearson"] < 100
+    assert not math.isnan(metrics.compute(["pearson"], [1.0, 2.0], [3.0, 3.0])["pearson"])
