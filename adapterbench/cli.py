@@ -96,13 +96,57 @@ def finetune(config: Optional[Path] = ConfigOpt, task: Optional[str] = TaskOpt, 
 
 
 @app.command()
+def fuse(target: Optional[str] = typer.Option(None, "--target", help="Target task (trains the fusion)."),
+         adapters: Optional[list[str]] = typer.Option(None, "--adapters", "-a",
+                                                       help="Source adapters: extract run folders or adapter folders."),
+         variant: Optional[str] = typer.Option(None, "--variant", help="dynamic (Q, K, V) or static (no V)."),
+         save_attention: bool = typer.Option(False, "--save-attention", help="Write attention.csv/.png."),
+         config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt, seed: Optional[int] = SeedOpt,
+         out: Optional[str] = OutOpt, data_dir: Optional[str] = DataOpt,
+         rest: Optional[list[str]] = typer.Argument(None, help="More source folders, then key=value overrides."),
+         force: bool = ForceOpt, debug: bool = DebugOpt):
+    """AdapterFusion stage 2: learn per-layer attention over frozen adapters on a target task."""
+    def go():
+        from .config import merge_layers
+        from .runs import RunExists
+        from .stages import resolve, train_stage
+        rest_ = rest or []
+        sources = [*(adapters or []), *(r for r in rest_ if "=" not in r)]
+        overrides = [r for r in rest_ if "=" in r]
+        opts = _options(target, model, "fusion", seed, out, data_dir)
+        opts["method.variant"] = variant
+        if sources:
+            opts["method.adapters"] = [str(Path(s).resolve()) for s in sources]
+        if model is None and sources:
+            opts["model.name"] = _source_model(sources[0])
+        cfg = resolve(merge_layers(config, opts, overrides), "fuse")
+        try:
+            folder = train_stage("fuse", cfg, force=force, console=console, save_attention=save_attention)
+        except RunExists as e:
+            console.print(f"already done: {e.folder} (status ok; --force retrains)")
+            folder = e.folder
+        print_metrics(folder)
+        if (folder / "attention.csv").is_file():
+            console.print(f"fusion attention: {folder / 'attention.csv'}, {folder / 'attention.png'}")
+    guarded(debug, go)
+
+
+def _source_model(src: str) -> str | None:
+    """The base model a source adapter was trained on (so --model can be left out)."""
+    from .methods.fusion import adapter_folder
+    from .runs import read_json
+    return read_json(adapter_folder(src) / "adapter_config.json").get("base_model")
+
+
+@app.command()
 def evaluate(run_dir: Path = typer.Argument(..., help="A run folder."),
              split: str = typer.Option("dev", "--split", help="dev (metrics) or test (prediction file)."),
+             save_attention: bool = typer.Option(False, "--save-attention", help="Fusion runs: attention.csv/.png."),
              data_dir: Optional[str] = DataOpt, debug: bool = DebugOpt):
     """Rebuild a model from its run folder and recompute its metrics."""
     def go():
         from .stages import evaluate_stage
-        res = evaluate_stage(run_dir, split, data_dir)
+        res = evaluate_stage(run_dir, split, data_dir, save_attention)
         if split == "dev":
             shown = ", ".join(f"{k} {v:.4f}" for k, v in res["metrics"].items())
             console.print(f"dev: {shown}")
@@ -110,6 +154,8 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run folder."),
             console.print(f"stored main metric {res['stored']}: reproduced {mark}")
         else:
             console.print(f"test predictions: {res['predictions']}")
+        if "attention" in res:
+            console.print(f"fusion attention: {res['attention']}")
     guarded(debug, go)
 
 

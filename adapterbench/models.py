@@ -124,6 +124,9 @@ class TaskModel(nn.Module):
         self.head = head
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_) -> torch.Tensor:
+        for m in self.encoder.modules():  # modules inside the encoder that weigh tokens (fusion)
+            if hasattr(m, "mask"):
+                m.mask = attention_mask
         kwargs = {"attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
@@ -132,9 +135,15 @@ class TaskModel(nn.Module):
         return logits.squeeze(-1) if self.head.cfg.regression else logits
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Task loss plus any penalty a module asks for (fusion's ||I - V||^2)."""
         if self.head.cfg.regression:
-            return nn.functional.mse_loss(logits.float(), labels.float())
-        return nn.functional.cross_entropy(logits.float(), labels)
+            loss = nn.functional.mse_loss(logits.float(), labels.float())
+        else:
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        for m in self.encoder.modules():
+            if hasattr(m, "penalty"):
+                loss = loss + m.penalty()
+        return loss
 
 
 def head_config_dict(head: ClassificationHead) -> dict:

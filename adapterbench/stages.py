@@ -20,7 +20,12 @@ from .runs import Run, atomic_write, load_tensors, read_json, run_path, save_ten
 from .tasks import TaskSpec, load_task, parse_task
 from .train import make_accelerator, predict, score, seed_everything, train
 
-STAGE_DEFAULT_METHOD = {"extract": "pfeiffer", "finetune": "full"}
+STAGE_DEFAULT_METHOD = {"extract": "pfeiffer", "finetune": "full", "fuse": "fusion"}
+# method kind -> (folder in the run, its JSON description, its weights file)
+ARTIFACTS = {"adapter": ("adapter", "adapter_config.json", "adapter.safetensors"),
+             "head": ("adapter", "adapter_config.json", None),
+             "model": ("model", "model_config.json", "model.safetensors"),
+             "fusion": ("fusion", "fusion_config.json", "fusion.safetensors")}
 
 
 def resolve(user: dict, stage: str) -> RunConfig:
@@ -68,8 +73,9 @@ def evaluate_items(model, items, collate, task, batch_size: int):
     return (score(task, preds, labels) if labels is not None else {}), preds
 
 
-def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, show_progress=True) -> Path:
-    """`extract` and `finetune`: train one method on one task and write its run folder."""
+def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, show_progress=True,
+                save_attention: bool = False) -> Path:
+    """`extract`, `finetune` and `fuse`: train one method on one task and write its run folder."""
     task = load_task(cfg.task)
     splits = load_splits(task, cfg.data.data_dir, ("train", "dev"))
     model, tokenizer = build_model(cfg, task)
@@ -86,6 +92,8 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
                     log=run.log, show_progress=show_progress)
         dev, _ = evaluate_items(model, items["dev"], collate, task, cfg.train.eval_batch_size)
         save_weights(run.folder, cfg, task, model)
+        if save_attention:
+            write_attention(run.folder, model, items["dev"], collate, task, cfg)
         trainable, total = count_params(model)
         run.finish({
             "stage": stage, "task": task.name, "method": cfg.method["name"], "model": cfg.model.name,
@@ -104,22 +112,18 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
     return run.folder
 
 
-def weights_dir(cfg: RunConfig) -> str:
-    return "model" if get_method(cfg.method["name"]).KIND == "model" else "adapter"
-
-
 def save_weights(folder: Path, cfg: RunConfig, task: TaskSpec, model: TaskModel) -> None:
-    """adapter/ (adapter_config.json, adapter.safetensors, head) or model/ for `full`."""
+    """adapter/ (adapter_config.json, adapter.safetensors, head), model/ for `full`, fusion/."""
     method = get_method(cfg.method["name"])
     mcfg = method_config(cfg.method)
-    out = folder / weights_dir(cfg)
+    dirname, config_name, weights_name = ARTIFACTS[method.KIND]
+    out = folder / dirname
     enc = model.encoder
-    if method.KIND != "model" or cfg.train.save_model:
-        state = method.trainable_state(enc, mcfg, task.name)
-        if state:
-            name = "model.safetensors" if method.KIND == "model" else "adapter.safetensors"
-            save_tensors(out / name, state, {"format": "pt"})
-    write_json(out / "adapter_config.json", {
+    if weights_name and (method.KIND != "model" or cfg.train.save_model):
+        save_tensors(out / weights_name, method.trainable_state(enc, mcfg, task.name), {"format": "pt"})
+    if method.KIND == "fusion":
+        write_json(out / "sources.json", method.sources_record(mcfg))
+    write_json(out / config_name, {
         "method": cfg.method, "base_model": cfg.model.name, "model_type": enc.config.model_type,
         "hidden_size": enc.config.hidden_size, "num_layers": enc.config.num_hidden_layers,
         "task": task.name, "adapterbench_version": __version__})
@@ -140,15 +144,16 @@ def load_run_model(folder: Path):
     task = parse_task(folder / "task.yaml")
     method = get_method(cfg.method["name"])
     mcfg = method_config(cfg.method)
+    dirname, _, weights_name = ARTIFACTS[method.KIND]
+    wdir = folder / dirname
+    if method.KIND == "model" and not (wdir / weights_name).is_file():
+        raise UserError(f"{folder} holds no model weights (finetune saves them only with "
+                        f"train.save_model=true): rerun finetune with that override")
+    if method.KIND == "fusion":
+        method.verify_sources(read_json(wdir / "sources.json"))
     model, tokenizer = build_model(cfg, task)
-    wdir = folder / weights_dir(cfg)
-    if method.KIND == "model":
-        if not (wdir / "model.safetensors").is_file():
-            raise UserError(f"{folder} holds no model weights (finetune saves them only with "
-                            f"train.save_model=true): rerun finetune with that override")
-        method.load_state(model.encoder, mcfg, task.name, load_tensors(wdir / "model.safetensors"))
-    elif method.KIND == "adapter":
-        method.load_state(model.encoder, mcfg, task.name, load_tensors(wdir / "adapter.safetensors"))
+    if weights_name:
+        method.load_state(model.encoder, mcfg, task.name, load_tensors(wdir / weights_name))
     head_state = load_tensors(wdir / "head.safetensors")
     try:
         model.head.load_state_dict(head_state)
@@ -157,7 +162,31 @@ def load_run_model(folder: Path):
     return cfg, task, model, tokenizer, metrics
 
 
-def evaluate_stage(folder: Path, split: str = "dev", data_dir: str | None = None) -> dict:
+def write_attention(folder: Path, model, items, collate, task, cfg: RunConfig) -> Path:
+    """Fusion attention per layer, averaged over the dev set's tokens: CSV and heatmap PNG."""
+    from .methods import fusion
+    from .plots import attention_heatmap
+    mixers = fusion.mixers(model.encoder)
+    if not mixers:
+        raise UserError("--save-attention needs a fusion run")
+    for mx in mixers:
+        mx.record = []
+    evaluate_items(model, items, collate, task, cfg.train.eval_batch_size)
+    names, rows = fusion.attention_table(model.encoder)
+    for mx in mixers:
+        mx.record = None
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["layer", *names])
+    for i, row in enumerate(rows):
+        w.writerow([i, *(f"{v:.6f}" for v in row)])
+    atomic_write(Path(folder) / "attention.csv", buf.getvalue())
+    attention_heatmap(rows, names, Path(folder) / "attention.png", title=f"AdapterFusion attention, target {task.name}")
+    return Path(folder) / "attention.csv"
+
+
+def evaluate_stage(folder: Path, split: str = "dev", data_dir: str | None = None,
+                   save_attention: bool = False) -> dict:
     """Recompute a run's metrics from its folder; `test` writes GLUE-style predictions."""
     if split not in ("dev", "test"):
         raise UserError(f"--split '{split}' must be dev or test")
@@ -167,6 +196,8 @@ def evaluate_stage(folder: Path, split: str = "dev", data_dir: str | None = None
     collate = Collator(tokenizer.pad_token_id or 0, task.regression)
     metrics, preds = evaluate_items(model, items, collate, task, cfg.train.eval_batch_size)
     result = {"split": split, "metrics": metrics}
+    if save_attention:
+        result["attention"] = str(write_attention(folder, model, items, collate, task, cfg))
     if split == "dev":
         want = stored.get("metrics", {}).get("dev", {}).get(task.main_metric)
         result.update(stored=want, reproduced=metrics.get(task.main_metric) == want)

@@ -1,6 +1,6 @@
 """Methods, one module each, registered by name.
 
-Each module provides: KIND ("adapter" | "model" | "head"), TRAIN_DEFAULTS, a `Config`
+Each module provides: KIND ("adapter" | "model" | "head" | "fusion"), TRAIN_DEFAULTS, a `Config`
 dataclass, `apply(encoder, cfg, name)` (insert modules, set what trains),
 `trainable_state(encoder, cfg, name)` and `load_state(encoder, cfg, name, state)`.
 """
@@ -11,13 +11,14 @@ from types import ModuleType
 
 from ..config import build
 from ..errors import UserError
-from . import full, head, houlsby, pfeiffer
+from . import full, fusion, head, houlsby, pfeiffer
 
 METHODS: dict[str, ModuleType] = {
     "houlsby": houlsby,
     "pfeiffer": pfeiffer,
     "full": full,
     "head": head,
+    "fusion": fusion,
 }
 
 

@@ -1,0 +1,269 @@
+"""AdapterFusion, stage 2 (Pfeiffer et al. 2021, EACL, Sec. 3.2 and Eq. 2-5).
+
+In every adapter site, N frozen source adapters are mixed by a learned attention:
+    q = Q x + b_Q,  k_n = K z_n + b_K,  v_n = V z_n,   z_n = adapter n's output (up projection)
+    s_n = q . k_n   (no 1/sqrt(d)),  p = softmax(s / T),  out = sum_n p_n v_n
+with x the site's input to the adapters (for Pfeiffer's placement: the FFN sub-layer output
+after the pretrained LayerNorm) and V initialised to identity (+1e-6 off the diagonal),
+pulled toward identity by 0.01 * sum_l ||I - V_l||_F^2 added to the loss. `static` has no V.
+
+Computed without the 2N d^2 per-token cost of forming every k_n and v_n (exact, not an
+approximation): with z_n = U_n a_n + c_n and a_n = f(D_n x + e_n),
+    s_n = (K^T q) . z_n + q . b_K = (U_n^T K^T q) . a_n + (K^T q) . c_n + q . b_K
+    sum_n p_n v_n = V (U_cat (p (x) a) + C p)
+so a token costs three d x d products (Q, K^T q, V) whatever N is, plus O(N m d) for the
+adapters' own bottlenecks, which run as one batched matmul over the stacked D_n and U_n.
+`FusionMixer.literal` keeps the textbook form for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .bottleneck import BottleneckAdapter, BottleneckConfig, _Site
+
+KIND = "fusion"
+TRAIN_DEFAULTS = {"lr": 5e-5, "epochs": 10}  # "lr 5e-5 in all experiments", up to 10 epochs
+
+
+@dataclass
+class Config:
+    name: str = "fusion"
+    adapters: list[str] = field(default_factory=list)  # source adapter or run folders
+    variant: str = "dynamic"         # dynamic: Q, K, V; static: Q, K only
+    temperature: bool = False        # start at T=50, anneal by T/1000 per training forward to 1
+    attention_dropout: float = 0.0   # dropout on the scores before the softmax
+    reg_weight: float = 0.01         # weight of sum_l ||I - V_l||^2
+
+
+class FusionMixer(nn.Module):
+    """The fusion attention of one site; called by the site with its input and adapters."""
+
+    def __init__(self, hidden: int, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        for lin in (self.query, self.key):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        self.value = None
+        if cfg.variant == "dynamic":
+            self.value = nn.Linear(hidden, hidden, bias=False)
+            with torch.no_grad():
+                self.value.weight.fill_(1e-6).fill_diagonal_(1.0)
+        self.dropout = nn.Dropout(cfg.attention_dropout)
+        self.register_buffer("T", torch.tensor(50.0 if cfg.temperature else 1.0), persistent=False)
+        self.record: list | None = None  # set to a list to collect (attention sum, token count)
+        self.mask: torch.Tensor | None = None  # attention mask of the current batch (set by the model)
+
+    def penalty(self) -> torch.Tensor:
+        if self.value is None:
+            return self.query.weight.new_zeros(())
+        eye = torch.eye(self.value.weight.shape[0], device=self.value.weight.device)
+        return self.cfg.reg_weight * (eye - self.value.weight).pow(2).sum()
+
+    def _softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(self.dropout(scores) / self.T, dim=-1)
+        if self.training and self.cfg.temperature:
+            self.T.fill_(max(float(self.T) - 50.0 / 1000.0, 1.0))
+        if self.record is not None:
+            self._collect(p.detach())
+        return p
+
+    def _collect(self, p: torch.Tensor) -> None:
+        m = self.mask
+        if m is not None and m.shape == p.shape[:2]:
+            w = m.to(p.dtype).unsqueeze(-1)
+            self.record.append(((p * w).sum((0, 1)).float().cpu(), float(w.sum())))
+        else:
+            self.record.append((p.sum((0, 1)).float().cpu(), float(p.shape[0] * p.shape[1])))
+
+    def forward(self, x: torch.Tensor, adapters: list[BottleneckAdapter]) -> torch.Tensor:
+        n = len(adapters)
+        D = torch.cat([a.down.weight for a in adapters])                  # (N m, d)
+        e = torch.cat([a.down.bias for a in adapters])                    # (N m)
+        U = torch.cat([a.up.weight for a in adapters], dim=1)             # (d, N m)
+        C = torch.stack([a.up.bias for a in adapters], dim=1)             # (d, N)
+        act = adapters[0].act
+        a = act(nn.functional.linear(x, D, e))                            # (B, L, N m), one matmul
+        q = self.query(x)                                                 # (B, L, d)
+        r = q @ self.key.weight                                           # K^T q, (B, L, d)
+        m = a.shape[-1] // n
+        scores = ((r @ U) * a).unflatten(-1, (n, m)).sum(-1)              # (U_n^T K^T q) . a_n
+        scores = scores + r @ C + (q @ self.key.bias).unsqueeze(-1)       # + (K^T q) . c_n + q . b_K
+        p = self._softmax(scores)                                         # (B, L, N)
+        pa = (a.unflatten(-1, (n, m)) * p.unsqueeze(-1)).flatten(-2)     # p_n a_n
+        mixed = pa @ U.T + p @ C.T                                        # sum_n p_n z_n
+        return self.value(mixed) if self.value is not None else mixed
+
+    def literal(self, x: torch.Tensor, adapters: list[BottleneckAdapter]) -> torch.Tensor:
+        """The textbook computation: every k_n and v_n formed per token (for tests)."""
+        z = torch.stack([ad(x) for ad in adapters], dim=2)               # (B, L, N, d)
+        q = self.query(x)
+        k = self.key(z)
+        v = self.value(z) if self.value is not None else z
+        scores = (k * q.unsqueeze(2)).sum(-1)
+        p = self._softmax(scores)
+        return (p.unsqueeze(-1) * v).sum(2)
+
+
+# --- sources ------------------------------------------------------------------------------
+
+def adapter_folder(src: str) -> Path:
+    """An `extract` run folder or an adapter folder -> the folder holding adapter_config.json."""
+    p = Path(src)
+    for cand in (p, p / "adapter"):
+        if (cand / "adapter_config.json").is_file():
+            return cand
+    raise UserError(f"fusion source {src} is neither an adapter folder nor an extract run folder "
+                    f"(no adapter_config.json): pass the run folder of `adapterbench extract`")
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_sources(paths: list[str]) -> list[dict]:
+    """Each source's folder, config and name; all must share base model and adapter config."""
+    from ..runs import read_json
+    if not paths:
+        raise UserError("fusion needs source adapters: pass --adapters RUN_DIR [RUN_DIR ...]")
+    sources, names = [], set()
+    for src in paths:
+        folder = adapter_folder(src)
+        meta = read_json(folder / "adapter_config.json")
+        name = meta.get("task") or folder.parent.name
+        while name in names:
+            name += "_"
+        names.add(name)
+        sources.append({"path": str(folder.resolve()), "name": name, "meta": meta})
+    check_compatible(sources)
+    return sources
+
+
+def _shape_of(method: dict) -> dict:
+    return {k: v for k, v in method.items() if k not in ("adapters",)}
+
+
+def check_compatible(sources: list[dict]) -> None:
+    first = sources[0]
+    m0 = first["meta"]
+    if m0["method"].get("name") not in ("pfeiffer", "houlsby"):
+        raise UserError(f"fusion source {first['path']} is a '{m0['method'].get('name')}' run, not an adapter")
+    for s in sources[1:]:
+        m = s["meta"]
+        for key in ("base_model", "model_type", "hidden_size", "num_layers"):
+            if m.get(key) != m0.get(key):
+                raise UserError(f"fusion source {s['path']} differs in {key}: {m.get(key)!r} vs "
+                                f"{m0.get(key)!r} in {first['path']}; fuse adapters of one base model")
+        a, b = _shape_of(m["method"]), _shape_of(m0["method"])
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            k = diff[0]
+            raise UserError(f"fusion source {s['path']} differs in adapter config method.{k}: {a.get(k)!r} vs "
+                            f"{b.get(k)!r} in {first['path']}; fuse adapters of one configuration")
+    if m0["method"].get("train_layer_norms"):
+        raise UserError(f"fusion source {first['path']} trained its own LayerNorms (houlsby default); "
+                        f"N sources cannot share one LayerNorm: fuse adapters extracted with "
+                        f"method.train_layer_norms=false")
+
+
+def _bottleneck_cfg(meta: dict) -> BottleneckConfig:
+    from . import get_method, method_config
+    method = get_method(meta["method"]["name"])
+    return method.bottleneck(method_config(meta["method"]))
+
+
+# --- method interface ---------------------------------------------------------------------
+
+def check(cfg: Config) -> None:
+    if cfg.variant not in ("dynamic", "static"):
+        raise UserError(f"method.variant '{cfg.variant}' must be dynamic or static")
+    if not 0 <= cfg.attention_dropout < 1:
+        raise UserError(f"method.attention_dropout {cfg.attention_dropout} must be in [0, 1)")
+
+
+def apply(encoder, cfg: Config, name: str) -> None:
+    """Load every source adapter frozen, then put one trainable mixer in every site."""
+    from ..runs import load_tensors
+    from .bottleneck import add_adapter, load_adapter_state
+    check(cfg)
+    sources = read_sources(cfg.adapters)
+    if sources[0]["meta"]["model_type"] != encoder.config.model_type or \
+            sources[0]["meta"]["hidden_size"] != encoder.config.hidden_size:
+        raise UserError(f"fusion sources were trained on {sources[0]['meta']['base_model']}, "
+                        f"not on this model: use --model {sources[0]['meta']['base_model']}")
+    encoder.requires_grad_(False)
+    for s in sources:
+        bcfg = _bottleneck_cfg(s["meta"])
+        add_adapter(encoder, bcfg, s["name"])
+        load_adapter_state(encoder, bcfg, s["name"], load_tensors(Path(s["path"]) / "adapter.safetensors"))
+    encoder.requires_grad_(False)
+    for site in sites(encoder):
+        site.mixer = FusionMixer(encoder.config.hidden_size, cfg)
+
+
+def sites(encoder) -> list[_Site]:
+    return [m for m in encoder.modules() if isinstance(m, _Site)]
+
+
+def mixers(encoder) -> list[FusionMixer]:
+    return [s.mixer for s in sites(encoder) if isinstance(s.mixer, FusionMixer)]
+
+
+def trainable_state(encoder, cfg: Config, name: str) -> dict:
+    return {f"{i}.{k}": v.detach().clone() for i, mx in enumerate(mixers(encoder))
+            for k, v in mx.state_dict().items()}
+
+
+def load_state(encoder, cfg: Config, name: str, state: dict) -> None:
+    for i, mx in enumerate(mixers(encoder)):
+        own = {k[len(f"{i}."):]: v for k, v in state.items() if k.startswith(f"{i}.")}
+        try:
+            mx.load_state_dict(own)
+        except RuntimeError:
+            raise UserError("fusion weights do not match the fusion config or the sources: "
+                            "the fusion/ folder was changed or comes from another run") from None
+
+
+def sources_record(cfg: Config) -> list[dict]:
+    """Written to fusion/sources.json: each source's path and content hash."""
+    out = []
+    for s in read_sources(cfg.adapters):
+        weights = Path(s["path"]) / "adapter.safetensors"
+        out.append({"name": s["name"], "path": s["path"], "task": s["meta"].get("task"),
+                    "sha256": file_hash(weights)})
+    return out
+
+
+def verify_sources(record: list[dict]) -> None:
+    """Refuse to rebuild a fusion whose source adapters changed since training."""
+    for s in record:
+        weights = Path(s["path"]) / "adapter.safetensors"
+        if not weights.is_file():
+            raise UserError(f"fusion source {s['path']} is gone: restore it or rerun fuse")
+        if file_hash(weights) != s["sha256"]:
+            raise UserError(f"fusion source {s['path']} changed since this fusion was trained "
+                            f"(sha256 differs): rerun fuse")
+
+
+def attention_table(encoder) -> tuple[list[str], list[list[float]]]:
+    """(source names, per-site mean attention) from the mixers' records."""
+    names = None
+    rows = []
+    for site in sites(encoder):
+        mx = site.mixer
+        if not isinstance(mx, FusionMixer) or not mx.record:
+            continue
+        names = names or list(site.adapters)
+        total = sum(r[0] for r in mx.record)
+        count = sum(r[1] for r in mx.record)
+        rows.append([float(x) / count for x in total])
+    return names or [], rows
