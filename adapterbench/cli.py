@@ -159,6 +159,79 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run folder."),
     guarded(debug, go)
 
 
+@app.command()
+def run(study: Path = typer.Argument(..., help="A study YAML (configs/studies/)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+        retry_failed: bool = typer.Option(False, "--retry-failed", help="Rerun runs that failed."),
+        shard: str = typer.Option("0/1", "--shard", help="i/n: this worker takes every n-th run."),
+        out: Optional[str] = OutOpt, data_dir: Optional[str] = DataOpt, debug: bool = DebugOpt):
+    """Run a study: every run of its grid, each once, dependencies first; resumable."""
+    def go():
+        from . import study as S
+        st = S.load_study(study)
+        if out:
+            st.out_dir = out
+        if data_dir:
+            st.defaults = {**st.defaults, "data": {**st.defaults.get("data", {}), "data_dir": data_dir}}
+        i, n = _shard(shard)
+        nodes = S.plan(st)
+        print_plan(nodes, S)
+        if dry_run:
+            return
+        events = lambda node, what: console.print(f"[bold]#{node.index}[/bold] {node.stage} {node.label} "
+                                                  f"{node.task} s{node.seed}: {what}", highlight=False)
+        res = S.execute(st, nodes, retry_failed=retry_failed, shard=(i, n), on_event=events)
+        console.print(f"study {st.name}: {len(res['ran'])} ran, {len(res['done'])} already done, "
+                      f"{len(res['failed'])} failed, {len(res['blocked'])} blocked; runs in {st.out_dir}")
+        if res["failed"] or res["blocked"]:
+            raise typer.Exit(1)
+    guarded(debug, go)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise UserError(f"--shard '{text}' must be i/n with 0 <= i < n, e.g. 0/2") from None
+    return i, n
+
+
+def print_plan(nodes, S) -> None:
+    t = Table("#", "stage", "method", "task", "seed", "model", "status", "needs")
+    for nd in nodes:
+        t.add_row(str(nd.index), nd.stage, nd.label, nd.task, str(nd.seed), nd.model, S.state(nd),
+                  ",".join(f"#{d}" for d in nd.deps))
+    console.print(t)
+
+
+@app.command()
+def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding run folders (searched recursively)."),
+           fmt: str = typer.Option("md", "--format", help="md, csv or latex."),
+           out_file: Optional[Path] = typer.Option(None, "--out", help="Write the table here (and the plot beside it)."),
+           reference: Optional[str] = typer.Option(None, "--reference",
+                                                   help="Paper numbers beside ours: adapterfusion-bert-base, houlsby-glue."),
+           plot: bool = typer.Option(True, "--plot/--no-plot", help="Bar plot PNG with error bars."),
+           debug: bool = DebugOpt):
+    """Tables (md/csv/latex) and plots over finished runs: mean ± std over seeds, deltas, significance."""
+    def go():
+        from .plots import metric_bars
+        from .report import build_report, render
+        from .runs import atomic_write
+        rep = build_report(runs_dir, reference)
+        text = render(rep, fmt)
+        if out_file:
+            atomic_write(out_file, text)
+            console.print(f"table: {out_file}")
+        else:
+            print(text)
+        if plot:
+            png = (out_file.with_suffix(".png") if out_file else runs_dir / "report.png")
+            metric_bars(rep, png)
+            console.print(f"plot: {png}")
+    guarded(debug, go)
+
+
 @app.command("ls")
 def ls(what: str = typer.Argument(..., help="tasks | methods | runs"),
        out: str = typer.Option("runs", "--out", help="Root of run folders (for `ls runs`)."),

@@ -60,6 +60,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 42
     out_dir: str = "runs"            # root of all run folders
+    label: str = ""                  # row name in reports (a study's method entry); default: method name
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def to_dict(cfg) -> dict:
 
 
 def config_hash(resolved: dict) -> str:
-    """Short hash of what determines a run's result (the output root is left out)."""
-    keep = {k: v for k, v in resolved.items() if k != "out_dir"}
+    """Short hash of what determines a run's result (output root and report label left out)."""
+    keep = {k: v for k, v in resolved.items() if k not in ("out_dir", "label")}
     blob = json.dumps(keep, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]

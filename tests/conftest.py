@@ -12,6 +12,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")      # tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("ADAPTERBENCH_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                          f"adapterbench-test-cache-{os.getuid()}"))
 
 WORDS = ("the a cat dog sat on mat good bad movie is was not very fine awful great film "
          "plot acting and but it this that").split()

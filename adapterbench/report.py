@@ -1,0 +1,213 @@
+"""Reports: every finished run under a folder -> one row per method, one column per task.
+
+Each cell is the task's main metric as mean ± std over seeds (n); deltas are against the
+full fine-tuning and multi-task baselines; a cell is marked when a paired t-test over the
+seeds both runs share (scipy.stats.ttest_rel, two-sided) gives p < 0.05 against full
+fine-tuning. `--reference NAME` adds the paper's numbers from configs/references/NAME.yaml.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import load_yaml
+from .errors import UserError
+from .runs import iter_runs
+
+BASELINES = ("full", "mtl")  # rows that deltas are taken against, when present
+ALPHA = 0.05
+
+
+@dataclass
+class Cell:
+    by_seed: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.by_seed)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(list(self.by_seed.values())))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(list(self.by_seed.values()), ddof=1)) if self.n > 1 else 0.0
+
+
+@dataclass
+class Row:
+    label: str
+    cells: dict[str, Cell] = field(default_factory=dict)
+    params_pct: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+
+
+def collect(root: Path) -> dict[str, Row]:
+    """Rows keyed by label from every `metrics.json` with status ok under `root`."""
+    if not Path(root).is_dir():
+        raise UserError(f"runs folder {root} does not exist: pass the folder a study or stage wrote")
+    rows: dict[str, Row] = {}
+    for folder in iter_runs(root):
+        try:
+            m = json.loads((folder / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if m.get("status") != "ok" or m.get("main_value") is None:
+            continue
+        label = m.get("label") or m.get("method")
+        row = rows.setdefault(label, Row(label))
+        row.cells.setdefault(m["task"], Cell()).by_seed[int(m["seed"])] = float(m["main_value"])
+        row.params_pct.append(float(m.get("trainable_percent", 0.0)))
+        row.train_seconds.append(float(m.get("train_seconds", 0.0)))
+    if not rows:
+        raise UserError(f"no finished runs (metrics.json with status ok) under {root}")
+    return rows
+
+
+def paired_p(a: Cell, b: Cell) -> float | None:
+    """Two-sided paired t-test over the seeds both cells have (None if fewer than 2)."""
+    from scipy.stats import ttest_rel
+    seeds = sorted(set(a.by_seed) & set(b.by_seed))
+    if len(seeds) < 2:
+        return None
+    x = [a.by_seed[s] for s in seeds]
+    y = [b.by_seed[s] for s in seeds]
+    diffs = np.subtract(x, y)
+    if np.allclose(diffs, diffs[0]):
+        return None if diffs[0] == 0 else 0.0
+    return float(ttest_rel(x, y).pvalue)
+
+
+@dataclass
+class Report:
+    tasks: list[str]
+    rows: list[Row]
+    baselines: list[str]
+    reference: dict | None = None
+
+    def delta(self, row: Row, base: str, task: str) -> float | None:
+        b = self.by_label.get(base)
+        if b is None or task not in row.cells or task not in b.cells:
+            return None
+        return row.cells[task].mean - b.cells[task].mean
+
+    @property
+    def by_label(self) -> dict[str, Row]:
+        return {r.label: r for r in self.rows}
+
+    def mean_delta(self, row: Row, base: str) -> float | None:
+        ds = [d for t in self.tasks if (d := self.delta(row, base, t)) is not None]
+        return float(np.mean(ds)) if ds else None
+
+    def improved(self, row: Row, base: str, margin: float = 0.3) -> str:
+        """AdapterFusion Table 2 style: tasks where the row beats the baseline by > margin."""
+        ds = [d for t in self.tasks if (d := self.delta(row, base, t)) is not None]
+        return f"{sum(d > margin for d in ds)}/{len(ds)}" if ds else ""
+
+    def row_mean(self, row: Row) -> float | None:
+        vals = [row.cells[t].mean for t in self.tasks if t in row.cells]
+        return float(np.mean(vals)) if len(vals) == len(self.tasks) else None
+
+    def mark(self, row: Row, task: str) -> str:
+        base = self.by_label.get("full")
+        if base is None or row is base or task not in row.cells or task not in base.cells:
+            return ""
+        p = paired_p(row.cells[task], base.cells[task])
+        return "†" if p is not None and p < ALPHA else ""
+
+
+def build_report(root: Path, reference: str | None = None) -> Report:
+    rows = collect(root)
+    tasks = sorted({t for r in rows.values() for t in r.cells})
+    order = sorted(rows.values(), key=lambda r: (r.label not in BASELINES, r.label))
+    ref = load_reference(reference) if reference else None
+    return Report(tasks, order, [b for b in BASELINES if b in rows], ref)
+
+
+def load_reference(name: str) -> dict:
+    from .tasks import configs_dir
+    path = configs_dir() / "references" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(p.stem for p in (configs_dir() / "references").glob("*.yaml"))
+        raise UserError(f"unknown reference '{name}'; known: {known}")
+    return load_yaml(path)
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:+.2f}" if signed else f"{x:.2f}"
+
+
+def table_rows(rep: Report) -> tuple[list[str], list[list[str]]]:
+    header = ["method", *rep.tasks, "mean", *(f"Δ {b}" for b in rep.baselines), "params %", "train s",
+              *(f">+0.3 vs {b}" for b in rep.baselines)]
+    body = []
+    for row in rep.rows:
+        cells = []
+        for t in rep.tasks:
+            c = row.cells.get(t)
+            cells.append("–" if c is None else f"{c.mean:.2f} ± {c.std:.2f} ({c.n}){rep.mark(row, t)}")
+        body.append([row.label, *cells, _fmt(rep.row_mean(row)),
+                     *(_fmt(rep.mean_delta(row, b), True) if row.label != b else "" for b in rep.baselines),
+                     f"{np.mean(row.params_pct):.2f}", f"{np.mean(row.train_seconds):.0f}",
+                     *(rep.improved(row, b) if row.label != b else "" for b in rep.baselines)])
+    if rep.reference:
+        for label in rep.reference.get("columns", {}).values():
+            vals = [rep.reference["table"].get(t, {}).get(label) for t in rep.tasks]
+            if all(v is None for v in vals):
+                continue
+            known = [v for v in vals if v is not None]
+            body.append([f"paper: {label}", *(_fmt(v) for v in vals),
+                         _fmt(float(np.mean(known))) if len(known) == len(vals) else "–",
+                         *("" for _ in rep.baselines), "", "", *("" for _ in rep.baselines)])
+    return header, body
+
+
+def legend(rep: Report) -> str:
+    text = ("Cells: main metric (dev) mean ± std over seeds (n). † = paired t-test over shared seeds "
+            f"(two-sided, scipy ttest_rel) p < {ALPHA} against full fine-tuning. Δ columns: mean over tasks "
+            "of the difference to the baseline row; '>+0.3' counts tasks improved by more than 0.3 points "
+            "(AdapterFusion Table 2). params %: trainable share of the model; train s: mean per run.")
+    if rep.reference:
+        text += f" paper rows: {rep.reference.get('source')} ({rep.reference.get('metric')})."
+    return text
+
+
+def render(rep: Report, fmt: str) -> str:
+    header, body = table_rows(rep)
+    if fmt == "md":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines) + "\n\n" + legend(rep) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["method", "task", "mean", "std", "n", *(f"delta_{b}" for b in rep.baselines),
+                    *(f"p_{b}" for b in rep.baselines)])
+        for row in rep.rows:
+            for t, c in row.cells.items():
+                deltas = [rep.delta(row, b, t) for b in rep.baselines]
+                ps = [paired_p(c, rep.by_label[b].cells[t]) if t in rep.by_label[b].cells else None
+                      for b in rep.baselines]
+                w.writerow([row.label, t, f"{c.mean:.4f}", f"{c.std:.4f}", c.n,
+                            *("" if d is None else f"{d:.4f}" for d in deltas),
+                            *("" if p is None else f"{p:.4g}" for p in ps)])
+        return buf.getvalue()
+    if fmt == "latex":
+        esc = lambda s: s.replace("%", r"\%").replace("_", r"\_").replace("±", r"$\pm$").replace(
+            "†", r"$^\dagger$").replace("Δ", r"$\Delta$").replace(">", r"$>$")
+        lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+                 " & ".join(esc(h) for h in header) + r" \\", r"\midrule"]
+        lines += [" & ".join(esc(c) for c in r) + r" \\" for r in body]
+        lines += [r"\bottomrule", r"\end{tabular}", "% " + legend(rep)]
+        return "\n".join(lines) + "\n"
+    raise UserError(f"--format '{fmt}' must be md, csv or latex")

@@ -1,0 +1,243 @@
+"""Studies: one YAML grid -> all its runs, with dependencies, skip-done, locks and resume.
+
+A study names models, tasks, seeds and method entries; every (model, task, seed, entry)
+becomes one run. A fusion entry depends on the adapters of its source tasks (trained by
+another entry, `source_method`), which are planned once however many fusions need them.
+A run is identified by its folder (stage/method/task/model-seed-confighash), so a finished
+run with the same resolved config is never trained twice, and a restarted study goes on
+where it stopped. Workers (processes or machines sharing the folder) claim a run by
+creating `<run folder>.lock` exclusively; a lock whose process is gone is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import build, deep_merge, load_yaml
+from .errors import UserError
+from .runs import RunExists, status_of, write_json
+
+STAGE_OF_KIND = {"adapter": "extract", "head": "extract", "model": "finetune", "fusion": "fuse"}
+
+
+@dataclass
+class MethodEntry:
+    name: str                                   # method (adapterbench ls methods)
+    label: str = ""                             # row name in reports; default: the method name
+    method: dict = field(default_factory=dict)  # method.* keys, e.g. reduction_factor: 64
+    train: dict = field(default_factory=dict)   # train.* keys for this entry only
+    sources: list[str] = field(default_factory=list)  # fusion: source tasks (default: the study's tasks)
+    source_method: str = "pfeiffer"             # fusion: label of the entry whose adapters are fused
+
+
+@dataclass
+class Study:
+    name: str
+    tasks: list[str]
+    methods: list[MethodEntry]
+    models: list[str] = field(default_factory=lambda: ["minilm-l6"])
+    seeds: list[int] = field(default_factory=lambda: [42])
+    defaults: dict = field(default_factory=dict)  # a config layer under every run (train, model, data)
+    out_dir: str = ""                             # default: runs/<study name>
+
+
+@dataclass
+class Node:
+    index: int
+    stage: str
+    label: str
+    task: str
+    seed: int
+    model: str
+    config: dict                   # the user layer handed to stages.resolve
+    folder: Path
+    deps: list[int] = field(default_factory=list)
+
+
+def load_study(path: str | Path) -> Study:
+    data = load_yaml(path)
+    study = build(Study, data, where=f"study {Path(path).name}")
+    labels = [m.label or m.name for m in study.methods]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"study {path}: two method entries share the label '{_dup(labels)}': give each a label")
+    if not study.out_dir:
+        study.out_dir = str(Path("runs") / study.name)
+    return study
+
+
+def _dup(items):
+    seen = set()
+    return next(x for x in items if x in seen or seen.add(x))
+
+
+def plan(study: Study) -> list[Node]:
+    """Every run of the study in dependency order, each planned once."""
+    from .methods import get_method
+    from .stages import planned_folder, resolve
+    nodes: dict[Path, Node] = {}
+    entries = {m.label or m.name: m for m in study.methods}
+
+    def add(entry: MethodEntry, task: str, seed: int, model: str) -> int:
+        label = entry.label or entry.name
+        kind = get_method(entry.name).KIND
+        deps = []
+        layer = {"task": task, "seed": seed, "model": {"name": model}, "out_dir": study.out_dir,
+                 "label": label, "method": {"name": entry.name, **entry.method}, "train": dict(entry.train)}
+        if kind == "fusion":
+            src_entry = entries.get(entry.source_method)
+            if src_entry is None:
+                raise UserError(f"fusion entry '{label}': source_method '{entry.source_method}' is not "
+                                f"a method label of the study ({', '.join(entries)})")
+            src_nodes = [add(src_entry, t, seed, model) for t in (entry.sources or study.tasks)]
+            deps = src_nodes
+            layer["method"]["adapters"] = [str(by_index[i].folder.resolve()) for i in src_nodes]
+        user = deep_merge(study.defaults, layer)
+        stage = STAGE_OF_KIND[kind]
+        folder = planned_folder(stage, resolve(user, stage))
+        if folder not in nodes:
+            node = Node(len(nodes), stage, label, task, seed, model, user, folder, deps)
+            nodes[folder] = node
+            by_index[node.index] = node
+        return nodes[folder].index
+
+    by_index: dict[int, Node] = {}
+    for model in study.models:
+        for seed in study.seeds:
+            for task in study.tasks:
+                for entry in study.methods:
+                    add(entry, task, seed, model)
+    return sorted(nodes.values(), key=lambda n: n.index)
+
+
+# --- locks ---------------------------------------------------------------------------------
+
+def lock_path(node: Node) -> Path:
+    return node.folder.with_name(node.folder.name + ".lock")
+
+
+def try_lock(node: Node) -> bool:
+    """Claim a run; a lock left by a dead process on this host is taken over."""
+    path = lock_path(node)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not _stale(path):
+                return False
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, f)
+        return True
+    return False
+
+
+def _stale(path: Path) -> bool:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return time.time() - path.stat().st_mtime > 60 if path.exists() else True
+    if info.get("host") != socket.gethostname():
+        return False  # cannot see the other machine's processes; remove its lock by hand if it died
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, KeyError):
+        return False
+    return False
+
+
+def unlock(node: Node) -> None:
+    lock_path(node).unlink(missing_ok=True)
+
+
+def locked(node: Node) -> bool:
+    return lock_path(node).exists() and not _stale(lock_path(node))
+
+
+# --- running -------------------------------------------------------------------------------
+
+def state(node: Node) -> str:
+    st = status_of(node.folder)
+    if st == "ok":
+        return "done"
+    if locked(node):
+        return "running"
+    if st in ("failed",):
+        return "failed"
+    return "pending"
+
+
+def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: tuple[int, int] = (0, 1),
+            poll: float = 10.0, on_event=lambda node, what: None) -> dict[str, list[int]]:
+    """Run every runnable node this worker may take; returns indices by outcome."""
+    from .stages import resolve, train_stage
+    i, n = shard
+    mine = [nd for nd in nodes if nd.index % n == i]
+    outcome = {"done": [], "ran": [], "failed": [], "blocked": []}
+    retried: set[int] = set()
+    while True:
+        waiting = False
+        progressed = False
+        for nd in mine:
+            if nd.index in outcome["ran"] or nd.index in outcome["failed"] or nd.index in outcome["blocked"]:
+                continue
+            st = state(nd)
+            if st == "done":
+                if nd.index not in outcome["done"]:
+                    outcome["done"].append(nd.index)
+                continue
+            if st == "failed" and not (retry_failed and nd.index not in retried):
+                outcome["failed"].append(nd.index)
+                on_event(nd, "failed earlier (--retry-failed reruns it)")
+                continue
+            dep_states = [state(nodes[d]) for d in nd.deps]
+            if any(s == "failed" for s in dep_states):
+                outcome["blocked"].append(nd.index)
+                on_event(nd, "blocked: a run it depends on failed")
+                continue
+            if any(s != "done" for s in dep_states) or st == "running":
+                waiting = True
+                continue
+            if not try_lock(nd):
+                waiting = True
+                continue
+            try:
+                if status_of(nd.folder) == "ok":   # finished by another worker meanwhile
+                    continue
+                retried.add(nd.index)
+                on_event(nd, "start")
+                train_stage(nd.stage, resolve(nd.config, nd.stage), force=False, show_progress=True)
+                outcome["ran"].append(nd.index)
+                on_event(nd, "ok")
+            except RunExists:
+                outcome["done"].append(nd.index)
+            except UserError as e:
+                mark_failed(nd, e)
+                outcome["failed"].append(nd.index)
+                on_event(nd, f"failed: {e}")
+            except Exception as e:  # a bug or a crash in one run must not stop the study
+                mark_failed(nd, e)
+                outcome["failed"].append(nd.index)
+                on_event(nd, f"failed: {type(e).__name__}: {e}")
+            finally:
+                unlock(nd)
+            progressed = True
+        if not waiting:
+            return outcome
+        if not progressed:
+            time.sleep(poll)
+
+
+def mark_failed(node: Node, error: BaseException) -> None:
+    """A run that failed before its folder existed still gets a `failed` status."""
+    if status_of(node.folder) != "failed":
+        node.folder.mkdir(parents=True, exist_ok=True)
+        write_json(node.folder / "metrics.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})

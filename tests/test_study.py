@@ -1,0 +1,193 @@
+"""Studies (plan, dependencies, dedup, skip-done, resume after kill -9, two workers) and
+report numbers from hand-written metrics.json files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from adapterbench import study as S
+from adapterbench.cli import app
+from adapterbench.report import build_report, paired_p, render, Cell
+
+runner = CliRunner()
+
+
+def write_study(tmp_path, task_yamls, data_dir, seeds=(1, 2), extra_methods=""):
+    y = tmp_path / "study.yaml"
+    y.write_text(f"""name: t
+tasks: [{task_yamls['toy']}]
+seeds: [{', '.join(map(str, seeds))}]
+models: [tiny-bert]
+out_dir: {tmp_path / 'runs'}
+defaults:
+  data: {{data_dir: {data_dir}}}
+  train: {{epochs: 1, batch_size: 8, limit: 16}}
+methods:
+  - {{name: full}}
+  - {{name: pfeiffer}}
+  - {{name: pfeiffer, label: pfeiffer-rf64, method: {{reduction_factor: 64}}}}
+  - {{name: fusion, source_method: pfeiffer, sources: [{task_yamls['toy']}, {task_yamls['toyreg']}]}}
+{extra_methods}""")
+    return y
+
+
+def test_plan_dependencies_dedup_and_hashes(tmp_path, task_yamls, data_dir):
+    st = S.load_study(write_study(tmp_path, task_yamls, data_dir))
+    nodes = S.plan(st)
+    # per seed: full, pfeiffer(toy), pfeiffer-rf64, pfeiffer(toyreg) as a fusion source, fusion
+    assert len(nodes) == 2 * 5
+    fusions = [n for n in nodes if n.stage == "fuse"]
+    assert len(fusions) == 2
+    for f in fusions:
+        deps = [nodes[d] for d in f.deps]
+        assert [d.label for d in deps] == ["pfeiffer", "pfeiffer"] and all(d.index < f.index for d in deps)
+        assert {d.seed for d in deps} == {f.seed}
+        assert f.config["method"]["adapters"] == [str(d.folder.resolve()) for d in deps]
+    toy_pf = [n for n in nodes if n.label == "pfeiffer" and n.task == str(task_yamls["toy"])]
+    assert len(toy_pf) == 2  # trained once per seed, though the fusion needs it too
+    hashes = {n.folder.name.rsplit("-", 1)[1] for n in nodes}
+    assert len(hashes) == len(nodes)
+    rf = [n for n in nodes if n.label == "pfeiffer-rf64"][0]
+    assert rf.folder.parent == toy_pf[0].folder.parent and rf.folder != toy_pf[0].folder
+
+
+def test_unknown_study_key_and_source(tmp_path, task_yamls, data_dir):
+    y = write_study(tmp_path, task_yamls, data_dir)
+    y.write_text(y.read_text() + "epochs: 3\n")
+    r = runner.invoke(app, ["run", str(y), "--dry-run"])
+    assert r.exit_code == 2 and "unknown config key 'study study.yaml.epochs'" in r.output
+    y = write_study(tmp_path, task_yamls, data_dir, extra_methods="  - {name: fusion, label: f2, source_method: nope}\n")
+    r = runner.invoke(app, ["run", str(y), "--dry-run"])
+    assert r.exit_code == 2 and "source_method 'nope'" in r.output
+
+
+def test_run_then_skip_done_and_report(tmp_path, task_yamls, data_dir):
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
+    r = runner.invoke(app, ["run", str(y)])
+    assert r.exit_code == 0, r.output
+    assert "5 ran, 0 already done, 0 failed" in r.output
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("**/metrics.json")}
+    r = runner.invoke(app, ["run", str(y), "--dry-run"])
+    assert r.output.count("done") >= 5
+    r = runner.invoke(app, ["run", str(y)])
+    assert r.exit_code == 0 and "0 ran, 5 already done" in r.output
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("**/metrics.json")}
+    r = runner.invoke(app, ["report", str(tmp_path / "runs"), "--format", "csv", "--no-plot"])
+    assert r.exit_code == 0 and "pfeiffer-rf64,toy," in r.output
+
+
+def test_failed_run_is_reported_and_others_go_on(tmp_path, task_yamls, data_dir):
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
+    (data_dir / "TOYREG" / "train.tsv").write_text("sentence\tscore\nthe cat\tnan\n")  # fusion source breaks
+    r = runner.invoke(app, ["run", str(y)])
+    assert r.exit_code == 1
+    assert "3 ran, 0 already done, 1 failed, 1 blocked" in r.output
+    failed = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("**/metrics.json")]
+    assert sum(m["status"] == "failed" for m in failed) == 1
+    r = runner.invoke(app, ["run", str(y)])
+    assert "0 ran, 3 already done, 1 failed, 1 blocked" in r.output
+    (data_dir / "TOYREG" / "train.tsv").write_text("sentence\tscore\nthe cat\t1.0\na dog\t2.0\n")
+    r = runner.invoke(app, ["run", str(y), "--retry-failed"])
+    assert r.exit_code == 0 and "2 ran, 3 already done, 0 failed" in r.output
+
+
+def spawn(study: Path, out: Path):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.Popen([sys.executable, "-m", "adapterbench.cli", "run", str(study)], stdout=open(out, "w"),
+                            stderr=subprocess.STDOUT, env=env)
+
+
+def starts(log: Path) -> list[str]:
+    return [line.split(":")[0] for line in log.read_text().splitlines() if line.endswith(": start")]
+
+
+def test_resume_after_kill_9(tmp_path, task_yamls, data_dir):
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1, 2))
+    log1 = tmp_path / "w1.log"
+    p = spawn(y, log1)
+    deadline = time.time() + 240
+    while log1.read_text().count(": ok") < 2 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done_before = [json.loads(m.read_text()) for m in (tmp_path / "runs").glob("**/metrics.json")]
+    n_ok = sum(m["status"] == "ok" for m in done_before)
+    assert 2 <= n_ok < 10
+    r = runner.invoke(app, ["run", str(y)])
+    assert r.exit_code == 0, r.output
+    assert f"{10 - n_ok} ran, {n_ok} already done, 0 failed" in r.output
+    assert all(json.loads(m.read_text())["status"] == "ok" for m in (tmp_path / "runs").glob("**/metrics.json"))
+    assert not list((tmp_path / "runs").glob("**/*.lock"))
+
+
+def test_two_workers_share_one_folder(tmp_path, task_yamls, data_dir):
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1, 2))
+    S.plan(S.load_study(y))  # build the tiny model once before the race
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [spawn(y, lg) for lg in logs]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0], [lg.read_text()[-2000:] for lg in logs]
+    started = starts(logs[0]) + starts(logs[1])
+    assert len(started) == 10 and len(set(started)) == 10      # every run trained exactly once
+    assert starts(logs[0]) and starts(logs[1])                 # and both workers did some
+    statuses = [json.loads(m.read_text())["status"] for m in (tmp_path / "runs").glob("**/metrics.json")]
+    assert statuses == ["ok"] * 10
+
+
+def fake_run(root: Path, label: str, task: str, seed: int, value: float, pct=1.0, secs=10.0):
+    d = root / label / task / f"s{seed}"
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({
+        "status": "ok", "label": label, "method": label, "task": task, "seed": seed, "main_value": value,
+        "trainable_percent": pct, "train_seconds": secs}))
+
+
+def test_report_numbers_from_handwritten_metrics(tmp_path):
+    full = {"rte": [60.0, 62.0, 64.0], "mrpc": [80.0, 81.0, 82.0]}
+    pf = {"rte": [65.0, 67.5, 69.0], "mrpc": [80.0, 81.5, 82.0]}
+    for label, table in (("full", full), ("pfeiffer", pf)):
+        for task, vals in table.items():
+            for seed, v in enumerate(vals, start=1):
+                fake_run(tmp_path, label, task, seed, v, pct=100.0 if label == "full" else 1.5)
+    fake_run(tmp_path, "broken", "rte", 1, 0.0)
+    (tmp_path / "broken" / "rte" / "s1" / "metrics.json").write_text(json.dumps({"status": "failed"}))
+    rep = build_report(tmp_path)
+    assert [r.label for r in rep.rows] == ["full", "pfeiffer"]   # failed runs are left out
+    row = rep.by_label["pfeiffer"]
+    assert row.cells["rte"].mean == pytest.approx(67.1666667)
+    assert row.cells["rte"].std == pytest.approx(2.0207259, rel=1e-6)      # sample std (ddof 1)
+    assert rep.delta(row, "full", "rte") == pytest.approx(5.1666667)
+    assert rep.mean_delta(row, "full") == pytest.approx((5.1666667 + 0.1666667) / 2)
+    # paired t-test by seed: diffs rte (5, 5.5, 5) -> significant; mrpc (0, 0.5, 0) -> not
+    from scipy.stats import ttest_rel
+    assert paired_p(row.cells["rte"], rep.by_label["full"].cells["rte"]) == pytest.approx(
+        ttest_rel([65.0, 67.5, 69.0], [60.0, 62.0, 64.0]).pvalue)
+    assert rep.mark(row, "rte") == "†" and rep.mark(row, "mrpc") == ""
+    assert rep.improved(row, "full") == "1/2"
+    md = render(rep, "md")
+    assert "| pfeiffer | 81.17 ± 1.04 (3) | 67.17 ± 2.02 (3)† | 74.17 | +2.67 | 1.50 | 10 | 1/2 |" in md
+    assert "paired t-test" in md
+    tex = render(rep, "latex")
+    assert r"67.17 $\pm$ 2.02 (3)$^\dagger$" in tex and tex.count(r"\\") == 3
+    csv_text = render(rep, "csv")
+    assert "pfeiffer,rte,67.1667,2.0207,3,5.1667," in csv_text
+
+
+def test_report_reference_and_plot(tmp_path):
+    fake_run(tmp_path, "full", "rte", 1, 60.0)
+    fake_run(tmp_path, "pfeiffer", "rte", 1, 70.0)
+    out = tmp_path / "table.md"
+    r = runner.invoke(app, ["report", str(tmp_path), "--reference", "adapterfusion-bert-base", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    assert "| paper: pfeiffer | 71.04 |" in text and "| paper: fusion | 76.82 |" in text
+    assert out.with_suffix(".png").stat().st_size > 1000
+    r = runner.invoke(app, ["report", str(tmp_path), "--reference", "nope"])
+    assert r.exit_code == 2 and "unknown reference 'nope'" in r.output
+    assert Cell({1: 2.0}).std == 0.0
