@@ -77,22 +77,19 @@ def print_metrics(folder: Path) -> None:
     console.print(f"run folder: {folder}")
 
 
-@app.command()
-def extract(config: Optional[Path] = ConfigOpt, task: Optional[str] = TaskOpt, model: Optional[str] = ModelOpt,
-            method: Optional[str] = MethodOpt, seed: Optional[int] = SeedOpt, out: Optional[str] = OutOpt,
-            data_dir: Optional[str] = DataOpt, overrides: Optional[list[str]] = Overrides,
-            force: bool = ForceOpt, debug: bool = DebugOpt):
-    """Train one adapter on one task (AdapterFusion stage 1; default method pfeiffer)."""
-    guarded(debug, _train, "extract", config, task, model, method, seed, out, data_dir, overrides, force)
+def _train_command(stage: str, help_text: str) -> None:
+    """Register `extract` / `finetune`: the same options, another stage."""
+    def command(config: Optional[Path] = ConfigOpt, task: Optional[str] = TaskOpt, model: Optional[str] = ModelOpt,
+                method: Optional[str] = MethodOpt, seed: Optional[int] = SeedOpt, out: Optional[str] = OutOpt,
+                data_dir: Optional[str] = DataOpt, overrides: Optional[list[str]] = Overrides,
+                force: bool = ForceOpt, debug: bool = DebugOpt):
+        guarded(debug, _train, stage, config, task, model, method, seed, out, data_dir, overrides, force)
+    command.__doc__ = help_text
+    app.command(stage)(command)
 
 
-@app.command()
-def finetune(config: Optional[Path] = ConfigOpt, task: Optional[str] = TaskOpt, model: Optional[str] = ModelOpt,
-             method: Optional[str] = MethodOpt, seed: Optional[int] = SeedOpt, out: Optional[str] = OutOpt,
-             data_dir: Optional[str] = DataOpt, overrides: Optional[list[str]] = Overrides,
-             force: bool = ForceOpt, debug: bool = DebugOpt):
-    """Fully fine-tune the encoder on one task (the "Full" baseline; default method full)."""
-    guarded(debug, _train, "finetune", config, task, model, method, seed, out, data_dir, overrides, force)
+_train_command("extract", "Train one adapter on one task (AdapterFusion stage 1; default method pfeiffer).")
+_train_command("finetune", "Fully fine-tune the encoder on one task (the \"Full\" baseline; default method full).")
 
 
 @app.command()

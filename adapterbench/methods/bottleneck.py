@@ -19,7 +19,7 @@ combines their deltas instead of summing them (AdapterFusion).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -214,3 +214,21 @@ def apply_bottleneck(encoder: nn.Module, cfg: BottleneckConfig, name: str) -> No
     if cfg.train_layer_norms:
         for ln in layer_norms(encoder).values():
             ln.requires_grad_(True)
+
+
+def preset_functions(placement: str):
+    """The method interface (bottleneck, apply, trainable_state, load_state) of one placement,
+    for a preset module whose Config holds the BottleneckConfig fields other than placement."""
+    def bottleneck(cfg) -> BottleneckConfig:
+        return BottleneckConfig(placement=placement, **asdict(cfg))
+
+    def apply(encoder, cfg, name: str) -> None:
+        apply_bottleneck(encoder, bottleneck(cfg), name)
+
+    def trainable_state(encoder, cfg, name: str) -> dict:
+        return adapter_state(encoder, bottleneck(cfg), name)
+
+    def load_state(encoder, cfg, name: str, state: dict) -> None:
+        load_adapter_state(encoder, bottleneck(cfg), name, state)
+
+    return bottleneck, apply, trainable_state, load_state

@@ -4,9 +4,9 @@ Trained: adapters, every LayerNorm, the head. Init: truncated normal, std 1e-2 (
 The activation follows AdapterHub's "houlsby" preset (swish); the paper leaves it open.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from .bottleneck import BottleneckConfig, adapter_state, apply_bottleneck, load_adapter_state
+from .bottleneck import preset_functions
 
 KIND = "adapter"
 TRAIN_DEFAULTS = {"lr": 1e-4, "epochs": 30}
@@ -21,17 +21,4 @@ class Config:
     train_layer_norms: bool = True   # the paper trains the LayerNorms with the adapters
 
 
-def bottleneck(cfg: Config) -> BottleneckConfig:
-    return BottleneckConfig(placement="houlsby", **asdict(cfg))
-
-
-def apply(encoder, cfg: Config, name: str) -> None:
-    apply_bottleneck(encoder, bottleneck(cfg), name)
-
-
-def trainable_state(encoder, cfg: Config, name: str) -> dict:
-    return adapter_state(encoder, bottleneck(cfg), name)
-
-
-def load_state(encoder, cfg: Config, name: str, state: dict) -> None:
-    load_adapter_state(encoder, bottleneck(cfg), name, state)
+bottleneck, apply, trainable_state, load_state = preset_functions("houlsby")

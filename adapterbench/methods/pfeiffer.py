@@ -3,9 +3,9 @@ feed-forward block with the pretrained LayerNorm before and after it (their Fig.
 ReLU, reduction factor 16. Trained: the adapter and the head; the encoder stays frozen.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from .bottleneck import BottleneckConfig, adapter_state, apply_bottleneck, load_adapter_state
+from .bottleneck import preset_functions
 
 KIND = "adapter"
 TRAIN_DEFAULTS = {"lr": 1e-4, "epochs": 30}  # AdapterFusion stage 1: lr 1e-4, up to 30 epochs
@@ -20,17 +20,4 @@ class Config:
     train_layer_norms: bool = False  # the pretrained LayerNorms stay frozen
 
 
-def bottleneck(cfg: Config) -> BottleneckConfig:
-    return BottleneckConfig(placement="pfeiffer", **asdict(cfg))
-
-
-def apply(encoder, cfg: Config, name: str) -> None:
-    apply_bottleneck(encoder, bottleneck(cfg), name)
-
-
-def trainable_state(encoder, cfg: Config, name: str) -> dict:
-    return adapter_state(encoder, bottleneck(cfg), name)
-
-
-def load_state(encoder, cfg: Config, name: str, state: dict) -> None:
-    load_adapter_state(encoder, bottleneck(cfg), name, state)
+bottleneck, apply, trainable_state, load_state = preset_functions("pfeiffer")
