@@ -50,11 +50,13 @@ def _options(task, model, method, seed, out, data_dir) -> dict:
             "out_dir": out, "data.data_dir": data_dir}
 
 
-def _train(stage, config, task, model, method, seed, out, data_dir, overrides, force):
+def _train(stage, config, task, model, method, seed, out, data_dir, overrides, force, init_from=None):
     from .config import merge_layers
     from .runs import RunExists
     from .stages import resolve, train_stage
-    cfg = resolve(merge_layers(config, _options(task, model, method, seed, out, data_dir), overrides), stage)
+    opts = _options(task, model, method, seed, out, data_dir)
+    opts["init_from"] = str(Path(init_from).resolve()) if init_from else None
+    cfg = resolve(merge_layers(config, opts, overrides), stage)
     try:
         folder = train_stage(stage, cfg, force=force, console=console)
     except RunExists as e:
@@ -82,8 +84,10 @@ def _train_command(stage: str, help_text: str) -> None:
     def command(config: Optional[Path] = ConfigOpt, task: Optional[str] = TaskOpt, model: Optional[str] = ModelOpt,
                 method: Optional[str] = MethodOpt, seed: Optional[int] = SeedOpt, out: Optional[str] = OutOpt,
                 data_dir: Optional[str] = DataOpt, overrides: Optional[list[str]] = Overrides,
+                init_from: Optional[Path] = typer.Option(None, "--init-from",
+                                                         help="Start the adapter from this adapter folder (e.g. merged)."),
                 force: bool = ForceOpt, debug: bool = DebugOpt):
-        guarded(debug, _train, stage, config, task, model, method, seed, out, data_dir, overrides, force)
+        guarded(debug, _train, stage, config, task, model, method, seed, out, data_dir, overrides, force, init_from)
     command.__doc__ = help_text
     app.command(stage)(command)
 
@@ -125,6 +129,33 @@ def fuse(target: Optional[str] = typer.Option(None, "--target", help="Target tas
         print_metrics(folder)
         if (folder / "attention.csv").is_file():
             console.print(f"fusion attention: {folder / 'attention.csv'}, {folder / 'attention.png'}")
+    guarded(debug, go)
+
+
+@app.command()
+def merge(adapters: Optional[list[str]] = typer.Option(None, "--adapters", "-a", help="Source adapter or run folders."),
+          strategy: str = typer.Option("avg", "--strategy", help="avg, align, ties or task-arithmetic."),
+          weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated, one per source."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Folder for the merged adapter."),
+          target: Optional[str] = typer.Option(None, "--target", help="Target task (for --same-track)."),
+          same_track: bool = typer.Option(False, "--same-track", help="Only sources in the target's track."),
+          include_target: bool = typer.Option(False, "--include-target", help="Keep the target's own adapter."),
+          align_on: Optional[str] = typer.Option(None, "--align-on", help="align: cost from activations on this task."),
+          align_examples: int = typer.Option(64, "--align-examples", help="Examples for --align-on."),
+          density: float = typer.Option(0.2, "--density", help="ties: share of entries kept."),
+          data_dir: Optional[str] = DataOpt, force: bool = ForceOpt,
+          rest: Optional[list[str]] = typer.Argument(None, help="More source folders."),
+          debug: bool = DebugOpt):
+    """Merge adapters of one configuration into one adapter folder (MerA; our interpretation)."""
+    def go():
+        from .merge import merge as do_merge
+        try:
+            w = [float(x) for x in weights.split(",")] if weights else None
+        except ValueError:
+            raise UserError(f"--weights '{weights}' must be comma-separated numbers") from None
+        folder = do_merge([*(adapters or []), *(rest or [])], strategy, w, out, target, same_track, include_target,
+                          align_on, align_examples, density, data_dir, force)
+        console.print(f"merged adapter: {folder}")
     guarded(debug, go)
 
 

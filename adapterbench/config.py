@@ -43,12 +43,14 @@ class TrainConfig:
     max_steps: int = 0               # stop after N optimizer steps (0 = no cap)
     log_every: int = 10              # steps between log.jsonl lines
     save_model: bool = False         # `full`: also write the whole model's weights
+    shots: int = 0                   # few-shot: k training examples per class (k in all for regression); 0 = all
 
 
 @dataclass
 class DataConfig:
     data_dir: str | None = None      # glue_data-style folder; else $ADAPTERBENCH_DATA_DIR, else the Hub
     shuffle_seed: int | None = None  # order of training batches; defaults to the run seed
+    data_seed: int | None = None     # which examples train.shots / train.limit draw; defaults to the run seed
 
 
 @dataclass
@@ -61,6 +63,7 @@ class RunConfig:
     seed: int = 42
     out_dir: str = "runs"            # root of all run folders
     label: str = ""                  # row name in reports (a study's method entry); default: method name
+    init_from: str | None = None     # adapter folder to start from (e.g. a merged adapter); new head
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -212,7 +215,8 @@ def check_ranges(cfg: RunConfig) -> None:
         (0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "in [0, 1)"),
         (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "0 or more"),
         (t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "0 (off) or more"),
-        (min(t.patience, t.limit, t.eval_limit, t.max_steps) >= 0, "train.patience/limit/eval_limit/max_steps",
+        (min(t.patience, t.limit, t.eval_limit, t.max_steps, t.shots) >= 0,
+         "train.patience/limit/eval_limit/max_steps/shots",
          "negative", "0 or more"),
         (t.log_every >= 1, "train.log_every", t.log_every, "at least 1"),
         (cfg.model.max_length >= 8, "model.max_length", cfg.model.max_length, "at least 8"),
@@ -226,8 +230,20 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Keys added after run folders existed: at these values they leave a config's hash as it
+# was, so finished runs stay recognised when new options appear.
+HASH_NEUTRAL = {("init_from",): None, ("train", "shots"): 0, ("data", "data_seed"): None}
+
+
 def config_hash(resolved: dict) -> str:
     """Short hash of what determines a run's result (output root and report label left out)."""
     keep = {k: v for k, v in resolved.items() if k not in ("out_dir", "label")}
+    keep = json.loads(json.dumps(keep, default=str))
+    for path, neutral in HASH_NEUTRAL.items():
+        node = keep
+        for k in path[:-1]:
+            node = node.get(k, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and path[-1] in node and node[path[-1]] == neutral:
+            del node[path[-1]]
     blob = json.dumps(keep, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]

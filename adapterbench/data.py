@@ -223,3 +223,20 @@ def subsample(examples: list, limit: int, seed: int) -> list:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     return [examples[i] for i in sorted(order[:limit])]
+
+
+def few_shot(examples: list, k: int, regression: bool, seed: int) -> list:
+    """k examples per class (k in all for regression), drawn with `seed`, in file order."""
+    rng = random.Random(seed)
+    if regression:
+        return subsample(examples, k, seed)
+    by_class: dict = {}
+    for i, e in enumerate(examples):
+        by_class.setdefault(e["label"], []).append(i)
+    keep = []
+    for label, idx in sorted(by_class.items()):
+        if len(idx) < k:
+            raise UserError(f"train.shots={k} but class {label} has only {len(idx)} training examples: "
+                            f"lower train.shots")
+        keep += rng.sample(idx, k)
+    return [examples[i] for i in sorted(keep)]

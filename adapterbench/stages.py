@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .config import RunConfig, build, check_ranges, config_hash, to_dict
-from .data import Collator, load_splits, subsample, tokenize
+from .data import Collator, few_shot, load_splits, subsample, tokenize
 from .errors import UserError
 from .methods import get_method, method_config
 from .models import ClassificationHead, HeadConfig, TaskModel, count_params, head_config_dict, load_encoder
@@ -52,16 +52,37 @@ def build_model(cfg: RunConfig, task: TaskSpec):
     encoder, tokenizer = load_encoder(cfg.model.name, cfg.model.trust_remote_code)
     seed_everything(cfg.seed)
     method.apply(encoder, mcfg, task.name)
+    if cfg.init_from:
+        init_adapter(encoder, cfg, mcfg, method, task.name)
     head = ClassificationHead(HeadConfig(encoder.config.hidden_size, task.num_labels, task.regression,
                                          labels=list(task.labels) or None))
     return TaskModel(encoder, head), tokenizer
 
 
+def init_adapter(encoder, cfg: RunConfig, mcfg, method, name: str) -> None:
+    """Start the adapter from a saved (e.g. merged) adapter folder of the same configuration."""
+    from .methods.fusion import adapter_folder, method_shape
+    if method.KIND != "adapter":
+        raise UserError(f"init_from needs an adapter method (houlsby, pfeiffer), not {cfg.method['name']}")
+    folder = adapter_folder(cfg.init_from)
+    meta = read_json(folder / "adapter_config.json")
+    mine, theirs = method_shape(cfg.method), method_shape(meta.get("method", {}))
+    if mine != theirs:
+        k = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))[0]
+        raise UserError(f"init_from {folder} differs in method.{k}: {theirs.get(k)!r} there, {mine.get(k)!r} "
+                        f"here; set method.{k} to match")
+    method.load_state(encoder, mcfg, name, load_tensors(folder / "adapter.safetensors"))
+
+
 def prepare_items(task, splits, tokenizer, cfg: RunConfig) -> dict:
+    """Token ids per split; the training split is cut by train.shots and train.limit."""
     items = {}
+    data_seed = cfg.data.data_seed if cfg.data.data_seed is not None else cfg.seed
     for name, examples in splits.items():
+        if name == "train" and cfg.train.shots:
+            examples = few_shot(examples, cfg.train.shots, task.regression, data_seed)
         limit = {"train": cfg.train.limit, "dev": cfg.train.eval_limit}.get(name, 0)
-        items[name] = tokenize(subsample(examples, limit, cfg.seed), tokenizer, cfg.model.max_length)
+        items[name] = tokenize(subsample(examples, limit, data_seed), tokenizer, cfg.model.max_length)
     return items
 
 

@@ -90,6 +90,11 @@ def test_limit_and_max_steps(tiny_bert_dir, task_yamls, data_dir, tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((only_run(tmp_path) / "metrics.json").read_text())
     assert m["steps"] == 3 and m["train_examples"] == 16 and m["epochs_run"] == 1
+    r = invoke("extract", "--task", task_yamls["toy"], "--model", tiny_bert_dir, "--data-dir", data_dir,
+               "--out", tmp_path / "fs", "train.shots=4", "data.data_seed=3", "train.epochs=1")
+    assert r.exit_code == 0, r.output
+    m = json.loads((only_run(tmp_path / "fs") / "metrics.json").read_text())
+    assert m["train_examples"] == 8 and m["dev_examples"] == 16   # 4 per class; dev stays whole
 
 
 def test_ls_and_validate(tmp_path):

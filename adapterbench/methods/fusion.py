@@ -122,7 +122,7 @@ def adapter_folder(src: str) -> Path:
     for cand in (p, p / "adapter"):
         if (cand / "adapter_config.json").is_file():
             return cand
-    raise UserError(f"fusion source {src} is neither an adapter folder nor an extract run folder "
+    raise UserError(f"source {src} is neither an adapter folder nor an extract run folder "
                     f"(no adapter_config.json): pass the run folder of `adapterbench extract`")
 
 
@@ -130,11 +130,11 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def read_sources(paths: list[str]) -> list[dict]:
+def read_sources(paths: list[str], allow_trained_norms: bool = False) -> list[dict]:
     """Each source's folder, config and name; all must share base model and adapter config."""
     from ..runs import read_json
     if not paths:
-        raise UserError("fusion needs source adapters: pass --adapters RUN_DIR [RUN_DIR ...]")
+        raise UserError("no source adapters given: pass --adapters RUN_DIR [RUN_DIR ...]")
     sources, names = [], set()
     for src in paths:
         folder = adapter_folder(src)
@@ -144,35 +144,35 @@ def read_sources(paths: list[str]) -> list[dict]:
             name += "_"
         names.add(name)
         sources.append({"path": str(folder.resolve()), "name": name, "meta": meta})
-    check_compatible(sources)
+    check_compatible(sources, allow_trained_norms)
     return sources
 
 
-def _shape_of(method: dict) -> dict:
-    return {k: v for k, v in method.items() if k not in ("adapters",)}
+def method_shape(method: dict) -> dict:
+    """The adapter's architecture-defining keys (what must agree to fuse, merge or load)."""
+    return {k: v for k, v in method.items() if k not in ("adapters", "init")}
 
 
-def check_compatible(sources: list[dict]) -> None:
+def check_compatible(sources: list[dict], allow_trained_norms: bool = False) -> None:
     first = sources[0]
     m0 = first["meta"]
     if m0["method"].get("name") not in ("pfeiffer", "houlsby"):
-        raise UserError(f"fusion source {first['path']} is a '{m0['method'].get('name')}' run, not an adapter")
+        raise UserError(f"source {first['path']} is a '{m0['method'].get('name')}' run, not an adapter")
     for s in sources[1:]:
         m = s["meta"]
         for key in ("base_model", "model_type", "hidden_size", "num_layers"):
             if m.get(key) != m0.get(key):
-                raise UserError(f"fusion source {s['path']} differs in {key}: {m.get(key)!r} vs "
-                                f"{m0.get(key)!r} in {first['path']}; fuse adapters of one base model")
-        a, b = _shape_of(m["method"]), _shape_of(m0["method"])
+                raise UserError(f"source {s['path']} differs in {key}: {m.get(key)!r} vs "
+                                f"{m0.get(key)!r} in {first['path']}; use adapters of one base model")
+        a, b = method_shape(m["method"]), method_shape(m0["method"])
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if diff:
             k = diff[0]
-            raise UserError(f"fusion source {s['path']} differs in adapter config method.{k}: {a.get(k)!r} vs "
-                            f"{b.get(k)!r} in {first['path']}; fuse adapters of one configuration")
-    if m0["method"].get("train_layer_norms"):
-        raise UserError(f"fusion source {first['path']} trained its own LayerNorms (houlsby default); "
-                        f"N sources cannot share one LayerNorm: fuse adapters extracted with "
-                        f"method.train_layer_norms=false")
+            raise UserError(f"source {s['path']} differs in adapter config method.{k}: {a.get(k)!r} vs "
+                            f"{b.get(k)!r} in {first['path']}; use adapters of one configuration")
+    if m0["method"].get("train_layer_norms") and not allow_trained_norms:
+        raise UserError(f"source {first['path']} trained its own LayerNorms (houlsby default), which "
+                        f"N sources cannot share here: use adapters extracted with method.train_layer_norms=false")
 
 
 def _bottleneck_cfg(meta: dict) -> BottleneckConfig:
