@@ -44,6 +44,7 @@ class TrainConfig:
     log_every: int = 10              # steps between log.jsonl lines
     save_model: bool = False         # `full`: also write the whole model's weights
     shots: int = 0                   # few-shot: k training examples per class (k in all for regression); 0 = all
+    checkpoint_every: int = 0        # also checkpoint every N steps (one is always written after each epoch)
 
 
 @dataclass
@@ -215,8 +216,8 @@ def check_ranges(cfg: RunConfig) -> None:
         (0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "in [0, 1)"),
         (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "0 or more"),
         (t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "0 (off) or more"),
-        (min(t.patience, t.limit, t.eval_limit, t.max_steps, t.shots) >= 0,
-         "train.patience/limit/eval_limit/max_steps/shots",
+        (min(t.patience, t.limit, t.eval_limit, t.max_steps, t.shots, t.checkpoint_every) >= 0,
+         "train.patience/limit/eval_limit/max_steps/shots/checkpoint_every",
          "negative", "0 or more"),
         (t.log_every >= 1, "train.log_every", t.log_every, "at least 1"),
         (cfg.model.max_length >= 8, "model.max_length", cfg.model.max_length, "at least 8"),
@@ -232,7 +233,10 @@ def to_dict(cfg) -> dict:
 
 # Keys added after run folders existed: at these values they leave a config's hash as it
 # was, so finished runs stay recognised when new options appear.
-HASH_NEUTRAL = {("init_from",): None, ("train", "shots"): 0, ("data", "data_seed"): None}
+# `ANY`: the key never changes what a run computes, so it never enters the hash.
+ANY = object()
+HASH_NEUTRAL = {("init_from",): None, ("train", "shots"): 0, ("data", "data_seed"): None,
+                ("train", "checkpoint_every"): ANY}
 
 
 def config_hash(resolved: dict) -> str:
@@ -243,7 +247,7 @@ def config_hash(resolved: dict) -> str:
         node = keep
         for k in path[:-1]:
             node = node.get(k, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict) and path[-1] in node and node[path[-1]] == neutral:
+        if isinstance(node, dict) and path[-1] in node and (neutral is ANY or node[path[-1]] == neutral):
             del node[path[-1]]
     blob = json.dumps(keep, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]

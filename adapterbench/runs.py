@@ -116,6 +116,11 @@ class Run:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self.resumed = False
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.folder / "checkpoint"
 
     @classmethod
     def create(cls, folder: Path, resolved: dict, task_spec, force: bool) -> "Run":
@@ -123,7 +128,12 @@ class Run:
         if folder.exists():
             if status_of(folder) == "ok" and not force:
                 raise RunExists(folder)
-            shutil.rmtree(folder)  # an unfinished or failed attempt, or --force
+            if not force and resumable(folder, resolved):
+                run = cls(folder)
+                run.resumed = True
+                write_json(folder / "metrics.json", {"status": "running", "started": time.time(), "resumed": True})
+                return run
+            shutil.rmtree(folder)  # a failed attempt without a checkpoint, or --force
         folder.mkdir(parents=True)
         run = cls(folder)
         atomic_write(folder / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
@@ -138,11 +148,24 @@ class Run:
             f.write(json.dumps(record) + "\n")
 
     def finish(self, metrics: dict) -> None:
+        """Mark the run ok (last, once every other file is complete); drop its checkpoint."""
         write_json(self.folder / "metrics.json", {"status": "ok", **metrics})
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
     def fail(self, error: BaseException) -> None:
         kind = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         write_json(self.folder / "metrics.json", {"status": kind, "error": f"{type(error).__name__}: {error}"})
+
+
+def resumable(folder: Path, resolved: dict) -> bool:
+    """An unfinished run of the same resolved config with a complete checkpoint."""
+    if not (folder / "checkpoint" / "latest.json").is_file():
+        return False
+    try:
+        stored = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return json.dumps(stored, sort_keys=True, default=str) == json.dumps(resolved, sort_keys=True, default=str)
 
 
 class RunExists(Exception):

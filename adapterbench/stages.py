@@ -118,7 +118,7 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
         started = time.time()
         res = train(model, items["train"], items["dev"], collate, task, cfg.train,
                     cfg.data.shuffle_seed if cfg.data.shuffle_seed is not None else cfg.seed,
-                    log=run.log, show_progress=show_progress)
+                    log=run.log, show_progress=show_progress, checkpoint_dir=run.checkpoint_dir)
         dev, _ = evaluate_items(model, items["dev"], collate, task, cfg.train.eval_batch_size)
         save_weights(run.folder, cfg, task, model)
         if save_attention:

@@ -1,12 +1,16 @@
 """One plain training loop on accelerate: AdamW, linear warm-up and decay, gradient
 clipping, evaluation on dev after every epoch, the best epoch kept (AdapterFusion protocol),
-optional early-stopping patience."""
+optional early-stopping patience, and checkpoints from which an interrupted run resumes to
+the same result (trainable weights, optimizer, scheduler, RNG and sampler position)."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,12 +24,17 @@ from .errors import UserError
 
 @dataclass
 class TrainResult:
-    best_epoch: int = -1
-    best_metrics: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)
+    """Where the loop is (a checkpoint stores this) and what it found."""
+    epoch: int = 0                 # current epoch
+    batch: int = 0                 # batches done in the current epoch
     steps: int = 0
     train_seconds: float = 0.0
     train_samples: int = 0
+    history: list = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int = -1
+    best_metrics: dict = field(default_factory=dict)
+    stale: int = 0                 # epochs since the best one
 
     @property
     def samples_per_second(self) -> float:
@@ -63,6 +72,7 @@ def predict(model, loader, accelerator, regression: bool):
     model.eval()
     preds, labels = [], []
     for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             logits = model(**batch)
         out = logits.float() if regression else logits.argmax(-1)
@@ -78,8 +88,9 @@ def score(task, preds: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: int,
-          log=lambda record: None, show_progress: bool = True) -> TrainResult:
-    """Train `model` (only parameters with requires_grad) and leave it at its best epoch."""
+          log=lambda record: None, show_progress: bool = True, checkpoint_dir: Path | None = None) -> TrainResult:
+    """Train `model` (only parameters with requires_grad) and leave it at its best epoch.
+    With `checkpoint_dir`, a checkpoint found there is resumed and new ones are written."""
     from transformers import get_linear_schedule_with_warmup
 
     accelerator = make_accelerator()
@@ -92,42 +103,61 @@ def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: 
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    model, optimizer, train_loader, dev_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, dev_loader, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if accelerator.num_processes > 1:  # shard the data; one process keeps the plain loaders (exact resume)
+        train_loader, dev_loader = accelerator.prepare(train_loader, dev_loader)
     higher = M.METRICS[task.main_metric][1]
-    res, best_value, best_state, stale = TrainResult(), None, None, 0
+    res, best_state = TrainResult(), None
+    epoch_gen = gen.get_state()
+    if checkpoint_dir is not None and (checkpoint_dir / "latest.json").is_file():
+        res, best_state, epoch_gen = load_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer,
+                                                      scheduler)
+        log({"resumed": True, "epoch": res.epoch, "batch": res.batch, "step": res.steps})
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         disable=not (show_progress and accelerator.is_main_process))
     with progress:
-        bar = progress.add_task("train", total=total, info="")
-        for epoch in range(cfg.epochs):
+        bar = progress.add_task("train", total=total, completed=res.steps, info="")
+        while res.epoch < cfg.epochs and not (cfg.max_steps and res.steps >= cfg.max_steps):
             model.train()
+            gen.set_state(epoch_gen)         # the epoch's order, also when resuming mid-epoch
             t0 = time.perf_counter()
-            for batch in train_loader:
+            for i, batch in enumerate(train_loader):
+                if i < res.batch:
+                    continue
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 loss = train_step(model, batch, optimizer, scheduler, accelerator, cfg, res.steps)
                 res.steps += 1
+                res.batch += 1
                 res.train_samples += batch["input_ids"].shape[0] * accelerator.num_processes
                 elapsed = res.train_seconds + time.perf_counter() - t0
-                progress.update(bar, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}",
+                progress.update(bar, advance=1, description=f"epoch {res.epoch + 1}/{cfg.epochs}",
                                 info=f"loss {loss:.4f}  {res.train_samples / max(elapsed, 1e-9):.1f} samples/s")
                 if res.steps % cfg.log_every == 0:
-                    log({"step": res.steps, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0]})
+                    log({"step": res.steps, "epoch": res.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0]})
                 if cfg.max_steps and res.steps >= cfg.max_steps:
                     break
+                if checkpoint_dir is not None and cfg.checkpoint_every and res.steps % cfg.checkpoint_every == 0:
+                    res.train_seconds += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    save_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler, res, best_state,
+                                    epoch_gen)
             res.train_seconds += time.perf_counter() - t0
             preds, labels = predict(model, dev_loader, accelerator, task.regression)
             dev = score(task, preds, labels)
-            res.history.append({"epoch": epoch, **dev})
-            log({"epoch": epoch, "step": res.steps, "dev": dev})
-            value = dev[task.main_metric]
-            if is_better(value, best_value, higher):
-                best_value, res.best_epoch, res.best_metrics, stale = value, epoch, dev, 0
+            res.history.append({"epoch": res.epoch, **dev})
+            log({"epoch": res.epoch, "step": res.steps, "dev": dev})
+            if is_better(dev[task.main_metric], res.best_value, higher):
+                res.best_value, res.best_epoch, res.best_metrics, res.stale = dev[task.main_metric], res.epoch, dev, 0
                 best_state = trainable_snapshot(accelerator.unwrap_model(model))
             else:
-                stale += 1
-            if (cfg.patience and stale >= cfg.patience) or (cfg.max_steps and res.steps >= cfg.max_steps):
+                res.stale += 1
+            res.epoch, res.batch = res.epoch + 1, 0
+            epoch_gen = gen.get_state()
+            if cfg.patience and res.stale >= cfg.patience:
                 break
+            if checkpoint_dir is not None:
+                save_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler, res, best_state, epoch_gen)
     restore(accelerator.unwrap_model(model), best_state)
     return res
 
@@ -159,3 +189,47 @@ def restore(model, state: dict | None) -> None:
     params = dict(model.named_parameters())
     for n, v in state.items():
         params[n].copy_(v)
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+# <run>/checkpoint/step-N/ holds weights.safetensors (trainable weights), best.safetensors,
+# optim.pt (optimizer, scheduler, RNG states) and state.json; latest.json names the newest
+# complete one and is written last, atomically, so a kill at any moment leaves a usable one.
+
+def save_checkpoint(root: Path, accelerator, model, optimizer, scheduler, res: TrainResult, best_state,
+                    epoch_gen: torch.Tensor) -> None:
+    from .runs import atomic_write, save_tensors, write_json
+    if not accelerator.is_main_process:
+        return
+    name = f"step-{res.steps}-e{res.epoch}"
+    folder = root / name
+    save_tensors(folder / "weights.safetensors", trainable_snapshot(accelerator.unwrap_model(model)))
+    if best_state:
+        save_tensors(folder / "best.safetensors", best_state)
+    import io
+    buf = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "epoch_gen": epoch_gen}, buf)
+    atomic_write(folder / "optim.pt", buf.getvalue())
+    write_json(folder / "state.json", asdict(res))
+    write_json(root / "latest.json", {"checkpoint": name})
+    for old in root.iterdir():
+        if old.is_dir() and old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(root: Path, model, optimizer, scheduler):
+    """Restore weights, optimizer, scheduler and RNG; returns (result so far, best state, epoch order)."""
+    from .runs import load_tensors
+    folder = root / json.loads((root / "latest.json").read_text())["checkpoint"]
+    restore(model, load_tensors(folder / "weights.safetensors"))
+    best = load_tensors(folder / "best.safetensors") if (folder / "best.safetensors").is_file() else None
+    try:
+        extra = torch.load(folder / "optim.pt", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {folder} is unreadable ({type(e).__name__}): delete {root} to start over") from None
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"])
+    res = TrainResult(**json.loads((folder / "state.json").read_text()))
+    return res, best, extra["epoch_gen"]

@@ -1,0 +1,70 @@
+"""Interrupting a training stage and running the same command again resumes from the last
+checkpoint (weights, optimizer, scheduler, RNG, sampler position) and ends with the same
+metrics and weights as an uninterrupted run."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from adapterbench import train as T
+from adapterbench.cli import app
+from adapterbench.runs import load_tensors
+
+runner = CliRunner()
+
+
+def command(tiny_bert_dir, task_yamls, data_dir, out, method):
+    return ["extract" if method != "full" else "finetune", "--task", str(task_yamls["toy"]), "--model",
+            str(tiny_bert_dir), "--method", method, "--data-dir", str(data_dir), "--out", str(out),
+            "train.epochs=3", "train.batch_size=8", "train.lr=1e-3", "train.checkpoint_every=4"]
+
+
+@pytest.mark.parametrize("method,crash_at", [("pfeiffer", 10), ("houlsby", 6), ("full", 13)])
+def test_resume_gives_the_same_result(method, crash_at, tiny_bert_dir, task_yamls, data_dir, tmp_path, monkeypatch):
+    ref = runner.invoke(app, command(tiny_bert_dir, task_yamls, data_dir, tmp_path / "ref", method))
+    assert ref.exit_code == 0, ref.output
+    ref_run = next((tmp_path / "ref").glob("*/*/toy/*"))
+
+    real_step = T.train_step
+
+    def crashing(model, batch, optimizer, scheduler, accelerator, cfg, step):
+        if step + 1 == crash_at:
+            raise KeyboardInterrupt  # as if killed after the checkpoint before this step
+        return real_step(model, batch, optimizer, scheduler, accelerator, cfg, step)
+
+    monkeypatch.setattr(T, "train_step", crashing)
+    r = runner.invoke(app, command(tiny_bert_dir, task_yamls, data_dir, tmp_path / "run", method))
+    assert r.exit_code == 130
+    run = next((tmp_path / "run").glob("*/*/toy/*"))
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+    latest = json.loads((run / "checkpoint" / "latest.json").read_text())["checkpoint"]
+    assert 0 < int(latest.split("-")[1]) < crash_at  # the newest complete checkpoint before the crash
+
+    monkeypatch.setattr(T, "train_step", real_step)
+    r = runner.invoke(app, command(tiny_bert_dir, task_yamls, data_dir, tmp_path / "run", method))
+    assert r.exit_code == 0, r.output
+    got, want = (json.loads((p / "metrics.json").read_text()) for p in (run, ref_run))
+    assert got["status"] == "ok" and got["history"] == want["history"] and got["metrics"] == want["metrics"]
+    assert got["steps"] == want["steps"] == 18
+    head_a = load_tensors(run / ("model" if method == "full" else "adapter") / "head.safetensors")
+    head_b = load_tensors(ref_run / ("model" if method == "full" else "adapter") / "head.safetensors")
+    assert all((head_a[k] == head_b[k]).all() for k in head_a)
+    assert not (run / "checkpoint").exists()
+    assert any(json.loads(line).get("resumed") for line in (run / "log.jsonl").read_text().splitlines())
+
+
+def test_changed_config_does_not_resume(tiny_bert_dir, task_yamls, data_dir, tmp_path, monkeypatch):
+    """A checkpoint is only resumed by the same resolved config (the folder hash sees to the rest)."""
+    from adapterbench.runs import resumable
+    cmd = command(tiny_bert_dir, task_yamls, data_dir, tmp_path, "pfeiffer")
+    real_step = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt) if a[-1] == 8
+                        else real_step(*a))
+    assert runner.invoke(app, cmd).exit_code == 130
+    run = next(tmp_path.glob("*/*/toy/*"))
+    import yaml
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert resumable(run, cfg)
+    cfg["train"]["lr"] = 0.5
+    assert not resumable(run, cfg)
