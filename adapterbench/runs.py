@@ -7,6 +7,7 @@ written atomically (temp file + rename), so a file is either complete or absent.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -29,16 +30,29 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     """Write to a temp file in the same folder, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _disk_error(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _disk_error(e, path) from None
         raise
+
+
+def _disk_error(e: OSError, path: Path) -> Exception:
+    """Disk full / quota / read-only: one line; the previous version of the file is untouched."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        return UserError(f"cannot write {path} ({os.strerror(e.errno)}): free space or fix permissions and "
+                         f"rerun; files written before are intact")
+    return e
 
 
 def write_json(path: Path, obj) -> None:
@@ -154,7 +168,10 @@ class Run:
 
     def fail(self, error: BaseException) -> None:
         kind = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        write_json(self.folder / "metrics.json", {"status": kind, "error": f"{type(error).__name__}: {error}"})
+        try:
+            write_json(self.folder / "metrics.json", {"status": kind, "error": f"{type(error).__name__}: {error}"})
+        except (UserError, OSError):
+            pass  # e.g. the disk is full: the status stays `running`, never `ok`
 
 
 def resumable(folder: Path, resolved: dict) -> bool:

@@ -62,6 +62,10 @@ class Node:
 def load_study(path: str | Path) -> Study:
     data = load_yaml(path)
     study = build(Study, data, where=f"study {Path(path).name}")
+    from .tasks import NAME
+    if not NAME.match(study.name or ""):
+        raise UserError(f"study {path}: name {study.name!r} must be letters, digits, '_', '-' or '.' "
+                        f"(it names the study's folder)")
     labels = [m.label or m.name for m in study.methods]
     if len(set(labels)) != len(labels):
         raise UserError(f"study {path}: two method entries share the label '{_dup(labels)}': give each a label")

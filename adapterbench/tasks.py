@@ -8,6 +8,7 @@ file split by a column) and/or `sources.hub` (a `datasets.load_dataset` path).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,8 +105,14 @@ def parse_task(path: Path) -> TaskSpec:
     return spec
 
 
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 def validate_task(spec: TaskSpec, path: Path) -> None:
     where = f"task {path}"
+    if not NAME.match(spec.name or ""):
+        raise UserError(f"{where}: name {spec.name!r} must be letters, digits, '_', '-' or '.' "
+                        f"(it names run folders)")
     for m in spec.metrics:
         if m not in METRICS:
             raise UserError(f"{where}: unknown metric '{m}'; known: {', '.join(METRICS)}")

@@ -149,10 +149,3 @@ def test_architecture_missing_from_table(tiny_bert_dir, task_yamls, data_dir, tm
     assert "architecture 'albert' is not in the adapter table" in text
 
 
-def test_failed_training_marks_run_failed(tiny_bert_dir, task_yamls, data_dir, tmp_path):
-    r = invoke("extract", "--task", task_yamls["toy"], "--model", tiny_bert_dir, "--data-dir", data_dir,
-               "--out", tmp_path, "train.lr=1e30", "train.epochs=3")
-    m = json.loads((only_run(tmp_path) / "metrics.json").read_text())
-    if r.exit_code == 0:  # the loss happened to stay finite
-        pytest.skip("loss stayed finite at lr 1e30")
-    assert r.exit_code == 2 and m["status"] == "failed" and "at step" in m["error"]
