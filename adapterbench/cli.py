@@ -159,6 +159,35 @@ def merge(adapters: Optional[list[str]] = typer.Option(None, "--adapters", "-a",
     guarded(debug, go)
 
 
+@app.command("export")
+def export_cmd(run_dir: Path = typer.Argument(..., help="An extract run folder or adapter folder."),
+               fmt: str = typer.Option("adapterhub", "--format", help="adapterhub"),
+               out: Path = typer.Option(..., "--out", help="Folder to write."),
+               name: Optional[str] = typer.Option(None, "--name", help="Adapter name (default: the task)."),
+               force: bool = ForceOpt, debug: bool = DebugOpt):
+    """Write an adapter (and its head) in AdapterHub's format, loadable by the `adapters` library."""
+    def go():
+        from .adapterhub import export
+        if fmt != "adapterhub":
+            raise UserError(f"--format '{fmt}' is not supported: use adapterhub")
+        console.print(f"exported: {export(run_dir, out, name, force)}")
+    guarded(debug, go)
+
+
+@app.command("import")
+def import_cmd(src: Path = typer.Argument(..., help="A folder saved by the `adapters` library (save_adapter)."),
+               out: Path = typer.Option(..., "--out", help="adapterbench adapter folder to write."),
+               model: Optional[str] = typer.Option(None, "--model", help="Base model, if not the one it names."),
+               force: bool = ForceOpt, debug: bool = DebugOpt):
+    """Read an AdapterHub adapter (Pfeiffer/Houlsby) so that it fuses, merges and initialises like ours."""
+    def go():
+        from .adapterhub import import_adapter
+        if not (src / "adapter_config.json").is_file():
+            raise UserError(f"{src} holds no adapter_config.json: pass the folder save_adapter wrote")
+        console.print(f"imported: {import_adapter(src, out, model, force)}")
+    guarded(debug, go)
+
+
 def _source_model(src: str) -> str | None:
     """The base model a source adapter was trained on (so --model can be left out)."""
     from .methods.fusion import adapter_folder

@@ -139,6 +139,9 @@ def read_sources(paths: list[str], allow_trained_norms: bool = False) -> list[di
     for src in paths:
         folder = adapter_folder(src)
         meta = read_json(folder / "adapter_config.json")
+        if "method" not in meta:
+            raise UserError(f"{folder} holds an AdapterHub adapter: convert it first with "
+                            f"`adapterbench import {folder} --out DIR`")
         name = meta.get("task") or folder.parent.name
         while name in names:
             name += "_"

@@ -1,0 +1,125 @@
+"""Parity with the AdapterHub `adapters` library, both directions, on the same inputs:
+  ours -> `adapterbench export` -> loaded by `adapters` : max |logit difference|
+  `adapters` save_adapter -> `adapterbench import` -> ours : max |logit difference|
+The peer side runs in .peer-venv (bash scripts/make_peer_venv.sh).
+
+    python scripts/parity_adapterhub.py [--model minilm-l6|DIR] [--method pfeiffer|houlsby]
+        [--run RUN_DIR] [--fixture DIR]
+
+--run uses a trained extract run (its adapter and head); otherwise a random non-trivial
+adapter and head are made. --fixture also writes what the offline import test needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PAIRS = [["A man is playing a guitar.", "Someone plays music."],
+         ["the cat sat on the mat", "a dog is very bad and it was not fine"],
+         ["Stocks fell sharply on Monday.", "Markets dropped at the start of the week."],
+         ["She did not like the film at all.", "this movie was great"]]
+
+
+def our_model(model_name: str, adapter_dir: Path):
+    """Our encoder + the adapter and head from an adapterbench adapter folder."""
+    from adapterbench.methods import get_method, method_config
+    from adapterbench.models import ClassificationHead, HeadConfig, TaskModel, load_encoder
+    from adapterbench.runs import load_tensors, read_json
+    meta = read_json(adapter_dir / "adapter_config.json")
+    enc, tok = load_encoder(model_name)
+    method = get_method(meta["method"]["name"])
+    cfg = method_config(meta["method"])
+    method.apply(enc, cfg, "a")
+    method.load_state(enc, cfg, "a", load_tensors(adapter_dir / "adapter.safetensors"))
+    h = read_json(adapter_dir / "head_config.json")
+    head = ClassificationHead(HeadConfig(h["hidden_size"], h["num_labels"], h["regression"], labels=h.get("labels")))
+    head.load_state_dict(load_tensors(adapter_dir / "head.safetensors"))
+    return TaskModel(enc, head).eval(), tok
+
+
+def our_logits(model, tok) -> list:
+    enc = tok([a for a, _ in PAIRS], [b for _, b in PAIRS], padding=True, truncation=True, max_length=128,
+              return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).tolist()
+
+
+def random_adapter(model_name: str, method: str, out: Path) -> Path:
+    """A random non-trivial adapter + head written as an adapterbench adapter folder."""
+    from adapterbench.methods import get_method, method_config
+    from adapterbench.models import ClassificationHead, HeadConfig, load_encoder
+    from adapterbench.runs import save_tensors, write_json
+    enc, _ = load_encoder(model_name)
+    mcfg = {"name": method, "train_layer_norms": False}
+    cfg = method_config(mcfg)
+    torch.manual_seed(1)
+    get_method(method).apply(enc, cfg, "a")
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in get_method(method).trainable_state(enc, cfg, "a").items()}
+    head = ClassificationHead(HeadConfig(enc.config.hidden_size, 2))
+    save_tensors(out / "adapter.safetensors", state)
+    save_tensors(out / "head.safetensors", head.state_dict())
+    write_json(out / "head_config.json", {"hidden_size": enc.config.hidden_size, "num_labels": 2,
+                                          "regression": False, "dropout": 0.1, "labels": None})
+    write_json(out / "adapter_config.json", {"method": vars(cfg), "base_model": model_name,
+                                             "model_type": enc.config.model_type,
+                                             "hidden_size": enc.config.hidden_size,
+                                             "num_layers": enc.config.num_hidden_layers, "task": "parity"})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="minilm-l6")
+    ap.add_argument("--method", default="pfeiffer", choices=["pfeiffer", "houlsby"])
+    ap.add_argument("--run", help="an extract run folder to export instead of a random adapter")
+    ap.add_argument("--fixture", help="write the offline import-test fixture here")
+    ap.add_argument("--peer-python", default=str(ROOT / ".peer-venv" / "bin" / "python"))
+    a = ap.parse_args()
+    from adapterbench.adapterhub import export, import_adapter
+    from adapterbench.models import resolve_model_path
+    model_path = resolve_model_path(a.model)
+    work = Path(tempfile.mkdtemp(prefix="parity-"))
+    src = Path(a.run) / "adapter" if a.run else random_adapter(a.model, a.method, work / "ours")
+    model, tok = our_model(a.model, src)
+    ours = our_logits(model, tok)
+    from adapterbench.methods.fusion import sites
+    for site in sites(model.encoder):
+        site.active = []
+    effect = (torch.tensor(our_logits(model, tok)) - torch.tensor(ours)).abs().max().item()
+    export(src, work / "export")
+    job = {"model": model_path, "export_dir": str(work / "export"), "pairs": PAIRS, "num_labels": len(ours[0]),
+           "peer_config": "seq_bn" if a.method == "pfeiffer" else "double_seq_bn",
+           "peer_save_dir": str(work / "peer_saved")}
+    (work / "job.json").write_text(json.dumps(job))
+    subprocess.run([a.peer_python, str(ROOT / "scripts" / "peer" / "parity_peer.py"), str(work / "job.json"),
+                    str(work / "answer.json")], check=True)
+    ans = json.loads((work / "answer.json").read_text())
+    imported = import_adapter(work / "peer_saved", work / "imported", base_model=a.model)
+    model2, _ = our_model(a.model, imported)
+    back = our_logits(model2, tok)
+    d1 = (torch.tensor(ours) - torch.tensor(ans["peer_logits_of_export"])).abs().max().item()
+    d2 = (torch.tensor(back) - torch.tensor(ans["peer_logits_of_own"])).abs().max().item()
+    print(json.dumps({"model": a.model, "method": a.method, "run": a.run,
+                      "adapter_effect_max_abs_logit_change": effect,
+                      "ours_to_adapters_max_abs_diff": d1, "adapters_to_ours_max_abs_diff": d2}, indent=2))
+    if a.fixture:
+        fx = Path(a.fixture)
+        shutil.rmtree(fx, ignore_errors=True)
+        shutil.copytree(work / "peer_saved", fx / "adapter")
+        (fx / "expected.json").write_text(json.dumps({"pairs": PAIRS, "logits": ans["peer_logits_of_own"],
+                                                      "method": a.method}, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    sys.exit(0 if max(d1, d2) < 1e-4 else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""AdapterHub format: adapters saved by the `adapters` library (fixtures it produced, via
+scripts/parity_adapterhub.py --fixture) import with the same logits; export -> import is
+lossless; imported adapters fuse and merge like ours."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from adapterbench.adapterhub import export, import_adapter
+from adapterbench.cli import app
+from adapterbench.runs import load_tensors
+
+FIX = Path(__file__).parent / "fixtures" / "adapterhub"
+MODEL = str(FIX / "model")
+runner = CliRunner()
+
+
+def logits_of(adapter_dir: Path, pairs, active=True):
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+    from parity_adapterhub import our_model
+    model, tok = our_model(MODEL, adapter_dir)
+    if not active:
+        from adapterbench.methods.fusion import sites
+        for s in sites(model.encoder):
+            s.active = []
+    enc = tok([a for a, _ in pairs], [b for _, b in pairs], padding=True, truncation=True, max_length=128,
+              return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc)
+
+
+@pytest.mark.parametrize("method", ["pfeiffer", "houlsby"])
+def test_import_matches_the_peer_logits(method, tmp_path):
+    expected = json.loads((FIX / method / "expected.json").read_text())
+    r = runner.invoke(app, ["import", str(FIX / method / "adapter"), "--out", str(tmp_path / "a"), "--model", MODEL])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert meta["method"]["name"] == method and meta["base_model"] == MODEL
+    got = logits_of(tmp_path / "a", expected["pairs"])
+    want = torch.tensor(expected["logits"])
+    assert (got - want).abs().max() < 1e-5
+    bare = logits_of(tmp_path / "a", expected["pairs"], active=False)
+    assert (bare - want).abs().max() > 1e-4   # the adapter matters, so the match is not vacuous
+
+
+@pytest.mark.parametrize("method", ["pfeiffer", "houlsby"])
+def test_export_then_import_is_lossless(method, tmp_path):
+    src = import_adapter(FIX / method / "adapter", tmp_path / "ours", base_model=MODEL)
+    out = export(src, tmp_path / "hub")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["config"]["mh_adapter"] is (method == "houlsby") and cfg["config"]["output_adapter"] is True
+    assert cfg["config"]["original_ln_before"] is (method == "pfeiffer") and cfg["version"].startswith("adapters.")
+    assert any(k.endswith(".adapters.peer.adapter_down.0.weight") for k in load_tensors(out / "adapter.safetensors"))
+    assert {"heads.peer.1.weight", "heads.peer.4.bias"} <= set(load_tensors(out / "model_head.safetensors"))
+    back = import_adapter(out, tmp_path / "back", base_model=MODEL)
+    for f in ("adapter.safetensors", "head.safetensors"):
+        a, b = load_tensors(src / f), load_tensors(back / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    r = runner.invoke(app, ["export", str(src), "--out", str(out)])
+    assert r.exit_code == 2 and "already holds an adapter" in r.output
+
+
+def test_imported_adapters_fuse_and_merge(task_yamls, data_dir, tmp_path):
+    a = import_adapter(FIX / "pfeiffer" / "adapter", tmp_path / "a", base_model=MODEL)
+    r = runner.invoke(app, ["merge", "--adapters", str(a), str(a), "--strategy", "align", "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["fuse", "--target", str(task_yamls["toy"]), "--adapters", str(a), str(tmp_path / "m"),
+                            "--data-dir", str(data_dir), "--out", str(tmp_path / "runs"), "train.max_steps=2"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["fuse", "--target", str(task_yamls["toy"]), "--adapters", str(FIX / "pfeiffer" / "adapter"),
+                            "--data-dir", str(data_dir), "--out", str(tmp_path / "runs2")])
+    assert r.exit_code == 2 and "convert it first with `adapterbench import" in r.output
+
+
+def test_export_refuses_trained_layer_norms(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--model", str(tiny_bert_dir), "--method",
+                            "houlsby", "--data-dir", str(data_dir), "--out", str(tmp_path), "train.max_steps=1"])
+    run = next(tmp_path.glob("extract/houlsby/toy/*"))
+    r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "hub")])
+    assert r.exit_code == 2 and "trained its own LayerNorms" in r.output
