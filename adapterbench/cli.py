@@ -133,6 +133,41 @@ def fuse(target: Optional[str] = typer.Option(None, "--target", help="Target tas
 
 
 @app.command()
+def multitask(tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated tasks, e.g. rte,mrpc,stsb."),
+              method: Optional[str] = typer.Option(None, "--method", help="mtl, mt-a or camtl."),
+              sampling: Optional[str] = typer.Option(None, "--sampling",
+                                                     help="proportional, uniform, temperature, annealed, uncertainty."),
+              config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt, seed: Optional[int] = SeedOpt,
+              out: Optional[str] = OutOpt, data_dir: Optional[str] = DataOpt,
+              overrides: Optional[list[str]] = Overrides, force: bool = ForceOpt, debug: bool = DebugOpt):
+    """One encoder trained on several tasks at once (mtl, mt-a, camtl), evaluated per task."""
+    def go():
+        from .config import merge_layers
+        from .multitask import multitask_stage
+        from .stages import resolve
+        opts = _options(tasks, model, method, seed, out, data_dir)
+        opts["sampling.scheme"] = sampling
+        cfg = resolve(merge_layers(config, opts, overrides), "multitask")
+        try:
+            folder = multitask_stage(cfg, force=force)
+        except RunExists as e:
+            console.print(f"already done: {e.folder} (status ok; --force retrains)")
+            folder = e.folder
+        from .runs import read_json
+        m = read_json(folder / "metrics.json")
+        t = Table("task", "main metric", "value", "all dev metrics")
+        for name, r in m["tasks"].items():
+            t.add_row(name, r["main_metric"], f"{r['main_value']:.2f}",
+                      ", ".join(f"{k} {v:.2f}" for k, v in r["dev"].items()))
+        console.print(t)
+        console.print(f"mean {m['main_value']:.2f}; examples used {100 * m['fraction_of_examples_used']:.1f}%; "
+                      f"trainable {m['trainable_params']:,} ({m['trainable_percent']:.2f}%); "
+                      f"train {m['train_seconds']:.1f}s; run folder: {folder}")
+    from .runs import RunExists
+    guarded(debug, go)
+
+
+@app.command()
 def merge(adapters: Optional[list[str]] = typer.Option(None, "--adapters", "-a", help="Source adapter or run folders."),
           strategy: str = typer.Option("avg", "--strategy", help="avg, align, ties or task-arithmetic."),
           weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated, one per source."),
@@ -204,7 +239,11 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run folder."),
     def go():
         from .stages import evaluate_stage
         res = evaluate_stage(run_dir, split, data_dir, save_attention)
-        if split == "dev":
+        if "tasks" in res:
+            for name, mets in res["tasks"].items():
+                console.print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in mets.items()))
+            console.print(f"reproduced {'[green]yes[/green]' if res['reproduced'] else '[red]NO[/red]'}")
+        elif split == "dev":
             shown = ", ".join(f"{k} {v:.4f}" for k, v in res["metrics"].items())
             console.print(f"dev: {shown}")
             mark = "[green]yes[/green]" if res["reproduced"] else "[red]NO[/red]"

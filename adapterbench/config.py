@@ -55,6 +55,12 @@ class DataConfig:
 
 
 @dataclass
+class SamplingConfig:
+    scheme: str = "proportional"     # proportional | uniform | temperature | annealed | uncertainty
+    temperature: float = 2.0         # `temperature`: p_t proportional to n_t^(1/T)
+
+
+@dataclass
 class RunConfig:
     task: str = ""                   # task name (configs/tasks) or a task YAML path
     method: dict = field(default_factory=lambda: {"name": "pfeiffer"})  # checked by the method
@@ -65,6 +71,7 @@ class RunConfig:
     out_dir: str = "runs"            # root of all run folders
     label: str = ""                  # row name in reports (a study's method entry); default: method name
     init_from: str | None = None     # adapter folder to start from (e.g. a merged adapter); new head
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # multi-task batches: which task when
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -236,7 +243,8 @@ def to_dict(cfg) -> dict:
 # `ANY`: the key never changes what a run computes, so it never enters the hash.
 ANY = object()
 HASH_NEUTRAL = {("init_from",): None, ("train", "shots"): 0, ("data", "data_seed"): None,
-                ("train", "checkpoint_every"): ANY}
+                ("train", "checkpoint_every"): ANY,
+                ("sampling",): {"scheme": "proportional", "temperature": 2.0}}
 
 
 def config_hash(resolved: dict) -> str:

@@ -26,10 +26,11 @@ class Arch:
     attn_norm: str   # LayerNorm after the attention residual
     ffn_proj: str    # second feed-forward projection
     ffn_norm: str    # LayerNorm after the feed-forward residual
+    attn_self: str | None = None  # self-attention module taking `attention_mask` (CA-MTL's bias)
 
 
 _BERT_LIKE = Arch("encoder.layer", "attention.output.dense", "attention.output.LayerNorm",
-                  "output.dense", "output.LayerNorm")
+                  "output.dense", "output.LayerNorm", "attention.self")
 ARCHITECTURES: dict[str, Arch] = {
     "bert": _BERT_LIKE,
     "roberta": _BERT_LIKE,

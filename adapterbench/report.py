@@ -64,7 +64,9 @@ def collect(root: Path) -> dict[str, Row]:
             continue
         label = m.get("label") or m.get("method")
         row = rows.setdefault(label, Row(label))
-        row.cells.setdefault(m["task"], Cell()).by_seed[int(m["seed"])] = float(m["main_value"])
+        per_task = {t: r["main_value"] for t, r in m["tasks"].items()} if "tasks" in m else {m["task"]: m["main_value"]}
+        for task, value in per_task.items():  # a multi-task run fills one cell per task
+            row.cells.setdefault(task, Cell()).by_seed[int(m["seed"])] = float(value)
         row.params_pct.append(float(m.get("trainable_percent", 0.0)))
         row.train_seconds.append(float(m.get("train_seconds", 0.0)))
     if not rows:

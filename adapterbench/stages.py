@@ -21,7 +21,7 @@ from .runs import (Run, RunExists, atomic_write, load_tensors, read_json, run_pa
 from .tasks import TaskSpec, load_task, parse_task
 from .train import make_accelerator, predict, score, seed_everything, train
 
-STAGE_DEFAULT_METHOD = {"extract": "pfeiffer", "finetune": "full", "fuse": "fusion"}
+STAGE_DEFAULT_METHOD = {"extract": "pfeiffer", "finetune": "full", "fuse": "fusion", "multitask": "mtl"}
 # method kind -> (folder in the run, its JSON description, its weights file)
 ARTIFACTS = {"adapter": ("adapter", "adapter_config.json", "adapter.safetensors"),
              "head": ("adapter", "adapter_config.json", None),
@@ -40,6 +40,10 @@ def resolve(user: dict, stage: str) -> RunConfig:
     cfg = build(RunConfig, merged)
     if not cfg.task:
         raise UserError("no task given: pass --task NAME (see `adapterbench ls tasks`)")
+    kind = get_method(method["name"]).KIND
+    if (kind == "multitask") != (stage == "multitask"):
+        raise UserError(f"method '{method['name']}' is {'a multi-task' if kind == 'multitask' else 'a single-task'} "
+                        f"method: use `adapterbench {'multitask --tasks' if kind == 'multitask' else 'extract'} ...`")
     cfg.method = vars(method_config(cfg.method))
     check_ranges(cfg)
     return cfg
@@ -219,6 +223,13 @@ def evaluate_stage(folder: Path, split: str = "dev", data_dir: str | None = None
     """Recompute a run's metrics from its folder; `test` writes GLUE-style predictions."""
     if split not in ("dev", "test"):
         raise UserError(f"--split '{split}' must be dev or test")
+    if (Path(folder) / "multitask").is_dir():
+        from .multitask import evaluate_multitask
+        if split != "dev":
+            raise UserError("multitask runs are evaluated on dev only for now")
+        result = evaluate_multitask(Path(folder), data_dir)
+        write_json(Path(folder) / "eval_dev.json", result)
+        return result
     cfg, task, model, tokenizer, stored = load_run_model(folder)
     splits = load_splits(task, data_dir or cfg.data.data_dir, (split,))
     items = prepare_items(task, splits, tokenizer, cfg)[split]

@@ -1,6 +1,6 @@
 """Methods, one module each, registered by name.
 
-Each module provides: KIND ("adapter" | "model" | "head" | "fusion"), TRAIN_DEFAULTS, a `Config`
+Each module provides: KIND ("adapter" | "model" | "head" | "fusion" | "multitask"), TRAIN_DEFAULTS, a `Config`
 dataclass, `apply(encoder, cfg, name)` (insert modules, set what trains),
 `trainable_state(encoder, cfg, name)` and `load_state(encoder, cfg, name, state)`.
 """
@@ -11,7 +11,7 @@ from types import ModuleType
 
 from ..config import build
 from ..errors import UserError
-from . import full, fusion, head, houlsby, pfeiffer
+from . import camtl, full, fusion, head, houlsby, mta, mtl, pfeiffer
 
 METHODS: dict[str, ModuleType] = {
     "houlsby": houlsby,
@@ -19,6 +19,9 @@ METHODS: dict[str, ModuleType] = {
     "full": full,
     "head": head,
     "fusion": fusion,
+    "mtl": mtl,
+    "mt-a": mta,
+    "camtl": camtl,
 }
 
 

@@ -88,8 +88,12 @@ class _Site(nn.Module):
         self.adapters = nn.ModuleDict()
         self.mixer: nn.Module | None = None
         self.active: list[str] | None = None  # None = all adapters
+        self.route: list[str] | None = None   # multi-task: adapter of each task id (MT-A)
+        self.task_ids: torch.Tensor | None = None
 
     def delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.route is not None:
+            return self._routed(x)
         names = [n for n in self.adapters if self.active is None or n in self.active]
         if not names:
             return None
@@ -98,6 +102,16 @@ class _Site(nn.Module):
         out = self.adapters[names[0]](x)
         for n in names[1:]:
             out = out + self.adapters[n](x)
+        return out
+
+
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
+        """Each example through the adapter of its task."""
+        out = torch.zeros_like(x)
+        for i, name in enumerate(self.route):
+            rows = self.task_ids == i
+            if rows.any():
+                out[rows] = self.adapters[name](x[rows])
         return out
 
 

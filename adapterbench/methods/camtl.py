@@ -1,0 +1,184 @@
+"""CA-MTL (Pilault, El hattami, Pal; ICLR 2021): a task embedding drives FiLM-style
+modules, (1 + gamma_t) * x + beta_t with (gamma_t, beta_t) = W z_t + b, in
+- conditional alignment: on the embedding layer's output;
+- conditional attention: a task-modulated block-diagonal bias added to every layer's
+  attention scores (block size ceil(max_length / attn_blocks); the reference code's
+  "hidden size divisible by sequence length" requirement is not needed here);
+- conditional LayerNorm: the LayerNorms of the upper layers scale and shift by task;
+- a conditional bottleneck adapter (d -> d/3 -> d, no nonlinearity, FiLM on its input) in
+  the top layer, at Pfeiffer's place.
+The embeddings and the lower half of the layers are frozen (`freeze_layers`), except the
+conditional parts. Every FiLM map starts at zero, so at initialisation the model equals the
+base model. Our deviation: the top layer keeps its pretrained weights instead of being
+re-initialised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..models import arch_of, get_sub, set_sub
+from .bottleneck import NormSite
+
+KIND = "multitask"
+TRAIN_DEFAULTS = {"lr": 2e-5, "epochs": 5}  # CA-MTL README run: lr 2e-5, 5 epochs
+
+
+@dataclass
+class Config:
+    name: str = "camtl"
+    freeze_layers: int = -1          # layers 0..n-1 and the embeddings frozen; -1 = the lower half
+    attn_blocks: int = 4             # blocks of the conditional attention bias
+    max_length: int = 128            # size of the attention-bias parameter (longer inputs are cut to it)
+    adapter_ratio: int = 3           # top-layer adapter bottleneck d / 3
+
+
+class TaskContext(nn.Module):
+    """Task embeddings z_t = T e_t, shared by every conditional module (read per batch)."""
+
+    def __init__(self, n_tasks: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n_tasks, dim)
+        self.transform = nn.Linear(dim, dim)
+        self.task_ids: torch.Tensor | None = None  # set by the model before each forward
+
+    def z(self) -> torch.Tensor:
+        if self.task_ids is None:
+            raise RuntimeError("CA-MTL needs task ids: call the multi-task model, not the encoder alone")
+        return self.transform(self.embedding(self.task_ids))
+
+
+class FiLM(nn.Module):
+    """(1 + gamma) * x + beta, gamma and beta linear in the task embedding; zero at init."""
+
+    def __init__(self, ctx: TaskContext, dim: int, task_dim: int):
+        super().__init__()
+        self.ctx = [ctx]  # a list: shared, not a submodule of every FiLM
+        self.map = nn.Linear(task_dim, 2 * dim)
+        nn.init.zeros_(self.map.weight)
+        nn.init.zeros_(self.map.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.map(self.ctx[0].z()).chunk(2, dim=-1)       # (B, dim) each
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        return (1 + gamma.view(shape)) * x + beta.view(shape)
+
+
+class CondLayerNorm(nn.Module):
+    """LayerNorm whose output is scaled and shifted per task."""
+
+    def __init__(self, base: nn.Module, film: FiLM):
+        super().__init__()
+        self.base = base
+        self.film = film
+
+    def forward(self, x):
+        return self.film(self.base(x))
+
+
+class CondAttentionBias(nn.Module):
+    """A task-modulated block-diagonal L x L bias added to one layer's attention scores."""
+
+    def __init__(self, ctx: TaskContext, max_length: int, blocks: int, task_dim: int):
+        super().__init__()
+        self.block = math.ceil(max_length / blocks)
+        self.blocks = blocks
+        self.weight = nn.Parameter(torch.zeros(blocks * self.block, self.block))
+        self.film = FiLM(ctx, self.block, task_dim)
+
+    def bias(self, length: int) -> torch.Tensor:
+        w = self.film(self.weight.unsqueeze(0).expand(self.film.ctx[0].task_ids.shape[0], -1, -1))
+        blocks = w.view(w.shape[0], self.blocks, self.block, self.block)          # (B, N, blk, blk)
+        eye = torch.eye(self.blocks, device=w.device, dtype=w.dtype)
+        full = torch.einsum("bnij,nm->bnimj", blocks, eye).reshape(w.shape[0], self.blocks * self.block, -1)
+        return full[:, :length, :length].unsqueeze(1)                             # (B, 1, L, L)
+
+    def hook(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        length = hidden.shape[1]
+        if length > self.blocks * self.block:
+            raise UserError(f"CA-MTL attention bias covers {self.blocks * self.block} tokens, the batch has "
+                            f"{length}: raise method.max_length")
+        bias = self.bias(length).to(hidden.dtype)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = bias
+        elif mask.dtype == torch.bool:
+            mask = torch.where(mask, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype) + bias
+        else:
+            mask = mask + bias
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+
+class CondAdapter(nn.Module):
+    """Top-layer bottleneck: up(down(FiLM(x))), no nonlinearity (as in the reference code)."""
+
+    def __init__(self, film: FiLM, hidden: int, bottleneck: int):
+        super().__init__()
+        self.film = film
+        self.down = nn.Linear(hidden, bottleneck)
+        self.up = nn.Linear(bottleneck, hidden)
+        for lin in (self.down, self.up):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        nn.init.zeros_(self.up.weight)  # starts as the identity
+
+    def forward(self, x):
+        return self.up(self.down(self.film(x)))
+
+
+def apply(encoder, cfg: Config, tasks: list[str]) -> None:
+    """Insert the conditional modules; freeze the embeddings and the lower layers."""
+    arch = arch_of(encoder)
+    if arch.attn_self is None:
+        raise UserError(f"CA-MTL's conditional attention needs the attention module of "
+                        f"'{encoder.config.model_type}' in the architecture table")
+    d = encoder.config.hidden_size
+    layers = get_sub(encoder, arch.layers)
+    n = len(layers)
+    freeze = n // 2 if cfg.freeze_layers < 0 else cfg.freeze_layers
+    if not 0 <= freeze <= n:
+        raise UserError(f"method.freeze_layers {cfg.freeze_layers} must be between 0 and {n} (or -1)")
+    encoder.requires_grad_(False)
+    for i in range(freeze, n):
+        layers[i].requires_grad_(True)
+    ctx = TaskContext(len(tasks), d)
+    encoder.camtl_context = ctx
+    align = FiLM(ctx, d, d)
+    encoder.camtl_align = align
+    encoder.embeddings.register_forward_hook(lambda m, i, out: align(out))
+    encoder.camtl_attention = nn.ModuleList()
+    for i in range(n):
+        cab = CondAttentionBias(ctx, cfg.max_length, cfg.attn_blocks, d)
+        encoder.camtl_attention.append(cab)
+        get_sub(layers[i], arch.attn_self).register_forward_pre_hook(cab.hook, with_kwargs=True)
+    for i in range(max(freeze, n // 2), n):       # conditional LayerNorms in the upper layers
+        for path in (arch.attn_norm, arch.ffn_norm):
+            set_sub(layers[i], path, CondLayerNorm(get_sub(layers[i], path), FiLM(ctx, d, d)))
+    site = NormSite(get_sub(layers[n - 1], arch.ffn_norm))
+    site.adapters["camtl"] = CondAdapter(FiLM(ctx, d, d), d, max(1, d // cfg.adapter_ratio))
+    set_sub(layers[n - 1], arch.ffn_norm, site)
+    for m in encoder.modules():  # the conditional parts train even inside frozen layers
+        if isinstance(m, (TaskContext, FiLM, CondAttentionBias, CondAdapter)):
+            m.requires_grad_(True)
+
+
+def set_tasks(encoder, task_ids: torch.Tensor) -> None:
+    encoder.camtl_context.task_ids = task_ids
+
+
+def trainable_state(encoder, cfg: Config, tasks) -> dict:
+    return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+
+
+def load_state(encoder, cfg: Config, tasks, state: dict) -> None:
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"CA-MTL weights do not match ({(missing or unexpected)[0]}): the run used another model")
+

@@ -1,0 +1,134 @@
+"""Multi-task methods (mtl, mt-a, camtl) and task samplers."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+from typer.testing import CliRunner
+
+from adapterbench.cli import app
+from adapterbench.methods import camtl, method_config
+from adapterbench.multitask import MTCollator, task_probs, uncertainty_pick
+from adapterbench.tasks import TaskSpec
+
+from .conftest import tiny_batch, tiny_encoder
+
+runner = CliRunner()
+
+
+def camtl_encoder(n_tasks=3):
+    enc = tiny_encoder("bert")
+    camtl.apply(enc, method_config({"name": "camtl", "max_length": 16}), [f"t{i}" for i in range(n_tasks)])
+    return enc.eval()
+
+
+def run(enc, task_ids):
+    camtl.set_tasks(enc, task_ids)
+    with torch.no_grad():
+        return enc(**tiny_batch()).last_hidden_state
+
+
+def test_camtl_starts_as_the_base_model_and_then_depends_on_the_task():
+    base = tiny_encoder("bert").eval()
+    with torch.no_grad():
+        want = base(**tiny_batch()).last_hidden_state
+    enc = camtl_encoder()
+    assert torch.allclose(run(enc, torch.tensor([0, 1, 2])), want, atol=1e-5)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if "map" in name or "camtl_attention" in name or "camtl" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    a = run(enc, torch.tensor([0, 0, 0]))
+    b = run(enc, torch.tensor([1, 1, 1]))
+    assert (a - b).abs().max() > 1e-3
+    mixed = run(enc, torch.tensor([0, 1, 0]))   # each example conditioned on its own task
+    assert torch.allclose(mixed[0], a[0], atol=1e-5) and torch.allclose(mixed[1], b[1], atol=1e-5)
+
+
+def test_camtl_freezes_the_lower_half_but_not_its_conditional_parts():
+    enc = camtl_encoder()
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("encoder.layer.0.") and ".map." not in n for n in trainable)
+    assert any(n.startswith("encoder.layer.1.attention.self") for n in trainable)
+    assert not any(n.startswith("embeddings.") for n in trainable)
+    assert {"camtl_context.embedding.weight", "camtl_attention.0.weight", "camtl_align.map.weight"} <= trainable
+
+
+@pytest.mark.parametrize("scheme,expected", [
+    ("proportional", [0.1, 0.3, 0.6]), ("uniform", [1 / 3] * 3),
+    ("temperature", np.sqrt([100, 300, 600]) / np.sqrt([100, 300, 600]).sum()),
+])
+def test_sampler_distributions(scheme, expected):
+    p = task_probs([100, 300, 600], scheme, temperature=2.0)
+    assert np.allclose(p, expected)
+    draws = np.random.default_rng(0).choice(3, size=20000, p=p)
+    counts = np.bincount(draws, minlength=3)
+    assert chisquare(counts, np.asarray(expected) * 20000).pvalue > 0.01
+
+
+def test_annealed_goes_from_proportional_to_flatter():
+    first = task_probs([100, 900], "annealed", epoch=0, epochs=5)
+    last = task_probs([100, 900], "annealed", epoch=4, epochs=5)
+    assert np.allclose(first, [0.1, 0.9])
+    assert np.allclose(last, np.array([100, 900]) ** 0.2 / (np.array([100, 900]) ** 0.2).sum())
+
+
+class FakeModel(torch.nn.Module):
+    """Logits given per example (in input_ids[:, 0]); two 2-class tasks and one regression."""
+
+    def forward(self, input_ids, task_ids=None, **_):
+        conf = input_ids[:, 0].float() / 10.0        # 0 = uncertain ... 10 = confident
+        out = {}
+        for t in range(3):
+            rows = (task_ids == t).nonzero().squeeze(-1)
+            if rows.numel():
+                logits = torch.stack([conf[rows] * 5, torch.zeros_like(conf[rows])], -1)
+                out[t] = (rows, logits[:, 0] if t == 2 else logits)
+        return out
+
+
+def test_uncertainty_keeps_highest_entropy_examples():
+    tasks = [TaskSpec("a", labels=["x", "y"]), TaskSpec("b", labels=["x", "y"]), TaskSpec("c", regression=True)]
+    cands = []
+    for t, confs in enumerate([[0, 10, 1], [10, 9, 0], [5, 5, 5]]):
+        for c in confs:
+            cands.append({"input_ids": [c, 1], "attention_mask": [1, 1], "labels": 0.0, "task_id": t, "uid": len(cands)})
+    chosen = uncertainty_pick(FakeModel(), cands, MTCollator(0), tasks, 3, "cpu")
+    # normalised entropies: a (1.00, 0.06, 0.96), b (0.06, 0.09, 1.00); task factors a 1, b 0.57;
+    # the regression examples get the mean classification score (0.44): a's two uncertain
+    # examples and b's uncertain one (0.57) are kept
+    assert sorted(c["uid"] for c in chosen) == [0, 2, 5]
+
+
+@pytest.mark.parametrize("method", ["mtl", "mt-a", "camtl"])
+def test_multitask_cli_end_to_end_and_reload(method, tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    tasks = f"{task_yamls['toy']},{task_yamls['toyreg']}"
+    r = runner.invoke(app, ["multitask", "--tasks", tasks, "--method", method, "--model", str(tiny_bert_dir),
+                            "--data-dir", str(data_dir), "--out", str(tmp_path), "--sampling", "uncertainty",
+                            "train.epochs=2", "train.batch_size=8", "train.lr=1e-3"])
+    assert r.exit_code == 0, r.output
+    run = next(tmp_path.glob(f"multitask/{method}/*/*"))
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "ok" and set(m["tasks"]) == {"toy", "toyreg"}
+    assert 0 < m["fraction_of_examples_used"] <= 1 and m["examples_drawn"] == 2 * m["examples_trained"]
+    r = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(data_dir)])
+    assert r.exit_code == 0 and json.loads((run / "eval_dev.json").read_text())["reproduced"] is True
+    if method == "camtl":  # the frozen lower layer is unchanged by training
+        from transformers import AutoModel
+        from adapterbench.runs import load_tensors
+        base = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
+        trained = load_tensors(run / "multitask" / "encoder.safetensors")
+        key = "encoder.layer.0.attention.self.query.weight"
+        assert torch.equal(trained[key], base[key])
+        assert not torch.equal(trained["encoder.layer.1.attention.self.query.weight"],
+                               base["encoder.layer.1.attention.self.query.weight"])
+    r = runner.invoke(app, ["report", str(tmp_path), "--no-plot"])
+    assert r.exit_code == 0 and "toyreg" in r.output and method in r.output
+
+
+def test_single_task_stage_refuses_multitask_method(task_yamls):
+    r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--method", "camtl"])
+    assert r.exit_code == 2 and "multi-task method" in r.output
