@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .methods.fusion import adapter_folder, file_hash, read_sources
-from .runs import load_tensors, read_json, save_tensors, write_json
+from .methods.fusion import file_hash, read_sources
+from .runs import load_tensors, save_tensors, write_json
 
 STRATEGIES = ("avg", "align", "ties", "task-arithmetic")
 NOTE = ("MerA's exact alignment is not public: avg/align/ties/task-arithmetic here are "

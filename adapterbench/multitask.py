@@ -31,7 +31,7 @@ from .methods import get_method, method_config
 from .models import ClassificationHead, HeadConfig, count_params, load_encoder
 from .runs import Run, RunExists, load_tensors, read_json, run_path, save_tensors, status_of, write_json
 from .tasks import TaskSpec, load_task, parse_task
-from .train import is_better, make_accelerator, param_groups, score, seed_everything
+from .train import is_better, make_accelerator, param_groups, score, seed_everything, train_step
 
 SCHEMES = ("proportional", "uniform", "temperature", "annealed", "uncertainty")
 
@@ -176,21 +176,12 @@ def train_multitask(model, train_items, dev_items, collate, tasks, cfg: RunConfi
                 for it in chosen:
                     res["used"][it["task_id"]].add(it["uid"])
                 batch = {k: v.to(accelerator.device) for k, v in collate(chosen).items()}
-                out = model(**batch)
-                loss = accelerator.unwrap_model(model).loss(out, batch["labels"])
-                if not math.isfinite(loss.item()):
-                    raise UserError(f"loss became {loss.item()} at step {steps + 1}: lower train.lr (now {tc.lr})")
-                accelerator.backward(loss)
-                if tc.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                loss = train_step(model, batch, optimizer, scheduler, accelerator, tc, steps)
                 steps += 1
                 res["train_samples"] += len(chosen)
-                progress.update(bar, advance=1, description=f"epoch {epoch + 1}/{tc.epochs} loss {loss.item():.3f}")
+                progress.update(bar, advance=1, description=f"epoch {epoch + 1}/{tc.epochs} loss {loss:.3f}")
                 if steps % tc.log_every == 0:
-                    log({"step": steps, "epoch": epoch, "loss": loss.item()})
+                    log({"step": steps, "epoch": epoch, "loss": loss})
                 if tc.max_steps and steps >= tc.max_steps:
                     break
             res["train_seconds"] += time.perf_counter() - t0

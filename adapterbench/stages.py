@@ -7,7 +7,6 @@ import io
 import time
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 
 from . import __version__

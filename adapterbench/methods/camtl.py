@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import UserError
 from ..models import arch_of, get_sub, set_sub
 from .bottleneck import NormSite
+from .mtl import load_state, trainable_state  # noqa: F401  (the whole encoder is saved)
 
 KIND = "multitask"
 TRAIN_DEFAULTS = {"lr": 2e-5, "epochs": 5}  # CA-MTL README run: lr 2e-5, 5 epochs
@@ -171,14 +172,3 @@ def apply(encoder, cfg: Config, tasks: list[str]) -> None:
 
 def set_tasks(encoder, task_ids: torch.Tensor) -> None:
     encoder.camtl_context.task_ids = task_ids
-
-
-def trainable_state(encoder, cfg: Config, tasks) -> dict:
-    return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
-
-
-def load_state(encoder, cfg: Config, tasks, state: dict) -> None:
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"CA-MTL weights do not match ({(missing or unexpected)[0]}): the run used another model")
-
