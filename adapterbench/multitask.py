@@ -243,6 +243,13 @@ def items_for(tasks, splits, tokenizer, cfg: RunConfig, split: str) -> list[list
     return out
 
 
+def multitask_folder(cfg: RunConfig, tasks: list[TaskSpec] | None = None) -> Path:
+    """The run folder of a multi-task config (tasks joined by '+')."""
+    tasks = tasks or [load_task(n.strip()) for n in cfg.task.split(",") if n.strip()]
+    return run_path(cfg.out_dir, "multitask", cfg.method["name"], "+".join(t.name for t in tasks), cfg.model.name,
+                    cfg.seed, config_hash(to_dict(cfg)))
+
+
 def multitask_stage(cfg: RunConfig, force: bool = False, show_progress: bool = True) -> Path:
     """Train one encoder on several tasks and write its run folder."""
     names = [t.strip() for t in cfg.task.split(",") if t.strip()]
@@ -251,8 +258,7 @@ def multitask_stage(cfg: RunConfig, force: bool = False, show_progress: bool = T
     if cfg.sampling.scheme not in SCHEMES:
         raise UserError(f"sampling.scheme '{cfg.sampling.scheme}' must be one of {', '.join(SCHEMES)}")
     tasks = [load_task(n) for n in names]
-    folder = run_path(cfg.out_dir, "multitask", cfg.method["name"], "+".join(t.name for t in tasks), cfg.model.name,
-                      cfg.seed, config_hash(to_dict(cfg)))
+    folder = multitask_folder(cfg, tasks)
     if status_of(folder) == "ok" and not force:
         raise RunExists(folder)
     splits = [load_splits(t, cfg.data.data_dir, ("train", "dev")) for t in tasks]

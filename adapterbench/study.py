@@ -22,7 +22,8 @@ from .config import build, deep_merge, load_yaml
 from .errors import UserError
 from .runs import RunExists, status_of, write_json
 
-STAGE_OF_KIND = {"adapter": "extract", "head": "extract", "model": "finetune", "fusion": "fuse"}
+STAGE_OF_KIND = {"adapter": "extract", "head": "extract", "model": "finetune", "fusion": "fuse",
+                 "multitask": "multitask"}
 
 
 @dataclass
@@ -102,7 +103,11 @@ def plan(study: Study) -> list[Node]:
             layer["method"]["adapters"] = [str(by_index[i].folder.resolve()) for i in src_nodes]
         user = deep_merge(study.defaults, layer)
         stage = STAGE_OF_KIND[kind]
-        folder = planned_folder(stage, resolve(user, stage))
+        if stage == "multitask":
+            from .multitask import multitask_folder
+            folder = multitask_folder(resolve(user, stage))
+        else:
+            folder = planned_folder(stage, resolve(user, stage))
         if folder not in nodes:
             node = Node(len(nodes), stage, label, task, seed, model, user, folder, deps)
             nodes[folder] = node
@@ -114,7 +119,11 @@ def plan(study: Study) -> list[Node]:
         for seed in study.seeds:
             for task in study.tasks:
                 for entry in study.methods:
-                    add(entry, task, seed, model)
+                    if get_method(entry.name).KIND != "multitask":
+                        add(entry, task, seed, model)
+            for entry in study.methods:  # a multi-task entry is one run over all the study's tasks
+                if get_method(entry.name).KIND == "multitask":
+                    add(entry, ",".join(study.tasks), seed, model)
     return sorted(nodes.values(), key=lambda n: n.index)
 
 
@@ -218,7 +227,11 @@ def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: 
                     continue
                 retried.add(nd.index)
                 on_event(nd, "start")
-                train_stage(nd.stage, resolve(nd.config, nd.stage), force=False, show_progress=True)
+                if nd.stage == "multitask":
+                    from .multitask import multitask_stage
+                    multitask_stage(resolve(nd.config, nd.stage), show_progress=True)
+                else:
+                    train_stage(nd.stage, resolve(nd.config, nd.stage), force=False, show_progress=True)
                 outcome["ran"].append(nd.index)
                 on_event(nd, "ok")
             except RunExists:

@@ -58,6 +58,19 @@ def test_plan_dependencies_dedup_and_hashes(tmp_path, task_yamls, data_dir):
     assert rf.folder.parent == toy_pf[0].folder.parent and rf.folder != toy_pf[0].folder
 
 
+def test_multitask_entry_is_one_run_over_all_tasks(tmp_path, task_yamls, data_dir):
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,), extra_methods="  - {name: mtl}\n")
+    y.write_text(y.read_text().replace(f"tasks: [{task_yamls['toy']}]",
+                                       f"tasks: [{task_yamls['toy']}, {task_yamls['toyreg']}]"))
+    nodes = S.plan(S.load_study(y))
+    mt = [n for n in nodes if n.stage == "multitask"]
+    assert len(mt) == 1 and mt[0].task == f"{task_yamls['toy']},{task_yamls['toyreg']}"
+    assert mt[0].folder.parent.name == "toy-toyreg"  # slugged
+    r = runner.invoke(app, ["run", str(y)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((mt[0].folder / "metrics.json").read_text())["status"] == "ok"
+
+
 def test_unknown_study_key_and_source(tmp_path, task_yamls, data_dir):
     y = write_study(tmp_path, task_yamls, data_dir)
     y.write_text(y.read_text() + "epochs: 3\n")
