@@ -150,9 +150,8 @@ class TaskModel(nn.Module):
         self.head = head
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_) -> torch.Tensor:
-        for m in self.encoder.modules():  # modules inside the encoder that weigh tokens (fusion)
-            if hasattr(m, "mask"):
-                m.mask = attention_mask
+        for m in aux_modules(self.encoder):  # modules inside the encoder that weigh tokens (fusion)
+            m.mask = attention_mask
         kwargs = {"attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
@@ -166,10 +165,15 @@ class TaskModel(nn.Module):
             loss = nn.functional.mse_loss(logits.float(), labels.float())
         else:
             loss = nn.functional.cross_entropy(logits.float(), labels)
-        for m in self.encoder.modules():
-            if hasattr(m, "penalty"):
-                loss = loss + m.penalty()
+        for m in aux_modules(self.encoder):
+            loss = loss + m.penalty()
         return loss
+
+
+def aux_modules(encoder: nn.Module) -> list[nn.Module]:
+    """Our modules inside the encoder that take the batch's attention mask and add a loss
+    penalty (marked `is_aux = True`, e.g. the fusion attention)."""
+    return [m for m in encoder.modules() if getattr(m, "is_aux", False)]
 
 
 def head_config_dict(head: ClassificationHead) -> dict:

@@ -45,6 +45,8 @@ class Config:
 class FusionMixer(nn.Module):
     """The fusion attention of one site; called by the site with its input and adapters."""
 
+    is_aux = True  # TaskModel hands it the attention mask and adds its penalty to the loss
+
     def __init__(self, hidden: int, cfg: Config):
         super().__init__()
         self.cfg = cfg
