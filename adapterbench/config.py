@@ -45,6 +45,7 @@ class TrainConfig:
     save_model: bool = False         # `full`: also write the whole model's weights
     shots: int = 0                   # few-shot: k training examples per class (k in all for regression); 0 = all
     checkpoint_every: int = 0        # also checkpoint every N steps (one is always written after each epoch)
+    group_by_length: bool = False    # batches of similar length: less padding, a different batch order
 
 
 @dataclass
@@ -244,7 +245,8 @@ def to_dict(cfg) -> dict:
 ANY = object()
 HASH_NEUTRAL = {("init_from",): None, ("train", "shots"): 0, ("data", "data_seed"): None,
                 ("train", "checkpoint_every"): ANY,
-                ("sampling",): {"scheme": "proportional", "temperature": 2.0}}
+                ("sampling",): {"scheme": "proportional", "temperature": 2.0},
+                ("train", "group_by_length"): False}
 
 
 def config_hash(resolved: dict) -> str:

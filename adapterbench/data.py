@@ -240,3 +240,35 @@ def few_shot(examples: list, k: int, regression: bool, seed: int) -> list:
                             f"lower train.shots")
         keep += rng.sample(idx, k)
     return [examples[i] for i in sorted(keep)]
+
+
+class LengthGroupedBatches:
+    """Batches of similar length (less padding), still in a seeded random order: shuffle,
+    cut into mega-batches of `group` batches, sort each by length, shuffle the batches.
+    The order follows `generator`, so a resumed run sees the same batches."""
+
+    def __init__(self, lengths: list[int], batch_size: int, generator, group: int = 50):
+        self.lengths, self.b, self.gen, self.group = lengths, batch_size, generator, group
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.b - 1) // self.b
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.gen).tolist()
+        mega = self.b * self.group
+        batches = []
+        for i in range(0, len(order), mega):
+            chunk = sorted(order[i:i + mega], key=lambda j: -self.lengths[j])
+            batches += [chunk[k:k + self.b] for k in range(0, len(chunk), self.b)]
+        for k in torch.randperm(len(batches), generator=self.gen).tolist():
+            yield batches[k]
+
+
+def padding_stats(lengths: list[int], batches: list[list[int]], pad_to: int) -> dict:
+    """Token counts for these batches padded to their longest member vs padded to `pad_to`."""
+    real = sum(lengths)
+    dynamic = sum(len(b) * max(lengths[j] for j in b) for b in batches)
+    fixed = len(lengths) * pad_to
+    return {"real_tokens": real, "dynamic_tokens": dynamic, "fixed_tokens": fixed,
+            "pad_share_dynamic": 1 - real / dynamic, "pad_share_fixed": 1 - real / fixed,
+            "tokens_saved_vs_fixed": 1 - dynamic / fixed}

@@ -95,8 +95,13 @@ def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: 
 
     accelerator = make_accelerator()
     gen = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train_items, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                              collate_fn=collate)
+    if cfg.group_by_length:
+        from .data import LengthGroupedBatches
+        sampler = LengthGroupedBatches([len(it["input_ids"]) for it in train_items], cfg.batch_size, gen)
+        train_loader = DataLoader(train_items, batch_sampler=sampler, collate_fn=collate)
+    else:
+        train_loader = DataLoader(train_items, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                                  collate_fn=collate)
     dev_loader = DataLoader(dev_items, batch_size=cfg.eval_batch_size, collate_fn=collate)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     total = cfg.epochs * len(train_loader)

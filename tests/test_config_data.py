@@ -149,3 +149,18 @@ def test_metrics_glue_conventions():
     r = metrics.compute(["pearson", "spearman"], [1.0, 2.0, 3.0, 4.0], [1.1, 1.9, 3.2, 3.9])
     assert r["spearman"] == 100.0 and 99 < r["pearson"] < 100
     assert not math.isnan(metrics.compute(["pearson"], [1.0, 2.0], [3.0, 3.0])["pearson"])
+
+
+def test_length_grouped_batches_cover_everything_with_less_padding():
+    import torch
+    from adapterbench.data import LengthGroupedBatches, padding_stats
+    lengths = [((i * 37) % 100) + 5 for i in range(1000)]
+    grouped = list(LengthGroupedBatches(lengths, 16, torch.Generator().manual_seed(0), group=10))
+    assert sorted(j for b in grouped for j in b) == list(range(1000))
+    again = list(LengthGroupedBatches(lengths, 16, torch.Generator().manual_seed(0), group=10))
+    assert grouped == again
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist()
+    plain = [order[i:i + 16] for i in range(0, 1000, 16)]
+    g, p = padding_stats(lengths, grouped, 128), padding_stats(lengths, plain, 128)
+    assert g["pad_share_dynamic"] < p["pad_share_dynamic"] < g["pad_share_fixed"]
+    assert g["real_tokens"] == sum(lengths) and g["fixed_tokens"] == 128 * 1000

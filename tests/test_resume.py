@@ -14,15 +14,17 @@ from adapterbench.runs import load_tensors
 runner = CliRunner()
 
 
-def command(tiny_bert_dir, task_yamls, data_dir, out, method):
+def command(tiny_bert_dir, task_yamls, data_dir, out, method, *extra):
     return ["extract" if method != "full" else "finetune", "--task", str(task_yamls["toy"]), "--model",
             str(tiny_bert_dir), "--method", method, "--data-dir", str(data_dir), "--out", str(out),
-            "train.epochs=3", "train.batch_size=8", "train.lr=1e-3", "train.checkpoint_every=4"]
+            "train.epochs=3", "train.batch_size=8", "train.lr=1e-3", "train.checkpoint_every=4", *extra]
 
 
-@pytest.mark.parametrize("method,crash_at", [("pfeiffer", 10), ("houlsby", 6), ("full", 13)])
-def test_resume_gives_the_same_result(method, crash_at, tiny_bert_dir, task_yamls, data_dir, tmp_path, monkeypatch):
-    ref = runner.invoke(app, command(tiny_bert_dir, task_yamls, data_dir, tmp_path / "ref", method))
+@pytest.mark.parametrize("method,crash_at,extra", [("pfeiffer", 10, ()), ("houlsby", 6, ()), ("full", 13, ()),
+                                                   ("pfeiffer", 11, ("train.group_by_length=true",))])
+def test_resume_gives_the_same_result(method, crash_at, extra, tiny_bert_dir, task_yamls, data_dir, tmp_path,
+                                      monkeypatch):
+    ref = runner.invoke(app, command(tiny_bert_dir, task_yamls, data_dir, tmp_path / "ref", method, *extra))
     assert ref.exit_code == 0, ref.output
     ref_run = next((tmp_path / "ref").glob("*/*/toy/*"))
 
@@ -34,7 +36,7 @@ def test_resume_gives_the_same_result(method, crash_at, tiny_bert_dir, task_yaml
         return real_step(model, batch, optimizer, scheduler, accelerator, cfg, step)
 
     monkeypatch.setattr(T, "train_step", crashing)
-    r = runner.invoke(app, command(tiny_bert_dir, task_yamls, data_dir, tmp_path / "run", method))
+    r = runner.invoke(app, command(tiny_bert_dir, task_yamls, data_dir, tmp_path / "run", method, *extra))
     assert r.exit_code == 130
     run = next((tmp_path / "run").glob("*/*/toy/*"))
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
@@ -42,7 +44,7 @@ def test_resume_gives_the_same_result(method, crash_at, tiny_bert_dir, task_yaml
     assert 0 < int(latest.split("-")[1]) < crash_at  # the newest complete checkpoint before the crash
 
     monkeypatch.setattr(T, "train_step", real_step)
-    r = runner.invoke(app, command(tiny_bert_dir, task_yamls, data_dir, tmp_path / "run", method))
+    r = runner.invoke(app, command(tiny_bert_dir, task_yamls, data_dir, tmp_path / "run", method, *extra))
     assert r.exit_code == 0, r.output
     got, want = (json.loads((p / "metrics.json").read_text()) for p in (run, ref_run))
     assert got["status"] == "ok" and got["history"] == want["history"] and got["metrics"] == want["metrics"]
