@@ -13,6 +13,7 @@ An epoch is sum_t n_t / b steps for every scheme.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -31,7 +32,8 @@ from .methods import get_method, method_config
 from .models import ClassificationHead, HeadConfig, count_params, load_encoder
 from .runs import Run, RunExists, load_tensors, read_json, run_path, save_tensors, status_of, write_json
 from .tasks import TaskSpec, load_task, parse_task
-from .train import is_better, make_accelerator, param_groups, score, seed_everything, train_step
+from .train import (is_better, load_checkpoint, make_accelerator, param_groups, restore, save_checkpoint, score,
+                    seed_everything, train_step)
 
 SCHEMES = ("proportional", "uniform", "temperature", "annealed", "uncertainty")
 
@@ -144,7 +146,10 @@ def uncertainty_pick(model, candidates: list[dict], collate, tasks: list[TaskSpe
     return [candidates[i] for i in sorted(keep.tolist())]
 
 
-def train_multitask(model, train_items, dev_items, collate, tasks, cfg: RunConfig, log, show_progress=True):
+def train_multitask(model, train_items, dev_items, collate, tasks, cfg: RunConfig, log, show_progress=True,
+                    checkpoint_dir: Path | None = None):
+    """The multi-task loop; checkpoints after each epoch (and every train.checkpoint_every
+    steps) so that an interrupted run resumes to the same result."""
     tc = cfg.train
     accelerator = make_accelerator()
     streams = TaskStreams(train_items, tc.batch_size, cfg.seed)
@@ -156,15 +161,31 @@ def train_multitask(model, train_items, dev_items, collate, tasks, cfg: RunConfi
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total), total)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     rng = np.random.default_rng(cfg.seed)
-    res = {"steps": 0, "train_seconds": 0.0, "train_samples": 0, "history": [], "best_epoch": -1,
-           "best": None, "drawn": 0, "used": [set() for _ in tasks]}
-    best_state, steps = None, 0
+    res = {"epoch": 0, "batch": 0, "steps": 0, "train_seconds": 0.0, "train_samples": 0, "history": [],
+           "best_epoch": -1, "best": None, "drawn": 0, "used": [[] for _ in tasks]}
+    used = [set() for _ in tasks]
+    best_state = None
+    if checkpoint_dir is not None and (checkpoint_dir / "latest.json").is_file():
+        res, best_state, extra = load_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer, scheduler)
+        used = [set(u) for u in res["used"]]
+        rng.bit_generator.state = json.loads(extra["numpy_rng"])
+        streams.rng.setstate(_tuple(json.loads(extra["python_rng"])))
+        streams.order = json.loads(extra["orders"])
+        log({"resumed": True, "epoch": res["epoch"], "step": res["steps"]})
+
+    def checkpoint():
+        res["used"] = [sorted(u) for u in used]
+        save_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler, res, best_state,
+                        {"numpy_rng": json.dumps(rng.bit_generator.state), "python_rng": json.dumps(streams.rng.getstate()),
+                         "orders": json.dumps(streams.order)})
+
     with Progress(disable=not show_progress) as progress:
-        bar = progress.add_task("multitask", total=total)
-        for epoch in range(tc.epochs):
+        bar = progress.add_task("multitask", total=total, completed=res["steps"])
+        while res["epoch"] < tc.epochs and not (tc.max_steps and res["steps"] >= tc.max_steps):
+            epoch = res["epoch"]
             model.train()
             t0 = time.perf_counter()
-            for _ in range(steps_per_epoch):
+            while res["batch"] < steps_per_epoch:
                 if cfg.sampling.scheme == "uncertainty":
                     cands = [it for t in range(len(tasks)) for it in streams.take(t)]
                     chosen = uncertainty_pick(model, cands, collate, tasks, tc.batch_size, accelerator.device)
@@ -174,34 +195,41 @@ def train_multitask(model, train_items, dev_items, collate, tasks, cfg: RunConfi
                     chosen = streams.take(int(rng.choice(len(tasks), p=p)))
                     res["drawn"] += len(chosen)
                 for it in chosen:
-                    res["used"][it["task_id"]].add(it["uid"])
+                    used[it["task_id"]].add(it["uid"])
                 batch = {k: v.to(accelerator.device) for k, v in collate(chosen).items()}
-                loss = train_step(model, batch, optimizer, scheduler, accelerator, tc, steps)
-                steps += 1
+                loss = train_step(model, batch, optimizer, scheduler, accelerator, tc, res["steps"])
+                res["steps"] += 1
+                res["batch"] += 1
                 res["train_samples"] += len(chosen)
                 progress.update(bar, advance=1, description=f"epoch {epoch + 1}/{tc.epochs} loss {loss:.3f}")
-                if steps % tc.log_every == 0:
-                    log({"step": steps, "epoch": epoch, "loss": loss})
-                if tc.max_steps and steps >= tc.max_steps:
+                if res["steps"] % tc.log_every == 0:
+                    log({"step": res["steps"], "epoch": epoch, "loss": loss})
+                if tc.max_steps and res["steps"] >= tc.max_steps:
                     break
+                if checkpoint_dir is not None and tc.checkpoint_every and res["steps"] % tc.checkpoint_every == 0:
+                    res["train_seconds"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    checkpoint()
             res["train_seconds"] += time.perf_counter() - t0
             dev = evaluate_tasks(accelerator.unwrap_model(model), dev_items, collate, tasks, tc.eval_batch_size)
             mean = float(np.mean([dev[t.name][t.main_metric] for t in tasks]))
             res["history"].append({"epoch": epoch, "mean_main": mean, **{t: m for t, m in dev.items()}})
-            log({"epoch": epoch, "step": steps, "dev": dev, "mean_main": mean})
+            log({"epoch": epoch, "step": res["steps"], "dev": dev, "mean_main": mean})
             if is_better(mean, res["best"], True):
                 res["best"], res["best_epoch"] = mean, epoch
                 best_state = {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()
                               if p.requires_grad}
-            if tc.max_steps and steps >= tc.max_steps:
-                break
-    if best_state:
-        params = dict(accelerator.unwrap_model(model).named_parameters())
-        with torch.no_grad():
-            for n, v in best_state.items():
-                params[n].copy_(v)
-    res["steps"] = steps
+            res["epoch"], res["batch"] = epoch + 1, 0
+            if checkpoint_dir is not None:
+                checkpoint()
+    restore(accelerator.unwrap_model(model), best_state)
+    res["used"] = used
     return res
+
+
+def _tuple(x):
+    """JSON turned Python's random state tuples into lists; turn them back."""
+    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
 
 
 @torch.no_grad()
@@ -268,7 +296,8 @@ def multitask_stage(cfg: RunConfig, force: bool = False, show_progress: bool = T
     run = Run.create(folder, to_dict(cfg), tasks[0], force)
     try:
         collate = MTCollator(tokenizer.pad_token_id or 0)
-        res = train_multitask(model, train_items, dev_items, collate, tasks, cfg, run.log, show_progress)
+        res = train_multitask(model, train_items, dev_items, collate, tasks, cfg, run.log, show_progress,
+                              checkpoint_dir=run.checkpoint_dir)
         dev = evaluate_tasks(model, dev_items, collate, tasks, cfg.train.eval_batch_size)
         save_tensors(run.folder / "multitask" / "encoder.safetensors",
                      method.trainable_state(model.encoder, mcfg, names))

@@ -115,8 +115,9 @@ def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: 
     res, best_state = TrainResult(), None
     epoch_gen = gen.get_state()
     if checkpoint_dir is not None and (checkpoint_dir / "latest.json").is_file():
-        res, best_state, epoch_gen = load_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer,
-                                                      scheduler)
+        state, best_state, extra = load_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer,
+                                                    scheduler)
+        res, epoch_gen = TrainResult(**state), extra["epoch_gen"]
         log({"resumed": True, "epoch": res.epoch, "batch": res.batch, "step": res.steps})
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -145,8 +146,8 @@ def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: 
                 if checkpoint_dir is not None and cfg.checkpoint_every and res.steps % cfg.checkpoint_every == 0:
                     res.train_seconds += time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    save_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler, res, best_state,
-                                    epoch_gen)
+                    save_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler, asdict(res),
+                                    best_state, {"epoch_gen": epoch_gen})
             res.train_seconds += time.perf_counter() - t0
             preds, labels = predict(model, dev_loader, accelerator, task.regression)
             dev = score(task, preds, labels)
@@ -162,7 +163,8 @@ def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: 
             if cfg.patience and res.stale >= cfg.patience:
                 break
             if checkpoint_dir is not None:
-                save_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler, res, best_state, epoch_gen)
+                save_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler, asdict(res), best_state,
+                                {"epoch_gen": epoch_gen})
     restore(accelerator.unwrap_model(model), best_state)
     return res
 
@@ -201,12 +203,14 @@ def restore(model, state: dict | None) -> None:
 # optim.pt (optimizer, scheduler, RNG states) and state.json; latest.json names the newest
 # complete one and is written last, atomically, so a kill at any moment leaves a usable one.
 
-def save_checkpoint(root: Path, accelerator, model, optimizer, scheduler, res: TrainResult, best_state,
-                    epoch_gen: torch.Tensor) -> None:
-    from .runs import atomic_write, save_tensors, write_json
+def save_checkpoint(root: Path, accelerator, model, optimizer, scheduler, state: dict, best_state,
+                    extra: dict | None = None) -> None:
+    """Write a complete checkpoint, then point latest.json at it. `state` is JSON (the loop's
+    position and results); `extra` holds tensors and plain values (RNG states)."""
+    from .runs import save_tensors, write_json
     if not accelerator.is_main_process:
         return
-    name = f"step-{res.steps}-e{res.epoch}"
+    name = f"step-{state['steps']}-e{state['epoch']}"
     folder = root / name
     save_tensors(folder / "weights.safetensors", trainable_snapshot(accelerator.unwrap_model(model)))
     if best_state:
@@ -214,9 +218,10 @@ def save_checkpoint(root: Path, accelerator, model, optimizer, scheduler, res: T
     import io
     buf = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "epoch_gen": epoch_gen}, buf)
+                "torch_rng": torch.get_rng_state(), **(extra or {})}, buf)
+    from .runs import atomic_write
     atomic_write(folder / "optim.pt", buf.getvalue())
-    write_json(folder / "state.json", asdict(res))
+    write_json(folder / "state.json", state)
     write_json(root / "latest.json", {"checkpoint": name})
     for old in root.iterdir():
         if old.is_dir() and old.name != name:
@@ -224,7 +229,7 @@ def save_checkpoint(root: Path, accelerator, model, optimizer, scheduler, res: T
 
 
 def load_checkpoint(root: Path, model, optimizer, scheduler):
-    """Restore weights, optimizer, scheduler and RNG; returns (result so far, best state, epoch order)."""
+    """Restore weights, optimizer, scheduler and torch RNG; returns (state, best state, extra)."""
     from .runs import load_tensors
     folder = root / json.loads((root / "latest.json").read_text())["checkpoint"]
     restore(model, load_tensors(folder / "weights.safetensors"))
@@ -233,8 +238,7 @@ def load_checkpoint(root: Path, model, optimizer, scheduler):
         extra = torch.load(folder / "optim.pt", weights_only=True)
     except Exception as e:
         raise UserError(f"checkpoint {folder} is unreadable ({type(e).__name__}): delete {root} to start over") from None
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"])
-    res = TrainResult(**json.loads((folder / "state.json").read_text()))
-    return res, best, extra["epoch_gen"]
+    optimizer.load_state_dict(extra.pop("optimizer"))
+    scheduler.load_state_dict(extra.pop("scheduler"))
+    torch.set_rng_state(extra.pop("torch_rng"))
+    return json.loads((folder / "state.json").read_text()), best, extra

@@ -70,3 +70,28 @@ def test_changed_config_does_not_resume(tiny_bert_dir, task_yamls, data_dir, tmp
     assert resumable(run, cfg)
     cfg["train"]["lr"] = 0.5
     assert not resumable(run, cfg)
+
+
+def test_multitask_resume_gives_the_same_result(tiny_bert_dir, task_yamls, data_dir, tmp_path, monkeypatch):
+    from adapterbench import multitask as MT
+    cmd = lambda out: ["multitask", "--tasks", f"{task_yamls['toy']},{task_yamls['toyreg']}", "--method", "camtl",
+                       "--model", str(tiny_bert_dir), "--data-dir", str(data_dir), "--out", str(out),
+                       "--sampling", "uncertainty", "train.epochs=3", "train.batch_size=8", "train.lr=1e-3",
+                       "train.checkpoint_every=5"]
+    assert runner.invoke(app, cmd(tmp_path / "ref")).exit_code == 0
+    real = MT.train_step
+
+    def crashing(model, batch, optimizer, scheduler, accelerator, cfg, step):
+        if step + 1 == 17:
+            raise KeyboardInterrupt
+        return real(model, batch, optimizer, scheduler, accelerator, cfg, step)
+
+    monkeypatch.setattr(MT, "train_step", crashing)
+    assert runner.invoke(app, cmd(tmp_path / "run")).exit_code == 130
+    monkeypatch.setattr(MT, "train_step", real)
+    r = runner.invoke(app, cmd(tmp_path / "run"))
+    assert r.exit_code == 0, r.output
+    got, want = (json.loads(next(p.glob("multitask/camtl/*/*/metrics.json")).read_text())
+                 for p in (tmp_path / "run", tmp_path / "ref"))
+    assert got["history"] == want["history"] and got["tasks"] == want["tasks"]
+    assert got["fraction_of_examples_used"] == want["fraction_of_examples_used"] and got["steps"] == want["steps"]
