@@ -181,3 +181,62 @@ def _import_head(src: Path, out: Path, name: str, meta: dict) -> None:
     write_json(out / "head_config.json", {"hidden_size": meta["hidden_size"], "num_labels": h["num_labels"],
                                           "regression": h["num_labels"] == 1, "dropout": 0.1,
                                           "labels": labels if h["num_labels"] > 1 else None})
+
+
+def export_fusion(run_dir: str | Path, out: Path, force: bool = False) -> Path:
+    """A `fuse` run in AdapterHub's format: every source adapter (a folder each), the fusion
+    layer (fusion/: adapter_fusion_config.json, model_adapter_fusion.safetensors), the head
+    (head/). Load with load_adapter per source, load_adapter_fusion, load_head."""
+    run_dir = Path(run_dir)
+    cfg_meta = read_json(run_dir / "fusion" / "fusion_config.json")
+    sources = read_json(run_dir / "fusion" / "sources.json")
+    method = cfg_meta["method"]
+    out = Path(out)
+    if (out / "fusion" / "adapter_fusion_config.json").exists() and not force:
+        raise UserError(f"{out} already holds an exported fusion: choose another folder or pass --force")
+    names = []
+    for s in sources:
+        export(s["path"], out / s["name"], name=s["name"], force=force)
+        names.append(s["name"])
+    fused = ",".join(names)
+    _check_layout(cfg_meta["model_type"])
+    prefix = PREFIX[cfg_meta["model_type"]]
+    module_of = _fusion_site_modules(run_dir, cfg_meta)
+    state = {}
+    for key, value in load_tensors(run_dir / "fusion" / "fusion.safetensors").items():
+        site, rest = key.split(".", 1)
+        state[f"{prefix}.{module_of[int(site)]}.adapter_fusion_layer.{fused}.{rest}"] = value
+    common = {"hidden_size": cfg_meta["hidden_size"], "model_class": MODEL_CLASS[cfg_meta["model_type"]],
+              "model_name": cfg_meta["base_model"], "model_type": cfg_meta["model_type"], "name": fused,
+              "version": VERSION}
+    dynamic = method.get("variant", "dynamic") == "dynamic"
+    save_tensors(out / "fusion" / "model_adapter_fusion.safetensors", state, {"format": "pt"})
+    write_json(out / "fusion" / "adapter_fusion_config.json", {"adapter_names": names, "config": {
+        "dropout_prob": method.get("attention_dropout") or None, "key": True, "query": True,
+        "query_before_ln": False, "regularization": True, "residual_before": False,
+        "temperature": bool(method.get("temperature")), "value": dynamic, "value_before_softmax": True,
+        "value_initialized": dynamic}, **common})
+    head = load_tensors(run_dir / "fusion" / "head.safetensors")
+    hcfg = read_json(run_dir / "fusion" / "head_config.json")
+    labels = hcfg.get("labels") or [f"LABEL_{i}" for i in range(hcfg["num_labels"])]
+    save_tensors(out / "head" / "model_head.safetensors", {
+        f"heads.{fused}.1.weight": head["dense.weight"], f"heads.{fused}.1.bias": head["dense.bias"],
+        f"heads.{fused}.4.weight": head["out.weight"], f"heads.{fused}.4.bias": head["out.bias"]}, {"format": "pt"})
+    write_json(out / "head" / "head_config.json", {"config": {
+        "activation_function": "tanh", "bias": True, "dropout_prob": None, "head_type": "classification",
+        "label2id": {str(lab): i for i, lab in enumerate(labels)}, "layers": 2, "num_labels": hcfg["num_labels"],
+        "use_pooler": False}, **{**common, "name": fused}})
+    return out
+
+
+def _fusion_site_modules(run_dir: Path, meta: dict) -> list[str]:
+    """Their module path (e.g. encoder.layer.3.output) of each of our fusion sites, in order."""
+    from .methods.bottleneck import PLACEMENTS
+    from .methods.fusion import read_sources
+    src = read_sources(meta["method"]["adapters"])[0]["meta"]["method"]
+    placement = "houlsby" if src["name"] == "houlsby" else "pfeiffer"
+    out = []
+    for i in range(meta["num_layers"]):
+        for site in PLACEMENTS[placement]:
+            out.append(f"encoder.layer.{i}.{SITE_MODULE[site]}")
+    return out

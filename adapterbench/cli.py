@@ -202,10 +202,13 @@ def export_cmd(run_dir: Path = typer.Argument(..., help="An extract run folder o
                force: bool = ForceOpt, debug: bool = DebugOpt):
     """Write an adapter (and its head) in AdapterHub's format, loadable by the `adapters` library."""
     def go():
-        from .adapterhub import export
+        from .adapterhub import export, export_fusion
         if fmt != "adapterhub":
             raise UserError(f"--format '{fmt}' is not supported: use adapterhub")
-        console.print(f"exported: {export(run_dir, out, name, force)}")
+        if (run_dir / "fusion" / "fusion_config.json").is_file():
+            console.print(f"exported fusion: {export_fusion(run_dir, out, force)}")
+        else:
+            console.print(f"exported: {export(run_dir, out, name, force)}")
     guarded(debug, go)
 
 

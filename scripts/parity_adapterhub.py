@@ -53,7 +53,7 @@ def our_logits(model, tok) -> list:
         return model(**enc).tolist()
 
 
-def random_adapter(model_name: str, method: str, out: Path) -> Path:
+def random_adapter(model_name: str, method: str, out: Path, seed: int = 1) -> Path:
     """A random non-trivial adapter + head written as an adapterbench adapter folder."""
     from adapterbench.methods import get_method, method_config
     from adapterbench.models import ClassificationHead, HeadConfig, load_encoder
@@ -61,7 +61,7 @@ def random_adapter(model_name: str, method: str, out: Path) -> Path:
     enc, _ = load_encoder(model_name)
     mcfg = {"name": method, "train_layer_norms": False}
     cfg = method_config(mcfg)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     get_method(method).apply(enc, cfg, "a")
     state = {k: v + 0.05 * torch.randn_like(v) for k, v in get_method(method).trainable_state(enc, cfg, "a").items()}
     head = ClassificationHead(HeadConfig(enc.config.hidden_size, 2))
@@ -76,6 +76,48 @@ def random_adapter(model_name: str, method: str, out: Path) -> Path:
     return out
 
 
+def fusion_parity(a, work: Path) -> dict:
+    """A fusion over two random adapters with random fusion weights and head: our logits vs
+    the `adapters` library's on our export."""
+    from adapterbench.adapterhub import export_fusion
+    from adapterbench.config import merge_layers
+    from adapterbench.stages import build_model, resolve, save_weights
+    from adapterbench.tasks import load_task
+    srcs = [random_adapter(a.model, a.method, work / f"src{i}", seed=i + 1) for i in range(2)]
+    for i, s in enumerate(srcs):  # distinct names in the export
+        meta = json.loads((s / "adapter_config.json").read_text())
+        meta["task"] = f"src{i}"
+        (s / "adapter_config.json").write_text(json.dumps(meta))
+    cfg = resolve(merge_layers(None, {"task": "rte", "model.name": a.model, "method.name": "fusion",
+                                      "method.adapters": [str(s) for s in srcs]}, []), "fuse")
+    task = load_task("rte")
+    model, tok = build_model(cfg, task)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    ours = our_logits(model, tok)
+    from adapterbench.methods.fusion import sites
+    for site in sites(model.encoder):
+        site.active = []
+    effect = (torch.tensor(our_logits(model, tok)) - torch.tensor(ours)).abs().max().item()
+    for site in sites(model.encoder):
+        site.active = None
+    run = work / "fuse-run"
+    save_weights(run, cfg, task, model)
+    out = export_fusion(run, work / "fusion-export")
+    job = {"model": str(Path(a.model_path)), "pairs": PAIRS, "fusion_dir": str(out / "fusion"),
+           "head_dir": str(out / "head"), "fusion_sources": [str(out / "src0"), str(out / "src1")]}
+    (work / "fjob.json").write_text(json.dumps(job))
+    subprocess.run([a.peer_python, str(ROOT / "scripts" / "peer" / "parity_peer.py"), str(work / "fjob.json"),
+                    str(work / "fanswer.json")], check=True)
+    peer = json.loads((work / "fanswer.json").read_text())["peer_logits_of_fusion"]
+    return {"fusion_effect_max_abs_logit_change": effect,
+            "fusion_ours_to_adapters_max_abs_diff": (torch.tensor(ours) - torch.tensor(peer)).abs().max().item()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm-l6")
@@ -87,6 +129,7 @@ def main() -> None:
     from adapterbench.adapterhub import export, import_adapter
     from adapterbench.models import resolve_model_path
     model_path = resolve_model_path(a.model)
+    a.model_path = model_path
     work = Path(tempfile.mkdtemp(prefix="parity-"))
     src = Path(a.run) / "adapter" if a.run else random_adapter(a.model, a.method, work / "ours")
     model, tok = our_model(a.model, src)
@@ -108,9 +151,10 @@ def main() -> None:
     back = our_logits(model2, tok)
     d1 = (torch.tensor(ours) - torch.tensor(ans["peer_logits_of_export"])).abs().max().item()
     d2 = (torch.tensor(back) - torch.tensor(ans["peer_logits_of_own"])).abs().max().item()
+    fusion = fusion_parity(a, work) if a.method == "pfeiffer" else {}
     print(json.dumps({"model": a.model, "method": a.method, "run": a.run,
                       "adapter_effect_max_abs_logit_change": effect,
-                      "ours_to_adapters_max_abs_diff": d1, "adapters_to_ours_max_abs_diff": d2}, indent=2))
+                      "ours_to_adapters_max_abs_diff": d1, "adapters_to_ours_max_abs_diff": d2, **fusion}, indent=2))
     if a.fixture:
         fx = Path(a.fixture)
         shutil.rmtree(fx, ignore_errors=True)
@@ -118,7 +162,7 @@ def main() -> None:
         (fx / "expected.json").write_text(json.dumps({"pairs": PAIRS, "logits": ans["peer_logits_of_own"],
                                                       "method": a.method}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
-    sys.exit(0 if max(d1, d2) < 1e-4 else 1)
+    sys.exit(0 if max(d1, d2, fusion.get("fusion_ours_to_adapters_max_abs_diff", 0.0)) < 1e-4 else 1)
 
 
 if __name__ == "__main__":

@@ -82,3 +82,22 @@ def test_export_refuses_trained_layer_norms(tiny_bert_dir, task_yamls, data_dir,
     run = next(tmp_path.glob("extract/houlsby/toy/*"))
     r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "hub")])
     assert r.exit_code == 2 and "trained its own LayerNorms" in r.output
+
+
+def test_fusion_run_exports_in_adapterhub_layout(task_yamls, data_dir, tmp_path):
+    a = import_adapter(FIX / "pfeiffer" / "adapter", tmp_path / "a", base_model=MODEL)
+    b = import_adapter(FIX / "pfeiffer" / "adapter", tmp_path / "b", base_model=MODEL)
+    meta = json.loads((b / "adapter_config.json").read_text())
+    (b / "adapter_config.json").write_text(json.dumps({**meta, "task": "other"}))
+    r = runner.invoke(app, ["fuse", "--target", str(task_yamls["toy"]), "--adapters", str(a), str(b),
+                            "--data-dir", str(data_dir), "--out", str(tmp_path / "runs"), "train.max_steps=1"])
+    assert r.exit_code == 0, r.output
+    run = next((tmp_path / "runs").glob("fuse/fusion/toy/*"))
+    r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "hub")])
+    assert r.exit_code == 0, r.output
+    hub = tmp_path / "hub"
+    cfg = json.loads((hub / "fusion" / "adapter_fusion_config.json").read_text())
+    assert cfg["adapter_names"] == ["peer", "other"] and cfg["config"]["value_initialized"] is True
+    w = load_tensors(hub / "fusion" / "model_adapter_fusion.safetensors")
+    assert "bert.encoder.layer.1.output.adapter_fusion_layer.peer,other.value.weight" in w and len(w) == 2 * 5
+    assert (hub / "other" / "adapter.safetensors").is_file() and (hub / "head" / "model_head.safetensors").is_file()

@@ -19,10 +19,25 @@ def logits(model, tok, pairs):
         return model(**enc).logits.tolist()
 
 
+def fusion_logits(job, tok):
+    """adapterbench's exported fusion: its source adapters, the fusion layer and the head."""
+    from adapters.composition import Fuse
+    model = AutoAdapterModel.from_pretrained(job["model"]).eval()
+    names = [model.load_adapter(d, use_safetensors=True, with_head=False) for d in job["fusion_sources"]]
+    model.load_adapter_fusion(job["fusion_dir"], use_safetensors=True, set_active=True)
+    model.load_head(job["head_dir"], use_safetensors=True)
+    model.set_active_adapters(Fuse(*names))
+    return logits(model, tok, job["pairs"])
+
+
 def main():
     job = json.load(open(sys.argv[1]))
     tok = AutoTokenizer.from_pretrained(job["model"])
     answer = {}
+    if job.get("fusion_dir"):
+        answer["peer_logits_of_fusion"] = fusion_logits(job, tok)
+        json.dump(answer, open(sys.argv[2], "w"))
+        return
     model = AutoAdapterModel.from_pretrained(job["model"]).eval()
     name = model.load_adapter(job["export_dir"], use_safetensors=True, with_head=True)
     model.set_active_adapters(name)
