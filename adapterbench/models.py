@@ -104,6 +104,9 @@ def load_encoder(name: str, trust_remote_code: bool = False):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     path = resolve_model_path(name)
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise UserError(f"model folder {name} does not exist: give an existing folder, an alias (minilm-l6) "
+                        f"or a hub id")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         encoder = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)

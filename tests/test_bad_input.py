@@ -117,7 +117,10 @@ CASES = {
                                       train(e, "--task", e["toyreg"]))[1], "score 'high' is not a number"),
     # models and adapters
     "model cannot be loaded": (lambda e: ["extract", "--task", e["toy"], "--model", str(e["tmp"] / "nomodel"),
-                                          "--data-dir", str(e["data"]), "--out", str(e["out"])], "cannot load model"),
+                                          "--data-dir", str(e["data"]), "--out", str(e["out"])], "model folder"),
+    "model folder without a model": (lambda e: ["extract", "--task", e["toy"], "--model", str(e["tmp"]),
+                                                "--data-dir", str(e["data"]), "--out", str(e["out"])],
+                                     "cannot load model"),
     "fusion source not an adapter": (lambda e: ["fuse", "--target", e["toy"], "--adapters", str(e["tmp"]),
                                                 *e["base"], "--out", str(e["out"])], "neither an adapter folder"),
     "fusion sources of different sizes": (lambda e: ["fuse", "--target", e["toy"], "--adapters", *map(str, e["runs"]),
@@ -156,6 +159,7 @@ def test_bad_input(case, env):
     assert r.exit_code == 2, text
     assert "Traceback" not in text and len(text.splitlines()) == 1 and text.startswith("error:"), text
     assert needle in text, text
+    print(f"\nBADINPUT {case} :: {text}")  # shown with -s: the list of cases and their messages
     finished = [m for m in env["out"].glob("**/metrics.json") if json.loads(m.read_text()).get("status") == "ok"]
     assert not finished
 

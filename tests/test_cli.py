@@ -128,7 +128,7 @@ def test_bad_inputs_one_line_exit_2(tiny_bert_dir, task_yamls, data_dir, tmp_pat
     assert "malformed YAML" in bad(tmp_path, "extract", "--config", y, *common)
     assert "local files not found" in bad(tmp_path, "extract", "--task", task_yamls["toy"], "--model", tiny_bert_dir,
                                           "--data-dir", tmp_path / "empty", "--out", tmp_path / "runs")
-    assert "cannot load model" in bad(tmp_path, "extract", "--task", task_yamls["toy"], "--model", tmp_path / "nomodel",
+    assert "does not exist" in bad(tmp_path, "extract", "--task", task_yamls["toy"], "--model", tmp_path / "nomodel",
                                       "--data-dir", data_dir, "--out", tmp_path / "runs")
     (data_dir / "TOY" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
     assert "label 'maybe'" in bad(tmp_path, "extract", "--task", task_yamls["toy"], *common)
