@@ -151,9 +151,10 @@ class TaskModel(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self._aux: list[nn.Module] | None = None
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_) -> torch.Tensor:
-        for m in aux_modules(self.encoder):  # modules inside the encoder that weigh tokens (fusion)
+        for m in self.aux:  # modules inside the encoder that weigh tokens (fusion)
             m.mask = attention_mask
         kwargs = {"attention_mask": attention_mask}
         if token_type_ids is not None:
@@ -162,13 +163,20 @@ class TaskModel(nn.Module):
         logits = self.head(hidden)
         return logits.squeeze(-1) if self.head.cfg.regression else logits
 
+    @property
+    def aux(self) -> list[nn.Module]:
+        """The encoder's auxiliary modules, found once (the structure is fixed once built)."""
+        if self._aux is None:
+            self._aux = aux_modules(self.encoder)
+        return self._aux
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Task loss plus any penalty a module asks for (fusion's ||I - V||^2)."""
         if self.head.cfg.regression:
             loss = nn.functional.mse_loss(logits.float(), labels.float())
         else:
             loss = nn.functional.cross_entropy(logits.float(), labels)
-        for m in aux_modules(self.encoder):
+        for m in self.aux:
             loss = loss + m.penalty()
         return loss
 
