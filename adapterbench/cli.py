@@ -311,13 +311,15 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
            reference: Optional[str] = typer.Option(None, "--reference",
                                                    help="Paper numbers beside ours: adapterfusion-bert-base, houlsby-glue."),
            plot: bool = typer.Option(True, "--plot/--no-plot", help="Bar plot PNG with error bars."),
+           versus: str = typer.Option("full", "--versus",
+                                      help="Row label the † paired t-test and a Δ column compare against."),
            debug: bool = DebugOpt):
     """Tables (md/csv/latex) and plots over finished runs: mean ± std over seeds, deltas, significance."""
     def go():
         from .plots import metric_bars
         from .report import build_report, render
         from .runs import atomic_write
-        rep = build_report(runs_dir, reference)
+        rep = build_report(runs_dir, reference, versus)
         text = render(rep, fmt)
         if out_file:
             atomic_write(out_file, text)

@@ -37,7 +37,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0        # share of steps with a linear warm-up
     weight_decay: float = 0.01       # not applied to biases and LayerNorm weights
     max_grad_norm: float = 1.0
-    patience: int = 0                # stop after this many epochs without a better dev metric; 0 = off
+    patience: int = 0                # stop after this many dev scorings without a better metric; 0 = off
     limit: int = 0                   # use only the first N training examples (0 = all)
     eval_limit: int = 0              # use only the first N dev examples (0 = all)
     max_steps: int = 0               # stop after N optimizer steps (0 = no cap)
@@ -46,6 +46,7 @@ class TrainConfig:
     shots: int = 0                   # few-shot: k training examples per class (k in all for regression); 0 = all
     checkpoint_every: int = 0        # also checkpoint every N steps (one is always written after each epoch)
     group_by_length: bool = False    # batches of similar length: less padding, a different batch order
+    eval_every: int = 1              # score dev after every N-th epoch and the last (best epoch among those)
 
 
 @dataclass
@@ -228,6 +229,7 @@ def check_ranges(cfg: RunConfig) -> None:
          "train.patience/limit/eval_limit/max_steps/shots/checkpoint_every",
          "negative", "0 or more"),
         (t.log_every >= 1, "train.log_every", t.log_every, "at least 1"),
+        (t.eval_every >= 1, "train.eval_every", t.eval_every, "at least 1"),
         (cfg.model.max_length >= 8, "model.max_length", cfg.model.max_length, "at least 8"),
     ]
     for ok, key, value, want in checks:
@@ -246,7 +248,7 @@ ANY = object()
 HASH_NEUTRAL = {("init_from",): None, ("train", "shots"): 0, ("data", "data_seed"): None,
                 ("train", "checkpoint_every"): ANY,
                 ("sampling",): {"scheme": "proportional", "temperature": 2.0},
-                ("train", "group_by_length"): False}
+                ("train", "group_by_length"): False, ("train", "eval_every"): 1}
 
 
 def config_hash(resolved: dict) -> str:

@@ -112,16 +112,24 @@ def same_track(sources: list[dict], target: str, include_target: bool) -> list[d
     track = load_task(target).track
     if not track:
         raise UserError(f"task {target} names no track: add `track:` to its YAML")
-    tracks = {}
-    for s in sources:
-        task = s["meta"].get("task")
-        tracks[s["path"]] = load_task(task).track if task else ""
+    tracks = {s["path"]: source_track(s) for s in sources}
     keep = [s for s in sources if tracks[s["path"]] == track
             and (include_target or s["meta"].get("task") != load_task(target).name)]
     if not keep:
         raise UserError(f"no source adapter is in track '{track}' of {target} (sources' tasks: "
                         f"{', '.join(str(s['meta'].get('task')) for s in sources)})")
     return keep
+
+
+def source_track(source: dict) -> str:
+    """A source adapter's track, from the task.yaml its run folder keeps (else by task name)."""
+    from .tasks import load_task
+    folder = Path(source["path"])
+    for cand in (folder / "task.yaml", folder.parent / "task.yaml"):
+        if cand.is_file():
+            return load_task(str(cand)).track
+    task = source["meta"].get("task")
+    return load_task(task).track if task else ""
 
 
 def merge(paths: list[str], strategy: str = "avg", weights: list[float] | None = None, out: Path | None = None,

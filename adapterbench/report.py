@@ -3,7 +3,8 @@
 Each cell is the task's main metric as mean ± std over seeds (n); deltas are against the
 full fine-tuning and multi-task baselines; a cell is marked when a paired t-test over the
 seeds both runs share (scipy.stats.ttest_rel, two-sided) gives p < 0.05 against full
-fine-tuning. `--reference NAME` adds the paper's numbers from configs/references/NAME.yaml.
+fine-tuning (or the row `--versus LABEL`). Few-shot rows ('adapter k=16') are compared with
+the baseline at the same k. `--reference NAME` adds the paper's numbers from configs/references/NAME.yaml.
 """
 
 from __future__ import annotations
@@ -88,15 +89,27 @@ def paired_p(a: Cell, b: Cell) -> float | None:
     return float(ttest_rel(x, y).pvalue)
 
 
+def split_k(label: str) -> tuple[str, int]:
+    """'adapter k=16' -> ('adapter', 16); labels without a few-shot suffix get k = 0."""
+    name, _, k = label.rpartition(" k=")
+    return (name, int(k)) if name and k.isdigit() else (label, 0)
+
+
 @dataclass
 class Report:
     tasks: list[str]
     rows: list[Row]
     baselines: list[str]
     reference: dict | None = None
+    versus: str = "full"           # the row the † test compares against
+
+    def base_row(self, row: Row, base: str) -> Row | None:
+        """The baseline row for `row`: the one with the same few-shot k when there is one."""
+        k = split_k(row.label)[1]
+        return (self.by_label.get(f"{base} k={k}") if k else None) or self.by_label.get(base)
 
     def delta(self, row: Row, base: str, task: str) -> float | None:
-        b = self.by_label.get(base)
+        b = self.base_row(row, base)
         if b is None or task not in row.cells or task not in b.cells:
             return None
         return row.cells[task].mean - b.cells[task].mean
@@ -119,19 +132,22 @@ class Report:
         return float(np.mean(vals)) if len(vals) == len(self.tasks) else None
 
     def mark(self, row: Row, task: str) -> str:
-        base = self.by_label.get("full")
+        base = self.base_row(row, self.versus)
         if base is None or row is base or task not in row.cells or task not in base.cells:
             return ""
         p = paired_p(row.cells[task], base.cells[task])
         return "†" if p is not None and p < ALPHA else ""
 
 
-def build_report(root: Path, reference: str | None = None) -> Report:
+def build_report(root: Path, reference: str | None = None, versus: str = "full") -> Report:
     rows = collect(root)
     tasks = sorted({t for r in rows.values() for t in r.cells})
-    order = sorted(rows.values(), key=lambda r: (r.label not in BASELINES, r.label))
+    names = {split_k(label)[0] for label in rows}
+    wanted = [versus] + [b for b in BASELINES if b != versus]
+    # few-shot rows group by k; within a k the baselines come first
+    order = sorted(rows.values(), key=lambda r: (split_k(r.label)[1], split_k(r.label)[0] not in wanted, r.label))
     ref = load_reference(reference) if reference else None
-    return Report(tasks, order, [b for b in BASELINES if b in rows], ref)
+    return Report(tasks, order, [b for b in wanted if b in names], ref, versus)
 
 
 def load_reference(name: str) -> dict:
@@ -159,9 +175,10 @@ def table_rows(rep: Report) -> tuple[list[str], list[list[str]]]:
             c = row.cells.get(t)
             cells.append("–" if c is None else f"{c.mean:.2f} ± {c.std:.2f} ({c.n}){rep.mark(row, t)}")
         body.append([row.label, *cells, _fmt(rep.row_mean(row)),
-                     *(_fmt(rep.mean_delta(row, b), True) if row.label != b else "" for b in rep.baselines),
+                     *(_fmt(rep.mean_delta(row, b), True) if rep.base_row(row, b) is not row else ""
+                       for b in rep.baselines),
                      f"{np.mean(row.params_pct):.2f}", f"{np.mean(row.train_seconds):.0f}",
-                     *(rep.improved(row, b) if row.label != b else "" for b in rep.baselines)])
+                     *(rep.improved(row, b) if rep.base_row(row, b) is not row else "" for b in rep.baselines)])
     if rep.reference:
         for label in rep.reference.get("columns", {}).values():
             vals = [rep.reference["table"].get(t, {}).get(label) for t in rep.tasks]
@@ -176,9 +193,11 @@ def table_rows(rep: Report) -> tuple[list[str], list[list[str]]]:
 
 def legend(rep: Report) -> str:
     text = ("Cells: main metric (dev) mean ± std over seeds (n). † = paired t-test over shared seeds "
-            f"(two-sided, scipy ttest_rel) p < {ALPHA} against full fine-tuning. Δ columns: mean over tasks "
-            "of the difference to the baseline row; '>+0.3' counts tasks improved by more than 0.3 points "
-            "(AdapterFusion Table 2). params %: trainable share of the model; train s: mean per run.")
+            f"(two-sided, scipy ttest_rel) p < {ALPHA} against the '{rep.versus}' row. Δ columns: mean over "
+            "tasks of the difference to the baseline row; '>+0.3' counts tasks improved by more than 0.3 points "
+            "(AdapterFusion Table 2). Rows ending in 'k=N' are few-shot (N examples per class) and are "
+            "compared with the baseline at the same k. params %: trainable share of the model; "
+            "train s: mean per run.")
     if rep.reference:
         text += f" paper rows: {rep.reference.get('source')} ({rep.reference.get('metric')})."
     return text
@@ -198,8 +217,9 @@ def render(rep: Report, fmt: str) -> str:
         for row in rep.rows:
             for t, c in row.cells.items():
                 deltas = [rep.delta(row, b, t) for b in rep.baselines]
-                ps = [paired_p(c, rep.by_label[b].cells[t]) if t in rep.by_label[b].cells else None
-                      for b in rep.baselines]
+                bases = [rep.base_row(row, b) for b in rep.baselines]
+                ps = [paired_p(c, b.cells[t]) if b is not None and b is not row and t in b.cells else None
+                      for b in bases]
                 w.writerow([row.label, t, f"{c.mean:.4f}", f"{c.std:.4f}", c.n,
                             *("" if d is None else f"{d:.4f}" for d in deltas),
                             *("" if p is None else f"{p:.4g}" for p in ps)])

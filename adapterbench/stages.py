@@ -122,14 +122,16 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
         res = train(model, items["train"], items["dev"], collate, task, cfg.train,
                     cfg.data.shuffle_seed if cfg.data.shuffle_seed is not None else cfg.seed,
                     log=run.log, show_progress=show_progress, checkpoint_dir=run.checkpoint_dir)
-        dev, _ = evaluate_items(model, items["dev"], collate, task, cfg.train.eval_batch_size)
+        # the model is left at its best scored epoch, whose dev metrics the loop already has
+        dev = res.best_metrics or evaluate_items(model, items["dev"], collate, task, cfg.train.eval_batch_size)[0]
         save_weights(run.folder, cfg, task, model)
         if save_attention:
             write_attention(run.folder, model, items["dev"], collate, task, cfg)
         trainable, total = count_params(model)
         run.finish({
             "stage": stage, "task": task.name, "method": cfg.method["name"], "model": cfg.model.name,
-            "seed": cfg.seed, "label": cfg.label or cfg.method["name"], "metrics": {"dev": dev}, "main_metric": task.main_metric,
+            "seed": cfg.seed, "label": run_label(cfg), "metrics": {"dev": dev},
+            "shots": cfg.train.shots, "data_seed": cfg.data.data_seed if cfg.data.data_seed is not None else cfg.seed, "main_metric": task.main_metric,
             "main_value": dev.get(task.main_metric), "best_epoch": res.best_epoch,
             "epochs_run": len(res.history), "history": res.history, "steps": res.steps,
             "trainable_params": trainable, "total_params": total,
@@ -142,6 +144,12 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
         run.fail(e)
         raise
     return run.folder
+
+
+def run_label(cfg: RunConfig) -> str:
+    """The report row: the study entry's label or the method; few-shot runs add ' k=N'."""
+    label = cfg.label or cfg.method["name"]
+    return f"{label} k={cfg.train.shots}" if cfg.train.shots and " k=" not in label else label
 
 
 def save_weights(folder: Path, cfg: RunConfig, task: TaskSpec, model: TaskModel) -> None:

@@ -11,6 +11,7 @@ creating `<run folder>.lock` exclusively; a lock whose process is gone is taken 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -33,7 +34,11 @@ class MethodEntry:
     method: dict = field(default_factory=dict)  # method.* keys, e.g. reduction_factor: 64
     train: dict = field(default_factory=dict)   # train.* keys for this entry only
     sources: list[str] = field(default_factory=list)  # fusion: source tasks (default: the study's tasks)
-    source_method: str = "pfeiffer"             # fusion: label of the entry whose adapters are fused
+    source_method: str = "pfeiffer"             # fusion/merge: label of the entry whose adapters are used
+    adapters: list[str] = field(default_factory=list)  # fusion/merge: existing adapter folders (globs) instead
+    include_target: bool | None = None          # use the target's own source adapter (default: fusion yes, merge no)
+    merge: dict = field(default_factory=dict)   # merge the sources first (strategy, same_track, weights,
+                                                # align_on), then train the merged adapter on the target
 
 
 @dataclass
@@ -43,6 +48,7 @@ class Study:
     methods: list[MethodEntry]
     models: list[str] = field(default_factory=lambda: ["minilm-l6"])
     seeds: list[int] = field(default_factory=lambda: [42])
+    shots: list[int] = field(default_factory=list)  # few-shot axis: k per class for runs on the targets
     defaults: dict = field(default_factory=dict)  # a config layer under every run (train, model, data)
     out_dir: str = ""                             # default: runs/<study name>
 
@@ -84,23 +90,49 @@ def plan(study: Study) -> list[Node]:
     """Every run of the study in dependency order, each planned once."""
     from .methods import get_method
     from .stages import planned_folder, resolve
+    from .tasks import load_task
     nodes: dict[Path, Node] = {}
+    by_index: dict[int, Node] = {}
     entries = {m.label or m.name: m for m in study.methods}
 
-    def add(entry: MethodEntry, task: str, seed: int, model: str) -> int:
+    def node(stage, label, task, seed, model, config, folder, deps) -> int:
+        if folder not in nodes:
+            nodes[folder] = Node(len(nodes), stage, label, task, seed, model, config, folder, deps)
+            by_index[nodes[folder].index] = nodes[folder]
+        return nodes[folder].index
+
+    def sources(entry: MethodEntry, task: str, seed: int, model: str) -> tuple[list[int], list[str]]:
+        """(dependencies, adapter folders) of a fusion or merge entry on target `task`."""
+        label = entry.label or entry.name
+        own = entry.include_target if entry.include_target is not None else not entry.merge
+        if entry.adapters:
+            found = expand_adapters(entry.adapters, label)
+            return [], [str(p) for p, t in found if own or t != task]
+        src_entry = entries.get(entry.source_method)
+        if src_entry is None:
+            raise UserError(f"{entry.name} entry '{label}': source_method '{entry.source_method}' is not "
+                            f"a method label of the study ({', '.join(entries)})")
+        deps = [add(src_entry, t, seed, model, 0) for t in (entry.sources or study.tasks) if own or t != task]
+        return deps, [str(by_index[i].folder.resolve()) for i in deps]
+
+    def add(entry: MethodEntry, task: str, seed: int, model: str, shots: int) -> int:
         label = entry.label or entry.name
         kind = get_method(entry.name).KIND
         deps = []
         layer = {"task": task, "seed": seed, "model": {"name": model}, "out_dir": study.out_dir,
                  "label": label, "method": {"name": entry.name, **entry.method}, "train": dict(entry.train)}
-        if kind == "fusion":
-            src_entry = entries.get(entry.source_method)
-            if src_entry is None:
-                raise UserError(f"fusion entry '{label}': source_method '{entry.source_method}' is not "
-                                f"a method label of the study ({', '.join(entries)})")
-            src_nodes = [add(src_entry, t, seed, model) for t in (entry.sources or study.tasks)]
-            deps = src_nodes
-            layer["method"]["adapters"] = [str(by_index[i].folder.resolve()) for i in src_nodes]
+        if shots and "shots" not in entry.train:
+            layer["train"]["shots"] = shots
+        if entry.merge:
+            deps, paths = sources(entry, task, seed, model)
+            spec = merge_spec(entry.merge, label)
+            blob = json.dumps({"sources": paths, "target": task, **spec}, sort_keys=True)
+            folder = Path(study.out_dir) / "merge" / label / load_task(task).name / f"{model}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+            deps = [node("merge", label, task, seed, model, {"adapters": paths, "target": task, **spec},
+                         folder.resolve(), deps)]
+            layer["init_from"] = str(folder.resolve())
+        elif kind == "fusion":
+            deps, layer["method"]["adapters"] = sources(entry, task, seed, model)
         user = deep_merge(study.defaults, layer)
         stage = STAGE_OF_KIND[kind]
         if stage == "multitask":
@@ -108,23 +140,58 @@ def plan(study: Study) -> list[Node]:
             folder = multitask_folder(resolve(user, stage))
         else:
             folder = planned_folder(stage, resolve(user, stage))
-        if folder not in nodes:
-            node = Node(len(nodes), stage, label, task, seed, model, user, folder, deps)
-            nodes[folder] = node
-            by_index[node.index] = node
-        return nodes[folder].index
+        shown = f"{label} k={layer['train']['shots']}" if layer["train"].get("shots") else label
+        return node(stage, shown, task, seed, model, user, folder, deps)
 
-    by_index: dict[int, Node] = {}
     for model in study.models:
         for seed in study.seeds:
-            for task in study.tasks:
-                for entry in study.methods:
-                    if get_method(entry.name).KIND != "multitask":
-                        add(entry, task, seed, model)
-            for entry in study.methods:  # a multi-task entry is one run over all the study's tasks
-                if get_method(entry.name).KIND == "multitask":
-                    add(entry, ",".join(study.tasks), seed, model)
+            for shots in study.shots or [0]:
+                for task in study.tasks:
+                    for entry in study.methods:
+                        if get_method(entry.name).KIND != "multitask":
+                            add(entry, task, seed, model, shots)
+                for entry in study.methods:  # a multi-task entry is one run over all the study's tasks
+                    if get_method(entry.name).KIND == "multitask":
+                        add(entry, ",".join(study.tasks), seed, model, shots)
     return sorted(nodes.values(), key=lambda n: n.index)
+
+
+MERGE_KEYS = {"strategy": "avg", "same_track": False, "weights": None, "align_on": None}
+
+
+def merge_spec(spec: dict, label: str) -> dict:
+    """An entry's `merge:` block with defaults; unknown keys are errors."""
+    unknown = sorted(set(spec) - set(MERGE_KEYS))
+    if unknown:
+        raise UserError(f"merge entry '{label}': unknown key merge.{unknown[0]} (valid: {', '.join(MERGE_KEYS)})")
+    return {**MERGE_KEYS, **spec}
+
+
+def expand_adapters(patterns: list[str], label: str) -> list[tuple[Path, str]]:
+    """(adapter folder, its task) for every folder the patterns (globs, ~ and $VARS) match."""
+    import glob
+    from .methods.fusion import adapter_folder
+    from .runs import read_json
+    out = []
+    for pattern in patterns:
+        hits = sorted(glob.glob(os.path.expandvars(os.path.expanduser(pattern))))
+        if not hits:
+            raise UserError(f"entry '{label}': adapters pattern '{pattern}' matches no folder: train those "
+                            f"adapters first or fix the path")
+        for hit in hits:
+            folder = adapter_folder(hit)
+            out.append((Path(hit).resolve(), read_json(folder / "adapter_config.json").get("task")))
+    return out
+
+
+def run_merge(node: Node) -> None:
+    """A study's merge node: the merged adapter folder, marked done by its metrics.json."""
+    from .merge import merge
+    c = node.config
+    merge(c["adapters"], c["strategy"], c["weights"], node.folder, target=c["target"],
+          same_track_only=c["same_track"], include_target=True, align_on=c["align_on"], force=True)
+    write_json(node.folder / "metrics.json", {"status": "ok", "stage": "merge", "label": node.label,
+                                              "task": c["target"], "main_value": None, "sources": c["adapters"]})
 
 
 # --- locks ---------------------------------------------------------------------------------
@@ -227,7 +294,9 @@ def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: 
                     continue
                 retried.add(nd.index)
                 on_event(nd, "start")
-                if nd.stage == "multitask":
+                if nd.stage == "merge":
+                    run_merge(nd)
+                elif nd.stage == "multitask":
                     from .multitask import multitask_stage
                     multitask_stage(resolve(nd.config, nd.stage), show_progress=True)
                 else:

@@ -149,15 +149,17 @@ def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: 
                     save_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler, asdict(res),
                                     best_state, {"epoch_gen": epoch_gen})
             res.train_seconds += time.perf_counter() - t0
-            preds, labels = predict(model, dev_loader, accelerator, task.regression)
-            dev = score(task, preds, labels)
-            res.history.append({"epoch": res.epoch, **dev})
-            log({"epoch": res.epoch, "step": res.steps, "dev": dev})
-            if is_better(dev[task.main_metric], res.best_value, higher):
-                res.best_value, res.best_epoch, res.best_metrics, res.stale = dev[task.main_metric], res.epoch, dev, 0
-                best_state = trainable_snapshot(accelerator.unwrap_model(model))
-            else:
-                res.stale += 1
+            last = res.epoch + 1 >= cfg.epochs or bool(cfg.max_steps and res.steps >= cfg.max_steps)
+            if last or (res.epoch + 1) % cfg.eval_every == 0:
+                preds, labels = predict(model, dev_loader, accelerator, task.regression)
+                dev = score(task, preds, labels)
+                res.history.append({"epoch": res.epoch, **dev})
+                log({"epoch": res.epoch, "step": res.steps, "dev": dev})
+                if is_better(dev[task.main_metric], res.best_value, higher):
+                    res.best_value, res.best_epoch, res.best_metrics, res.stale = dev[task.main_metric], res.epoch, dev, 0
+                    best_state = trainable_snapshot(accelerator.unwrap_model(model))
+                else:
+                    res.stale += 1
             res.epoch, res.batch = res.epoch + 1, 0
             epoch_gen = gen.get_state()
             if cfg.patience and res.stale >= cfg.patience:

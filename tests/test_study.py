@@ -204,3 +204,86 @@ def test_report_reference_and_plot(tmp_path):
     r = runner.invoke(app, ["report", str(tmp_path), "--reference", "nope"])
     assert r.exit_code == 2 and "unknown reference 'nope'" in r.output
     assert Cell({1: 2.0}).std == 0.0
+
+
+def test_fewshot_axis_merge_entries_and_target_exclusion(tmp_path, task_yamls, data_dir):
+    """shots axis + merge entries: sources trained once on full data, the target's own adapter
+    left out, same-track filtering, merged adapter -> init_from of a few-shot run, ' k=N' rows."""
+    toy2 = tmp_path / "toy2.yaml"
+    toy2.write_text(task_yamls["toy"].read_text().replace("name: toy", "name: toy2"))
+    src = f"[{task_yamls['toy']}, {toy2}, {task_yamls['toyreg']}]"
+    y = tmp_path / "fs.yaml"
+    y.write_text(f"""name: fs
+tasks: [{task_yamls['toy']}]
+seeds: [1]
+shots: [2, 4]
+models: [tiny-bert]
+out_dir: {tmp_path / 'runs'}
+defaults:
+  data: {{data_dir: {data_dir}}}
+  train: {{epochs: 2, eval_every: 2, batch_size: 4}}
+methods:
+  - {{name: pfeiffer, label: src, train: {{limit: 16}}}}
+  - {{name: pfeiffer, label: mavg, source_method: src, sources: {src}, merge: {{strategy: avg}}}}
+  - {{name: pfeiffer, label: mtrack, source_method: src, sources: {src}, merge: {{strategy: align, same_track: true}}}}
+  - {{name: fusion, label: fus, source_method: src, sources: {src}, include_target: false}}
+""")
+    nodes = S.plan(S.load_study(y))
+    merges = [n for n in nodes if n.stage == "merge"]
+    assert len(merges) == 2                                   # one per entry, shared by k = 2 and 4
+    sources = [n for n in nodes if n.label.startswith("src")]  # toy2, toyreg (full data) + src k=2/4 on toy
+    assert sorted(n.config["train"].get("shots", 0) for n in sources) == [0, 0, 2, 4]
+    assert all(len(m.config["adapters"]) == 2 for m in merges)  # the target's own adapter is no source
+    r = runner.invoke(app, ["run", str(y)])
+    assert r.exit_code == 0, r.output
+    for m in merges:
+        cfg = json.loads((m.folder / "adapter_config.json").read_text())["merge"]
+        tasks = {s["task"] for s in cfg["sources"]}
+        assert tasks == ({"toy2"} if m.label == "mtrack" else {"toy2", "toyreg"})
+    metrics = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("**/metrics.json")]
+    fewshot = {(m["label"], m["shots"]): m for m in metrics if m.get("shots")}
+    assert set(fewshot) == {(f"{l} k={k}", k) for l in ("src", "mavg", "mtrack", "fus") for k in (2, 4)}
+    assert fewshot[("mavg k=4", 4)]["train_examples"] == 8       # 4 per class, 2 classes
+    assert [h["epoch"] for h in fewshot[("mavg k=4", 4)]["history"]] == [1]   # eval_every 2 of 2 epochs
+    run = next(p.parent for p in (tmp_path / "runs").glob("extract/**/metrics.json")
+               if json.loads(p.read_text())["label"] == "mavg k=2")
+    cfg = (run / "config.yaml").read_text()
+    assert str(next(m.folder for m in merges if m.label == "mavg")) in cfg     # init_from the merged adapter
+    fus = next(p.parent for p in (tmp_path / "runs").glob("fuse/**/metrics.json"))
+    assert "toy2" in (fus / "fusion" / "sources.json").read_text()
+    assert '"task": "toy"' not in (fus / "fusion" / "sources.json").read_text()
+    rep = build_report(tmp_path / "runs", versus="src")
+    assert [r.label for r in rep.rows][:3] == ["src", "src k=2", "fus k=2"]   # full-data sources first
+    assert rep.base_row(rep.by_label["mavg k=4"], "src").label == "src k=4"
+
+
+def test_explicit_adapter_globs(tmp_path, task_yamls, data_dir):
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
+    y.write_text(y.read_text().replace("  - {name: fusion", "  - {name: fusion, adapters: [" +
+                                       str(tmp_path / "pre" / "*") + "]"))
+    r = runner.invoke(app, ["run", str(y), "--dry-run"])
+    assert r.exit_code == 2 and "matches no folder" in r.output and str(tmp_path / "pre") in r.output
+    for t in ("toy", "toyreg"):
+        r = runner.invoke(app, ["extract", "--task", str(task_yamls[t]), "--model", "tiny-bert", "--seed", "3",
+                                "--out", str(tmp_path / "pre"), "--data-dir", str(data_dir),
+                                "train.epochs=1", "train.limit=8"])
+        assert r.exit_code == 0, r.output
+    y.write_text(y.read_text().replace(str(tmp_path / "pre" / "*"), str(tmp_path / "pre" / "extract/*/*/*")))
+    fus = [n for n in S.plan(S.load_study(y)) if n.stage == "fuse"][0]
+    assert fus.deps == [] and len(fus.config["method"]["adapters"]) == 2   # fusion keeps the target's own
+
+
+def test_report_few_shot_rows_compare_at_same_k(tmp_path):
+    for seed, (a16, b16, a32, b32) in enumerate([(50, 55, 60, 60.5), (52, 58, 61, 60), (51, 56.5, 62, 63)], 1):
+        fake_run(tmp_path, "adapter k=16", "rte", seed, a16)
+        fake_run(tmp_path, "merged k=16", "rte", seed, b16)
+        fake_run(tmp_path, "adapter k=32", "rte", seed, a32)
+        fake_run(tmp_path, "merged k=32", "rte", seed, b32)
+    rep = build_report(tmp_path, versus="adapter")
+    assert [r.label for r in rep.rows] == ["adapter k=16", "merged k=16", "adapter k=32", "merged k=32"]
+    m16, m32 = rep.by_label["merged k=16"], rep.by_label["merged k=32"]
+    assert rep.delta(m16, "adapter", "rte") == pytest.approx(5.5)
+    assert rep.delta(m32, "adapter", "rte") == pytest.approx(0.1666667)
+    assert rep.mark(m16, "rte") == "†" and rep.mark(m32, "rte") == ""
+    md = render(rep, "md")
+    assert "Δ adapter" in md and "against the 'adapter' row" in md
