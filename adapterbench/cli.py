@@ -333,6 +333,46 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
     guarded(debug, go)
 
 
+@app.command()
+def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, folder or hub id."),
+          configs: str = typer.Option("all", "--configs", help="all, or comma-separated: bare, head, full, houlsby, "
+                                                               "pfeiffer, merged, fusion2, fusion4, fusion8, "
+                                                               "fusion16, mtl, camtl."),
+          modes: str = typer.Option("train,infer", "--modes", help="train, infer or both."),
+          batch_size: int = typer.Option(32, "--batch-size"), seq_len: int = typer.Option(128, "--seq-len"),
+          steps: int = typer.Option(5, "--steps", help="Timed steps (0 with --task: one whole epoch)."),
+          warmup: int = typer.Option(2, "--warmup", help="Untimed steps first."),
+          task: Optional[str] = typer.Option(None, "--task", help="Real training batches of this task."),
+          pad_to_max: bool = typer.Option(False, "--pad-to-max", help="Real batches padded to --seq-len."),
+          peer: bool = typer.Option(False, "--peer", help="Also run the `adapters` library (.peer-venv)."),
+          peer_pad_to_max: bool = typer.Option(False, "--peer-pad-to-max",
+                                               help="Peer pads to --seq-len (its GLUE script's default)."),
+          compile_model: bool = typer.Option(False, "--compile", help="torch.compile our model first."),
+          threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads per measurement."),
+          out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for bench.json and bench.md."),
+          data_dir: Optional[str] = DataOpt, debug: bool = DebugOpt):
+    """Throughput (samples/s, tokens/s) and peak memory per method; the peer library side by side."""
+    def go():
+        import json as _json
+        from .bench import Spec, markdown, run_bench
+        from .runs import atomic_write
+        if threads:
+            os.environ["ADAPTERBENCH_BENCH_THREADS"] = str(threads)
+        spec = Spec(model, batch_size, seq_len, steps, warmup, task, pad_to_max, peer_pad_to_max,
+                    compile=compile_model, data_dir=data_dir)
+        show = lambda r: console.print(f"{r['side']:4s} {r['config']:9s} {r['mode']:5s} "
+                                       f"{r['samples_per_s']:8.2f} samples/s  peak {r['peak_mib']:7.0f} MiB")
+        rows = run_bench(spec, [c.strip() for c in configs.split(",") if c.strip()],
+                         [m.strip() for m in modes.split(",") if m.strip()], peer, show)
+        text = markdown(rows, spec)
+        from dataclasses import asdict
+        atomic_write(out / "bench.json", _json.dumps({"spec": asdict(spec), "rows": rows}, indent=2))
+        atomic_write(out / "bench.md", text)
+        print(text)
+        console.print(f"written: {out / 'bench.md'}, {out / 'bench.json'}")
+    guarded(debug, go)
+
+
 @app.command("ls")
 def ls(what: str = typer.Argument(..., help="tasks | methods | runs"),
        out: str = typer.Option("runs", "--out", help="Root of run folders (for `ls runs`)."),
