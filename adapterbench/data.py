@@ -182,16 +182,73 @@ def read_hub_split(task: TaskSpec, split: str, root: Path | None) -> list[dict]:
 # --- tokenization and batching -------------------------------------------------------------
 
 def tokenize(examples: list[dict], tokenizer, max_length: int) -> list[dict]:
-    """Token ids per example (no padding; batches are padded to their longest member)."""
-    firsts = [e["text"][0] for e in examples]
-    seconds = [e["text"][1] for e in examples] if examples and len(examples[0]["text"]) > 1 else None
-    enc = tokenizer(firsts, seconds, truncation=True, max_length=max_length)
-    out = []
-    for i, e in enumerate(examples):
-        item = {k: enc[k][i] for k in enc.keys()}
+    """Token ids per example (no padding; batches are padded to their longest member).
+    The ids come from the token cache when these texts met this tokenizer before."""
+    enc = encode_cached([e["text"] for e in examples], tokenizer, max_length)
+    for item, e in zip(enc, examples):
         item["labels"] = e["label"]
-        out.append(item)
+    return enc
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ADAPTERBENCH_CACHE", Path.home() / ".cache" / "adapterbench"))
+
+
+def tokenizer_key(tokenizer) -> str:
+    """What makes two tokenizers give the same ids: class, vocabulary, special tokens, casing."""
+    import hashlib
+    vocab = sorted(tokenizer.get_vocab().items())
+    blob = json.dumps([type(tokenizer).__name__, vocab, tokenizer.all_special_tokens,
+                       tokenizer.init_kwargs.get("do_lower_case"), getattr(tokenizer, "padding_side", None),
+                       getattr(tokenizer, "truncation_side", None)], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def encode_cached(texts: list[tuple], tokenizer, max_length: int) -> list[dict]:
+    """Tokenise once per (tokenizer, max_length, texts); later calls read
+    $ADAPTERBENCH_CACHE/tokens/<hash>.safetensors (flat int32 ids + offsets per field).
+    ADAPTERBENCH_TOKEN_CACHE=0 turns the cache off."""
+    import hashlib
+    if not texts:
+        return []
+    use_cache = os.environ.get("ADAPTERBENCH_TOKEN_CACHE", "1") != "0"
+    key = hashlib.sha256(json.dumps([tokenizer_key(tokenizer), max_length, texts]).encode()).hexdigest()[:32]
+    path = cache_root() / "tokens" / f"{key}.safetensors"
+    if use_cache and path.is_file():
+        try:
+            return _unflatten(path)
+        except Exception:  # a damaged cache file is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    firsts = [t[0] for t in texts]
+    seconds = [t[1] for t in texts] if len(texts[0]) > 1 else None
+    enc = tokenizer(firsts, seconds, truncation=True, max_length=max_length)
+    out = [{k: list(enc[k][i]) for k in enc.keys()} for i in range(len(texts))]
+    if use_cache:
+        try:
+            _flatten(out, path)
+        except OSError:
+            pass  # a read-only or full cache folder only costs speed
     return out
+
+
+def _flatten(items: list[dict], path: Path) -> None:
+    from safetensors.torch import save_file
+    lengths = torch.tensor([len(it["input_ids"]) for it in items], dtype=torch.int64)
+    tensors = {"offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])}
+    for key in items[0]:
+        tensors[key] = torch.tensor([x for it in items for x in it[key]], dtype=torch.int32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def _unflatten(path: Path) -> list[dict]:
+    from safetensors.torch import load_file
+    t = load_file(str(path))
+    offsets = t.pop("offsets").tolist()
+    fields = {k: v.tolist() for k, v in t.items()}
+    return [{k: v[offsets[i]:offsets[i + 1]] for k, v in fields.items()} for i in range(len(offsets) - 1)]
 
 
 class Collator:

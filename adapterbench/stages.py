@@ -82,10 +82,12 @@ def prepare_items(task, splits, tokenizer, cfg: RunConfig) -> dict:
     items = {}
     data_seed = cfg.data.data_seed if cfg.data.data_seed is not None else cfg.seed
     for name, examples in splits.items():
+        tokens = tokenize(examples, tokenizer, cfg.model.max_length)  # the whole split: one cache entry
+        position = {id(e): i for i, e in enumerate(examples)}
         if name == "train" and cfg.train.shots:
             examples = few_shot(examples, cfg.train.shots, task.regression, data_seed)
         limit = {"train": cfg.train.limit, "dev": cfg.train.eval_limit}.get(name, 0)
-        items[name] = tokenize(subsample(examples, limit, data_seed), tokenizer, cfg.model.max_length)
+        items[name] = [tokens[position[id(e)]] for e in subsample(examples, limit, data_seed)]
     return items
 
 

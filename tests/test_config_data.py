@@ -164,3 +164,23 @@ def test_length_grouped_batches_cover_everything_with_less_padding():
     g, p = padding_stats(lengths, grouped, 128), padding_stats(lengths, plain, 128)
     assert g["pad_share_dynamic"] < p["pad_share_dynamic"] < g["pad_share_fixed"]
     assert g["real_tokens"] == sum(lengths) and g["fixed_tokens"] == 128 * 1000
+
+
+def test_token_cache_reads_what_it_wrote(tmp_path, monkeypatch, tiny_bert_dir):
+    from transformers import AutoTokenizer
+    from adapterbench.data import tokenize
+    monkeypatch.setenv("ADAPTERBENCH_CACHE", str(tmp_path / "cache"))
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    examples = [{"text": ("the cat sat", "a dog"), "label": 1}, {"text": ("good film", "bad plot is not fine"), "label": 0}]
+    first = tokenize(examples, tok, 16)
+    files = list((tmp_path / "cache" / "tokens").glob("*.safetensors"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again = tokenize(examples, tok, 16)
+    assert again == first and files[0].stat().st_mtime_ns == stamp          # read back, not rewritten
+    assert first[1]["input_ids"] == tok("good film", "bad plot is not fine")["input_ids"]
+    assert first[0]["labels"] == 1 and "token_type_ids" in first[0]
+    short = tokenize(examples, tok, 5)                                       # another max_length: another entry
+    assert len(short[1]["input_ids"]) == 5 and len(list(files[0].parent.glob("*.safetensors"))) == 2
+    files[0].write_bytes(b"garbage")                                         # a damaged entry is rebuilt
+    assert tokenize(examples, tok, 16) == first
