@@ -66,7 +66,9 @@ def _train(stage, config, task, model, method, seed, out, data_dir, overrides, f
 
 
 def print_metrics(folder: Path) -> None:
-    from .runs import read_json
+    from .runs import is_main_process, read_json
+    if not is_main_process():   # the other ranks of a multi-process run stay quiet
+        return
     m = read_json(Path(folder) / "metrics.json")
     table = Table(title=f"{m['task']} / {m['method']} / {m['model']} (seed {m['seed']})")
     for col in ("split", *m["metrics"]["dev"].keys()):

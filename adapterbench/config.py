@@ -26,6 +26,7 @@ class ModelConfig:
     name: str = "minilm-l6"          # hub id, local folder, or an alias (minilm-l6)
     max_length: int = 128            # tokens per example after truncation (paper setting)
     trust_remote_code: bool = False  # only when the user asks for it
+    dropout: float | None = None     # set every dropout probability (encoder and head); None = the model's
 
 
 @dataclass
@@ -231,6 +232,7 @@ def check_ranges(cfg: RunConfig) -> None:
         (t.log_every >= 1, "train.log_every", t.log_every, "at least 1"),
         (t.eval_every >= 1, "train.eval_every", t.eval_every, "at least 1"),
         (cfg.model.max_length >= 8, "model.max_length", cfg.model.max_length, "at least 8"),
+        (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout", cfg.model.dropout, "in [0, 1)"),
     ]
     for ok, key, value, want in checks:
         if not ok:
@@ -248,7 +250,8 @@ ANY = object()
 HASH_NEUTRAL = {("init_from",): None, ("train", "shots"): 0, ("data", "data_seed"): None,
                 ("train", "checkpoint_every"): ANY,
                 ("sampling",): {"scheme": "proportional", "temperature": 2.0},
-                ("train", "group_by_length"): False, ("train", "eval_every"): 1}
+                ("train", "group_by_length"): False, ("train", "eval_every"): 1,
+                ("model", "dropout"): None}
 
 
 def config_hash(resolved: dict) -> str:

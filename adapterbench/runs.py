@@ -125,12 +125,18 @@ def environment() -> dict:
             "cpu_count": os.cpu_count(), "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-class Run:
-    """One run folder being written."""
+def is_main_process() -> bool:
+    """False in the non-zero ranks of `accelerate launch` / `torchrun`: they train, rank 0 writes."""
+    return int(os.environ.get("RANK", "0")) == 0
 
-    def __init__(self, folder: Path):
+
+class Run:
+    """One run folder being written (by the main process only; other ranks get a reader)."""
+
+    def __init__(self, folder: Path, writer: bool = True):
         self.folder = Path(folder)
         self.resumed = False
+        self.writer = writer
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -139,6 +145,10 @@ class Run:
     @classmethod
     def create(cls, folder: Path, resolved: dict, task_spec, force: bool) -> "Run":
         folder = Path(folder)
+        if not is_main_process():
+            run = cls(folder, writer=False)
+            run.resumed = resumable(folder, resolved) and not force
+            return run
         if folder.exists():
             if status_of(folder) == "ok" and not force:
                 raise RunExists(folder)
@@ -158,15 +168,21 @@ class Run:
         return run
 
     def log(self, record: dict) -> None:
+        if not self.writer:
+            return
         with open(self.folder / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def finish(self, metrics: dict) -> None:
         """Mark the run ok (last, once every other file is complete); drop its checkpoint."""
+        if not self.writer:
+            return
         write_json(self.folder / "metrics.json", {"status": "ok", **metrics})
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
     def fail(self, error: BaseException) -> None:
+        if not self.writer:
+            return
         kind = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         try:
             write_json(self.folder / "metrics.json", {"status": kind, "error": f"{type(error).__name__}: {error}"})

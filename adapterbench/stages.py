@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import time
 from pathlib import Path
 
@@ -59,7 +60,17 @@ def build_model(cfg: RunConfig, task: TaskSpec):
         init_adapter(encoder, cfg, mcfg, method, task.name)
     head = ClassificationHead(HeadConfig(encoder.config.hidden_size, task.num_labels, task.regression,
                                          labels=list(task.labels) or None))
-    return TaskModel(encoder, head), tokenizer
+    return set_dropout(TaskModel(encoder, head), cfg.model.dropout), tokenizer
+
+
+def set_dropout(model, p: float | None):
+    """model.dropout: one probability for every dropout module (None keeps the model's own)."""
+    if p is not None:
+        import torch.nn as nn
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+    return model
 
 
 def init_adapter(encoder, cfg: RunConfig, mcfg, method, name: str) -> None:
@@ -126,6 +137,8 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
                     log=run.log, show_progress=show_progress, checkpoint_dir=run.checkpoint_dir)
         # the model is left at its best scored epoch, whose dev metrics the loop already has
         dev = res.best_metrics or evaluate_items(model, items["dev"], collate, task, cfg.train.eval_batch_size)[0]
+        if not run.writer:   # another rank of a multi-process run: rank 0 writes the folder
+            return run.folder
         save_weights(run.folder, cfg, task, model)
         if save_attention:
             write_attention(run.folder, model, items["dev"], collate, task, cfg)
@@ -141,6 +154,7 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
             "train_examples": len(items["train"]), "dev_examples": len(items["dev"]),
             "train_seconds": round(res.train_seconds, 3), "samples_per_second": round(res.samples_per_second, 3),
             "wall_seconds": round(time.time() - started, 3), "adapterbench_version": __version__,
+            "processes": int(os.environ.get("WORLD_SIZE", "1")),
         })
     except BaseException as e:
         run.fail(e)

@@ -42,9 +42,13 @@ class TrainResult:
 
 
 def make_accelerator():
+    """One process, or several under `accelerate launch` / `torchrun`: each global batch is
+    split across the processes (split_batches), so N processes train as one does."""
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
     cuda = torch.cuda.is_available()
-    return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no",
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def seed_everything(seed: int) -> None:
@@ -110,6 +114,10 @@ def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if accelerator.num_processes > 1:  # shard the data; one process keeps the plain loaders (exact resume)
+        for key, b in (("train.batch_size", cfg.batch_size), ("train.eval_batch_size", cfg.eval_batch_size)):
+            if b % accelerator.num_processes:
+                raise UserError(f"{key}={b} is not a multiple of the {accelerator.num_processes} processes: "
+                                f"each batch is split across them; choose a multiple")
         train_loader, dev_loader = accelerator.prepare(train_loader, dev_loader)
     higher = M.METRICS[task.main_metric][1]
     res, best_state = TrainResult(), None

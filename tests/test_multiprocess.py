@@ -1,0 +1,71 @@
+"""Several processes train as one: `torchrun --nproc_per_node 2` (gloo on CPU; the same
+Accelerator path as `accelerate launch` on GPUs) gives the weights and metrics of a single
+process, for `extract` and `fuse`. Each global batch is split across the processes; dropout
+is set to 0 because each process draws its own dropout masks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from adapterbench.cli import app
+
+runner = CliRunner()
+COMMON = ["--model", "tiny-bert", "train.epochs=2", "train.batch_size=8", "train.eval_batch_size=8",
+          "train.limit=32", "train.lr=1e-2", "model.dropout=0"]
+
+
+def two_processes(args: list[str], tmp_path: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "adapterbench", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def only_run(root: Path) -> Path:
+    found = [m.parent for m in root.glob("**/metrics.json")]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def assert_same(one: Path, two: Path, weights: list[str]) -> None:
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert m1["processes"] == 1 and m2["processes"] == 2
+    assert m1["history"] == m2["history"] and m1["steps"] == m2["steps"]
+    for name in weights:
+        a, b = load_file(one / name), load_file(two / name)
+        assert a.keys() == b.keys()
+        moved = max(float(v.abs().max()) for v in a.values())
+        assert moved > 1e-3                                       # training did change the weights
+        for k in a:
+            if k.endswith("key.bias"):
+                # fusion's key bias adds one constant to every score of a query: softmax ignores it, its
+                # gradient is rounding noise, and Adam turns that noise into lr-sized steps
+                continue
+            assert (a[k] - b[k]).abs().max() < 1e-5, k
+
+
+def test_extract_and_fuse_two_processes_equal_one(tmp_path, task_yamls, data_dir):
+    toy = ["--task", str(task_yamls["toy"]), "--data-dir", str(data_dir)]
+    r = runner.invoke(app, ["extract", *toy, "--out", str(tmp_path / "one"), *COMMON])
+    assert r.exit_code == 0, r.output
+    two_processes(["extract", *toy, "--out", str(tmp_path / "two"), *COMMON], tmp_path)
+    one, two = only_run(tmp_path / "one"), only_run(tmp_path / "two")
+    assert_same(one, two, ["adapter/adapter.safetensors", "adapter/head.safetensors"])
+
+    r = runner.invoke(app, ["extract", "--task", str(task_yamls["toyreg"]), "--data-dir", str(data_dir),
+                            "--out", str(tmp_path / "src"), *COMMON])
+    assert r.exit_code == 0, r.output
+    sources = ["--adapters", str(one), "--adapters", str(only_run(tmp_path / "src"))]
+    fuse = ["fuse", "--target", str(task_yamls["toy"]), "--data-dir", str(data_dir), *sources, *COMMON]
+    r = runner.invoke(app, [*fuse, "--out", str(tmp_path / "fone")])
+    assert r.exit_code == 0, r.output
+    two_processes([*fuse, "--out", str(tmp_path / "ftwo")], tmp_path)
+    assert_same(only_run(tmp_path / "fone"), only_run(tmp_path / "ftwo"),
+                ["fusion/fusion.safetensors", "fusion/head.safetensors"])
