@@ -304,6 +304,8 @@ def multitask_stage(cfg: RunConfig, force: bool = False, show_progress: bool = T
         for t in tasks:
             save_tensors(run.folder / "multitask" / f"head-{t.name}.safetensors", model.heads[t.name].state_dict())
         write_json(run.folder / "multitask" / "tasks.json", [t.path for t in tasks])
+        if cfg.method["name"] == "mt-a":
+            export_mta(run.folder / "multitask", model.encoder, tokenizer, cfg, tasks)
         trainable, total = count_params(model)
         used = sum(len(u) for u in res["used"]) / sum(len(x) for x in train_items)
         run.finish({
@@ -325,6 +327,37 @@ def multitask_stage(cfg: RunConfig, force: bool = False, show_progress: bool = T
         run.fail(e)
         raise
     return run.folder
+
+
+def export_mta(out: Path, encoder, tokenizer, cfg: RunConfig, tasks: list[TaskSpec]) -> None:
+    """For "Fusion w/ MT-A" (Pfeiffer et al. 2021): the jointly fine-tuned encoder without its
+    adapters as a model folder (`base_model/`), and each task's adapter as an adapter folder
+    (`adapters/<task>/`) whose base model is that folder, so `fuse --adapters .../adapters/*` works."""
+    from transformers import AutoModel
+    from .methods.bottleneck import adapter_state
+    from .methods.mta import bottleneck
+    from .models import resolve_model_path
+    base_dir = out / "base_model"
+    plain = {k.replace(".base.", "."): v for k, v in encoder.state_dict().items() if ".adapters." not in k}
+    fresh = AutoModel.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
+    if getattr(fresh, "pooler", None) is not None:
+        fresh.pooler = None
+    missing, unexpected = fresh.load_state_dict(plain, strict=False)
+    if missing or unexpected:
+        raise UserError(f"cannot unwrap the MT-A encoder ({(missing or unexpected)[0]})")
+    fresh.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    mcfg = method_config(cfg.method)
+    bcfg = bottleneck(mcfg)
+    adapter_method = vars(method_config({"name": "pfeiffer", "reduction_factor": bcfg.reduction_factor,
+                                         "activation": bcfg.activation, "init": bcfg.init}))
+    for t in tasks:
+        folder = out / "adapters" / t.name
+        save_tensors(folder / "adapter.safetensors", adapter_state(encoder, bcfg, t.name), {"format": "pt"})
+        write_json(folder / "adapter_config.json", {
+            "method": adapter_method, "base_model": str(base_dir.resolve()), "model_type": encoder.config.model_type,
+            "hidden_size": encoder.config.hidden_size, "num_layers": encoder.config.num_hidden_layers,
+            "task": t.name, "trained_as": "mt-a", "adapterbench_version": __version__})
 
 
 def evaluate_multitask(folder: Path, data_dir: str | None = None) -> dict:

@@ -33,6 +33,7 @@ class MethodEntry:
     label: str = ""                             # row name in reports; default: the method name
     method: dict = field(default_factory=dict)  # method.* keys, e.g. reduction_factor: 64
     train: dict = field(default_factory=dict)   # train.* keys for this entry only
+    sampling: dict = field(default_factory=dict)  # multi-task: sampling.* keys (scheme, temperature)
     sources: list[str] = field(default_factory=list)  # fusion: source tasks (default: the study's tasks)
     source_method: str = "pfeiffer"             # fusion/merge: label of the entry whose adapters are used
     adapters: list[str] = field(default_factory=list)  # fusion/merge: existing adapter folders (globs) instead
@@ -112,7 +113,12 @@ def plan(study: Study) -> list[Node]:
         if src_entry is None:
             raise UserError(f"{entry.name} entry '{label}': source_method '{entry.source_method}' is not "
                             f"a method label of the study ({', '.join(entries)})")
-        deps = [add(src_entry, t, seed, model, 0) for t in (entry.sources or study.tasks) if own or t != task]
+        wanted = [t for t in (entry.sources or study.tasks) if own or t != task]
+        if get_method(src_entry.name).KIND == "multitask":   # Fusion w/ MT-A: the adapters one run exported
+            mt = add(src_entry, ",".join(study.tasks), seed, model, 0)
+            root = by_index[mt].folder.resolve() / "multitask" / "adapters"
+            return [mt], [str(root / load_task(t).name) for t in wanted]
+        deps = [add(src_entry, t, seed, model, 0) for t in wanted]
         return deps, [str(by_index[i].folder.resolve()) for i in deps]
 
     def add(entry: MethodEntry, task: str, seed: int, model: str, shots: int) -> int:
@@ -121,6 +127,8 @@ def plan(study: Study) -> list[Node]:
         deps = []
         layer = {"task": task, "seed": seed, "model": {"name": model}, "out_dir": study.out_dir,
                  "label": label, "method": {"name": entry.name, **entry.method}, "train": dict(entry.train)}
+        if entry.sampling:
+            layer["sampling"] = dict(entry.sampling)
         if shots and "shots" not in entry.train:
             layer["train"]["shots"] = shots
         if entry.merge:

@@ -132,3 +132,50 @@ def test_multitask_cli_end_to_end_and_reload(method, tiny_bert_dir, task_yamls, 
 def test_single_task_stage_refuses_multitask_method(task_yamls):
     r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--method", "camtl"])
     assert r.exit_code == 2 and "multi-task method" in r.output
+
+
+def test_mta_export_reproduces_the_task_path_and_fuses(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    """MT-A's export (base_model/ + adapters/<task>/) gives, per task, the logits of the
+    multi-task model; `fuse` accepts the exported adapters (Fusion w/ MT-A)."""
+    from adapterbench.methods import get_method, method_config
+    from adapterbench.models import ClassificationHead, HeadConfig, TaskModel, load_encoder
+    from adapterbench.multitask import MTCollator, build
+    from adapterbench.config import build as build_cfg, load_yaml, RunConfig
+    from adapterbench.runs import load_tensors, read_json
+    from adapterbench.tasks import parse_task
+    tasks = f"{task_yamls['toy']},{task_yamls['toyreg']}"
+    r = runner.invoke(app, ["multitask", "--tasks", tasks, "--method", "mt-a", "--model", str(tiny_bert_dir),
+                            "--data-dir", str(data_dir), "--out", str(tmp_path), "train.epochs=1",
+                            "train.batch_size=8", "train.lr=1e-2"])
+    assert r.exit_code == 0, r.output
+    run = next(tmp_path.glob("multitask/mt-a/*/*"))
+    out = run / "multitask"
+    cfg = build_cfg(RunConfig, load_yaml(run / "config.yaml"))
+    specs = [parse_task(task_yamls["toy"]), parse_task(task_yamls["toyreg"])]
+    mt, tok, method, mcfg = build(cfg, specs)
+    method.load_state(mt.encoder, mcfg, ["toy", "toyreg"], load_tensors(out / "encoder.safetensors"))
+    for t in specs:
+        mt.heads[t.name].load_state_dict(load_tensors(out / f"head-{t.name}.safetensors"))
+    mt.eval()
+    enc = tok(["the cat sat on the mat", "good film"], ["a dog", "bad plot"], padding=True, return_tensors="pt")
+    for i, t in enumerate(specs):
+        with torch.no_grad():
+            want = mt(**enc, task_ids=torch.full((2,), i))[i][1]
+        meta = read_json(out / "adapters" / t.name / "adapter_config.json")
+        assert meta["task"] == t.name and meta["base_model"] == str((out / "base_model").resolve())
+        single, _ = load_encoder(meta["base_model"])
+        pf, pcfg = get_method("pfeiffer"), method_config(meta["method"])
+        pf.apply(single, pcfg, t.name)
+        pf.load_state(single, pcfg, t.name, load_tensors(out / "adapters" / t.name / "adapter.safetensors"))
+        head = ClassificationHead(HeadConfig(single.config.hidden_size, t.num_labels, t.regression))
+        head.load_state_dict(mt.heads[t.name].state_dict())
+        model = TaskModel(single, head).eval()
+        with torch.no_grad():
+            got = model(**enc)
+        assert torch.allclose(got, want, atol=1e-5), (t.name, got, want)
+    r = runner.invoke(app, ["fuse", "--target", str(task_yamls["toy"]), "--data-dir", str(data_dir),
+                            "--adapters", str(out / "adapters" / "toy"), "--adapters", str(out / "adapters" / "toyreg"),
+                            "--out", str(tmp_path / "f"), "train.epochs=1", "train.batch_size=8"])
+    assert r.exit_code == 0, r.output
+    fused = json.loads(next((tmp_path / "f").glob("fuse/**/metrics.json")).read_text())
+    assert fused["status"] == "ok" and fused["model"] == str((out / "base_model").resolve())

@@ -287,3 +287,21 @@ def test_report_few_shot_rows_compare_at_same_k(tmp_path):
     assert rep.mark(m16, "rte") == "†" and rep.mark(m32, "rte") == ""
     md = render(rep, "md")
     assert "Δ adapter" in md and "against the 'adapter' row" in md
+
+
+def test_fusion_with_mta_adapters(tmp_path, task_yamls, data_dir):
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
+    text = y.read_text().replace(f"tasks: [{task_yamls['toy']}]", f"tasks: [{task_yamls['toy']}, {task_yamls['toyreg']}]")
+    text = text[:text.index("methods:")] + """methods:
+  - {name: mt-a}
+  - {name: fusion, label: fusion-mta, source_method: mt-a}
+"""
+    y.write_text(text)
+    nodes = S.plan(S.load_study(y))
+    mta = [n for n in nodes if n.stage == "multitask"]
+    fus = [n for n in nodes if n.stage == "fuse"]
+    assert len(mta) == 1 and len(fus) == 2 and all(f.deps == [mta[0].index] for f in fus)
+    assert fus[0].config["method"]["adapters"][0].endswith("multitask/adapters/toy")
+    r = runner.invoke(app, ["run", str(y)])
+    assert r.exit_code == 0, r.output
+    assert "3 ran, 0 already done, 0 failed" in r.output
