@@ -211,14 +211,16 @@ def train_multitask(model, train_items, dev_items, collate, tasks, cfg: RunConfi
                     t0 = time.perf_counter()
                     checkpoint()
             res["train_seconds"] += time.perf_counter() - t0
-            dev = evaluate_tasks(accelerator.unwrap_model(model), dev_items, collate, tasks, tc.eval_batch_size)
-            mean = float(np.mean([dev[t.name][t.main_metric] for t in tasks]))
-            res["history"].append({"epoch": epoch, "mean_main": mean, **{t: m for t, m in dev.items()}})
-            log({"epoch": epoch, "step": res["steps"], "dev": dev, "mean_main": mean})
-            if is_better(mean, res["best"], True):
-                res["best"], res["best_epoch"] = mean, epoch
-                best_state = {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()
-                              if p.requires_grad}
+            last = epoch + 1 >= tc.epochs or bool(tc.max_steps and res["steps"] >= tc.max_steps)
+            if last or (epoch + 1) % tc.eval_every == 0:
+                dev = evaluate_tasks(accelerator.unwrap_model(model), dev_items, collate, tasks, tc.eval_batch_size)
+                mean = float(np.mean([dev[t.name][t.main_metric] for t in tasks]))
+                res["history"].append({"epoch": epoch, "mean_main": mean, **{t: m for t, m in dev.items()}})
+                log({"epoch": epoch, "step": res["steps"], "dev": dev, "mean_main": mean})
+                if is_better(mean, res["best"], True):
+                    res["best"], res["best_epoch"], res["best_dev"] = mean, epoch, dev
+                    best_state = {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()
+                                  if p.requires_grad}
             res["epoch"], res["batch"] = epoch + 1, 0
             if checkpoint_dir is not None:
                 checkpoint()
@@ -298,7 +300,8 @@ def multitask_stage(cfg: RunConfig, force: bool = False, show_progress: bool = T
         collate = MTCollator(tokenizer.pad_token_id or 0)
         res = train_multitask(model, train_items, dev_items, collate, tasks, cfg, run.log, show_progress,
                               checkpoint_dir=run.checkpoint_dir)
-        dev = evaluate_tasks(model, dev_items, collate, tasks, cfg.train.eval_batch_size)
+        # the model is left at its best scored epoch, whose per-task dev metrics the loop kept
+        dev = res.get("best_dev") or evaluate_tasks(model, dev_items, collate, tasks, cfg.train.eval_batch_size)
         save_tensors(run.folder / "multitask" / "encoder.safetensors",
                      method.trainable_state(model.encoder, mcfg, names))
         for t in tasks:
