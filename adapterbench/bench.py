@@ -44,7 +44,8 @@ class Spec:
     task: str | None = None          # real batches of this task's training set instead of random ids
     pad_to_max: bool = False         # real batches: pad every batch to seq_len
     peer_pad_to_max: bool = False    # the peer only: pad to seq_len (its GLUE example script's default)
-    bf16: bool = True                # autocast to bfloat16 on a GPU (ignored on CPU)
+    precision: str = "auto"          # ours: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16; the peer: fp32
+    group_by_length: bool = False    # real batches: length-grouped order (train.group_by_length)
     compile: bool = False            # torch.compile the model first
     data_dir: str | None = None
     extra: dict = field(default_factory=dict)
@@ -71,6 +72,11 @@ def real_token_lists(spec: Spec, tokenizer, n: int | None) -> tuple[list[list[in
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
     examples = [examples[i] for i in order[: n * spec.batch_size if n else None]]
     items = tokenize(examples, tokenizer, spec.seq_len)
+    if spec.group_by_length:
+        from .data import LengthGroupedBatches
+        batches = LengthGroupedBatches([len(it["input_ids"]) for it in items], spec.batch_size,
+                                       torch.Generator().manual_seed(0))
+        items = [items[i] for b in batches for i in b]
     labels = [int(it["labels"]) if not task.regression else 0 for it in items]
     return [it["input_ids"] for it in items], labels
 
@@ -159,7 +165,8 @@ def measure(config: str, mode: str, spec: Spec) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5) if train and params else None
     runner = torch.compile(model) if spec.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=spec.bf16 and device.type == "cuda")
+    from .train import autocast as make_autocast
+    autocast = make_autocast(spec.precision, device)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -232,22 +239,32 @@ def check_peer() -> None:
                         f"`bash scripts/make_peer_venv.sh` first")
 
 
-def run_bench(spec: Spec, configs: list[str], modes: list[str], peer: bool, on_row=lambda row: None) -> list[dict]:
+def run_bench(spec: Spec, configs: list[str], modes: list[str], peer: bool, on_row=lambda row: None,
+              repeat: int = 1) -> list[dict]:
+    """Every measurement `repeat` times, ours and the peer's interleaved so that drifts of a
+    shared machine hit both alike; each row keeps the median (samples/s) run and all of them."""
     configs = list(CONFIGS) if configs == ["all"] else configs
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         raise UserError(f"--configs: unknown '{unknown[0]}' (known: {', '.join(CONFIGS)})")
     if peer:
         check_peer()
+    runs: dict[tuple, list[dict]] = {}
+    for _ in range(repeat):
+        for config in configs:
+            for mode in modes:
+                if config == "bare" and mode == "train":
+                    continue
+                for side in ("ours", "peer") if peer and config in PEER_CONFIGS else ("ours",):
+                    row = run_one(config, mode, spec, peer=side == "peer")
+                    runs.setdefault((side, config, mode), []).append(row)
+                    on_row(row)
     rows = []
-    for config in configs:          # ours and the peer's interleaved, so drifts hit both alike
-        for mode in modes:
-            if config == "bare" and mode == "train":
-                continue
-            for side in ("ours", "peer") if peer and config in PEER_CONFIGS else ("ours",):
-                row = run_one(config, mode, spec, peer=side == "peer")
-                rows.append(row)
-                on_row(row)
+    for key, found in runs.items():
+        found = sorted(found, key=lambda r: r["samples_per_s"])
+        row = dict(found[len(found) // 2])
+        row["all_samples_per_s"] = [round(r["samples_per_s"], 3) for r in runs[key]]
+        rows.append(row)
     return rows
 
 
@@ -264,8 +281,11 @@ def markdown(rows: list[dict], spec: Spec) -> str:
     shape = (f"real `{spec.task}` training batches of {spec.batch_size}, "
              f"{'padded to ' + str(spec.seq_len) if spec.pad_to_max else 'padded to the longest member'}"
              if spec.task else f"fixed shape {spec.batch_size} x {spec.seq_len} tokens")
-    lines = [f"model `{spec.model}`, {shape}, {spec.steps} timed steps after {spec.warmup} warm-up, "
-             f"device {rows[0]['device'] if rows else '?'}; each measurement in its own process.", "",
+    reps = max((len(r.get("all_samples_per_s", [1])) for r in rows), default=1)
+    lines = [f"model `{spec.model}`, {shape}{', length-grouped' if spec.group_by_length else ''}, "
+             f"{spec.steps or 'all'} timed steps after {spec.warmup} warm-up, precision {spec.precision} (peer fp32), "
+             f"device {rows[0]['device'] if rows else '?'}; each measurement in its own process"
+             f"{f', median of {reps} interleaved repeats' if reps > 1 else ''}.", "",
              "| config | train samples/s | train tokens/s | train step / bare forward | x single adapter (train) "
              "| train peak MiB | infer samples/s | infer x bare | peer train samples/s | ours / peer (train) "
              "| peer infer samples/s | ours / peer (infer) | peer train peak MiB |",

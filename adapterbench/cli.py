@@ -315,13 +315,15 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
            plot: bool = typer.Option(True, "--plot/--no-plot", help="Bar plot PNG with error bars."),
            versus: str = typer.Option("full", "--versus",
                                       help="Row label the † paired t-test and a Δ column compare against."),
+           rows: Optional[str] = typer.Option(None, "--rows", help="Only these rows: labels or patterns, "
+                                                                    "comma-separated ('full,pfeiffer,merge-*')."),
            debug: bool = DebugOpt):
     """Tables (md/csv/latex) and plots over finished runs: mean ± std over seeds, deltas, significance."""
     def go():
         from .plots import metric_bars
         from .report import build_report, render
         from .runs import atomic_write
-        rep = build_report(runs_dir, reference, versus)
+        rep = build_report(runs_dir, reference, versus, [r.strip() for r in rows.split(',')] if rows else None)
         text = render(rep, fmt)
         if out_file:
             atomic_write(out_file, text)
@@ -350,6 +352,9 @@ def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, f
           peer_pad_to_max: bool = typer.Option(False, "--peer-pad-to-max",
                                                help="Peer pads to --seq-len (its GLUE script's default)."),
           compile_model: bool = typer.Option(False, "--compile", help="torch.compile our model first."),
+          precision: str = typer.Option("auto", "--precision", help="Ours: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16."),
+          group_by_length: bool = typer.Option(False, "--group-by-length", help="Real batches in length-grouped order."),
+          repeat: int = typer.Option(1, "--repeat", help="Measure everything N times, interleaved; keep the median."),
           threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads per measurement."),
           out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for bench.json and bench.md."),
           data_dir: Optional[str] = DataOpt, debug: bool = DebugOpt):
@@ -361,11 +366,11 @@ def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, f
         if threads:
             os.environ["ADAPTERBENCH_BENCH_THREADS"] = str(threads)
         spec = Spec(model, batch_size, seq_len, steps, warmup, task, pad_to_max, peer_pad_to_max,
-                    compile=compile_model, data_dir=data_dir)
+                    precision=precision, group_by_length=group_by_length, compile=compile_model, data_dir=data_dir)
         show = lambda r: console.print(f"{r['side']:4s} {r['config']:9s} {r['mode']:5s} "
                                        f"{r['samples_per_s']:8.2f} samples/s  peak {r['peak_mib']:7.0f} MiB")
         rows = run_bench(spec, [c.strip() for c in configs.split(",") if c.strip()],
-                         [m.strip() for m in modes.split(",") if m.strip()], peer, show)
+                         [m.strip() for m in modes.split(",") if m.strip()], peer, show, repeat)
         text = markdown(rows, spec)
         from dataclasses import asdict
         atomic_write(out / "bench.json", _json.dumps({"spec": asdict(spec), "rows": rows}, indent=2))

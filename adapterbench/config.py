@@ -48,6 +48,7 @@ class TrainConfig:
     checkpoint_every: int = 0        # also checkpoint every N steps (one is always written after each epoch)
     group_by_length: bool = False    # batches of similar length: less padding, a different batch order
     eval_every: int = 1              # score dev after every N-th epoch and the last (best epoch among those)
+    precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16 (also on CPU)
 
 
 @dataclass
@@ -231,6 +232,7 @@ def check_ranges(cfg: RunConfig) -> None:
          "negative", "0 or more"),
         (t.log_every >= 1, "train.log_every", t.log_every, "at least 1"),
         (t.eval_every >= 1, "train.eval_every", t.eval_every, "at least 1"),
+        (t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "auto, fp32 or bf16"),
         (cfg.model.max_length >= 8, "model.max_length", cfg.model.max_length, "at least 8"),
         (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout", cfg.model.dropout, "in [0, 1)"),
     ]
@@ -251,7 +253,7 @@ HASH_NEUTRAL = {("init_from",): None, ("train", "shots"): 0, ("data", "data_seed
                 ("train", "checkpoint_every"): ANY,
                 ("sampling",): {"scheme": "proportional", "temperature": 2.0},
                 ("train", "group_by_length"): False, ("train", "eval_every"): 1,
-                ("model", "dropout"): None}
+                ("model", "dropout"): None, ("train", "precision"): "auto"}
 
 
 def config_hash(resolved: dict) -> str:

@@ -102,12 +102,12 @@ def prepare_items(task, splits, tokenizer, cfg: RunConfig) -> dict:
     return items
 
 
-def evaluate_items(model, items, collate, task, batch_size: int):
+def evaluate_items(model, items, collate, task, batch_size: int, precision: str = "auto"):
     """(metrics, predictions) on one split; the same path for training-time and `evaluate`."""
     accelerator = make_accelerator()
     loader = accelerator.prepare(DataLoader(items, batch_size=batch_size, collate_fn=collate))
     model = accelerator.prepare(model)
-    preds, labels = predict(model, loader, accelerator, task.regression)
+    preds, labels = predict(model, loader, accelerator, task.regression, precision)
     return (score(task, preds, labels) if labels is not None else {}), preds
 
 
@@ -136,7 +136,8 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
                     cfg.data.shuffle_seed if cfg.data.shuffle_seed is not None else cfg.seed,
                     log=run.log, show_progress=show_progress, checkpoint_dir=run.checkpoint_dir)
         # the model is left at its best scored epoch, whose dev metrics the loop already has
-        dev = res.best_metrics or evaluate_items(model, items["dev"], collate, task, cfg.train.eval_batch_size)[0]
+        dev = res.best_metrics or evaluate_items(model, items["dev"], collate, task, cfg.train.eval_batch_size,
+                                                  cfg.train.precision)[0]
         if not run.writer:   # another rank of a multi-process run: rank 0 writes the folder
             return run.folder
         save_weights(run.folder, cfg, task, model)
@@ -227,7 +228,7 @@ def write_attention(folder: Path, model, items, collate, task, cfg: RunConfig) -
         raise UserError("--save-attention needs a fusion run")
     for mx in mixers:
         mx.record = []
-    evaluate_items(model, items, collate, task, cfg.train.eval_batch_size)
+    evaluate_items(model, items, collate, task, cfg.train.eval_batch_size, cfg.train.precision)
     names, rows = fusion.attention_table(model.encoder)
     for mx in mixers:
         mx.record = None
@@ -257,7 +258,7 @@ def evaluate_stage(folder: Path, split: str = "dev", data_dir: str | None = None
     splits = load_splits(task, data_dir or cfg.data.data_dir, (split,))
     items = prepare_items(task, splits, tokenizer, cfg)[split]
     collate = Collator(tokenizer.pad_token_id or 0, task.regression)
-    metrics, preds = evaluate_items(model, items, collate, task, cfg.train.eval_batch_size)
+    metrics, preds = evaluate_items(model, items, collate, task, cfg.train.eval_batch_size, cfg.train.precision)
     result = {"split": split, "metrics": metrics}
     if save_attention:
         result["attention"] = str(write_attention(folder, model, items, collate, task, cfg))

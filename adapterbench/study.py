@@ -34,6 +34,7 @@ class MethodEntry:
     method: dict = field(default_factory=dict)  # method.* keys, e.g. reduction_factor: 64
     train: dict = field(default_factory=dict)   # train.* keys for this entry only
     sampling: dict = field(default_factory=dict)  # multi-task: sampling.* keys (scheme, temperature)
+    tasks: list[str] = field(default_factory=list)  # run this entry on these study tasks only (default: all)
     sources: list[str] = field(default_factory=list)  # fusion: source tasks (default: the study's tasks)
     source_method: str = "pfeiffer"             # fusion/merge: label of the entry whose adapters are used
     adapters: list[str] = field(default_factory=list)  # fusion/merge: existing adapter folders (globs) instead
@@ -156,7 +157,7 @@ def plan(study: Study) -> list[Node]:
             for shots in study.shots or [0]:
                 for task in study.tasks:
                     for entry in study.methods:
-                        if get_method(entry.name).KIND != "multitask":
+                        if get_method(entry.name).KIND != "multitask" and (not entry.tasks or task in entry.tasks):
                             add(entry, task, seed, model, shots)
                 for entry in study.methods:  # a multi-task entry is one run over all the study's tasks
                     if get_method(entry.name).KIND == "multitask":

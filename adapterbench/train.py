@@ -47,8 +47,20 @@ def make_accelerator():
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
     cuda = torch.cuda.is_available()
-    return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no",
-                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+    return Accelerator(cpu=not cuda, dataloader_config=DataLoaderConfiguration(split_batches=True))
+
+
+def autocast(precision: str, device):
+    """train.precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = bf16 autocast on
+    either (fast on CPUs with avx512_bf16/AMX); fp32 = no autocast. Weights stay fp32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"train.precision '{precision}' must be one of {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    on = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def seed_everything(seed: int) -> None:
@@ -71,13 +83,13 @@ def is_better(new: float, old: float | None, higher: bool) -> bool:
 
 
 @torch.no_grad()
-def predict(model, loader, accelerator, regression: bool):
+def predict(model, loader, accelerator, regression: bool, precision: str = "auto"):
     """(predictions, labels or None) over a loader, gathered across processes."""
     model.eval()
     preds, labels = [], []
     for batch in loader:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.autocast():
+        with autocast(precision, accelerator.device):
             logits = model(**batch)
         out = logits.float() if regression else logits.argmax(-1)
         preds.append(accelerator.gather_for_metrics(out).cpu())
@@ -159,7 +171,7 @@ def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: 
             res.train_seconds += time.perf_counter() - t0
             last = res.epoch + 1 >= cfg.epochs or bool(cfg.max_steps and res.steps >= cfg.max_steps)
             if last or (res.epoch + 1) % cfg.eval_every == 0:
-                preds, labels = predict(model, dev_loader, accelerator, task.regression)
+                preds, labels = predict(model, dev_loader, accelerator, task.regression, cfg.precision)
                 dev = score(task, preds, labels)
                 res.history.append({"epoch": res.epoch, **dev})
                 log({"epoch": res.epoch, "step": res.steps, "dev": dev})
@@ -180,7 +192,7 @@ def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: 
 
 
 def train_step(model, batch, optimizer, scheduler, accelerator, cfg: TrainConfig, step: int) -> float:
-    with accelerator.autocast():
+    with autocast(cfg.precision, accelerator.device):
         logits = model(**batch)
     loss = accelerator.unwrap_model(model).loss(logits, batch["labels"])
     if not math.isfinite(loss.item()):

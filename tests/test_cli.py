@@ -149,3 +149,16 @@ def test_architecture_missing_from_table(tiny_bert_dir, task_yamls, data_dir, tm
     assert "architecture 'albert' is not in the adapter table" in text
 
 
+
+
+def test_bf16_precision_on_cpu_trains_and_reproduces(tmp_path, task_yamls, data_dir):
+    args = ["extract", "--task", str(task_yamls["toy"]), "--model", "tiny-bert", "--data-dir", str(data_dir),
+            "--out", str(tmp_path), "train.epochs=1", "train.limit=16", "train.batch_size=8"]
+    r = runner.invoke(app, [*args, "train.precision=bf16"])
+    assert r.exit_code == 0, r.output
+    run = next(tmp_path.glob("extract/pfeiffer/toy/*"))
+    assert "precision: bf16" in (run / "config.yaml").read_text()
+    r = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(data_dir)])
+    assert r.exit_code == 0 and json.loads((run / "eval_dev.json").read_text())["reproduced"] is True
+    r = runner.invoke(app, [*args, "train.precision=fp16"])
+    assert r.exit_code == 2 and "train.precision" in r.output and "auto, fp32 or bf16" in r.output

@@ -305,3 +305,14 @@ def test_fusion_with_mta_adapters(tmp_path, task_yamls, data_dir):
     r = runner.invoke(app, ["run", str(y)])
     assert r.exit_code == 0, r.output
     assert "3 ran, 0 already done, 0 failed" in r.output
+
+
+def test_report_rows_filter(tmp_path):
+    for label, v in (("full", 60.0), ("merge-avg k=32", 61.0), ("merge-align k=32", 62.0), ("adapter k=32", 59.0)):
+        fake_run(tmp_path, label, "rte", 1, v)
+    r = runner.invoke(app, ["report", str(tmp_path), "--rows", "adapter*,merge-*", "--versus", "adapter", "--no-plot"])
+    assert r.exit_code == 0, r.output
+    lines = [l for l in r.output.splitlines() if l.startswith("| ") and "method" not in l]
+    assert [l.split(" | ")[0][2:] for l in lines] == ["adapter k=32", "merge-align k=32", "merge-avg k=32"]
+    r = runner.invoke(app, ["report", str(tmp_path), "--rows", "nope*", "--no-plot"])
+    assert r.exit_code == 2 and "matches no row" in r.output

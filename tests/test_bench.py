@@ -1,0 +1,46 @@
+"""`adapterbench bench` on the tiny model: one subprocess per measurement, the table and the
+JSON hold every configuration, real batches are padded to their longest member, bad input
+is one line."""
+
+import json
+
+from typer.testing import CliRunner
+
+from adapterbench import bench
+from adapterbench.cli import app
+
+runner = CliRunner()
+TINY = ["--model", "tiny-bert", "--steps", "1", "--warmup", "1", "--batch-size", "4"]
+
+
+def test_bench_fixed_shape_table_and_json(tmp_path):
+    r = runner.invoke(app, ["bench", *TINY, "--seq-len", "8", "--configs", "bare,merged,camtl",
+                            "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    got = {(row["config"], row["mode"]) for row in data["rows"]}
+    assert got == {("bare", "infer")} | {(c, m) for c in ("merged", "camtl") for m in ("train", "infer")}
+    for row in data["rows"]:
+        assert row["samples_per_s"] > 0 and row["peak_mib"] > 0
+        assert row["tokens_per_s"] == row["samples_per_s"] * 8           # fixed shape: every token real
+    trainable = {row["config"]: row["trainable"] for row in data["rows"] if row["mode"] == "train"}
+    assert trainable["camtl"] > trainable["merged"] > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "| camtl |" in md and "adapter train step / forward" in md
+
+
+def test_bench_real_batches_are_dynamically_padded(tmp_path, task_yamls, data_dir):
+    r = runner.invoke(app, ["bench", *TINY, "--configs", "fusion2", "--modes", "train", "--task",
+                            str(task_yamls["toy"]), "--data-dir", str(data_dir), "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    row = json.loads((tmp_path / "bench.json").read_text())["rows"][0]
+    assert row["tokens_per_s"] <= row["padded_tokens_per_s"] < row["samples_per_s"] * 128
+
+
+def test_bench_bad_input(tmp_path, monkeypatch):
+    r = runner.invoke(app, ["bench", *TINY, "--configs", "pfeiffer,nope", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown 'nope'" in r.output
+    monkeypatch.setattr(bench, "PEER_PYTHON", tmp_path / "none" / "python")
+    r = runner.invoke(app, ["bench", *TINY, "--configs", "pfeiffer", "--peer", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "make_peer_venv.sh" in r.output
+    assert not (tmp_path / "bench.json").exists()
