@@ -15,3 +15,9 @@ adapterbench bench --configs all --peer --out "$OUT/fixed"
 adapterbench bench --configs bare,full,pfeiffer,houlsby,fusion8 --task rte --peer --out "$OUT/rte"
 adapterbench bench --configs pfeiffer --modes train --task mrpc --steps 0 --warmup 1 --peer --peer-pad-to-max \
   --out "$OUT/mrpc-epoch"
+# the adapter step and the peer, median of 3 interleaved repeats; then our bf16 autocast on CPU
+adapterbench bench --configs bare,pfeiffer --peer --repeat 3 --out "$OUT/fixed-repeat"
+adapterbench bench --configs bare,pfeiffer --precision bf16 --repeat 3 --out "$OUT/fixed-bf16"
+# one MRPC epoch again, ours in length-grouped order (train.group_by_length=true)
+adapterbench bench --configs pfeiffer --modes train --task mrpc --steps 0 --warmup 1 --group-by-length --peer \
+  --peer-pad-to-max --out "$OUT/mrpc-epoch-grouped"
