@@ -132,14 +132,15 @@ def plan(study: Study) -> list[Node]:
             layer["sampling"] = dict(entry.sampling)
         if shots and "shots" not in entry.train:
             layer["train"]["shots"] = shots
-        if entry.merge:
+        if entry.merge:  # merge the sources first; the run starts from the merged adapter
             deps, paths = sources(entry, task, seed, model)
-            spec = merge_spec(entry.merge, label)
-            blob = json.dumps({"sources": paths, "target": task, **spec}, sort_keys=True)
-            folder = Path(study.out_dir) / "merge" / label / load_task(task).name / f"{model}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-            deps = [node("merge", label, task, seed, model, {"adapters": paths, "target": task, **spec},
-                         folder.resolve(), deps)]
-            layer["init_from"] = str(folder.resolve())
+            how = merge_spec(entry.merge, label)
+            digest = hashlib.sha256(json.dumps({"sources": paths, "target": task, **how},
+                                               sort_keys=True).encode()).hexdigest()[:8]
+            spec = {"adapters": paths, "target": task, **how}
+            folder = (Path(study.out_dir) / "merge" / label / load_task(task).name / f"{model}-{digest}").resolve()
+            deps = [node("merge", label, task, seed, model, spec, folder, deps)]
+            layer["init_from"] = str(folder)
         elif kind == "fusion":
             deps, layer["method"]["adapters"] = sources(entry, task, seed, model)
         user = deep_merge(study.defaults, layer)
