@@ -320,6 +320,8 @@ def multitask_stage(cfg: RunConfig, force: bool = False, show_progress: bool = T
             "main_value": float(np.mean([dev[t.name][t.main_metric] for t in tasks])),
             "best_epoch": res["best_epoch"], "epochs_run": len(res["history"]), "history": res["history"],
             "steps": res["steps"], "fraction_of_examples_used": round(used, 4),
+            "fraction_used_per_task": {t.name: round(len(u) / max(len(x), 1), 4)
+                                       for t, u, x in zip(tasks, res["used"], train_items)},
             "examples_drawn": res["drawn"], "examples_trained": res["train_samples"],
             "trainable_params": trainable, "total_params": total,
             "trainable_percent": round(100.0 * trainable / total, 4),
@@ -343,9 +345,8 @@ def export_mta(out: Path, encoder, tokenizer, cfg: RunConfig, tasks: list[TaskSp
     base_dir = out / "base_model"
     plain = {k.replace(".base.", "."): v for k, v in encoder.state_dict().items() if ".adapters." not in k}
     fresh = AutoModel.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
-    if getattr(fresh, "pooler", None) is not None:
-        fresh.pooler = None
     missing, unexpected = fresh.load_state_dict(plain, strict=False)
+    missing = [k for k in missing if not k.startswith("pooler.")]  # unused; kept as pretrained so loading is quiet
     if missing or unexpected:
         raise UserError(f"cannot unwrap the MT-A encoder ({(missing or unexpected)[0]})")
     fresh.save_pretrained(base_dir)

@@ -114,6 +114,8 @@ def test_multitask_cli_end_to_end_and_reload(method, tiny_bert_dir, task_yamls, 
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "ok" and set(m["tasks"]) == {"toy", "toyreg"}
     assert 0 < m["fraction_of_examples_used"] <= 1 and m["examples_drawn"] == 2 * m["examples_trained"]
+    assert set(m["fraction_used_per_task"]) == {"toy", "toyreg"}
+    assert all(0 <= f <= 1 for f in m["fraction_used_per_task"].values())
     r = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(data_dir)])
     assert r.exit_code == 0 and json.loads((run / "eval_dev.json").read_text())["reproduced"] is True
     if method == "camtl":  # the frozen lower layer is unchanged by training
