@@ -318,7 +318,7 @@ def multitask_stage(cfg: RunConfig, force: bool = False, show_progress: bool = T
             "model": cfg.model.name, "seed": cfg.seed, "sampling": cfg.sampling.scheme,
             "main_metric": "mean of main metrics",
             "main_value": float(np.mean([dev[t.name][t.main_metric] for t in tasks])),
-            "best_epoch": res["best_epoch"], "epochs_run": len(res["history"]), "history": res["history"],
+            "best_epoch": res["best_epoch"], "epochs_run": res["epoch"], "history": res["history"],
             "steps": res["steps"], "fraction_of_examples_used": round(used, 4),
             "fraction_used_per_task": {t.name: round(len(u) / max(len(x), 1), 4)
                                        for t, u, x in zip(tasks, res["used"], train_items)},

@@ -149,7 +149,7 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
             "seed": cfg.seed, "label": run_label(cfg), "metrics": {"dev": dev},
             "shots": cfg.train.shots, "data_seed": cfg.data.data_seed if cfg.data.data_seed is not None else cfg.seed, "main_metric": task.main_metric,
             "main_value": dev.get(task.main_metric), "best_epoch": res.best_epoch,
-            "epochs_run": len(res.history), "history": res.history, "steps": res.steps,
+            "epochs_run": res.epoch, "history": res.history, "steps": res.steps,
             "trainable_params": trainable, "total_params": total,
             "trainable_percent": round(100.0 * trainable / total, 4),
             "train_examples": len(items["train"]), "dev_examples": len(items["dev"]),

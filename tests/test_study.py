@@ -245,6 +245,7 @@ methods:
     assert set(fewshot) == {(f"{l} k={k}", k) for l in ("src", "mavg", "mtrack", "fus") for k in (2, 4)}
     assert fewshot[("mavg k=4", 4)]["train_examples"] == 8       # 4 per class, 2 classes
     assert [h["epoch"] for h in fewshot[("mavg k=4", 4)]["history"]] == [1]   # eval_every 2 of 2 epochs
+    assert fewshot[("mavg k=4", 4)]["epochs_run"] == 2
     run = next(p.parent for p in (tmp_path / "runs").glob("extract/**/metrics.json")
                if json.loads(p.read_text())["label"] == "mavg k=2")
     cfg = (run / "config.yaml").read_text()
