@@ -10,10 +10,14 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 from adapters import AutoAdapterModel
 from adapters.composition import Fuse
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from adapterbench.bench import Spec, fixed_batches, pad_batches  # noqa: E402  (torch only, no transformers)
 
 
 def build(config, model_dir):
@@ -49,27 +53,12 @@ def build(config, model_dir):
 
 
 def batches_for(job, vocab_size):
-    spec = job["spec"]
-    bs, seq = spec["batch_size"], spec["seq_len"]
-    out = []
-    if spec.get("task"):
-        ids, labels, pad = job["ids"], job["labels"], job.get("pad_id", 0)
-        for i in range(0, len(ids), bs):
-            chunk, y = ids[i:i + bs], labels[i:i + bs]
-            width = seq if spec["pad_to_max"] else max(map(len, chunk))
-            t = torch.full((len(chunk), width), pad, dtype=torch.long)
-            m = torch.zeros_like(t)
-            for r, row in enumerate(chunk):
-                t[r, :len(row)] = torch.tensor(row)
-                m[r, :len(row)] = 1
-            out.append({"input_ids": t, "attention_mask": m, "labels": torch.tensor(y)})
-        return out
-    g = torch.Generator().manual_seed(0)
-    for _ in range(spec["warmup"] + spec["steps"]):
-        ids = torch.randint(1000, min(vocab_size, 20000), (bs, seq), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                    "labels": torch.randint(0, 2, (bs,), generator=g)})
-    return out
+    """The same batches as our side: adapterbench's batch helpers are plain torch."""
+    spec = Spec(**job["spec"])
+    if spec.task:
+        pad_to = spec.seq_len if spec.pad_to_max else None
+        return pad_batches(job["ids"], job["labels"], spec.batch_size, pad_to, job.get("pad_id", 0))
+    return fixed_batches(spec, vocab_size, spec.warmup + spec.steps)
 
 
 def main():
