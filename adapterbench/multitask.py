@@ -33,7 +33,7 @@ from .models import ClassificationHead, HeadConfig, count_params, load_encoder
 from .runs import Run, RunExists, load_tensors, read_json, run_path, save_tensors, status_of, write_json
 from .tasks import TaskSpec, load_task, parse_task
 from .train import (is_better, load_checkpoint, make_accelerator, param_groups, restore, save_checkpoint, score,
-                    seed_everything, train_step)
+                    scored_epoch, seed_everything, train_step)
 
 SCHEMES = ("proportional", "uniform", "temperature", "annealed", "uncertainty")
 
@@ -211,8 +211,7 @@ def train_multitask(model, train_items, dev_items, collate, tasks, cfg: RunConfi
                     t0 = time.perf_counter()
                     checkpoint()
             res["train_seconds"] += time.perf_counter() - t0
-            last = epoch + 1 >= tc.epochs or bool(tc.max_steps and res["steps"] >= tc.max_steps)
-            if last or (epoch + 1) % tc.eval_every == 0:
+            if scored_epoch(epoch, res["steps"], tc):
                 dev = evaluate_tasks(accelerator.unwrap_model(model), dev_items, collate, tasks, tc.eval_batch_size)
                 mean = float(np.mean([dev[t.name][t.main_metric] for t in tasks]))
                 res["history"].append({"epoch": epoch, "mean_main": mean, **{t: m for t, m in dev.items()}})

@@ -169,8 +169,7 @@ def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: 
                     save_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler, asdict(res),
                                     best_state, {"epoch_gen": epoch_gen})
             res.train_seconds += time.perf_counter() - t0
-            last = res.epoch + 1 >= cfg.epochs or bool(cfg.max_steps and res.steps >= cfg.max_steps)
-            if last or (res.epoch + 1) % cfg.eval_every == 0:
+            if scored_epoch(res.epoch, res.steps, cfg):
                 preds, labels = predict(model, dev_loader, accelerator, task.regression, cfg.precision)
                 dev = score(task, preds, labels)
                 res.history.append({"epoch": res.epoch, **dev})
@@ -189,6 +188,12 @@ def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: 
                                 {"epoch_gen": epoch_gen})
     restore(accelerator.unwrap_model(model), best_state)
     return res
+
+
+def scored_epoch(epoch: int, steps: int, cfg: TrainConfig) -> bool:
+    """train.eval_every: dev is scored after every N-th epoch and after the last one."""
+    last = epoch + 1 >= cfg.epochs or bool(cfg.max_steps and steps >= cfg.max_steps)
+    return last or (epoch + 1) % cfg.eval_every == 0
 
 
 def train_step(model, batch, optimizer, scheduler, accelerator, cfg: TrainConfig, step: int) -> float:
