@@ -442,7 +442,29 @@ def validate(config: Path = typer.Argument(..., help="A run config or task YAML.
 
 
 def main():  # pragma: no cover
-    app()
+    ok = False
+    try:
+        app()
+        ok = True
+    except SystemExit as e:
+        ok = e.code in (0, None)
+        raise
+    finally:
+        close_process_group(wait=ok)
+
+
+def close_process_group(wait: bool) -> None:
+    """End a multi-process run cleanly: ranks leave together (a barrier, only after success,
+    so a failed rank cannot hang the others) and the process group is destroyed before the
+    interpreter exits; gloo otherwise may abort a rank at exit."""
+    if "torch.distributed" not in sys.modules:   # nothing distributed was started (e.g. --help)
+        return
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover
