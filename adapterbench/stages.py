@@ -19,7 +19,7 @@ from .models import ClassificationHead, HeadConfig, TaskModel, count_params, hea
 from .runs import (Run, RunExists, atomic_write, load_tensors, read_json, run_path, save_tensors, status_of,
                    write_json)
 from .tasks import TaskSpec, load_task, parse_task
-from .train import make_accelerator, predict, score, seed_everything, train
+from .train import by_length, make_accelerator, predict, score, seed_everything, train
 
 STAGE_DEFAULT_METHOD = {"extract": "pfeiffer", "finetune": "full", "fuse": "fusion", "multitask": "mtl"}
 # method kind -> (folder in the run, its JSON description, its weights file)
@@ -105,10 +105,11 @@ def prepare_items(task, splits, tokenizer, cfg: RunConfig) -> dict:
 def evaluate_items(model, items, collate, task, batch_size: int, precision: str = "auto"):
     """(metrics, predictions) on one split; the same path for training-time and `evaluate`."""
     accelerator = make_accelerator()
-    loader = accelerator.prepare(DataLoader(items, batch_size=batch_size, collate_fn=collate))
+    ordered, back = by_length(items)   # the training loop scores dev in the same order
+    loader = accelerator.prepare(DataLoader(ordered, batch_size=batch_size, collate_fn=collate))
     model = accelerator.prepare(model)
     preds, labels = predict(model, loader, accelerator, task.regression, precision)
-    return (score(task, preds, labels) if labels is not None else {}), preds
+    return (score(task, preds, labels) if labels is not None else {}), preds[back]
 
 
 def planned_folder(stage: str, cfg: RunConfig, task: TaskSpec | None = None) -> Path:

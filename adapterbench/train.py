@@ -99,6 +99,13 @@ def predict(model, loader, accelerator, regression: bool, precision: str = "auto
     return p, (torch.cat(labels).numpy() if labels else None)
 
 
+def by_length(items: list) -> tuple[list, np.ndarray]:
+    """Items sorted by length (evaluation batches then carry little padding) and the inverse
+    permutation that puts predictions made in that order back in the items' order."""
+    order = np.argsort([len(it["input_ids"]) for it in items], kind="stable")
+    return [items[i] for i in order], np.argsort(order, kind="stable")
+
+
 def score(task, preds: np.ndarray, labels: np.ndarray) -> dict:
     return M.compute(task.metrics, labels, preds)
 
@@ -118,7 +125,7 @@ def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: 
     else:
         train_loader = DataLoader(train_items, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                                   collate_fn=collate)
-    dev_loader = DataLoader(dev_items, batch_size=cfg.eval_batch_size, collate_fn=collate)
+    dev_loader = DataLoader(by_length(dev_items)[0], batch_size=cfg.eval_batch_size, collate_fn=collate)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     total = cfg.epochs * len(train_loader)
     if cfg.max_steps:
