@@ -184,3 +184,31 @@ def test_token_cache_reads_what_it_wrote(tmp_path, monkeypatch, tiny_bert_dir):
     assert len(short[1]["input_ids"]) == 5 and len(list(files[0].parent.glob("*.safetensors"))) == 2
     files[0].write_bytes(b"garbage")                                         # a damaged entry is rebuilt
     assert tokenize(examples, tok, 16) == first
+
+
+def test_evaluation_in_length_order_returns_predictions_in_item_order():
+    """Dev/test are scored in length order (less padding); the predictions come back in the
+    items' order and equal each item's prediction made alone."""
+    import random
+
+    import numpy as np
+    import torch
+    from adapterbench.data import Collator
+    from adapterbench.models import ClassificationHead, HeadConfig, TaskModel
+    from adapterbench.stages import evaluate_items
+    from tests.conftest import tiny_encoder
+
+    rng = random.Random(0)
+    items = []
+    for i in range(23):
+        ids = [2] + [rng.randint(5, 30) for _ in range(rng.randint(3, 30))] + [3]
+        items.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": float(i % 5)})
+    torch.manual_seed(0)
+    model = TaskModel(tiny_encoder("bert"), ClassificationHead(HeadConfig(32, 1, True))).eval()
+    task = type("T", (), {"regression": True, "metrics": ["pearson"]})()
+    collate = Collator(0, regression=True)
+    got, preds = evaluate_items(model, items, collate, task, batch_size=4, precision="fp32")
+    alone = [evaluate_items(model, [it], collate, task, batch_size=1, precision="fp32")[1][0] for it in items]
+    np.testing.assert_allclose(preds, alone, atol=1e-5)
+    labels = [it["labels"] for it in items]
+    assert got["pearson"] == pytest.approx(metrics.compute(["pearson"], labels, list(preds))["pearson"], abs=1e-6)
