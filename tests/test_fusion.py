@@ -127,3 +127,18 @@ def test_fuse_refuses_mismatched_sources(tiny_bert_dir, task_yamls, data_dir, tm
                             "--data-dir", str(data_dir), "--out", str(tmp_path / "runs")])
     assert r.exit_code == 2 and "neither an adapter folder nor an extract run folder" in r.output
     assert not list((tmp_path / "runs").glob("**/metrics.json"))
+
+
+def test_fuse_in_bf16_trains_and_reproduces(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    """Fusion and the attention export under bf16 autocast (train.precision=bf16, also on CPU)."""
+    srcs = [extract(tiny_bert_dir, task_yamls, data_dir, tmp_path / f"a{i}", i) for i in range(2)]
+    out = tmp_path / "runs"
+    r = runner.invoke(app, ["fuse", "--target", str(task_yamls["toy"]), "--adapters", *map(str, srcs),
+                            "--data-dir", str(data_dir), "--out", str(out), "--save-attention",
+                            "train.epochs=1", "train.lr=1e-3", "train.precision=bf16"])
+    assert r.exit_code == 0, r.output
+    run = next(out.glob("fuse/fusion/toy/*"))
+    rows = (run / "attention.csv").read_text().splitlines()
+    assert all(abs(sum(map(float, row.split(",")[1:])) - 1) < 1e-2 for row in rows[1:])
+    r = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(data_dir)])
+    assert r.exit_code == 0 and json.loads((run / "eval_dev.json").read_text())["reproduced"] is True

@@ -103,12 +103,12 @@ def test_uncertainty_keeps_highest_entropy_examples():
     assert sorted(c["uid"] for c in chosen) == [0, 2, 5]
 
 
-@pytest.mark.parametrize("method", ["mtl", "mt-a", "camtl"])
-def test_multitask_cli_end_to_end_and_reload(method, tiny_bert_dir, task_yamls, data_dir, tmp_path):
+@pytest.mark.parametrize("method,precision", [("mtl", "fp32"), ("mt-a", "bf16"), ("camtl", "bf16")])
+def test_multitask_cli_end_to_end_and_reload(method, precision, tiny_bert_dir, task_yamls, data_dir, tmp_path):
     tasks = f"{task_yamls['toy']},{task_yamls['toyreg']}"
     r = runner.invoke(app, ["multitask", "--tasks", tasks, "--method", method, "--model", str(tiny_bert_dir),
                             "--data-dir", str(data_dir), "--out", str(tmp_path), "--sampling", "uncertainty",
-                            "train.epochs=2", "train.batch_size=8", "train.lr=1e-3"])
+                            "train.epochs=2", "train.batch_size=8", "train.lr=1e-3", f"train.precision={precision}"])
     assert r.exit_code == 0, r.output
     run = next(tmp_path.glob(f"multitask/{method}/*/*"))
     m = json.loads((run / "metrics.json").read_text())

@@ -111,7 +111,7 @@ class _Site(nn.Module):
         for i, name in enumerate(self.route):
             rows = self.task_ids == i
             if rows.any():
-                out[rows] = self.adapters[name](x[rows])
+                out[rows] = self.adapters[name](x[rows]).to(out.dtype)   # bf16 under autocast
         return out
 
 
