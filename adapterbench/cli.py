@@ -317,13 +317,27 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
                                       help="Row label the † paired t-test and a Δ column compare against."),
            rows: Optional[str] = typer.Option(None, "--rows", help="Only these rows: labels or patterns, "
                                                                     "comma-separated ('full,pfeiffer,merge-*')."),
+           metric: Optional[str] = typer.Option(None, "--metric", help="Score tasks by this metric where they report "
+                                                                       "it (e.g. accuracy, as AdapterFusion does); "
+                                                                       "default: each task's main metric."),
+           claims: Optional[Path] = typer.Option(None, "--claims", help="A claims file (configs/claims/): write one "
+                                                                        "document with its tables, plots and a "
+                                                                        "verdict per paper claim to --out."),
            debug: bool = DebugOpt):
     """Tables (md/csv/latex) and plots over finished runs: mean ± std over seeds, deltas, significance."""
     def go():
         from .plots import metric_bars
         from .report import build_report, render
         from .runs import atomic_write
-        rep = build_report(runs_dir, reference, versus, [r.strip() for r in rows.split(',')] if rows else None)
+        if claims:
+            from .claims import write_claims_report
+            if out_file is None or out_file.suffix != ".md":
+                raise UserError("--claims writes a Markdown document: give --out FILE.md (e.g. docs/results.md)")
+            for cid, word in write_claims_report(runs_dir, claims, out_file, plot):
+                console.print(f"{cid}: {word}")
+            console.print(f"report: {out_file}")
+            return
+        rep = build_report(runs_dir, reference, versus, [r.strip() for r in rows.split(',')] if rows else None, metric)
         text = render(rep, fmt)
         if out_file:
             atomic_write(out_file, text)

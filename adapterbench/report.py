@@ -51,8 +51,9 @@ class Row:
     train_seconds: list[float] = field(default_factory=list)
 
 
-def collect(root: Path) -> dict[str, Row]:
-    """Rows keyed by label from every `metrics.json` with status ok under `root`."""
+def collect(root: Path, metric: str | None = None) -> dict[str, Row]:
+    """Rows keyed by label from every `metrics.json` with status ok under `root`. Cells hold
+    each task's main metric, or `metric` (e.g. accuracy) on the tasks that report it."""
     if not Path(root).is_dir():
         raise UserError(f"runs folder {root} does not exist: pass the folder a study or stage wrote")
     rows: dict[str, Row] = {}
@@ -65,7 +66,8 @@ def collect(root: Path) -> dict[str, Row]:
             continue
         label = m.get("label") or m.get("method")
         row = rows.setdefault(label, Row(label))
-        per_task = {t: r["main_value"] for t, r in m["tasks"].items()} if "tasks" in m else {m["task"]: m["main_value"]}
+        per_task = ({t: pick(r, metric) for t, r in m["tasks"].items()} if "tasks" in m
+                    else {m["task"]: pick(m, metric)})
         for task, value in per_task.items():  # a multi-task run fills one cell per task
             row.cells.setdefault(task, Cell()).by_seed[int(m["seed"])] = float(value)
         row.params_pct.append(float(m.get("trainable_percent", 0.0)))
@@ -73,6 +75,12 @@ def collect(root: Path) -> dict[str, Row]:
     if not rows:
         raise UserError(f"no finished runs (metrics.json with status ok) under {root}")
     return rows
+
+
+def pick(result: dict, metric: str | None) -> float:
+    """`metric` from a run's (or one task's) dev metrics when it has it, else its main metric."""
+    dev = result.get("dev") or result.get("metrics", {}).get("dev", {})
+    return dev[metric] if metric and metric in dev else result["main_value"]
 
 
 def paired_p(a: Cell, b: Cell) -> float | None:
@@ -102,6 +110,7 @@ class Report:
     baselines: list[str]
     reference: dict | None = None
     versus: str = "full"           # the row the † test compares against
+    metric: str | None = None      # None: each task's main metric
 
     def base_row(self, row: Row, base: str) -> Row | None:
         """The baseline row for `row`: the one with the same few-shot k when there is one."""
@@ -140,8 +149,8 @@ class Report:
 
 
 def build_report(root: Path, reference: str | None = None, versus: str = "full",
-                 only: list[str] | None = None) -> Report:
-    rows = collect(root)
+                 only: list[str] | None = None, metric: str | None = None) -> Report:
+    rows = collect(root, metric)
     if only:  # row labels or shell patterns ('merge-*'), kept in the order of the report
         from fnmatch import fnmatch
         rows = {k: r for k, r in rows.items() if any(fnmatch(k, pat) for pat in only)}
@@ -153,7 +162,7 @@ def build_report(root: Path, reference: str | None = None, versus: str = "full",
     # few-shot rows group by k; within a k the baselines come first
     order = sorted(rows.values(), key=lambda r: (split_k(r.label)[1], split_k(r.label)[0] not in wanted, r.label))
     ref = load_reference(reference) if reference else None
-    return Report(tasks, order, [b for b in wanted if b in names], ref, versus)
+    return Report(tasks, order, [b for b in wanted if b in names], ref, versus, metric)
 
 
 def load_reference(name: str) -> dict:
@@ -198,7 +207,8 @@ def table_rows(rep: Report) -> tuple[list[str], list[list[str]]]:
 
 
 def legend(rep: Report) -> str:
-    text = ("Cells: main metric (dev) mean ± std over seeds (n). † = paired t-test over shared seeds "
+    what = f"{rep.metric} where the task reports it, else the main metric" if rep.metric else "main metric"
+    text = (f"Cells: {what} (dev) mean ± std over seeds (n). † = paired t-test over shared seeds "
             f"(two-sided, scipy ttest_rel) p < {ALPHA} against the '{rep.versus}' row. Δ columns: mean over "
             "tasks of the difference to the baseline row; '>+0.3' counts tasks improved by more than 0.3 points "
             "(AdapterFusion Table 2). Rows ending in 'k=N' are few-shot (N examples per class) and are "

@@ -1,0 +1,202 @@
+"""Claims reports: a YAML file names paper claims (row A against row B on some tasks) and the
+tables to show; `adapterbench report RUNS --claims FILE --out results.md` writes one Markdown
+document with those tables, their plots and a verdict per claim, all computed from the runs.
+
+Verdicts (alpha 0.05; the test pairs the two rows' runs by (task, seed)):
+- `gain` claims (A beats B): confirmed when the mean difference is positive and a two-sided
+  paired t-test over the (task, seed) pairs gives p < alpha; otherwise not confirmed.
+- `parity` claims (A within `margin` points of B): a non-inferiority test, one-sided t-test of
+  (A - B + margin) > 0 over the same pairs; confirmed when p < alpha.
+- not testable here: a row is missing, fewer than 2 seeds are shared, or the file says so
+  (`testable: false` with `why`).
+The human discussion (likely reasons) is text in the claims file, printed beside the verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import load_yaml
+from .errors import UserError
+from .report import ALPHA, Report, build_report, collect, render
+
+TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "text"}
+CLAIM_KEYS = {"id", "title", "paper", "claim", "a", "b", "tasks", "kind", "margin", "paper_delta", "metric",
+              "testable", "why", "discussion"}
+TOP_KEYS = {"title", "intro", "tables", "claims", "closing"}
+
+
+@dataclass
+class Claim:
+    id: str
+    title: str
+    a: str
+    b: str
+    paper: str = ""
+    claim: str = ""
+    tasks: list[str] = field(default_factory=list)
+    kind: str = "gain"
+    margin: float = 0.0
+    paper_delta: dict | float | None = None
+    metric: str | None = None
+    testable: bool = True
+    why: str = ""
+    discussion: str = ""
+
+
+@dataclass
+class Verdict:
+    word: str                 # confirmed | not confirmed | not testable here
+    delta: float | None = None
+    p: float | None = None
+    n: int = 0
+    test: str = ""
+    per_task: list[tuple] = field(default_factory=list)   # (task, a mean, b mean, delta, p, seeds)
+    note: str = ""
+
+
+def _check_keys(d: dict, allowed: set, where: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise UserError(f"{where}: unknown key '{unknown[0]}' (valid: {', '.join(sorted(allowed))})")
+
+
+def load_claims(path: Path) -> dict:
+    """The claims file, checked: unknown keys and bad kinds are errors naming the file."""
+    spec = load_yaml(path)
+    _check_keys(spec, TOP_KEYS, str(path))
+    for i, t in enumerate(spec.get("tables", [])):
+        _check_keys(t, TABLE_KEYS, f"{path}: tables[{i}]")
+        if "id" not in t or "rows" not in t:
+            raise UserError(f"{path}: tables[{i}] needs 'id' and 'rows'")
+    claims = []
+    for i, c in enumerate(spec.get("claims", [])):
+        _check_keys(c, CLAIM_KEYS, f"{path}: claims[{i}]")
+        missing = [k for k in ("id", "title", "a", "b") if k not in c]
+        if missing:
+            raise UserError(f"{path}: claims[{i}] needs '{missing[0]}'")
+        claim = Claim(**c)
+        if claim.kind not in ("gain", "parity"):
+            raise UserError(f"{path}: claims[{i}].kind '{claim.kind}' must be gain or parity")
+        claims.append(claim)
+    spec["claims"] = claims
+    return spec
+
+
+def judge(claim: Claim, rows: dict) -> Verdict:
+    """The claim's verdict from the report rows (label -> Row)."""
+    from scipy.stats import ttest_1samp
+
+    from .report import paired_p
+    if not claim.testable:
+        return Verdict("not testable here", note=claim.why)
+    missing = [r for r in (claim.a, claim.b) if r not in rows]
+    if missing:
+        return Verdict("not testable here", note=f"no finished runs for row '{missing[0]}'")
+    a, b = rows[claim.a], rows[claim.b]
+    tasks = claim.tasks or sorted(set(a.cells) & set(b.cells))
+    diffs, per_task = [], []
+    for t in tasks:
+        if t not in a.cells or t not in b.cells:
+            return Verdict("not testable here", note=f"task {t} lacks runs of '{claim.a}' or '{claim.b}'")
+        seeds = sorted(set(a.cells[t].by_seed) & set(b.cells[t].by_seed))
+        d = [a.cells[t].by_seed[s] - b.cells[t].by_seed[s] for s in seeds]
+        diffs += d
+        per_task.append((t, a.cells[t].mean, b.cells[t].mean, a.cells[t].mean - b.cells[t].mean,
+                         paired_p(a.cells[t], b.cells[t]), len(seeds)))
+    if min(p[5] for p in per_task) < 2:
+        return Verdict("not testable here", per_task=per_task, note="fewer than 2 seeds shared by both rows")
+    delta = float(np.mean([p[3] for p in per_task]))
+    x = np.asarray(diffs, dtype=float)
+    if claim.kind == "gain":
+        p = float(ttest_1samp(x, 0.0).pvalue) if np.ptp(x) > 0 else (0.0 if x[0] != 0 else 1.0)
+        word = "confirmed" if delta > 0 and p < ALPHA else "not confirmed"
+        test = f"paired t-test over {len(x)} (task, seed) pairs, two-sided"
+    else:
+        shifted = x + claim.margin
+        p = float(ttest_1samp(shifted, 0.0, alternative="greater").pvalue) if np.ptp(x) > 0 else \
+            (0.0 if shifted[0] > 0 else 1.0)
+        word = "confirmed" if p < ALPHA else "not confirmed"
+        test = (f"non-inferiority: one-sided paired t-test of {claim.a} - {claim.b} > -{claim.margin:g} "
+                f"over {len(x)} (task, seed) pairs")
+    return Verdict(word, delta, p, len(x), test, per_task)
+
+
+def _fmt_p(p: float | None) -> str:
+    return "–" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def claim_section(i: int, claim: Claim, v: Verdict) -> str:
+    out = [f"### {i}. {claim.title}", ""]
+    if claim.claim:
+        out += [f"**Paper** ({claim.paper}): {claim.claim}" if claim.paper else f"**Paper**: {claim.claim}", ""]
+    what = claim.metric or "main metric"
+    out += [f"**Here**: `{claim.a}` against `{claim.b}` ({what}, dev), "
+            f"{'Δ = ' + claim.a + ' − ' + claim.b}.", ""]
+    if v.per_task:
+        ref = claim.paper_delta if isinstance(claim.paper_delta, dict) else {}
+        out += ["| task | " + claim.a + " | " + claim.b + " | Δ | p (paired t, seeds) | seeds | paper Δ |",
+                "|---|---|---|---|---|---|---|"]
+        for t, am, bm, d, p, n in v.per_task:
+            pd = ref.get(t)
+            out.append(f"| {t} | {am:.2f} | {bm:.2f} | {d:+.2f} | {_fmt_p(p)} | {n} | "
+                       f"{'' if pd is None else f'{pd:+.2f}'} |")
+        if v.delta is not None:
+            pm = ref.get("mean") if ref else claim.paper_delta
+            out.append(f"| **mean** | | | **{v.delta:+.2f}** | {_fmt_p(v.p)} (n = {v.n}) | | "
+                       f"{'' if pm is None else f'{pm:+.2f}'} |")
+        out.append("")
+    line = f"**Verdict: {v.word}.**"
+    if v.delta is not None:
+        line += f" Mean Δ {v.delta:+.2f} points; {v.test}: p = {_fmt_p(v.p)} (alpha {ALPHA})."
+    if v.note:
+        line += f" {v.note}."
+    out += [line, ""]
+    if claim.discussion:
+        out += [claim.discussion.strip(), ""]
+    return "\n".join(out)
+
+
+def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool = True) -> list[tuple[str, str]]:
+    """Write the document (and its plots in a folder named after it); returns (claim id, verdict)."""
+    from .plots import metric_bars
+    from .runs import atomic_write
+    spec = load_claims(claims_file)
+    out = Path(out)
+    assets = out.with_suffix("")        # docs/results.md -> docs/results/
+    parts = [f"# {spec.get('title', 'Results')}", ""]
+    if spec.get("intro"):
+        parts += [spec["intro"].strip(), ""]
+    verdicts = []
+    judged = [(c, judge(c, collect(runs_dir, c.metric))) for c in spec["claims"]]
+    if judged:
+        parts += ["## Verdicts at a glance", "", "| # | claim | verdict | mean Δ | p |", "|---|---|---|---|---|"]
+        for i, (c, v) in enumerate(judged, 1):
+            parts.append(f"| {i} | {c.title} | {v.word} | {'–' if v.delta is None else f'{v.delta:+.2f}'} | "
+                         f"{_fmt_p(v.p)} |")
+        parts.append("")
+    for t in spec.get("tables", []):
+        rows = [r.strip() for r in t["rows"].split(",")] if isinstance(t["rows"], str) else t["rows"]
+        rep: Report = build_report(runs_dir, t.get("reference"), t.get("versus", "full"), rows, t.get("metric"))
+        parts += [f"## {t.get('title', t['id'])}", ""]
+        if t.get("text"):
+            parts += [t["text"].strip(), ""]
+        parts += [render(rep, "md").rstrip(), ""]
+        if plot:
+            png = assets / f"{t['id']}.png"
+            metric_bars(rep, png)
+            parts += [f"![{t.get('title', t['id'])}]({assets.name}/{png.name})", ""]
+    if judged:
+        parts += ["## The claims", ""]
+        for i, (c, v) in enumerate(judged, 1):
+            parts.append(claim_section(i, c, v))
+            verdicts.append((c.id, v.word))
+    if spec.get("closing"):
+        parts += [spec["closing"].strip(), ""]
+    parts += [f"---\nGenerated by `adapterbench report {runs_dir} --claims {claims_file} --out {out}` "
+              "from the runs' metrics.json files; edit the claims file, not this document.", ""]
+    atomic_write(out, "\n".join(parts))
+    return verdicts
