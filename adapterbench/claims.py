@@ -23,7 +23,7 @@ from .config import load_yaml
 from .errors import UserError
 from .report import ALPHA, Report, build_report, collect, render
 
-TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "text"}
+TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "text"}
 CLAIM_KEYS = {"id", "title", "paper", "claim", "a", "b", "tasks", "kind", "margin", "paper_delta", "metric",
               "testable", "why", "discussion"}
 TOP_KEYS = {"title", "intro", "tables", "claims", "closing"}
@@ -180,10 +180,15 @@ def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool
         parts.append("")
     for t in spec.get("tables", []):
         rows = [r.strip() for r in t["rows"].split(",")] if isinstance(t["rows"], str) else t["rows"]
-        rep: Report = build_report(runs_dir, t.get("reference"), t.get("versus", "full"), rows, t.get("metric"))
         parts += [f"## {t.get('title', t['id'])}", ""]
         if t.get("text"):
             parts += [t["text"].strip(), ""]
+        try:
+            rep: Report = build_report(runs_dir, t.get("reference"), t.get("versus", "full"), rows,
+                                       t.get("metric"), t.get("tasks"))
+        except UserError:   # a study still running: say so instead of failing the whole document
+            parts += [f"_No finished runs yet for rows {', '.join(rows)}._", ""]
+            continue
         parts += [render(rep, "md").rstrip(), ""]
         if plot:
             png = assets / f"{t['id']}.png"

@@ -149,14 +149,15 @@ class Report:
 
 
 def build_report(root: Path, reference: str | None = None, versus: str = "full",
-                 only: list[str] | None = None, metric: str | None = None) -> Report:
+                 only: list[str] | None = None, metric: str | None = None,
+                 tasks: list[str] | None = None) -> Report:
     rows = collect(root, metric)
     if only:  # row labels or shell patterns ('merge-*'), kept in the order of the report
         from fnmatch import fnmatch
         rows = {k: r for k, r in rows.items() if any(fnmatch(k, pat) for pat in only)}
         if not rows:
             raise UserError(f"--rows {','.join(only)} matches no row under {root}: see the report without --rows")
-    tasks = sorted({t for r in rows.values() for t in r.cells})
+    tasks = tasks or sorted({t for r in rows.values() for t in r.cells})
     names = {split_k(label)[0] for label in rows}
     wanted = [versus] + [b for b in BASELINES if b != versus]
     # few-shot rows group by k; within a k the baselines come first

@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
-# The reproduction study (configs/studies/reproduce_minilm.yaml) and the tables and plots that
-# docs/results.md discusses, each made by `adapterbench report` from the study's runs:
-#   docs/results/main.md        every full-data method beside the AdapterFusion paper's numbers
-#   docs/results/houlsby.md     adapters vs full fine-tuning beside Houlsby et al.'s numbers
-#   docs/results/fusion.md      Fusion w/ ST-A and w/ MT-A against the single adapter (paired t-test)
-#   docs/results/camtl.md       CA-MTL and MT-A against the multi-task baseline
-#   docs/results/fewshot.md     merged adapters (k = 32) against a new adapter at the same k
-# The study resumes after any interruption: run this again to go on.
+# The reproduction study (configs/studies/reproduce_minilm.yaml), then docs/results.md: its
+# tables, plots (docs/results/*.png) and a verdict per paper claim, all written by
+# `adapterbench report --claims configs/claims/reproduce_minilm.yaml` from the study's runs.
+# The study resumes after any interruption: run this again to go on. Two workers share it
+# on a machine with 2+ cores: WORKERS=2 (each gets OMP_NUM_THREADS=1 unless set).
 #   ADAPTERBENCH_DATA_DIR=../shared/data/glue bash scripts/reproduce.sh
 set -euo pipefail
 : "${ADAPTERBENCH_DATA_DIR:?set ADAPTERBENCH_DATA_DIR to a glue_data folder}"
 export HF_HUB_OFFLINE=1
-adapterbench run configs/studies/reproduce_minilm.yaml || echo "some runs failed: see the study's output; tables follow"
-R=runs/reproduce_minilm
-D=docs/results
-mkdir -p "$D"
-adapterbench report "$R" --rows 'head,full,houlsby,pfeiffer,pfeiffer-rf64,fusion,mtl,mt-a,fusion-mta,camtl' \
-  --reference adapterfusion-bert-base --out "$D/main.md"
-adapterbench report "$R" --rows 'full,houlsby,pfeiffer,pfeiffer-rf64' --reference houlsby-glue --out "$D/houlsby.md"
-adapterbench report "$R" --rows 'pfeiffer,fusion,fusion-mta' --versus pfeiffer --out "$D/fusion.md"
-adapterbench report "$R" --rows 'mtl,mt-a,camtl' --versus mtl --out "$D/camtl.md"
-adapterbench report "$R" --rows 'adapter k=32,merge-*' --versus adapter --out "$D/fewshot.md"
+STUDY=configs/studies/reproduce_minilm.yaml
+WORKERS=${WORKERS:-1}
+if [ "$WORKERS" -gt 1 ]; then
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  for i in $(seq 0 $((WORKERS - 1))); do
+    adapterbench run "$STUDY" --shard "$i/$WORKERS" > "runs/reproduce_w$i.log" 2>&1 &
+  done
+  wait || true
+  echo "workers done (logs: runs/reproduce_w*.log)"
+else
+  adapterbench run "$STUDY" || echo "some runs failed: see the study's output; the report follows"
+fi
+adapterbench report runs/reproduce_minilm --claims configs/claims/reproduce_minilm.yaml --out docs/results.md

@@ -88,6 +88,8 @@ title: Toy results
 intro: Made from hand-written runs.
 tables:
   - {id: main, title: Everything, rows: "full,fusion,houlsby", reference: adapterfusion-bert-base}
+  - {id: rteonly, title: RTE only, rows: [full, lonely], tasks: [rte], metric: accuracy}
+  - {id: later, title: Not run yet, rows: "merge-*"}
 claims:
   - id: fusion-gain
     title: Fusion beats full fine-tuning
@@ -111,6 +113,9 @@ claims:
     assert "paper: full" in text                     # the reference rows beside ours
     assert (tmp_path / "docs" / "results" / "main.png").stat().st_size > 1000
     assert "![Everything](results/main.png)" in text
+    rte_only = text.split("## RTE only")[1].split("##")[0]
+    assert "| method | rte | mean |" in rte_only and "| full | 52.00 ± 2.00 (3) |" in rte_only
+    assert "_No finished runs yet for rows merge-*._" in text
 
 
 @pytest.mark.parametrize("content,needle", [
