@@ -10,6 +10,7 @@ set -euo pipefail
 export HF_HUB_OFFLINE=1
 STUDY=configs/studies/reproduce_minilm.yaml
 WORKERS=${WORKERS:-1}
+mkdir -p runs
 if [ "$WORKERS" -gt 1 ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   for i in $(seq 0 $((WORKERS - 1))); do
