@@ -137,3 +137,17 @@ def test_claims_need_a_markdown_out(runs, tmp_path):
     f.write_text("claims: []\n")
     r = runner.invoke(app, ["report", str(runs), "--claims", str(f)])
     assert r.exit_code == 2 and "--out FILE.md" in r.output
+
+
+def test_shipped_claims_files_parse_and_name_study_rows():
+    from adapterbench.study import load_study
+    from adapterbench.tasks import configs_dir
+    files = sorted((configs_dir() / "claims").glob("*.yaml"))
+    assert files
+    for f in files:
+        spec = load_claims(f)
+        study = load_study(configs_dir() / "studies" / f"{f.stem}.yaml")
+        labels = {m.label or m.name for m in study.methods}
+        for c in spec["claims"]:
+            for row in (c.a, c.b):
+                assert row.split(" k=")[0] in labels, (f.name, row)
