@@ -32,7 +32,7 @@ from .methods import get_method, method_config
 from .models import ClassificationHead, HeadConfig, count_params, load_encoder
 from .runs import Run, RunExists, load_tensors, read_json, run_path, save_tensors, status_of, write_json
 from .tasks import TaskSpec, load_task, parse_task
-from .train import (is_better, load_checkpoint, make_accelerator, param_groups, restore, save_checkpoint, score,
+from .train import (autocast, by_length, is_better, load_checkpoint, make_accelerator, param_groups, restore, save_checkpoint, score,
                     scored_epoch, seed_everything, train_step)
 
 SCHEMES = ("proportional", "uniform", "temperature", "annealed", "uncertainty")
@@ -120,26 +120,30 @@ class MTCollator(Collator):
         return batch
 
 
-def uncertainty_pick(model, candidates: list[dict], collate, tasks: list[TaskSpec], b: int, device) -> list[dict]:
-    """MT-Uncertainty: keep the b candidates with the highest task-weighted normalised entropy."""
-    batch = {k: v.to(device) for k, v in collate(candidates).items()}
-    model.eval()
-    with torch.no_grad():
-        out = model(**batch)
-    model.train()
+def uncertainty_pick(model, candidates: list[dict], collate, tasks: list[TaskSpec], b: int, device,
+                     precision: str = "fp32") -> list[dict]:
+    """MT-Uncertainty: keep the b candidates with the highest task-weighted normalised entropy.
+    Each task's candidates are scored as one batch padded to its own longest example (not to
+    the longest of the pool); regression tasks are not scored (they get the mean score)."""
+    rows_of: dict[int, list[int]] = {}
+    for j, c in enumerate(candidates):
+        rows_of.setdefault(c["task_id"], []).append(j)
     score_ = torch.full((len(candidates),), float("nan"))
     task_means = {}
-    for i, (rows, logits) in out.items():
-        if tasks[i].regression:
-            continue
-        p = logits.float().softmax(-1)
-        ent = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(p.shape[-1])
-        score_[rows.cpu()] = ent.cpu()
-        task_means[i] = ent.mean().item()
+    model.eval()
+    with torch.no_grad(), autocast(precision, device):
+        for i, rows in rows_of.items():
+            if tasks[i].regression:
+                continue
+            batch = {k: v.to(device) for k, v in collate([candidates[j] for j in rows]).items()}
+            p = model(**batch)[i][1].float().softmax(-1)
+            ent = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(p.shape[-1])
+            score_[rows] = ent.cpu()
+            task_means[i] = ent.mean().item()
+    model.train()
     top = max(task_means.values()) if task_means else 1.0
-    for i, (rows, _) in out.items():
-        if i in task_means:
-            score_[rows.cpu()] *= task_means[i] / max(top, 1e-12)
+    for i, mean in task_means.items():
+        score_[rows_of[i]] *= mean / max(top, 1e-12)
     fill = score_[~score_.isnan()].mean() if (~score_.isnan()).any() else torch.tensor(1.0)
     score_ = torch.where(score_.isnan(), fill, score_)
     keep = score_.argsort(descending=True)[:b]
@@ -188,7 +192,8 @@ def train_multitask(model, train_items, dev_items, collate, tasks, cfg: RunConfi
             while res["batch"] < steps_per_epoch:
                 if cfg.sampling.scheme == "uncertainty":
                     cands = [it for t in range(len(tasks)) for it in streams.take(t)]
-                    chosen = uncertainty_pick(model, cands, collate, tasks, tc.batch_size, accelerator.device)
+                    chosen = uncertainty_pick(model, cands, collate, tasks, tc.batch_size, accelerator.device,
+                                              tc.precision)
                     res["drawn"] += len(cands)
                 else:
                     p = task_probs(sizes, cfg.sampling.scheme, cfg.sampling.temperature, epoch, tc.epochs)
@@ -235,13 +240,15 @@ def _tuple(x):
 
 @torch.no_grad()
 def evaluate_tasks(model, dev_items, collate, tasks, batch_size: int) -> dict:
+    """Each task's dev metrics; examples go in length order (less padding)."""
     model.eval()
     device = next(model.parameters()).device
     out = {}
     for i, t in enumerate(tasks):
         preds, labels = [], []
-        for s in range(0, len(dev_items[i]), batch_size):
-            batch = {k: v.to(device) for k, v in collate(dev_items[i][s:s + batch_size]).items()}
+        items = by_length(dev_items[i])[0]
+        for s in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in collate(items[s:s + batch_size]).items()}
             rows, logits = model(**batch)[i]
             preds.append((logits.float() if t.regression else logits.argmax(-1)).cpu())
             labels.append(batch["labels"].cpu())
