@@ -265,6 +265,9 @@ def run(study: Path = typer.Argument(..., help="A study YAML (configs/studies/).
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
         retry_failed: bool = typer.Option(False, "--retry-failed", help="Rerun runs that failed."),
         shard: str = typer.Option("0/1", "--shard", help="i/n: this worker takes every n-th run."),
+        only: Optional[str] = typer.Option(None, "--only", help="Only these rows (labels or patterns, comma-"
+                                                                "separated, e.g. 'full,fusion,adapter k=*') and "
+                                                                "the runs they need."),
         out: Optional[str] = OutOpt, data_dir: Optional[str] = DataOpt, debug: bool = DebugOpt):
     """Run a study: every run of its grid, each once, dependencies first; resumable."""
     def go():
@@ -281,7 +284,8 @@ def run(study: Path = typer.Argument(..., help="A study YAML (configs/studies/).
             return
         events = lambda node, what: console.print(f"[bold]#{node.index}[/bold] {node.stage} {node.label} "
                                                   f"{node.task} s{node.seed}: {what}", highlight=False)
-        res = S.execute(st, nodes, retry_failed=retry_failed, shard=(i, n), on_event=events)
+        keep = S.selected(nodes, [p.strip() for p in only.split(",")]) if only else None
+        res = S.execute(st, nodes, retry_failed=retry_failed, shard=(i, n), on_event=events, only=keep)
         console.print(f"study {st.name}: {len(res['ran'])} ran, {len(res['done'])} already done, "
                       f"{len(res['failed'])} failed, {len(res['blocked'])} blocked; runs in {st.out_dir}")
         if res["failed"] or res["blocked"]:

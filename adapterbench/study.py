@@ -265,12 +265,29 @@ def state(node: Node) -> str:
     return "pending"
 
 
+def selected(nodes: list[Node], patterns: list[str]) -> set[int]:
+    """Indices of the nodes whose row label ('fusion', 'adapter k=32') matches one of the shell
+    patterns, with every run they depend on."""
+    from fnmatch import fnmatch
+    keep = {nd.index for nd in nodes if any(fnmatch(nd.label, p) for p in patterns)}
+    if not keep:
+        labels = sorted({nd.label for nd in nodes})
+        raise UserError(f"--only {','.join(patterns)} matches no run of the study (rows: {', '.join(labels)})")
+    todo = list(keep)
+    while todo:
+        for d in nodes[todo.pop()].deps:
+            if d not in keep:
+                keep.add(d)
+                todo.append(d)
+    return keep
+
+
 def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: tuple[int, int] = (0, 1),
-            poll: float = 10.0, on_event=lambda node, what: None) -> dict[str, list[int]]:
-    """Run every runnable node this worker may take; returns indices by outcome."""
+            poll: float = 10.0, on_event=lambda node, what: None, only: set[int] | None = None) -> dict[str, list[int]]:
+    """Run every runnable node this worker may take (in `only`, when given); returns indices by outcome."""
     from .stages import resolve, train_stage
     i, n = shard
-    mine = [nd for nd in nodes if nd.index % n == i]
+    mine = [nd for nd in nodes if nd.index % n == i and (only is None or nd.index in only)]
     outcome = {"done": [], "ran": [], "failed": [], "blocked": []}
     retried: set[int] = set()
     while True:

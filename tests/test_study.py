@@ -96,6 +96,20 @@ def test_run_then_skip_done_and_report(tmp_path, task_yamls, data_dir):
     assert r.exit_code == 0 and "pfeiffer-rf64,toy," in r.output
 
 
+def test_only_runs_the_named_rows_and_what_they_need(tmp_path, task_yamls, data_dir):
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
+    nodes = S.plan(S.load_study(y))
+    keep = S.selected(nodes, ["fus*"])
+    assert sorted(nodes[i].label for i in keep) == ["fusion", "pfeiffer", "pfeiffer"]   # + its two sources
+    r = runner.invoke(app, ["run", str(y), "--only", "fusion"])
+    assert r.exit_code == 0, r.output
+    assert "3 ran, 0 already done, 0 failed" in r.output
+    labels = sorted(json.loads(p.read_text())["label"] for p in (tmp_path / "runs").glob("**/metrics.json"))
+    assert labels == ["fusion", "pfeiffer", "pfeiffer"]
+    r = runner.invoke(app, ["run", str(y), "--only", "nothing-*"])
+    assert r.exit_code == 2 and "matches no run" in r.output and "pfeiffer-rf64" in r.output
+
+
 def test_failed_run_is_reported_and_others_go_on(tmp_path, task_yamls, data_dir):
     y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
     (data_dir / "TOYREG" / "train.tsv").write_text("sentence\tscore\nthe cat\tnan\n")  # fusion source breaks
