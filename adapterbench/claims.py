@@ -102,13 +102,15 @@ def judge(claim: Claim, rows: dict) -> Verdict:
     for t in tasks:
         if t not in a.cells or t not in b.cells:
             return Verdict("not testable here", note=f"task {t} lacks runs of '{claim.a}' or '{claim.b}'")
-        seeds = sorted(set(a.cells[t].by_seed) & set(b.cells[t].by_seed))
-        d = [a.cells[t].by_seed[s] - b.cells[t].by_seed[s] for s in seeds]
-        diffs += d
-        per_task.append((t, a.cells[t].mean, b.cells[t].mean, a.cells[t].mean - b.cells[t].mean,
-                         paired_p(a.cells[t], b.cells[t]), len(seeds)))
-    if min(p[5] for p in per_task) < 2:
-        return Verdict("not testable here", per_task=per_task, note="fewer than 2 seeds shared by both rows")
+        seeds = sorted(set(a.cells[t].by_seed) & set(b.cells[t].by_seed))   # both means over the same seeds
+        if len(seeds) < 2:
+            return Verdict("not testable here", note=f"fewer than 2 seeds shared by both rows on {t}")
+        am = float(np.mean([a.cells[t].by_seed[s] for s in seeds]))
+        bm = float(np.mean([b.cells[t].by_seed[s] for s in seeds]))
+        diffs += [a.cells[t].by_seed[s] - b.cells[t].by_seed[s] for s in seeds]
+        per_task.append((t, am, bm, am - bm, paired_p(a.cells[t], b.cells[t]), len(seeds)))
+    if not per_task:
+        return Verdict("not testable here", note="the two rows share no task")
     delta = float(np.mean([p[3] for p in per_task]))
     x = np.asarray(diffs, dtype=float)
     if claim.kind == "gain":
@@ -134,8 +136,8 @@ def claim_section(i: int, claim: Claim, v: Verdict) -> str:
     if claim.claim:
         out += [f"**Paper** ({claim.paper}): {claim.claim}" if claim.paper else f"**Paper**: {claim.claim}", ""]
     what = claim.metric or "main metric"
-    out += [f"**Here**: `{claim.a}` against `{claim.b}` ({what}, dev), "
-            f"{'Δ = ' + claim.a + ' − ' + claim.b}.", ""]
+    out += [f"**Here**: `{claim.a}` against `{claim.b}` ({what}, dev; means over the seeds both rows have), "
+            f"Δ = {claim.a} − {claim.b}.", ""]
     if v.per_task:
         ref = claim.paper_delta if isinstance(claim.paper_delta, dict) else {}
         out += ["| task | " + claim.a + " | " + claim.b + " | Δ | p (paired t, seeds) | seeds | paper Δ |",

@@ -72,7 +72,8 @@ def test_not_testable_cases(runs):
     assert v.word == "not testable here" and "mrpc" in v.note
     v = judge(Claim(id="x", title="x", a="fusion", b="full", testable=False, why="needs MNLI"), rows)
     assert v.word == "not testable here" and v.note == "needs MNLI"
-    assert judge(Claim(id="c", title="c", a="camtl", b="full"), rows).n == 4   # the seeds both have
+    v = judge(Claim(id="c", title="c", a="camtl", b="full"), rows)
+    assert v.n == 4 and ("rte", 51.0, 61.0, -10.0) == v.per_task[1][:4]   # means over the seeds both have
 
 
 def test_metric_option_scores_by_accuracy(runs):
