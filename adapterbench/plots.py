@@ -47,7 +47,8 @@ def metric_bars(rep, path: Path) -> None:
         stds = [row.cells[t].std if t in row.cells else 0.0 for t in tasks]
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=row.label)
     ax.set_xticks(x, tasks)
-    ax.set_ylabel(f"{getattr(rep, 'metric', None) or 'main metric'} (dev)")
+    metric = getattr(rep, "metric", None)
+    ax.set_ylabel(f"{metric} or main metric (dev)" if metric else "main metric (dev)")
     lo = min((c.mean - c.std for r in rows for c in r.cells.values()), default=0.0)
     ax.set_ylim(max(0.0, lo - 5), None)
     ax.legend(fontsize=8, ncol=min(len(rows), 4))
