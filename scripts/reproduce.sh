@@ -2,7 +2,7 @@
 # The reproduction study (configs/studies/reproduce_minilm.yaml), then docs/results.md: its
 # tables, plots (docs/results/*.png) and a verdict per paper claim, all written by
 # `adapterbench report --claims configs/claims/reproduce_minilm.yaml` from the study's runs.
-# The study resumes after any interruption: run this again to go on. Two workers share it
+# The study resumes after any interruption: run this again to go on. Several workers share it
 # on a machine with 2+ cores: WORKERS=2 (each gets OMP_NUM_THREADS=1 unless set).
 #   ADAPTERBENCH_DATA_DIR=../shared/data/glue bash scripts/reproduce.sh
 set -euo pipefail
@@ -14,7 +14,7 @@ mkdir -p runs
 if [ "$WORKERS" -gt 1 ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   for i in $(seq 0 $((WORKERS - 1))); do
-    adapterbench run "$STUDY" --shard "$i/$WORKERS" > "runs/reproduce_w$i.log" 2>&1 &
+    adapterbench run "$STUDY" > "runs/reproduce_w$i.log" 2>&1 &   # runs are claimed by lock files
   done
   wait || true
   echo "workers done (logs: runs/reproduce_w*.log)"
