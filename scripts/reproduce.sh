@@ -9,16 +9,17 @@ set -euo pipefail
 : "${ADAPTERBENCH_DATA_DIR:?set ADAPTERBENCH_DATA_DIR to a glue_data folder}"
 export HF_HUB_OFFLINE=1
 STUDY=configs/studies/reproduce_minilm.yaml
+AB=adapterbench; command -v adapterbench >/dev/null || AB=.venv/bin/adapterbench   # activated or not
 WORKERS=${WORKERS:-1}
 mkdir -p runs
 if [ "$WORKERS" -gt 1 ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   for i in $(seq 0 $((WORKERS - 1))); do
-    adapterbench run "$STUDY" > "runs/reproduce_w$i.log" 2>&1 &   # runs are claimed by lock files
+    $AB run "$STUDY" > "runs/reproduce_w$i.log" 2>&1 &   # runs are claimed by lock files
   done
   wait || true
   echo "workers done (logs: runs/reproduce_w*.log)"
 else
-  adapterbench run "$STUDY" || echo "some runs failed: see the study's output; the report follows"
+  $AB run "$STUDY" || echo "some runs failed: see the study's output; the report follows"
 fi
-adapterbench report runs/reproduce_minilm --claims configs/claims/reproduce_minilm.yaml --out docs/results.md
+$AB report runs/reproduce_minilm --claims configs/claims/reproduce_minilm.yaml --out docs/results.md
