@@ -284,7 +284,8 @@ def run(study: Path = typer.Argument(..., help="A study YAML (configs/studies/).
             return
         events = lambda node, what: console.print(f"[bold]#{node.index}[/bold] {node.stage} {node.label} "
                                                   f"{node.task} s{node.seed}: {what}", highlight=False)
-        keep = S.selected(nodes, [p.strip() for p in only.split(",")]) if only else None
+        from .report import split_labels
+        keep = S.selected(nodes, split_labels(only)) if only else None
         res = S.execute(st, nodes, retry_failed=retry_failed, shard=(i, n), on_event=events, only=keep)
         console.print(f"study {st.name}: {len(res['ran'])} ran, {len(res['done'])} already done, "
                       f"{len(res['failed'])} failed, {len(res['blocked'])} blocked; runs in {st.out_dir}")
@@ -331,7 +332,7 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
     """Tables (md/csv/latex) and plots over finished runs: mean ± std over seeds, deltas, significance."""
     def go():
         from .plots import metric_bars
-        from .report import build_report, render
+        from .report import build_report, render, split_labels
         from .runs import atomic_write
         if claims:
             from .claims import write_claims_report
@@ -341,7 +342,7 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
                 console.print(f"{cid}: {word}")
             console.print(f"report: {out_file}")
             return
-        rep = build_report(runs_dir, reference, versus, [r.strip() for r in rows.split(',')] if rows else None, metric)
+        rep = build_report(runs_dir, reference, versus, split_labels(rows) if rows else None, metric)
         text = render(rep, fmt)
         if out_file:
             atomic_write(out_file, text)

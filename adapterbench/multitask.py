@@ -32,8 +32,8 @@ from .methods import get_method, method_config
 from .models import ClassificationHead, HeadConfig, count_params, load_encoder
 from .runs import Run, RunExists, load_tensors, read_json, run_path, save_tensors, status_of, write_json
 from .tasks import TaskSpec, load_task, parse_task
-from .train import (autocast, by_length, is_better, load_checkpoint, make_accelerator, param_groups, restore, save_checkpoint, score,
-                    scored_epoch, seed_everything, train_step)
+from .train import (autocast, by_length, is_better, load_checkpoint, make_accelerator, param_groups, restore,
+                    save_checkpoint, score, scored_epoch, seed_everything, train_step)
 
 SCHEMES = ("proportional", "uniform", "temperature", "annealed", "uncertainty")
 

@@ -77,6 +77,11 @@ def collect(root: Path, metric: str | None = None) -> dict[str, Row]:
     return rows
 
 
+def split_labels(value: str | list[str]) -> list[str]:
+    """Row labels or patterns given as 'full,pfeiffer,merge-*' (CLI) or as a YAML list."""
+    return [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]
+
+
 def pick(result: dict, metric: str | None) -> float:
     """`metric` from a run's (or one task's) dev metrics when it has it, else its main metric."""
     dev = result.get("dev") or result.get("metrics", {}).get("dev", {})
