@@ -49,7 +49,7 @@ def _check_layout(model_type: str) -> None:
 
 def export(src: str | Path, out: Path, name: str | None = None, force: bool = False) -> Path:
     """Write an extract run's (or adapter folder's) adapter and head in AdapterHub's format."""
-    from .methods.fusion import adapter_folder
+    from .artifacts import adapter_folder
     folder = adapter_folder(str(src))
     meta = read_json(folder / "adapter_config.json")
     method = meta.get("method", {})
@@ -76,6 +76,9 @@ def export(src: str | Path, out: Path, name: str | None = None, force: bool = Fa
               "model_name": meta["base_model"], "model_type": meta["model_type"], "name": name, "version": VERSION}
     save_tensors(out / "adapter.safetensors", state, {"format": "pt"})
     write_json(out / "adapter_config.json", {"config": config, **common})
+    if (folder / "head_config.json").is_file() and read_json(folder / "head_config.json").get("pooling", "cls") != "cls":
+        raise UserError(f"{folder}: its head mean-pools the tokens, which AdapterHub's classification head "
+                        f"cannot represent (it reads the first token): extract with model.pooling=cls to export")
     if (folder / "head.safetensors").is_file():
         head = load_tensors(folder / "head.safetensors")
         hcfg = read_json(folder / "head_config.json")
@@ -232,8 +235,8 @@ def export_fusion(run_dir: str | Path, out: Path, force: bool = False) -> Path:
 def _fusion_site_modules(run_dir: Path, meta: dict) -> list[str]:
     """Their module path (e.g. encoder.layer.3.output) of each of our fusion sites, in order."""
     from .methods.bottleneck import PLACEMENTS
-    from .methods.fusion import read_sources
-    src = read_sources(meta["method"]["adapters"])[0]["meta"]["method"]
+    from .artifacts import read_sources
+    src = read_sources(meta["method"]["adapters"])[0].meta["method"]
     placement = "houlsby" if src["name"] == "houlsby" else "pfeiffer"
     out = []
     for i in range(meta["num_layers"]):

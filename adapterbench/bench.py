@@ -25,8 +25,10 @@ import torch
 
 from .errors import UserError
 
-CONFIGS = ("bare", "head", "full", "houlsby", "pfeiffer", "merged", "fusion2", "fusion4", "fusion8", "fusion16",
-           "mtl", "camtl")
+from .methods import supporting
+
+# every registered method that declares "bench", plus the bare encoder, a merged adapter and fusion of N
+CONFIGS = ("bare", *supporting("bench"), "merged", "fusion2", "fusion4", "fusion8", "fusion16")
 PEER_CONFIGS = ("bare", "head", "full", "houlsby", "pfeiffer", "merged", "fusion2", "fusion4", "fusion8",
                 "fusion16")  # the peer has no multi-task baselines or CA-MTL
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,9 +75,9 @@ def real_token_lists(spec: Spec, tokenizer, n: int | None) -> tuple[list[list[in
     examples = [examples[i] for i in order[: n * spec.batch_size if n else None]]
     items = tokenize(examples, tokenizer, spec.seq_len)
     if spec.group_by_length:
-        from .data import LengthGroupedBatches
-        batches = LengthGroupedBatches([len(it["input_ids"]) for it in items], spec.batch_size,
-                                       torch.Generator().manual_seed(0))
+        from .sampling import length_grouped
+        batches = length_grouped([len(it["input_ids"]) for it in items], spec.batch_size,
+                                 torch.Generator().manual_seed(0))
         items = [items[i] for b in batches for i in b]
     labels = [int(it["labels"]) if not task.regression else 0 for it in items]
     return [it["input_ids"] for it in items], labels
@@ -99,12 +101,14 @@ def pad_batches(ids: list[list[int]], labels: list[int], batch_size: int, pad_to
 # --- models ----------------------------------------------------------------------------------
 
 def build(config: str, model_name: str):
-    """(model, loss_fn, tokenizer) for one benchmark configuration, in training layout."""
+    """(model, loss_fn, tokenizer) for one benchmark configuration, in training layout: a
+    registered method (built as a run builds it, on RTE; multi-task methods on RTE + MRPC, the
+    batch shared half and half), or bare / merged / fusionN."""
     from .methods import fusion, get_method, method_config
     from .models import ClassificationHead, HeadConfig, TaskModel, load_encoder
     torch.manual_seed(0)
-    if config in ("mtl", "camtl"):
-        return build_multitask(config, model_name)
+    if config not in ("bare", "merged") and not config.startswith("fusion"):
+        return build_method(config, model_name)
     enc, tok = load_encoder(model_name)
     if config == "bare":
         enc.requires_grad_(False)
@@ -116,27 +120,27 @@ def build(config: str, model_name: str):
         enc.requires_grad_(False)
         for site in fusion.sites(enc):
             site.mixer = fusion.FusionMixer(enc.config.hidden_size, fusion.Config())
-    elif config == "merged":  # a merged adapter trains and infers as one adapter does
+    else:  # merged: a merged adapter trains and infers as one adapter does
         from .merge import average
         method, cfg = get_method("pfeiffer"), method_config({"name": "pfeiffer"})
-        method.apply(enc, cfg, "a")
-        state = method.trainable_state(enc, cfg, "a")
+        method.apply(enc, cfg, ["a"])
+        state = method.trainable_state(enc, cfg, ["a"])
         other = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
-        method.load_state(enc, cfg, "a", average([state, other], [1.0, 1.0]))
-    else:
-        get_method(config).apply(enc, method_config({"name": config}), "a")
+        method.load_state(enc, cfg, ["a"], average([state, other], [1.0, 1.0]))
     model = TaskModel(enc, ClassificationHead(HeadConfig(enc.config.hidden_size, 2)))
     return model, model.loss, tok
 
 
-def build_multitask(config: str, model_name: str):
-    """Two binary tasks sharing the batch half and half (task ids inside the encoder)."""
-    from .config import ModelConfig, RunConfig
-    from .methods import method_config
-    from .multitask import build as build_mt
+def build_method(config: str, model_name: str):
+    from .methods import get_method, require
+    from .stages import build_model, resolve
     from .tasks import load_task
-    cfg = RunConfig(task="rte,mrpc", method=vars(method_config({"name": config})), model=ModelConfig(name=model_name))
-    model, tok, _, _ = build_mt(cfg, [load_task("rte"), load_task("mrpc")])
+    require(config, "bench", "adapterbench bench")
+    method = get_method(config)
+    tasks = [load_task("rte"), load_task("mrpc")] if method.STAGE == "multitask" else [load_task("rte")]
+    cfg = resolve({"task": ",".join(t.name for t in tasks), "method": {"name": config},
+                   "model": {"name": model_name}}, method.STAGE)
+    model, tok = build_model(cfg, tasks)
     return model, model.loss, tok
 
 
@@ -156,10 +160,9 @@ def measure(config: str, mode: str, spec: Spec) -> dict:
         if not n:
             raise UserError("--steps 0 (a whole epoch) needs --task")
         batches = fixed_batches(spec, tok.vocab_size, n)
-    if config in ("mtl", "camtl"):
-        for b in batches:
-            b["task_ids"] = torch.arange(b["input_ids"].shape[0]) % 2
-            b["labels"] = b["labels"].float()
+    for b in batches:
+        b["task_ids"] = torch.arange(b["input_ids"].shape[0]) % len(model.heads)
+        b["labels"] = b["labels"].float()
     train = mode == "train"
     model.train(train)
     params = [p for p in model.parameters() if p.requires_grad]

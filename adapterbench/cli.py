@@ -69,12 +69,17 @@ def print_metrics(folder: Path) -> None:
     from .runs import is_main_process, read_json
     if not is_main_process():   # the other ranks of a multi-process run stay quiet
         return
+    from .runs import task_results
     m = read_json(Path(folder) / "metrics.json")
-    table = Table(title=f"{m['task']} / {m['method']} / {m['model']} (seed {m['seed']})")
-    for col in ("split", *m["metrics"]["dev"].keys()):
-        table.add_column(col)
-    table.add_row("dev", *(f"{v:.2f}" for v in m["metrics"]["dev"].values()))
+    table = Table("task", "main metric", "value", "all dev metrics",
+                  title=f"{m['task']} / {m['method']} / {m['model']} (seed {m['seed']})")
+    for name, r in task_results(m).items():
+        table.add_row(name, r["main_metric"], f"{r['main_value']:.2f}",
+                      ", ".join(f"{k} {v:.2f}" for k, v in r["dev"].items()))
     console.print(table)
+    if len(task_results(m)) > 1:
+        console.print(f"mean {m['main_value']:.2f}; examples used {100 * m['fraction_of_examples_used']:.1f}% "
+                      f"(per task: {', '.join(f'{t} {100 * f:.1f}%' for t, f in m['fraction_used_per_task'].items())})")
     console.print(f"best epoch {m['best_epoch'] + 1}/{m['epochs_run']}  trainable {m['trainable_params']:,} "
                   f"({m['trainable_percent']:.2f}% of {m['total_params']:,})  train {m['train_seconds']:.1f}s  "
                   f"{m['samples_per_second']:.1f} samples/s")
@@ -145,26 +150,16 @@ def multitask(tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-s
     """One encoder trained on several tasks at once (mtl, mt-a, camtl), evaluated per task."""
     def go():
         from .config import merge_layers
-        from .multitask import multitask_stage
-        from .stages import resolve
+        from .stages import resolve, train_stage
         opts = _options(tasks, model, method, seed, out, data_dir)
         opts["sampling.scheme"] = sampling
         cfg = resolve(merge_layers(config, opts, overrides), "multitask")
         try:
-            folder = multitask_stage(cfg, force=force)
+            folder = train_stage("multitask", cfg, force=force)
         except RunExists as e:
             console.print(f"already done: {e.folder} (status ok; --force retrains)")
             folder = e.folder
-        from .runs import read_json
-        m = read_json(folder / "metrics.json")
-        t = Table("task", "main metric", "value", "all dev metrics")
-        for name, r in m["tasks"].items():
-            t.add_row(name, r["main_metric"], f"{r['main_value']:.2f}",
-                      ", ".join(f"{k} {v:.2f}" for k, v in r["dev"].items()))
-        console.print(t)
-        console.print(f"mean {m['main_value']:.2f}; examples used {100 * m['fraction_of_examples_used']:.1f}%; "
-                      f"trainable {m['trainable_params']:,} ({m['trainable_percent']:.2f}%); "
-                      f"train {m['train_seconds']:.1f}s; run folder: {folder}")
+        print_metrics(folder)
     from .runs import RunExists
     guarded(debug, go)
 
@@ -198,16 +193,19 @@ def merge(adapters: Optional[list[str]] = typer.Option(None, "--adapters", "-a",
 
 @app.command("export")
 def export_cmd(run_dir: Path = typer.Argument(..., help="An extract run folder or adapter folder."),
-               fmt: str = typer.Option("adapterhub", "--format", help="adapterhub"),
+               fmt: str = typer.Option("adapterhub", "--format", help="adapterhub (pfeiffer, houlsby, fusion) or peft (lora)."),
                out: Path = typer.Option(..., "--out", help="Folder to write."),
                name: Optional[str] = typer.Option(None, "--name", help="Adapter name (default: the task)."),
                force: bool = ForceOpt, debug: bool = DebugOpt):
-    """Write an adapter (and its head) in AdapterHub's format, loadable by the `adapters` library."""
+    """Write an adapter (and its head) in AdapterHub's format (the `adapters` library) or peft's (LoRA)."""
     def go():
         from .adapterhub import export, export_fusion
-        if fmt != "adapterhub":
-            raise UserError(f"--format '{fmt}' is not supported: use adapterhub")
-        if (run_dir / "fusion" / "fusion_config.json").is_file():
+        if fmt not in ("adapterhub", "peft"):
+            raise UserError(f"--format '{fmt}' is not supported: use adapterhub or peft")
+        if fmt == "peft":
+            from .peftio import export as export_peft
+            console.print(f"exported: {export_peft(run_dir, out, force)}")
+        elif (run_dir / "fusion" / "fusion_config.json").is_file():
             console.print(f"exported fusion: {export_fusion(run_dir, out, force)}")
         else:
             console.print(f"exported: {export(run_dir, out, name, force)}")
@@ -219,18 +217,23 @@ def import_cmd(src: Path = typer.Argument(..., help="A folder saved by the `adap
                out: Path = typer.Option(..., "--out", help="adapterbench adapter folder to write."),
                model: Optional[str] = typer.Option(None, "--model", help="Base model, if not the one it names."),
                force: bool = ForceOpt, debug: bool = DebugOpt):
-    """Read an AdapterHub adapter (Pfeiffer/Houlsby) so that it fuses, merges and initialises like ours."""
+    """Read an AdapterHub adapter (Pfeiffer/Houlsby) or a peft LoRA adapter into an adapterbench folder."""
     def go():
         from .adapterhub import import_adapter
+        from .runs import read_json
         if not (src / "adapter_config.json").is_file():
-            raise UserError(f"{src} holds no adapter_config.json: pass the folder save_adapter wrote")
-        console.print(f"imported: {import_adapter(src, out, model, force)}")
+            raise UserError(f"{src} holds no adapter_config.json: pass the folder save_adapter/save_pretrained wrote")
+        if "peft_type" in read_json(src / "adapter_config.json"):
+            from .peftio import import_lora
+            console.print(f"imported: {import_lora(src, out, model, force)}")
+        else:
+            console.print(f"imported: {import_adapter(src, out, model, force)}")
     guarded(debug, go)
 
 
 def _source_model(src: str) -> str | None:
     """The base model a source adapter was trained on (so --model can be left out)."""
-    from .methods.fusion import adapter_folder
+    from .artifacts import adapter_folder
     from .runs import read_json
     return read_json(adapter_folder(src) / "adapter_config.json").get("base_model")
 
@@ -239,22 +242,21 @@ def _source_model(src: str) -> str | None:
 def evaluate(run_dir: Path = typer.Argument(..., help="A run folder."),
              split: str = typer.Option("dev", "--split", help="dev (metrics) or test (prediction file)."),
              save_attention: bool = typer.Option(False, "--save-attention", help="Fusion runs: attention.csv/.png."),
-             data_dir: Optional[str] = DataOpt, debug: bool = DebugOpt):
+             data_dir: Optional[str] = DataOpt,
+             trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                                    help="Run the model's own code (never taken from the run folder)."),
+             debug: bool = DebugOpt):
     """Rebuild a model from its run folder and recompute its metrics."""
     def go():
         from .stages import evaluate_stage
-        res = evaluate_stage(run_dir, split, data_dir, save_attention)
-        if "tasks" in res:
+        res = evaluate_stage(run_dir, split, data_dir, save_attention, trust_remote_code)
+        if split == "dev":
             for name, mets in res["tasks"].items():
                 console.print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in mets.items()))
-            console.print(f"reproduced {'[green]yes[/green]' if res['reproduced'] else '[red]NO[/red]'}")
-        elif split == "dev":
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in res["metrics"].items())
-            console.print(f"dev: {shown}")
-            mark = "[green]yes[/green]" if res["reproduced"] else "[red]NO[/red]"
-            console.print(f"stored main metric {res['stored']}: reproduced {mark}")
+            console.print(f"reproduced the stored dev metrics: "
+                          f"{'[green]yes[/green]' if res['reproduced'] else '[red]NO[/red]'}")
         else:
-            console.print(f"test predictions: {res['predictions']}")
+            console.print(f"test predictions: {', '.join(res['predictions'])}")
         if "attention" in res:
             console.print(f"fusion attention: {res['attention']}")
     guarded(debug, go)
@@ -419,10 +421,10 @@ def _ls(what: str, out: str) -> None:
         console.print(t)
     elif what == "methods":
         from .methods import METHODS
-        t = Table("method", "kind", "default lr", "what it is")
+        t = Table("method", "kind", "command", "default lr", "supports", "what it is")
         for name, mod in METHODS.items():
             doc = " ".join((mod.__doc__ or "").split()).split(": ")[0]
-            t.add_row(name, mod.KIND, str(mod.TRAIN_DEFAULTS.get("lr")), doc)
+            t.add_row(name, mod.KIND, mod.STAGE, str(mod.TRAIN_DEFAULTS.get("lr")), ", ".join(sorted(mod.SUPPORTS)), doc)
         console.print(t)
     elif what == "runs":
         from .runs import iter_runs, read_json

@@ -26,7 +26,9 @@ class ModelConfig:
     name: str = "minilm-l6"          # hub id, local folder, or an alias (minilm-l6)
     max_length: int = 128            # tokens per example after truncation (paper setting)
     trust_remote_code: bool = False  # only when the user asks for it
-    dropout: float | None = None     # set every dropout probability (encoder and head); None = the model's
+    dropout: float | None = None     # the encoder's and heads' dropout (not a method's own); None = the model's
+    pooling: str = "auto"            # head input: cls | mean; auto = what the checkpoint was trained with
+                                     # (minilm-l6: mean, others: cls)
 
 
 @dataclass
@@ -35,7 +37,8 @@ class TrainConfig:
     epochs: int = 30                 # AdapterFusion ST-A: up to 30 epochs, best on dev
     batch_size: int = 32
     eval_batch_size: int = 64
-    warmup_ratio: float = 0.0        # share of steps with a linear warm-up
+    warmup_ratio: float = 0.1        # share of steps with a linear warm-up (10% for every method, as
+                                     # Houlsby's and CA-MTL's reference code and BERT's recipe)
     weight_decay: float = 0.01       # not applied to biases and LayerNorm weights
     max_grad_norm: float = 1.0
     patience: int = 0                # stop after this many dev scorings without a better metric; 0 = off
@@ -62,12 +65,15 @@ class DataConfig:
 class SamplingConfig:
     scheme: str = "proportional"     # proportional | uniform | temperature | annealed | uncertainty
     temperature: float = 2.0         # `temperature`: p_t proportional to n_t^(1/T)
+    uncertainty_proxy: dict = field(default_factory=dict)  # `uncertainty`: regression task -> the
+                                     # classification task whose scores it borrows (default stsb: mrpc)
 
 
 @dataclass
 class RunConfig:
     task: str = ""                   # task name (configs/tasks) or a task YAML path
-    method: dict = field(default_factory=lambda: {"name": "pfeiffer"})  # checked by the method
+    method: Any = field(default_factory=lambda: {"name": "pfeiffer"})  # a mapping; stages.resolve makes it
+                                     # the method's Config dataclass (checked by the method)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -234,6 +240,7 @@ def check_ranges(cfg: RunConfig) -> None:
         (t.eval_every >= 1, "train.eval_every", t.eval_every, "at least 1"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "auto, fp32 or bf16"),
         (cfg.model.max_length >= 8, "model.max_length", cfg.model.max_length, "at least 8"),
+        (cfg.model.pooling in ("auto", "cls", "mean"), "model.pooling", cfg.model.pooling, "auto, cls or mean"),
         (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout", cfg.model.dropout, "in [0, 1)"),
     ]
     for ok, key, value, want in checks:
@@ -249,11 +256,13 @@ def to_dict(cfg) -> dict:
 # was, so finished runs stay recognised when new options appear.
 # `ANY`: the key never changes what a run computes, so it never enters the hash.
 ANY = object()
-HASH_NEUTRAL = {("init_from",): None, ("train", "shots"): 0, ("data", "data_seed"): None,
+# Order matters: a nested key is dropped before its parent is compared.
+HASH_NEUTRAL = {("sampling", "uncertainty_proxy"): {}, ("init_from",): None, ("train", "shots"): 0, ("data", "data_seed"): None,
                 ("train", "checkpoint_every"): ANY,
                 ("sampling",): {"scheme": "proportional", "temperature": 2.0},
                 ("train", "group_by_length"): False, ("train", "eval_every"): 1,
-                ("model", "dropout"): None, ("train", "precision"): "auto"}
+                ("model", "dropout"): None, ("train", "precision"): "auto",
+                ("model", "pooling"): "cls"}
 
 
 def config_hash(resolved: dict) -> str:

@@ -252,24 +252,28 @@ def _unflatten(path: Path) -> list[dict]:
 
 
 class Collator:
-    """Pads a list of tokenized examples to the longest one in the batch."""
+    """Pads tokenized examples to the longest one in the batch. Every batch carries `task_ids`
+    (an item's `task_id`, else `task_id` given here; single-task runs: 0) and, when every item
+    is labelled, float `labels` (class ids are cast back in the loss), so one collator serves
+    single-task and mixed multi-task batches."""
 
-    def __init__(self, pad_token_id: int, regression: bool):
+    SKIP = ("labels", "task_id", "uid")
+
+    def __init__(self, pad_token_id: int):
         self.pad = pad_token_id
-        self.regression = regression
 
-    def __call__(self, items: list[dict]) -> dict:
+    def __call__(self, items: list[dict], task_id: int = 0) -> dict:
         width = max(len(it["input_ids"]) for it in items)
         batch = {}
         for key in items[0]:
-            if key == "labels":
+            if key in self.SKIP:
                 continue
             fill = self.pad if key == "input_ids" else 0
             batch[key] = torch.tensor([it[key] + [fill] * (width - len(it[key])) for it in items])
-        labels = [it["labels"] for it in items]
+        batch["task_ids"] = torch.tensor([it.get("task_id", task_id) for it in items])
+        labels = [it.get("labels") for it in items]
         if all(x is not None for x in labels):
-            dtype = torch.float32 if self.regression else torch.long
-            batch["labels"] = torch.tensor(labels, dtype=dtype)
+            batch["labels"] = torch.tensor(labels, dtype=torch.float32)
         return batch
 
 
@@ -297,28 +301,6 @@ def few_shot(examples: list, k: int, regression: bool, seed: int) -> list:
                             f"lower train.shots")
         keep += rng.sample(idx, k)
     return [examples[i] for i in sorted(keep)]
-
-
-class LengthGroupedBatches:
-    """Batches of similar length (less padding), still in a seeded random order: shuffle,
-    cut into mega-batches of `group` batches, sort each by length, shuffle the batches.
-    The order follows `generator`, so a resumed run sees the same batches."""
-
-    def __init__(self, lengths: list[int], batch_size: int, generator, group: int = 50):
-        self.lengths, self.b, self.gen, self.group = lengths, batch_size, generator, group
-
-    def __len__(self) -> int:
-        return (len(self.lengths) + self.b - 1) // self.b
-
-    def __iter__(self):
-        order = torch.randperm(len(self.lengths), generator=self.gen).tolist()
-        mega = self.b * self.group
-        batches = []
-        for i in range(0, len(order), mega):
-            chunk = sorted(order[i:i + mega], key=lambda j: -self.lengths[j])
-            batches += [chunk[k:k + self.b] for k in range(0, len(chunk), self.b)]
-        for k in torch.randperm(len(batches), generator=self.gen).tolist():
-            yield batches[k]
 
 
 def padding_stats(lengths: list[int], batches: list[list[int]], pad_to: int) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .methods.fusion import file_hash, read_sources
+from .artifacts import Source, file_hash, read_sources
 from .runs import load_tensors, save_tensors, write_json
 
 STRATEGIES = ("avg", "align", "ties", "task-arithmetic")
@@ -63,16 +63,24 @@ def activation_cost(ref_acts: torch.Tensor, other_acts: torch.Tensor) -> np.ndar
     return (1.0 - z(ref_acts).T @ z(other_acts)).numpy()
 
 
-def align(states: list[dict], costs=None) -> list[dict]:
-    """Permute the units of states[1:] to match states[0], site by site (exact assignment)."""
+def align(states: list[dict], costs=None, moved: list | None = None) -> list[dict]:
+    """Permute the units of states[1:] to match states[0], site by site (exact assignment).
+    `moved`, when given, receives per source {site: share of units not mapped to themselves}."""
     from scipy.optimize import linear_sum_assignment
     out = [dict(states[0])]
+    if moved is not None:
+        moved.append({site: 0.0 for site in unit_keys(states[0])})
     for i, st in enumerate(states[1:], start=1):
         st = dict(st)
+        shares = {}
         for site in unit_keys(st):
             cost = costs(i, site) if costs else weight_cost(states[0], st, site)
             rows, cols = linear_sum_assignment(cost)
-            permute_units(st, site, cols[np.argsort(rows)])
+            perm = cols[np.argsort(rows)]
+            shares[site] = float(np.mean(perm != np.arange(len(perm))))
+            permute_units(st, site, perm)
+        if moved is not None:
+            moved.append(shares)
         out.append(st)
     return out
 
@@ -106,29 +114,29 @@ def ties(states: list[dict], weights: list[float], density: float) -> dict:
     return out
 
 
-def same_track(sources: list[dict], target: str, include_target: bool) -> list[dict]:
+def same_track(sources: list[Source], target: str, include_target: bool) -> list[Source]:
     """Sources whose task is in the target's track (the target's own only if asked)."""
     from .tasks import load_task
     track = load_task(target).track
     if not track:
         raise UserError(f"task {target} names no track: add `track:` to its YAML")
-    tracks = {s["path"]: source_track(s) for s in sources}
-    keep = [s for s in sources if tracks[s["path"]] == track
-            and (include_target or s["meta"].get("task") != load_task(target).name)]
+    tracks = {s.path: source_track(s) for s in sources}
+    keep = [s for s in sources if tracks[s.path] == track
+            and (include_target or s.meta.get("task") != load_task(target).name)]
     if not keep:
         raise UserError(f"no source adapter is in track '{track}' of {target} (sources' tasks: "
-                        f"{', '.join(str(s['meta'].get('task')) for s in sources)})")
+                        f"{', '.join(str(s.meta.get('task')) for s in sources)})")
     return keep
 
 
-def source_track(source: dict) -> str:
+def source_track(source: Source) -> str:
     """A source adapter's track, from the task.yaml its run folder keeps (else by task name)."""
     from .tasks import load_task
-    folder = Path(source["path"])
+    folder = Path(source.path)
     for cand in (folder / "task.yaml", folder.parent / "task.yaml"):
         if cand.is_file():
             return load_task(str(cand)).track
-    task = source["meta"].get("task")
+    task = source.meta.get("task")
     return load_task(task).track if task else ""
 
 
@@ -139,7 +147,7 @@ def merge(paths: list[str], strategy: str = "avg", weights: list[float] | None =
     """Merge adapter folders into one adapter folder; returns it."""
     if strategy not in STRATEGIES:
         raise UserError(f"--strategy '{strategy}' must be one of {', '.join(STRATEGIES)}")
-    sources = read_sources(paths, allow_trained_norms=strategy in ("avg", "align"))
+    sources = read_sources(paths, "merge", allow_trained_norms=strategy in ("avg", "align"), load=True)
     if same_track_only:
         if not target:
             raise UserError("--same-track needs --target TASK")
@@ -150,10 +158,11 @@ def merge(paths: list[str], strategy: str = "avg", weights: list[float] | None =
         raise UserError(f"--weights has {len(weights)} values for {len(sources)} sources")
     if not 0 < density <= 1:
         raise UserError(f"--density {density} must be in (0, 1]")
-    states = [load_tensors(Path(s["path"]) / "adapter.safetensors") for s in sources]
+    states = [s.state for s in sources]
+    moved: list = []
     if strategy == "align":
         costs = activation_costs(sources, align_on, align_examples, data_dir) if align_on else None
-        merged = average(align(states, costs), weights)
+        merged = average(align(states, costs, moved), weights)
     elif strategy == "avg":
         merged = average(states, weights)
     elif strategy == "ties":
@@ -161,24 +170,55 @@ def merge(paths: list[str], strategy: str = "avg", weights: list[float] | None =
     else:
         merged = task_arithmetic(states, weights)
     out = Path(out) if out else default_out(sources, strategy, weights)
-    write_merged(out, sources, merged, strategy, weights, target, same_track_only, align_on, force)
+    diagnostics = [{"task": s.meta.get("task"), "relative_change": relative_change(s),
+                    "units_moved": moved[i] if moved else None} for i, s in enumerate(sources)]
+    write_merged(out, sources, merged, strategy, weights, target, same_track_only, align_on, force, diagnostics)
     return out
 
 
+def relative_change(source: Source) -> float | None:
+    """||theta - theta_0|| / ||theta_0|| of a source adapter trained by adapterbench: its
+    initialisation is rebuilt from its run's config (the same seed rule as training); None for
+    adapters without a run folder (imported ones)."""
+    import torch
+    from .config import RunConfig, build, load_yaml
+    from .methods import get_method, method_config
+    from .models import load_encoder
+    from .stages import init_seed
+    from .train import seed_everything
+    run = Path(source.path).parent
+    if not (run / "config.yaml").is_file():
+        return None
+    cfg = build(RunConfig, load_yaml(run / "config.yaml"))
+    mcfg = method_config(cfg.method)
+    method = get_method(mcfg.name)
+    encoder, _ = load_encoder(source.meta["base_model"])
+    name = source.meta.get("task") or "task"
+    seed_everything(init_seed(cfg, [name]))
+    method.apply(encoder, mcfg, [name])
+    init = method.trainable_state(encoder, mcfg, [name])
+    keys = [k for k in init if k in source.state and ".ffn_norm." not in k and ".attn_norm." not in k]
+    num = torch.sqrt(sum((source.state[k].double() - init[k].double()).pow(2).sum() for k in keys))
+    den = torch.sqrt(sum(init[k].double().pow(2).sum() for k in keys))
+    return round(float(num / den), 6) if float(den) > 0 else None
+
+
 def default_out(sources, strategy, weights) -> Path:
-    blob = "|".join(s["path"] for s in sources) + strategy + ",".join(map(str, weights))
+    blob = "|".join(s.path for s in sources) + strategy + ",".join(map(str, weights))
     return Path("runs") / "merge" / strategy / hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
-def write_merged(out: Path, sources, merged, strategy, weights, target, same_track_only, align_on, force) -> None:
+def write_merged(out: Path, sources, merged, strategy, weights, target, same_track_only, align_on, force,
+                 diagnostics: list | None = None) -> None:
     if (out / "adapter_config.json").exists() and not force:
         raise UserError(f"{out} already holds an adapter: choose another --out or pass --force")
-    meta = dict(sources[0]["meta"])
+    meta = dict(sources[0].meta)
     meta["task"] = None
     meta["merge"] = {"strategy": strategy, "weights": weights, "target": target, "same_track": same_track_only,
                      "align_on": align_on, "note": NOTE,
-                     "sources": [{"path": s["path"], "task": s["meta"].get("task"),
-                                  "sha256": file_hash(Path(s["path"]) / "adapter.safetensors")} for s in sources]}
+                     "kind": "merge" if len(sources) > 1 else "transfer (one source: nothing is merged)",
+                     "sources": [{"path": s.path, "task": s.meta.get("task"), "sha256": file_hash(s.weights),
+                                  **(diagnostics[i] if diagnostics else {})} for i, s in enumerate(sources)]}
     save_tensors(out / "adapter.safetensors", merged, {"format": "pt"})
     write_json(out / "adapter_config.json", meta)
 
@@ -187,23 +227,22 @@ def activation_costs(sources, task_name: str, n: int, data_dir: str | None):
     """Cost function over (adapter index, site): 1 - correlation of bottleneck activations on
     `n` training examples of `task_name`, each adapter run alone in the base model."""
     from .data import load_splits, subsample, tokenize, Collator
-    from .methods import get_method, method_config
     from .methods.bottleneck import add_adapter, load_adapter_state, site_paths
     from .models import get_sub, load_encoder
     from .tasks import load_task
     task = load_task(task_name)
-    meta = sources[0]["meta"]
-    method = get_method(meta["method"]["name"])
-    bcfg = method.bottleneck(method_config(meta["method"]))
+    meta = sources[0].meta
+    bcfg = sources[0].bottleneck()
     encoder, tokenizer = load_encoder(meta["base_model"])
     examples = subsample(load_splits(task, data_dir, ("train",))["train"], n, 0)
-    batch = Collator(tokenizer.pad_token_id or 0, task.regression)(tokenize(examples, tokenizer, 128))
+    batch = Collator(tokenizer.pad_token_id or 0)(tokenize(examples, tokenizer, 128))
     batch.pop("labels", None)
+    batch.pop("task_ids", None)
     mask = batch["attention_mask"].bool()
     acts = []
     for i, s in enumerate(sources):
         add_adapter(encoder, bcfg, f"m{i}")
-        load_adapter_state(encoder, bcfg, f"m{i}", load_tensors(Path(s["path"]) / "adapter.safetensors"))
+        load_adapter_state(encoder, bcfg, f"m{i}", s.state)
     encoder.eval()
     for i in range(len(sources)):
         found, hooks = {}, []

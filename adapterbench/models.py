@@ -115,8 +115,17 @@ def load_encoder(name: str, trust_remote_code: bool = False):
         raise UserError(f"cannot load model '{name}' ({first[:160]}): give a local folder, "
                         f"an alias (minilm-l6) or a reachable hub id") from None
     if getattr(encoder, "pooler", None) is not None:
-        encoder.pooler = None  # heads read the first token; the NSP pooler is unused weight
+        encoder.pooler = None  # the heads pool for themselves; the NSP pooler is unused weight
     return encoder, tokenizer
+
+
+POOLINGS = ("cls", "mean")
+# the pooling each alias's checkpoint was trained with (model.pooling=auto picks it; others: cls)
+ALIAS_POOLING = {"minilm-l6": "mean"}   # all-MiniLM-L6-v2: a sentence-transformers mean-pooling model
+
+
+def default_pooling(model_name: str) -> str:
+    return ALIAS_POOLING.get(model_name, "cls")
 
 
 @dataclass
@@ -126,42 +135,82 @@ class HeadConfig:
     regression: bool = False
     dropout: float = 0.1
     labels: list | None = None
+    pooling: str = "cls"     # cls: the first token (BERT); mean: mean over the unpadded tokens
 
 
 class ClassificationHead(nn.Module):
-    """First-token pooling, dense + tanh, then the output layer (AdapterHub's default head)."""
+    """Pooling (first token or mean), dense + tanh, then the output layer (AdapterHub's
+    default head on the first token)."""
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()
+        if cfg.pooling not in POOLINGS:
+            raise UserError(f"model.pooling '{cfg.pooling}' must be one of {', '.join(POOLINGS)} (or auto)")
         self.cfg = cfg
         self.dropout = nn.Dropout(cfg.dropout)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(hidden[:, 0])
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.cfg.pooling == "cls" or mask is None:
+            return hidden[:, 0] if self.cfg.pooling == "cls" else hidden.mean(1)
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.dropout(self.pool(hidden, mask))
         x = torch.tanh(self.dense(x))
-        return self.out(self.dropout(x))
+        logits = self.out(self.dropout(x))
+        return logits.squeeze(-1) if self.cfg.regression else logits
 
 
 class TaskModel(nn.Module):
-    """Encoder (possibly with adapters inside) + one task head."""
+    """An encoder (with a method's modules inside) and one head per task. A single-task run
+    has one head; in a multi-task batch, `task_ids` send each example to its task's head and,
+    through the method's `set_tasks`, through its task's conditional modules.
 
-    def __init__(self, encoder: nn.Module, head: ClassificationHead):
+    forward(...) -> {task index: (rows or None for all, logits)}; `logits(...)` is the
+    single-task shortcut. loss(out, labels, weights) = sum_i w_i l_i + module penalties."""
+
+    def __init__(self, encoder: nn.Module, heads: dict[str, ClassificationHead] | ClassificationHead,
+                 set_tasks=None):
         super().__init__()
         self.encoder = encoder
-        self.head = head
+        self.heads = nn.ModuleDict(heads if isinstance(heads, dict) else {"task": heads})
+        self.set_tasks = set_tasks
         self._aux: list[nn.Module] | None = None
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_) -> torch.Tensor:
+    @property
+    def head(self) -> ClassificationHead:
+        """The head of a single-task model."""
+        if len(self.heads) != 1:
+            raise RuntimeError("a multi-task model has several heads: use model.heads[task]")
+        return next(iter(self.heads.values()))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, task_ids=None, **_) -> dict:
         for m in self.aux:  # modules inside the encoder that weigh tokens (fusion)
             m.mask = attention_mask
+        if self.set_tasks is not None:
+            if task_ids is None:
+                task_ids = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+            self.set_tasks(self.encoder, task_ids)
         kwargs = {"attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.encoder(input_ids=input_ids, **kwargs).last_hidden_state
-        logits = self.head(hidden)
-        return logits.squeeze(-1) if self.head.cfg.regression else logits
+        heads = list(self.heads.values())
+        if len(heads) == 1:
+            return {0: (None, heads[0](hidden, attention_mask))}
+        out = {}
+        for i, head in enumerate(heads):
+            rows = (task_ids == i).nonzero().squeeze(-1)
+            if rows.numel():
+                mask = attention_mask[rows] if attention_mask is not None else None
+                out[i] = (rows, head(hidden[rows], mask))
+        return out
+
+    def logits(self, **batch) -> torch.Tensor:
+        return self(**batch)[0][1]
 
     @property
     def aux(self) -> list[nn.Module]:
@@ -170,15 +219,24 @@ class TaskModel(nn.Module):
             self._aux = aux_modules(self.encoder)
         return self._aux
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Task loss plus any penalty a module asks for (fusion's ||I - V||^2)."""
-        if self.head.cfg.regression:
-            loss = nn.functional.mse_loss(logits.float(), labels.float())
-        else:
-            loss = nn.functional.cross_entropy(logits.float(), labels)
+    def loss(self, out: dict, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted sum of the examples' losses (weights: the batch mean by default) plus any
+        penalty a module asks for (fusion's ||I - V||^2)."""
+        if weights is None:
+            weights = torch.full_like(labels, 1.0 / labels.shape[0], dtype=torch.float32)
+        heads = list(self.heads.values())
+        total = labels.new_zeros((), dtype=torch.float32)
+        for i, (rows, logits) in out.items():
+            y = labels if rows is None else labels[rows]
+            w = weights if rows is None else weights[rows]
+            if heads[i].cfg.regression:
+                each = nn.functional.mse_loss(logits.float(), y.float(), reduction="none")
+            else:
+                each = nn.functional.cross_entropy(logits.float(), y.long(), reduction="none")
+            total = total + (each * w).sum()
         for m in self.aux:
-            loss = loss + m.penalty()
-        return loss
+            total = total + m.penalty()
+        return total
 
 
 def aux_modules(encoder: nn.Module) -> list[nn.Module]:

@@ -85,6 +85,20 @@ def load_tensors(path: Path) -> dict:
         raise UserError(f"weights file {path} is corrupted ({str(e)[:100]}): rerun the stage") from None
 
 
+def prepare_out(out: Path, force: bool = False) -> Path:
+    """An output folder for export/import/merge: created if absent; a folder that already holds
+    files is refused (one line naming it) unless `force`, which replaces only the files written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        shown = ", ".join(sorted(p.name for p in out.iterdir())[:3])
+        raise UserError(f"{out} is not empty ({shown}...): choose a new --out, or pass --force to overwrite "
+                        f"the files this command writes there (others are kept)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def slug(text: str) -> str:
     base = Path(text.rstrip("/")).name or text
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or "model"
@@ -143,7 +157,7 @@ class Run:
         return self.folder / "checkpoint"
 
     @classmethod
-    def create(cls, folder: Path, resolved: dict, task_spec, force: bool) -> "Run":
+    def create(cls, folder: Path, resolved: dict, tasks: list, force: bool) -> "Run":
         folder = Path(folder)
         if not is_main_process():
             run = cls(folder, writer=False)
@@ -161,8 +175,12 @@ class Run:
         folder.mkdir(parents=True)
         run = cls(folder)
         atomic_write(folder / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        spec = {k: v for k, v in asdict(task_spec).items() if k not in ("include",)}
-        atomic_write(folder / "task.yaml", yaml.safe_dump(spec, sort_keys=False))
+        specs = [{k: v for k, v in asdict(t).items() if k != "include"} for t in tasks]
+        if len(specs) == 1:
+            atomic_write(folder / "task.yaml", yaml.safe_dump(specs[0], sort_keys=False))
+        else:   # a multi-task run: one spec per task, in task-id order
+            for i, spec in enumerate(specs):
+                atomic_write(folder / "tasks" / f"{i}.yaml", yaml.safe_dump(spec, sort_keys=False))
         write_json(folder / "env.json", environment())
         write_json(folder / "metrics.json", {"status": "running", "started": time.time()})
         return run
@@ -188,6 +206,16 @@ class Run:
             write_json(self.folder / "metrics.json", {"status": kind, "error": f"{type(error).__name__}: {error}"})
         except (UserError, OSError):
             pass  # e.g. the disk is full: the status stays `running`, never `ok`
+
+
+def task_results(metrics: dict) -> dict:
+    """{task: {"dev", "main_metric", "main_value"}} of any run's metrics.json, also of folders
+    written before every run had per-task metrics (single-task `metrics.dev`)."""
+    if "tasks" in metrics:
+        return metrics["tasks"]
+    dev = metrics.get("metrics", {}).get("dev", {})
+    return {metrics.get("task", "task"): {"dev": dev, "main_metric": metrics.get("main_metric"),
+                                          "main_value": metrics.get("main_value")}}
 
 
 def resumable(folder: Path, resolved: dict) -> bool:

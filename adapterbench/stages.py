@@ -1,4 +1,8 @@
-"""Stages as short recipes: resolve the config, load task + data + model, train, save."""
+"""Recipes, read top to bottom: resolve the config, load tasks + data + model, train with the
+one loop (train.py), save, evaluate. `extract`, `finetune`, `fuse` and `multitask` are one
+recipe (`train_stage`): a single-task run is a model with one head; a multi-task run has one
+head per task and a task sampler as its batch source.
+"""
 
 from __future__ import annotations
 
@@ -8,87 +12,118 @@ import os
 import time
 from pathlib import Path
 
-from torch.utils.data import DataLoader
+import numpy as np
 
 from . import __version__
 from .config import RunConfig, build, check_ranges, config_hash, to_dict
 from .data import Collator, few_shot, load_splits, subsample, tokenize
 from .errors import UserError
 from .methods import get_method, method_config
-from .models import ClassificationHead, HeadConfig, TaskModel, count_params, head_config_dict, load_encoder
-from .runs import (Run, RunExists, atomic_write, load_tensors, read_json, run_path, save_tensors, status_of,
-                   write_json)
+from .models import ClassificationHead, HeadConfig, TaskModel, count_params, default_pooling, head_config_dict, load_encoder
+from .runs import Run, RunExists, atomic_write, load_tensors, read_json, run_path, save_tensors, status_of, write_json
+from .sampling import DEFAULT_PROXIES, SCHEMES, Shuffled, TaskMixture, Uncertainty
 from .tasks import TaskSpec, load_task, parse_task
-from .train import by_length, make_accelerator, predict, score, seed_everything, train
+from .train import autocast, evaluate, seed_everything, train
 
 STAGE_DEFAULT_METHOD = {"extract": "pfeiffer", "finetune": "full", "fuse": "fusion", "multitask": "mtl"}
-# method kind -> (folder in the run, its JSON description, its weights file)
-ARTIFACTS = {"adapter": ("adapter", "adapter_config.json", "adapter.safetensors"),
-             "head": ("adapter", "adapter_config.json", None),
-             "model": ("model", "model_config.json", "model.safetensors"),
-             "fusion": ("fusion", "fusion_config.json", "fusion.safetensors")}
 
+
+# --- configuration ---------------------------------------------------------------------------
 
 def resolve(user: dict, stage: str) -> RunConfig:
-    """Defaults < method defaults < user layers, checked strictly."""
+    """Defaults < method defaults < user layers, checked strictly; the method's config becomes
+    its dataclass here, once."""
     user = dict(user)
     method = dict(user.get("method") or {})
     method.setdefault("name", STAGE_DEFAULT_METHOD[stage])
     user["method"] = method
-    defaults = {"train": dict(get_method(method["name"]).TRAIN_DEFAULTS)}
+    module = get_method(method["name"])
+    defaults = {"train": dict(module.TRAIN_DEFAULTS)}
     merged = {**defaults, **user, "train": {**defaults["train"], **(user.get("train") or {})}}
     cfg = build(RunConfig, merged)
     if not cfg.task:
         raise UserError("no task given: pass --task NAME (see `adapterbench ls tasks`)")
-    kind = get_method(method["name"]).KIND
-    if (kind == "multitask") != (stage == "multitask"):
-        raise UserError(f"method '{method['name']}' is {'a multi-task' if kind == 'multitask' else 'a single-task'} "
-                        f"method: use `adapterbench {'multitask --tasks' if kind == 'multitask' else 'extract'} ...`")
-    cfg.method = vars(method_config(cfg.method))
+    multi = module.STAGE == "multitask"
+    if multi != (stage == "multitask"):
+        raise UserError(f"method '{method['name']}' is {'a multi-task' if multi else 'a single-task'} "
+                        f"method: use `adapterbench {'multitask --tasks' if multi else 'extract'} ...`")
+    cfg.method = method_config(cfg.method)
+    if getattr(cfg.method, "adapters", None):   # fusion sources by absolute path: one identity from any folder
+        cfg.method.adapters = [str(Path(p).resolve()) if Path(p).exists() else p for p in cfg.method.adapters]
+    if cfg.model.pooling == "auto":
+        cfg.model.pooling = default_pooling(cfg.model.name)
+    if multi and cfg.sampling.scheme not in SCHEMES:
+        raise UserError(f"sampling.scheme '{cfg.sampling.scheme}' must be one of {', '.join(SCHEMES)}")
     check_ranges(cfg)
     return cfg
 
 
-def build_model(cfg: RunConfig, task: TaskSpec):
-    """Encoder with the method applied (adapter named after the task) + a new head."""
-    method = get_method(cfg.method["name"])
-    mcfg = method_config(cfg.method)
+def tasks_of(cfg: RunConfig) -> list[TaskSpec]:
+    """The run's tasks: one, or several joined by commas (multi-task)."""
+    names = [n.strip() for n in cfg.task.split(",") if n.strip()]
+    if cfg.method.name in [n for n in _multitask_methods()] and len(names) < 2:
+        raise UserError(f"multitask needs at least two tasks, got '{cfg.task}': pass --tasks rte,mrpc")
+    return [load_task(n) for n in names]
+
+
+def _multitask_methods() -> list[str]:
+    from .methods import METHODS
+    return [n for n, m in METHODS.items() if m.STAGE == "multitask"]
+
+
+def planned_folder(stage: str, cfg: RunConfig, tasks: list[TaskSpec] | None = None) -> Path:
+    """The run folder a config trains into (known before anything runs)."""
+    tasks = tasks or tasks_of(cfg)
+    return run_path(cfg.out_dir, stage, cfg.method.name, "+".join(t.name for t in tasks), cfg.model.name,
+                    cfg.seed, config_hash(to_dict(cfg)))
+
+
+# --- model and data ---------------------------------------------------------------------------
+
+def build_model(cfg: RunConfig, tasks: list[TaskSpec]):
+    """(TaskModel, tokenizer): the encoder with the method applied and one new head per task.
+    `model.dropout` sets the encoder's and heads' dropouts, never those a method sets itself."""
+    from .artifacts import check_init_from, load_sources
+    method = get_method(cfg.method.name)
     encoder, tokenizer = load_encoder(cfg.model.name, cfg.model.trust_remote_code)
-    seed_everything(cfg.seed)
-    method.apply(encoder, mcfg, task.name)
+    set_dropout(encoder, cfg.model.dropout)
+    sources = load_sources(cfg.method.adapters) if "adapters" in vars(cfg.method) else ()
+    names = [t.name for t in tasks]
+    seed_everything(init_seed(cfg, names))
+    method.apply(encoder, cfg.method, names, sources)
     if cfg.init_from:
-        init_adapter(encoder, cfg, mcfg, method, task.name)
-    head = ClassificationHead(HeadConfig(encoder.config.hidden_size, task.num_labels, task.regression,
-                                         labels=list(task.labels) or None))
-    return set_dropout(TaskModel(encoder, head), cfg.model.dropout), tokenizer
+        if "init_from" not in method.SUPPORTS:
+            from .methods import supporting
+            raise UserError(f"init_from needs one of {', '.join(supporting('init_from'))}, not {cfg.method.name}")
+        method.load_state(encoder, cfg.method, names, check_init_from(cfg.init_from, to_dict(cfg)["method"]))
+    seed_everything(cfg.seed)
+    dropout = 0.1 if cfg.model.dropout is None else cfg.model.dropout
+    heads = {t.name: ClassificationHead(HeadConfig(encoder.config.hidden_size, t.num_labels, t.regression, dropout,
+                                                   list(t.labels) or None, cfg.model.pooling)) for t in tasks}
+    return TaskModel(encoder, heads, getattr(method, "set_tasks", None)), tokenizer
 
 
-def set_dropout(model, p: float | None):
-    """model.dropout: one probability for every dropout module (None keeps the model's own)."""
+def init_seed(cfg: RunConfig, names: list[str]) -> int:
+    """The seed the method's new modules are drawn with: the run seed and, for single-task
+    runs, the task (MerA needs source adapters of one seed to start from different points;
+    `method.init_seed` is not a key: the rule is fixed, and the same task + seed reproduce)."""
+    if len(names) != 1:
+        return cfg.seed
+    import zlib
+    return (cfg.seed * 1_000_003 + zlib.crc32(names[0].encode())) % (2 ** 31)
+
+
+def set_dropout(module, p: float | None):
+    """model.dropout: one probability for every dropout module of `module` (None keeps them)."""
     if p is not None:
         import torch.nn as nn
-        for m in model.modules():
+        for m in module.modules():
             if isinstance(m, nn.Dropout):
                 m.p = p
-    return model
+    return module
 
 
-def init_adapter(encoder, cfg: RunConfig, mcfg, method, name: str) -> None:
-    """Start the adapter from a saved (e.g. merged) adapter folder of the same configuration."""
-    from .methods.fusion import adapter_folder, method_shape
-    if method.KIND != "adapter":
-        raise UserError(f"init_from needs an adapter method (houlsby, pfeiffer), not {cfg.method['name']}")
-    folder = adapter_folder(cfg.init_from)
-    meta = read_json(folder / "adapter_config.json")
-    mine, theirs = method_shape(cfg.method), method_shape(meta.get("method", {}))
-    if mine != theirs:
-        k = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))[0]
-        raise UserError(f"init_from {folder} differs in method.{k}: {theirs.get(k)!r} there, {mine.get(k)!r} "
-                        f"here; set method.{k} to match")
-    method.load_state(encoder, mcfg, name, load_tensors(folder / "adapter.safetensors"))
-
-
-def prepare_items(task, splits, tokenizer, cfg: RunConfig) -> dict:
+def prepare_items(task, splits, tokenizer, cfg: RunConfig, task_id: int = 0) -> dict:
     """Token ids per split; the training split is cut by train.shots and train.limit."""
     items = {}
     data_seed = cfg.data.data_seed if cfg.data.data_seed is not None else cfg.seed
@@ -98,127 +133,213 @@ def prepare_items(task, splits, tokenizer, cfg: RunConfig) -> dict:
         if name == "train" and cfg.train.shots:
             examples = few_shot(examples, cfg.train.shots, task.regression, data_seed)
         limit = {"train": cfg.train.limit, "dev": cfg.train.eval_limit}.get(name, 0)
-        items[name] = [tokens[position[id(e)]] for e in subsample(examples, limit, data_seed)]
+        chosen = [dict(tokens[position[id(e)]]) for e in subsample(examples, limit, data_seed)]
+        for j, it in enumerate(chosen):
+            it["task_id"], it["uid"] = task_id, j
+        items[name] = chosen
     return items
 
 
-def evaluate_items(model, items, collate, task, batch_size: int, precision: str = "auto"):
-    """(metrics, predictions) on one split; the same path for training-time and `evaluate`."""
-    accelerator = make_accelerator()
-    ordered, back = by_length(items)   # the training loop scores dev in the same order
-    loader = accelerator.prepare(DataLoader(ordered, batch_size=batch_size, collate_fn=collate))
-    model = accelerator.prepare(model)
-    preds, labels = predict(model, loader, accelerator, task.regression, precision)
-    return (score(task, preds, labels) if labels is not None else {}), preds[back]
+def batch_source(cfg: RunConfig, tasks: list[TaskSpec], train_items: list[list[dict]], model):
+    """What feeds the loop: a seeded shuffle (one task), a task sampler or MT-Uncertainty."""
+    seed = cfg.data.shuffle_seed if cfg.data.shuffle_seed is not None else cfg.seed
+    b = cfg.train.batch_size
+    if len(tasks) == 1:
+        return Shuffled(train_items[0], b, seed, cfg.train.group_by_length)
+    if cfg.sampling.scheme != "uncertainty":
+        return TaskMixture(train_items, b, seed, cfg.sampling.scheme, cfg.sampling.temperature, cfg.train.epochs)
+    proxies = {**DEFAULT_PROXIES, **cfg.sampling.uncertainty_proxy}
+    return Uncertainty(train_items, b, seed, tasks, proxies, uncertainty_scorer(model, tasks, cfg, seed))
 
 
-def planned_folder(stage: str, cfg: RunConfig, task: TaskSpec | None = None) -> Path:
-    """The run folder a config trains into (known before anything runs)."""
-    task = task or load_task(cfg.task)
-    return run_path(cfg.out_dir, stage, cfg.method["name"], task.name, cfg.model.name, cfg.seed,
-                    config_hash(to_dict(cfg)))
+def uncertainty_scorer(model, tasks, cfg: RunConfig, seed: int):
+    """candidates -> normalised prediction entropy per candidate (NaN for regression tasks).
+    Train mode as the reference (dropout on), with the dropout masks drawn from a seed of their
+    own (run seed, position in the stream), so every process picks the same batch, a resumed
+    run picks as the uninterrupted one, and the training RNG is untouched. Each task's candidates form one batch padded to their own longest."""
+    import math
+    import torch
+    collate = Collator(0)
 
+    @torch.no_grad()
+    def score(cands: list[dict], position: int = 0) -> torch.Tensor:
+        device = next(model.parameters()).device
+        out = torch.full((len(cands),), float("nan"))
+        by_task: dict[int, list[int]] = {}
+        for j, c in enumerate(cands):
+            by_task.setdefault(c["task_id"], []).append(j)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 7919 + position)
+            for i, rows in by_task.items():
+                if tasks[i].regression:
+                    continue
+                batch = {k: v.to(device) for k, v in collate([cands[j] for j in rows]).items()}
+                with autocast(cfg.train.precision, device):
+                    p = model(**batch)[i][1].float().softmax(-1)
+                out[rows] = (-(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(p.shape[-1])).cpu()
+        return out
+    return score
+
+
+# --- the recipe -------------------------------------------------------------------------------
 
 def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, show_progress=True,
                 save_attention: bool = False) -> Path:
-    """`extract`, `finetune` and `fuse`: train one method on one task and write its run folder."""
-    task = load_task(cfg.task)
-    folder = planned_folder(stage, cfg, task)
+    """`extract`, `finetune`, `fuse` and `multitask`: train one method and write its run folder."""
+    tasks = tasks_of(cfg)
+    folder = planned_folder(stage, cfg, tasks)
     if status_of(folder) == "ok" and not force:
         raise RunExists(folder)
-    splits = load_splits(task, cfg.data.data_dir, ("train", "dev"))
-    model, tokenizer = build_model(cfg, task)
-    items = prepare_items(task, splits, tokenizer, cfg)
-    run = Run.create(folder, to_dict(cfg), task, force)
+    splits = [load_splits(t, cfg.data.data_dir, ("train", "dev")) for t in tasks]
+    model, tokenizer = build_model(cfg, tasks)
+    items = [prepare_items(t, s, tokenizer, cfg, i) for i, (t, s) in enumerate(zip(tasks, splits))]
+    train_items, dev_items = [x["train"] for x in items], [x["dev"] for x in items]
+    run = Run.create(folder, to_dict(cfg), tasks, force)
     try:
-        collate = Collator(tokenizer.pad_token_id or 0, task.regression)
+        collate = Collator(tokenizer.pad_token_id or 0)
+        source = batch_source(cfg, tasks, train_items, model)
         started = time.time()
-        res = train(model, items["train"], items["dev"], collate, task, cfg.train,
-                    cfg.data.shuffle_seed if cfg.data.shuffle_seed is not None else cfg.seed,
-                    log=run.log, show_progress=show_progress, checkpoint_dir=run.checkpoint_dir)
+        res = train(model, source, dev_items, tasks, collate, cfg.train, log=run.log, show_progress=show_progress,
+                    checkpoint_dir=run.checkpoint_dir)
         # the model is left at its best scored epoch, whose dev metrics the loop already has
-        dev = res.best_metrics or evaluate_items(model, items["dev"], collate, task, cfg.train.eval_batch_size,
-                                                  cfg.train.precision)[0]
+        dev = res.best_metrics or evaluate(model, dev_items, tasks, collate, cfg.train.eval_batch_size,
+                                           cfg.train.precision)[0]
         if not run.writer:   # another rank of a multi-process run: rank 0 writes the folder
             return run.folder
-        save_weights(run.folder, cfg, task, model)
+        save_weights(run.folder, cfg, tasks, model, tokenizer)
         if save_attention:
-            write_attention(run.folder, model, items["dev"], collate, task, cfg)
-        trainable, total = count_params(model)
-        run.finish({
-            "stage": stage, "task": task.name, "method": cfg.method["name"], "model": cfg.model.name,
-            "seed": cfg.seed, "label": run_label(cfg), "metrics": {"dev": dev},
-            "shots": cfg.train.shots, "data_seed": cfg.data.data_seed if cfg.data.data_seed is not None else cfg.seed, "main_metric": task.main_metric,
-            "main_value": dev.get(task.main_metric), "best_epoch": res.best_epoch,
-            "epochs_run": res.epoch, "history": res.history, "steps": res.steps,
-            "trainable_params": trainable, "total_params": total,
-            "trainable_percent": round(100.0 * trainable / total, 4),
-            "train_examples": len(items["train"]), "dev_examples": len(items["dev"]),
-            "train_seconds": round(res.train_seconds, 3), "samples_per_second": round(res.samples_per_second, 3),
-            "wall_seconds": round(time.time() - started, 3), "adapterbench_version": __version__,
-            "processes": int(os.environ.get("WORLD_SIZE", "1")),
-        })
+            write_attention(run.folder, model, dev_items[0], collate, tasks[0], cfg)
+        run.finish(run_metrics(stage, cfg, tasks, model, res, dev, train_items, dev_items, source, started))
     except BaseException as e:
         run.fail(e)
         raise
     return run.folder
 
 
+def run_metrics(stage, cfg: RunConfig, tasks, model, res, dev, train_items, dev_items, source, started) -> dict:
+    """metrics.json, one schema for every run: per-task dev metrics under `tasks`, the main
+    value (a task's main metric, or the mean of the tasks' main metrics), the training record."""
+    trainable, total = count_params(model)
+    single = len(tasks) == 1
+    out = {
+        "schema": 2, "stage": stage, "task": "+".join(t.name for t in tasks), "method": cfg.method.name,
+        "model": cfg.model.name, "seed": cfg.seed, "label": run_label(cfg),
+        "tasks": {t.name: {"dev": dev[t.name], "main_metric": t.main_metric, "main_value": dev[t.name][t.main_metric],
+                           "train_examples": len(x), "dev_examples": len(y)}
+                  for t, x, y in zip(tasks, train_items, dev_items)},
+        "main_metric": tasks[0].main_metric if single else "mean of main metrics",
+        "main_value": float(np.mean([dev[t.name][t.main_metric] for t in tasks])),
+        "shots": cfg.train.shots, "data_seed": cfg.data.data_seed if cfg.data.data_seed is not None else cfg.seed,
+        "pooling": cfg.model.pooling, "best_epoch": res.best_epoch, "epochs_run": res.epoch,
+        "history": res.history, "steps": res.steps,
+        "trainable_params": trainable, "total_params": total, "trainable_percent": round(100.0 * trainable / total, 4),
+        "train_seconds": round(res.train_seconds, 3), "samples_per_second": round(res.samples_per_second, 3),
+        "wall_seconds": round(time.time() - started, 3), "adapterbench_version": __version__,
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),
+    }
+    if not single:
+        seen = [sum(ep[i] for ep in source.picks) for i in range(len(tasks))]
+        used = [len(u) for u in source.used]
+        out.update({"sampling": cfg.sampling.scheme,
+                    "picks_per_epoch": {t.name: [ep[i] for ep in source.picks] for i, t in enumerate(tasks)},
+                    "share_of_examples": {t.name: round(s / max(sum(seen), 1), 4) for t, s in zip(tasks, seen)},
+                    "fraction_used_per_task": {t.name: round(u / max(len(x), 1), 4)
+                                               for t, u, x in zip(tasks, used, train_items)},
+                    "fraction_of_examples_used": round(sum(used) / max(sum(len(x) for x in train_items), 1), 4),
+                    "examples_drawn": source.drawn, "examples_trained": res.train_samples})
+    return out
+
+
 def run_label(cfg: RunConfig) -> str:
     """The report row: the study entry's label or the method; few-shot runs add ' k=N'."""
-    label = cfg.label or cfg.method["name"]
+    label = cfg.label or cfg.method.name
     return f"{label} k={cfg.train.shots}" if cfg.train.shots and " k=" not in label else label
 
 
-def save_weights(folder: Path, cfg: RunConfig, task: TaskSpec, model: TaskModel) -> None:
-    """adapter/ (adapter_config.json, adapter.safetensors, head), model/ for `full`, fusion/."""
-    method = get_method(cfg.method["name"])
-    mcfg = method_config(cfg.method)
-    dirname, config_name, weights_name = ARTIFACTS[method.KIND]
-    out = folder / dirname
+# --- saving and rebuilding ----------------------------------------------------------------------
+
+def head_files(out: Path, tasks: list[TaskSpec]) -> dict[str, tuple[Path, Path]]:
+    """task -> (weights, config): head.safetensors for one task, head-<task>.safetensors for several."""
+    if len(tasks) == 1:
+        return {tasks[0].name: (out / "head.safetensors", out / "head_config.json")}
+    return {t.name: (out / f"head-{t.name}.safetensors", out / f"head_config-{t.name}.json") for t in tasks}
+
+
+def save_weights(folder: Path, cfg: RunConfig, tasks: list[TaskSpec], model: TaskModel, tokenizer) -> None:
+    """The method's ARTIFACT folder: its JSON description, its weights, one head per task."""
+    from .artifacts import sources_record
+    method = get_method(cfg.method.name)
+    art = method.ARTIFACT
+    out = folder / art.folder
     enc = model.encoder
-    if weights_name and (method.KIND != "model" or cfg.train.save_model):
-        save_tensors(out / weights_name, method.trainable_state(enc, mcfg, task.name), {"format": "pt"})
-    if method.KIND == "fusion":
-        write_json(out / "sources.json", method.sources_record(mcfg))
-    write_json(out / config_name, {
-        "method": cfg.method, "base_model": cfg.model.name, "model_type": enc.config.model_type,
+    names = [t.name for t in tasks]
+    if art.weights and (not art.optional or cfg.train.save_model):
+        save_tensors(out / art.weights, method.trainable_state(enc, cfg.method, names), {"format": "pt"})
+    if "adapters" in vars(cfg.method):
+        from .artifacts import load_sources
+        write_json(out / "sources.json", sources_record(load_sources(cfg.method.adapters)))
+    write_json(out / art.config, {
+        "method": to_dict(cfg)["method"], "base_model": cfg.model.name, "model_type": enc.config.model_type,
         "hidden_size": enc.config.hidden_size, "num_layers": enc.config.num_hidden_layers,
-        "task": task.name, "adapterbench_version": __version__})
-    save_tensors(out / "head.safetensors", model.head.state_dict())
-    write_json(out / "head_config.json", head_config_dict(model.head))
+        "task": names[0] if len(names) == 1 else None, "tasks": names, "adapterbench_version": __version__})
+    for t, (weights, config) in head_files(out, tasks).items():
+        save_tensors(weights, model.heads[t].state_dict())
+        write_json(config, head_config_dict(model.heads[t]))
+    if len(tasks) > 1:
+        write_json(out / "tasks.json", [t.path for t in tasks])
+    if hasattr(method, "finalize"):
+        method.finalize(out, enc, tokenizer, cfg, tasks)
 
 
-def load_run_model(folder: Path):
-    """Rebuild (cfg, task, model, tokenizer) from a run folder alone."""
+def run_tasks(folder: Path, cfg: RunConfig) -> list[TaskSpec]:
+    """The task specs a run was trained with (task.yaml; a multi-task run's tasks.json)."""
+    if (folder / "task.yaml").is_file() and "," not in cfg.task:
+        return [parse_task(folder / "task.yaml", stored=True)]
+    if (folder / "tasks").is_dir():
+        names = [n.strip() for n in cfg.task.split(",")]
+        return [parse_task(folder / "tasks" / f"{i}.yaml", stored=True) for i in range(len(names))]
+    paths = read_json(folder / get_method(cfg.method.name).ARTIFACT.folder / "tasks.json")  # older folders
+    return [parse_task(Path(p)) if Path(p).is_file() else load_task(Path(p).stem) for p in paths]
+
+
+def load_run_model(folder: Path, trust_remote_code: bool = False):
+    """Rebuild (cfg, tasks, model, tokenizer, stored metrics) from a run folder alone.
+    `trust_remote_code` comes from the command line only, never from the folder's config."""
+    from .artifacts import verify_sources
+    from .config import load_yaml
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"run folder {folder} does not exist: see `adapterbench ls runs`")
     metrics = read_json(folder / "metrics.json")
     if metrics.get("status") != "ok":
         raise UserError(f"run {folder} has status '{metrics.get('status')}', not ok: rerun its stage")
-    from .config import load_yaml
     cfg = build(RunConfig, load_yaml(folder / "config.yaml"))
-    task = parse_task(folder / "task.yaml")
-    method = get_method(cfg.method["name"])
-    mcfg = method_config(cfg.method)
-    dirname, _, weights_name = ARTIFACTS[method.KIND]
-    wdir = folder / dirname
-    if method.KIND == "model" and not (wdir / weights_name).is_file():
+    cfg.method = method_config(cfg.method)
+    cfg.model.trust_remote_code = trust_remote_code
+    if cfg.model.pooling == "auto":
+        cfg.model.pooling = "cls"     # folders from before model.pooling existed read the first token
+    tasks = run_tasks(folder, cfg)
+    method = get_method(cfg.method.name)
+    art = method.ARTIFACT
+    wdir = folder / art.folder
+    if art.optional and not (wdir / art.weights).is_file():
         raise UserError(f"{folder} holds no model weights (finetune saves them only with "
                         f"train.save_model=true): rerun finetune with that override")
-    if method.KIND == "fusion":
-        method.verify_sources(read_json(wdir / "sources.json"))
-    model, tokenizer = build_model(cfg, task)
-    if weights_name:
-        method.load_state(model.encoder, mcfg, task.name, load_tensors(wdir / weights_name))
-    head_state = load_tensors(wdir / "head.safetensors")
-    try:
-        model.head.load_state_dict(head_state)
-    except RuntimeError:
-        raise UserError(f"{wdir / 'head.safetensors'} does not fit the task head: the file was changed") from None
-    return cfg, task, model, tokenizer, metrics
+    if (wdir / "sources.json").is_file():
+        verify_sources(read_json(wdir / "sources.json"), cfg.method.adapters)
+    model, tokenizer = build_model(cfg, tasks)
+    names = [t.name for t in tasks]
+    if art.weights:
+        method.load_state(model.encoder, cfg.method, names, load_tensors(wdir / art.weights))
+    for t, (weights, _) in head_files(wdir, tasks).items():
+        try:
+            model.heads[t].load_state_dict(load_tensors(weights))
+        except RuntimeError:
+            raise UserError(f"{weights} does not fit the task head: the file was changed") from None
+    return cfg, tasks, model, tokenizer, metrics
 
+
+# --- evaluation ---------------------------------------------------------------------------------
 
 def write_attention(folder: Path, model, items, collate, task, cfg: RunConfig) -> Path:
     """Fusion attention per layer, averaged over the dev set's tokens: CSV and heatmap PNG."""
@@ -229,7 +350,7 @@ def write_attention(folder: Path, model, items, collate, task, cfg: RunConfig) -
         raise UserError("--save-attention needs a fusion run")
     for mx in mixers:
         mx.record = []
-    evaluate_items(model, items, collate, task, cfg.train.eval_batch_size, cfg.train.precision)
+    evaluate(model, [items], [task], collate, cfg.train.eval_batch_size, cfg.train.precision)
     names, rows = fusion.attention_table(model.encoder)
     for mx in mixers:
         mx.record = None
@@ -243,33 +364,30 @@ def write_attention(folder: Path, model, items, collate, task, cfg: RunConfig) -
     return Path(folder) / "attention.csv"
 
 
-def evaluate_stage(folder: Path, split: str = "dev", data_dir: str | None = None,
-                   save_attention: bool = False) -> dict:
+def evaluate_stage(folder: Path, split: str = "dev", data_dir: str | None = None, save_attention: bool = False,
+                   trust_remote_code: bool = False) -> dict:
     """Recompute a run's metrics from its folder; `test` writes GLUE-style predictions."""
+    from .runs import task_results
     if split not in ("dev", "test"):
         raise UserError(f"--split '{split}' must be dev or test")
-    if (Path(folder) / "multitask").is_dir():
-        from .multitask import evaluate_multitask
-        if split != "dev":
-            raise UserError("multitask runs are evaluated on dev only for now")
-        result = evaluate_multitask(Path(folder), data_dir)
-        write_json(Path(folder) / "eval_dev.json", result)
-        return result
-    cfg, task, model, tokenizer, stored = load_run_model(folder)
-    splits = load_splits(task, data_dir or cfg.data.data_dir, (split,))
-    items = prepare_items(task, splits, tokenizer, cfg)[split]
-    collate = Collator(tokenizer.pad_token_id or 0, task.regression)
-    metrics, preds = evaluate_items(model, items, collate, task, cfg.train.eval_batch_size, cfg.train.precision)
-    result = {"split": split, "metrics": metrics}
+    cfg, tasks, model, tokenizer, stored = load_run_model(folder, trust_remote_code)
+    splits = [load_splits(t, data_dir or cfg.data.data_dir, (split,)) for t in tasks]
+    items = [prepare_items(t, s, tokenizer, cfg, i)[split] for i, (t, s) in enumerate(zip(tasks, splits))]
+    collate = Collator(tokenizer.pad_token_id or 0)
+    metrics, preds = evaluate(model, items, tasks, collate, cfg.train.eval_batch_size, cfg.train.precision)
+    result = {"split": split, "tasks": metrics}
     if save_attention:
-        result["attention"] = str(write_attention(folder, model, items, collate, task, cfg))
+        result["attention"] = str(write_attention(folder, model, items[0], collate, tasks[0], cfg))
     if split == "dev":
-        want = stored.get("metrics", {}).get("dev", {}).get(task.main_metric)
-        result.update(stored=want, reproduced=metrics.get(task.main_metric) == want)
+        want = {t: r["dev"] for t, r in task_results(stored).items()}
+        result.update(stored=want, reproduced=all(metrics[t] == want.get(t) for t in metrics))
     else:
-        path = Path(folder) / "predictions" / f"{task.name}.tsv"
-        write_predictions(path, task, splits[split], preds)
-        result["predictions"] = str(path)
+        paths = []
+        for t, s in zip(tasks, splits):
+            path = Path(folder) / "predictions" / f"{t.name}.tsv"
+            write_predictions(path, t, s[split], preds[t.name])
+            paths.append(str(path))
+        result["predictions"] = paths
     write_json(Path(folder) / f"eval_{split}.json", result)
     return result
 

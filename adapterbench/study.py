@@ -23,8 +23,11 @@ from .config import build, deep_merge, load_yaml
 from .errors import UserError
 from .runs import RunExists, status_of, write_json
 
-STAGE_OF_KIND = {"adapter": "extract", "head": "extract", "model": "finetune", "fusion": "fuse",
-                 "multitask": "multitask"}
+
+
+def takes_sources(method) -> bool:
+    """A method whose config names source adapters (fusion)."""
+    return "adapters" in method.Config.__dataclass_fields__
 
 
 @dataclass
@@ -115,7 +118,7 @@ def plan(study: Study) -> list[Node]:
             raise UserError(f"{entry.name} entry '{label}': source_method '{entry.source_method}' is not "
                             f"a method label of the study ({', '.join(entries)})")
         wanted = [t for t in (entry.sources or study.tasks) if own or t != task]
-        if get_method(src_entry.name).KIND == "multitask":   # Fusion w/ MT-A: the adapters one run exported
+        if get_method(src_entry.name).STAGE == "multitask":   # Fusion w/ MT-A: the adapters one run exported
             mt = add(src_entry, ",".join(study.tasks), seed, model, 0)
             root = by_index[mt].folder.resolve() / "multitask" / "adapters"
             return [mt], [str(root / load_task(t).name) for t in wanted]
@@ -124,7 +127,7 @@ def plan(study: Study) -> list[Node]:
 
     def add(entry: MethodEntry, task: str, seed: int, model: str, shots: int) -> int:
         label = entry.label or entry.name
-        kind = get_method(entry.name).KIND
+        method = get_method(entry.name)
         deps = []
         layer = {"task": task, "seed": seed, "model": {"name": model}, "out_dir": study.out_dir,
                  "label": label, "method": {"name": entry.name, **entry.method}, "train": dict(entry.train)}
@@ -141,15 +144,11 @@ def plan(study: Study) -> list[Node]:
             folder = (Path(study.out_dir) / "merge" / label / load_task(task).name / f"{model}-{digest}").resolve()
             deps = [node("merge", label, task, seed, model, spec, folder, deps)]
             layer["init_from"] = str(folder)
-        elif kind == "fusion":
+        elif takes_sources(method):
             deps, layer["method"]["adapters"] = sources(entry, task, seed, model)
         user = deep_merge(study.defaults, layer)
-        stage = STAGE_OF_KIND[kind]
-        if stage == "multitask":
-            from .multitask import multitask_folder
-            folder = multitask_folder(resolve(user, stage))
-        else:
-            folder = planned_folder(stage, resolve(user, stage))
+        stage = method.STAGE
+        folder = planned_folder(stage, resolve(user, stage))
         shown = f"{label} k={layer['train']['shots']}" if layer["train"].get("shots") else label
         return node(stage, shown, task, seed, model, user, folder, deps)
 
@@ -158,10 +157,10 @@ def plan(study: Study) -> list[Node]:
             for shots in study.shots or [0]:
                 for task in study.tasks:
                     for entry in study.methods:
-                        if get_method(entry.name).KIND != "multitask" and (not entry.tasks or task in entry.tasks):
+                        if get_method(entry.name).STAGE != "multitask" and (not entry.tasks or task in entry.tasks):
                             add(entry, task, seed, model, shots)
                 for entry in study.methods:  # a multi-task entry is one run over all the study's tasks
-                    if get_method(entry.name).KIND == "multitask":
+                    if get_method(entry.name).STAGE == "multitask":
                         add(entry, ",".join(study.tasks), seed, model, shots)
     return sorted(nodes.values(), key=lambda n: n.index)
 
@@ -180,7 +179,7 @@ def merge_spec(spec: dict, label: str) -> dict:
 def expand_adapters(patterns: list[str], label: str) -> list[tuple[Path, str]]:
     """(adapter folder, its task) for every folder the patterns (globs, ~ and $VARS) match."""
     import glob
-    from .methods.fusion import adapter_folder
+    from .artifacts import adapter_folder
     from .runs import read_json
     out = []
     for pattern in patterns:
@@ -323,9 +322,6 @@ def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: 
                 on_event(nd, "start")
                 if nd.stage == "merge":
                     run_merge(nd)
-                elif nd.stage == "multitask":
-                    from .multitask import multitask_stage
-                    multitask_stage(resolve(nd.config, nd.stage), show_progress=True)
                 else:
                     train_stage(nd.stage, resolve(nd.config, nd.stage), force=False, show_progress=True)
                 outcome["ran"].append(nd.index)

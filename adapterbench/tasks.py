@@ -93,14 +93,17 @@ def load_task(name_or_path: str) -> TaskSpec:
     return parse_task(path)
 
 
-def parse_task(path: Path) -> TaskSpec:
+def parse_task(path: Path, stored: bool = False) -> TaskSpec:
+    """A task YAML; `stored`: a copy kept in a run folder, whose `path` still names the
+    original YAML (a relative `dir:` resolves against it)."""
     data = load_yaml(path)
+    original = data.pop("path", None) if stored else None
     if "include" in data:  # variants (MNLI mismatched) extend a base YAML
         base = load_yaml(path.parent / data["include"])
         base.update({k: v for k, v in data.items() if k != "include"})
         data = base
     spec = build(TaskSpec, data, where=f"task {path.name}")
-    spec.path = str(path.resolve())
+    spec.path = original or str(path.resolve())
     validate_task(spec, path)
     return spec
 

@@ -1,10 +1,23 @@
-"""One plain training loop on accelerate: AdamW, linear warm-up and decay, gradient
-clipping, evaluation on dev after every epoch, the best epoch kept (AdapterFusion protocol),
-optional early-stopping patience, and checkpoints from which an interrupted run resumes to
-the same result (trainable weights, optimizer, scheduler, RNG and sampler position)."""
+"""The one training loop, for every method and for single- and multi-task runs alike.
+
+A run is a `TaskModel` (encoder + one head per task; a single-task run has one head) fed by a
+batch source (`sampling.py`: a seeded shuffle for one task, a task sampler or MT-Uncertainty for
+several). The loop is plain: AdamW, linear warm-up and decay, gradient clipping, dev scored
+after every `train.eval_every`-th epoch, the best scoring kept (AdapterFusion protocol;
+several tasks: the mean of their main metrics), optional early-stopping patience, and
+checkpoints from which an interrupted run resumes to the same result (trainable weights,
+optimizer, scheduler, torch RNG and the batch source's position).
+
+Several processes (`torchrun`, `accelerate launch`): every process draws the same global batch
+from the source and takes its contiguous share; each example's loss is weighted so that the
+summed gradient equals the one-process gradient (`example_weights`), so N processes train as
+one does. Dev is scored by every process on the whole dev set (identical results, no gather);
+the recipe lets only rank 0 write.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -15,39 +28,39 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader
 
 from . import metrics as M
 from .config import TrainConfig
 from .errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
 class TrainResult:
     """Where the loop is (a checkpoint stores this) and what it found."""
     epoch: int = 0                 # current epoch
-    batch: int = 0                 # batches done in the current epoch
     steps: int = 0
     train_seconds: float = 0.0
     train_samples: int = 0
-    history: list = field(default_factory=list)
+    history: list = field(default_factory=list)   # [{"epoch", "main", "dev": {task: metrics}}]
     best_value: float | None = None
     best_epoch: int = -1
-    best_metrics: dict = field(default_factory=dict)
-    stale: int = 0                 # epochs since the best one
+    best_metrics: dict = field(default_factory=dict)   # {task: dev metrics} of the best scoring
+    stale: int = 0                 # scorings since the best one
 
     @property
     def samples_per_second(self) -> float:
         return self.train_samples / self.train_seconds if self.train_seconds else 0.0
 
 
-def make_accelerator():
-    """One process, or several under `accelerate launch` / `torchrun`: each global batch is
-    split across the processes (split_batches), so N processes train as one does."""
+def make_accelerator(find_unused: bool = False):
+    """One process, or several under `accelerate launch` / `torchrun` (DDP). `find_unused`:
+    multi-task runs, where a head or adapter may get no gradient in some step."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
-    cuda = torch.cuda.is_available()
-    return Accelerator(cpu=not cuda, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    from accelerate.utils import DistributedDataParallelKwargs
+    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused else []
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=kwargs)
 
 
 def autocast(precision: str, device):
@@ -58,9 +71,6 @@ def autocast(precision: str, device):
     device = torch.device(device)
     on = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def seed_everything(seed: int) -> None:
@@ -82,23 +92,6 @@ def is_better(new: float, old: float | None, higher: bool) -> bool:
     return old is None or (new > old if higher else new < old)
 
 
-@torch.no_grad()
-def predict(model, loader, accelerator, regression: bool, precision: str = "auto"):
-    """(predictions, labels or None) over a loader, gathered across processes."""
-    model.eval()
-    preds, labels = [], []
-    for batch in loader:
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with autocast(precision, accelerator.device):
-            logits = model(**batch)
-        out = logits.float() if regression else logits.argmax(-1)
-        preds.append(accelerator.gather_for_metrics(out).cpu())
-        if "labels" in batch:
-            labels.append(accelerator.gather_for_metrics(batch["labels"]).cpu())
-    p = torch.cat(preds).numpy()
-    return p, (torch.cat(labels).numpy() if labels else None)
-
-
 def by_length(items: list) -> tuple[list, np.ndarray]:
     """Items sorted by length (evaluation batches then carry little padding) and the inverse
     permutation that puts predictions made in that order back in the items' order."""
@@ -106,46 +99,86 @@ def by_length(items: list) -> tuple[list, np.ndarray]:
     return [items[i] for i in order], np.argsort(order, kind="stable")
 
 
-def score(task, preds: np.ndarray, labels: np.ndarray) -> dict:
-    return M.compute(task.metrics, labels, preds)
+def example_weights(items: list[dict]) -> torch.Tensor:
+    """w_i with sum_i w_i l_i = the batch loss: the mean over the tasks present of each task's
+    mean loss (CA-MTL's multi-task loss; one task: the plain mean)."""
+    tasks = [it.get("task_id", 0) for it in items]
+    counts = {t: tasks.count(t) for t in set(tasks)}
+    return torch.tensor([1.0 / (len(counts) * counts[t]) for t in tasks])
 
 
-def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: int,
-          log=lambda record: None, show_progress: bool = True, checkpoint_dir: Path | None = None) -> TrainResult:
-    """Train `model` (only parameters with requires_grad) and leave it at its best epoch.
-    With `checkpoint_dir`, a checkpoint found there is resumed and new ones are written."""
+def shard(items: list[dict], rank: int, world: int) -> tuple[list[dict], torch.Tensor]:
+    """This process's contiguous share of a global batch and its examples' loss weights (times
+    the number of processes: DDP averages the processes' gradients)."""
+    w = example_weights(items) * world
+    per = math.ceil(len(items) / world)
+    lo, hi = rank * per, min(len(items), (rank + 1) * per)
+    if lo >= hi:   # fewer examples than processes: take one with weight 0 (DDP needs a backward)
+        return items[:1], torch.zeros(1)
+    return items[lo:hi], w[lo:hi]
+
+
+@torch.no_grad()
+def evaluate(model, dev_sets: list[list[dict]], tasks, collate, batch_size: int, precision: str = "auto"):
+    """({task: metrics}, {task: predictions in item order}) of every task's split; examples go
+    in length order (less padding). Metrics are empty for a split without labels."""
+    model.eval()
+    device = next(model.parameters()).device
+    metrics, predictions = {}, {}
+    for i, (task, items) in enumerate(zip(tasks, dev_sets)):
+        ordered, back = by_length(items)
+        preds, labels = [], []
+        for s in range(0, len(ordered), batch_size):
+            batch = {k: v.to(device) for k, v in collate(ordered[s:s + batch_size], task_id=i).items()}
+            with autocast(precision, device):
+                logits = model(**batch)[i][1]
+            preds.append((logits.float() if task.regression else logits.argmax(-1)).cpu())
+            if "labels" in batch:
+                labels.append(batch["labels"].cpu())
+        p = torch.cat(preds).numpy()
+        predictions[task.name] = p[back]
+        if labels:
+            y = torch.cat(labels).numpy()
+            metrics[task.name] = M.compute(task.metrics, y if task.regression else y.astype(np.int64), p)
+    return metrics, predictions
+
+
+def main_value(dev: dict, tasks) -> float:
+    """The value that picks the best epoch: the main metric, or the mean of the tasks' main metrics."""
+    return float(np.mean([dev[t.name][t.main_metric] for t in tasks]))
+
+
+def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda record: None,
+          show_progress: bool = True, checkpoint_dir: Path | None = None) -> TrainResult:
+    """Train `model` (only parameters with requires_grad) on `source`'s batches and leave it at
+    its best scored epoch. With `checkpoint_dir`, a checkpoint found there is resumed and new
+    ones are written."""
     from transformers import get_linear_schedule_with_warmup
 
-    accelerator = make_accelerator()
-    gen = torch.Generator().manual_seed(seed)
-    if cfg.group_by_length:
-        from .data import LengthGroupedBatches
-        sampler = LengthGroupedBatches([len(it["input_ids"]) for it in train_items], cfg.batch_size, gen)
-        train_loader = DataLoader(train_items, batch_sampler=sampler, collate_fn=collate)
-    else:
-        train_loader = DataLoader(train_items, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                  collate_fn=collate)
-    dev_loader = DataLoader(by_length(dev_items)[0], batch_size=cfg.eval_batch_size, collate_fn=collate)
+    accelerator = make_accelerator(find_unused=len(tasks) > 1)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % world:
+        raise UserError(f"train.batch_size={cfg.batch_size} is not a multiple of the {world} processes: "
+                        f"each batch is split across them; choose a multiple")
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    total = cfg.epochs * len(train_loader)
+    total = cfg.epochs * source.steps_per_epoch
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if accelerator.num_processes > 1:  # shard the data; one process keeps the plain loaders (exact resume)
-        for key, b in (("train.batch_size", cfg.batch_size), ("train.eval_batch_size", cfg.eval_batch_size)):
-            if b % accelerator.num_processes:
-                raise UserError(f"{key}={b} is not a multiple of the {accelerator.num_processes} processes: "
-                                f"each batch is split across them; choose a multiple")
-        train_loader, dev_loader = accelerator.prepare(train_loader, dev_loader)
-    higher = M.METRICS[task.main_metric][1]
+    model, optimizer = accelerator.prepare(model, optimizer)   # the scheduler steps once per global step
+    plain = accelerator.unwrap_model(model)
+    higher = all(M.METRICS[t.main_metric][1] for t in tasks)
     res, best_state = TrainResult(), None
-    epoch_gen = gen.get_state()
     if checkpoint_dir is not None and (checkpoint_dir / "latest.json").is_file():
-        state, best_state, extra = load_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer,
-                                                    scheduler)
-        res, epoch_gen = TrainResult(**state), extra["epoch_gen"]
-        log({"resumed": True, "epoch": res.epoch, "batch": res.batch, "step": res.steps})
+        state, best_state, extra = load_checkpoint(checkpoint_dir, plain, optimizer, scheduler)
+        res = TrainResult(**state)
+        source.restore(json.loads(extra["source"]))
+        log({"resumed": True, "epoch": res.epoch, "step": res.steps})
+
+    def checkpoint():
+        save_checkpoint(checkpoint_dir, accelerator, plain, optimizer, scheduler, asdict(res), best_state,
+                        {"source": json.dumps(source.state())})
+
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         disable=not (show_progress and accelerator.is_main_process))
@@ -153,48 +186,49 @@ def train(model, train_items, dev_items, collate, task, cfg: TrainConfig, seed: 
         bar = progress.add_task("train", total=total, completed=res.steps, info="")
         while res.epoch < cfg.epochs and not (cfg.max_steps and res.steps >= cfg.max_steps):
             model.train()
-            gen.set_state(epoch_gen)         # the epoch's order, also when resuming mid-epoch
             t0 = time.perf_counter()
-            for i, batch in enumerate(train_loader):
-                if i < res.batch:
-                    continue
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                loss = train_step(model, batch, optimizer, scheduler, accelerator, cfg, res.steps)
+            for items in source.epoch(res.epoch):
+                mine, weights = shard(items, rank, world)
+                batch = {k: v.to(accelerator.device) for k, v in collate(mine).items()}
+                batch["weights"] = weights.to(accelerator.device)
+                loss, grad_norm = train_step(model, plain, batch, optimizer, scheduler, accelerator, cfg, res.steps)
                 res.steps += 1
-                res.batch += 1
-                res.train_samples += batch["input_ids"].shape[0] * accelerator.num_processes
+                res.train_samples += len(items)
                 elapsed = res.train_seconds + time.perf_counter() - t0
                 progress.update(bar, advance=1, description=f"epoch {res.epoch + 1}/{cfg.epochs}",
                                 info=f"loss {loss:.4f}  {res.train_samples / max(elapsed, 1e-9):.1f} samples/s")
                 if res.steps % cfg.log_every == 0:
-                    log({"step": res.steps, "epoch": res.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0]})
+                    log({"step": res.steps, "epoch": res.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                         "grad_norm": grad_norm, "samples_per_s": round(res.train_samples / max(elapsed, 1e-9), 3)})
                 if cfg.max_steps and res.steps >= cfg.max_steps:
                     break
                 if checkpoint_dir is not None and cfg.checkpoint_every and res.steps % cfg.checkpoint_every == 0:
                     res.train_seconds += time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    save_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler, asdict(res),
-                                    best_state, {"epoch_gen": epoch_gen})
+                    checkpoint()
             res.train_seconds += time.perf_counter() - t0
             if scored_epoch(res.epoch, res.steps, cfg):
-                preds, labels = predict(model, dev_loader, accelerator, task.regression, cfg.precision)
-                dev = score(task, preds, labels)
-                res.history.append({"epoch": res.epoch, **dev})
-                log({"epoch": res.epoch, "step": res.steps, "dev": dev})
-                if is_better(dev[task.main_metric], res.best_value, higher):
-                    res.best_value, res.best_epoch, res.best_metrics, res.stale = dev[task.main_metric], res.epoch, dev, 0
-                    best_state = trainable_snapshot(accelerator.unwrap_model(model))
-                else:
-                    res.stale += 1
-            res.epoch, res.batch = res.epoch + 1, 0
-            epoch_gen = gen.get_state()
+                best_state = score_epoch(plain, dev_sets, tasks, collate, cfg, res, best_state, higher, log)
+            res.epoch += 1
             if cfg.patience and res.stale >= cfg.patience:
                 break
             if checkpoint_dir is not None:
-                save_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler, asdict(res), best_state,
-                                {"epoch_gen": epoch_gen})
-    restore(accelerator.unwrap_model(model), best_state)
+                checkpoint()
+    restore(plain, best_state)
     return res
+
+
+def score_epoch(model, dev_sets, tasks, collate, cfg: TrainConfig, res: TrainResult, best_state, higher, log):
+    """Score dev, record it, keep the weights if it is the best scoring so far."""
+    dev, _ = evaluate(model, dev_sets, tasks, collate, cfg.eval_batch_size, cfg.precision)
+    value = main_value(dev, tasks)
+    res.history.append({"epoch": res.epoch, "main": value, "dev": dev})
+    log({"epoch": res.epoch, "step": res.steps, "dev": dev, "main": value})
+    if is_better(value, res.best_value, higher):
+        res.best_value, res.best_epoch, res.best_metrics, res.stale = value, res.epoch, dev, 0
+        return trainable_snapshot(model)
+    res.stale += 1
+    return best_state
 
 
 def scored_epoch(epoch: int, steps: int, cfg: TrainConfig) -> bool:
@@ -203,20 +237,20 @@ def scored_epoch(epoch: int, steps: int, cfg: TrainConfig) -> bool:
     return last or (epoch + 1) % cfg.eval_every == 0
 
 
-def train_step(model, batch, optimizer, scheduler, accelerator, cfg: TrainConfig, step: int) -> float:
+def train_step(model, plain, batch, optimizer, scheduler, accelerator, cfg: TrainConfig, step: int):
+    """One optimizer step; returns (this process's loss, gradient norm before clipping)."""
     with autocast(cfg.precision, accelerator.device):
-        logits = model(**batch)
-    loss = accelerator.unwrap_model(model).loss(logits, batch["labels"])
+        out = model(**batch)
+    loss = plain.loss(out, batch["labels"], batch["weights"])
     if not math.isfinite(loss.item()):
         raise UserError(f"loss became {loss.item()} at step {step + 1}: lower train.lr "
                         f"(now {cfg.lr}) or check the labels")
     accelerator.backward(loss)
-    if cfg.max_grad_norm:
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return loss.item(), float(norm)
 
 
 def trainable_snapshot(model) -> dict:
@@ -233,27 +267,25 @@ def restore(model, state: dict | None) -> None:
 
 
 # --- checkpoints ---------------------------------------------------------------------------
-# <run>/checkpoint/step-N/ holds weights.safetensors (trainable weights), best.safetensors,
-# optim.pt (optimizer, scheduler, RNG states) and state.json; latest.json names the newest
-# complete one and is written last, atomically, so a kill at any moment leaves a usable one.
+# <run>/checkpoint/step-N-eE/ holds weights.safetensors (trainable weights), best.safetensors,
+# optim.pt (optimizer, scheduler, RNG state, the batch source's position) and state.json;
+# latest.json names the newest complete one and is written last, atomically, so a kill at any
+# moment leaves a usable one.
 
 def save_checkpoint(root: Path, accelerator, model, optimizer, scheduler, state: dict, best_state,
                     extra: dict | None = None) -> None:
-    """Write a complete checkpoint, then point latest.json at it. `state` is JSON (the loop's
-    position and results); `extra` holds tensors and plain values (RNG states)."""
-    from .runs import save_tensors, write_json
+    """Write a complete checkpoint (rank 0), then point latest.json at it."""
+    from .runs import atomic_write, save_tensors, write_json
     if not accelerator.is_main_process:
         return
     name = f"step-{state['steps']}-e{state['epoch']}"
     folder = root / name
-    save_tensors(folder / "weights.safetensors", trainable_snapshot(accelerator.unwrap_model(model)))
+    save_tensors(folder / "weights.safetensors", trainable_snapshot(model))
     if best_state:
         save_tensors(folder / "best.safetensors", best_state)
-    import io
     buf = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), **(extra or {})}, buf)
-    from .runs import atomic_write
     atomic_write(folder / "optim.pt", buf.getvalue())
     write_json(folder / "state.json", state)
     write_json(root / "latest.json", {"checkpoint": name})
@@ -270,9 +302,13 @@ def load_checkpoint(root: Path, model, optimizer, scheduler):
     best = load_tensors(folder / "best.safetensors") if (folder / "best.safetensors").is_file() else None
     try:
         extra = torch.load(folder / "optim.pt", weights_only=True)
+        state = json.loads((folder / "state.json").read_text())
+        state = {k: v for k, v in state.items() if k in TrainResult.__dataclass_fields__}
     except Exception as e:
         raise UserError(f"checkpoint {folder} is unreadable ({type(e).__name__}): delete {root} to start over") from None
+    if "source" not in extra:
+        raise UserError(f"checkpoint {folder} was written by an older adapterbench: delete {root} to start over")
     optimizer.load_state_dict(extra.pop("optimizer"))
     scheduler.load_state_dict(extra.pop("scheduler"))
     torch.set_rng_state(extra.pop("torch_rng"))
-    return json.loads((folder / "state.json").read_text()), best, extra
+    return state, best, extra

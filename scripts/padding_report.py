@@ -10,7 +10,8 @@ import os
 
 import torch
 
-from adapterbench.data import LengthGroupedBatches, load_splits, padding_stats, tokenize
+from adapterbench.data import load_splits, padding_stats, tokenize
+from adapterbench.sampling import length_grouped
 from adapterbench.models import load_encoder
 from adapterbench.tasks import load_task
 
@@ -30,7 +31,7 @@ def main():
         lengths = [len(it["input_ids"]) for it in items]
         order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
         random_batches = [order[i:i + a.batch] for i in range(0, len(order), a.batch)]
-        grouped = list(LengthGroupedBatches(lengths, a.batch, torch.Generator().manual_seed(0)))
+        grouped = length_grouped(lengths, a.batch, torch.Generator().manual_seed(0))
         d, g = padding_stats(lengths, random_batches, 128), padding_stats(lengths, grouped, 128)
         print(f"| {name} | {len(lengths)} | {sum(lengths) / len(lengths):.1f} | {100 * d['pad_share_fixed']:.1f}% | "
               f"{100 * d['pad_share_dynamic']:.1f}% | {100 * g['pad_share_dynamic']:.1f}% | "

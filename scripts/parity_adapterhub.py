@@ -38,8 +38,8 @@ def our_model(model_name: str, adapter_dir: Path):
     enc, tok = load_encoder(model_name)
     method = get_method(meta["method"]["name"])
     cfg = method_config(meta["method"])
-    method.apply(enc, cfg, "a")
-    method.load_state(enc, cfg, "a", load_tensors(adapter_dir / "adapter.safetensors"))
+    method.apply(enc, cfg, ["a"])
+    method.load_state(enc, cfg, ["a"], load_tensors(adapter_dir / "adapter.safetensors"))
     h = read_json(adapter_dir / "head_config.json")
     head = ClassificationHead(HeadConfig(h["hidden_size"], h["num_labels"], h["regression"], labels=h.get("labels")))
     head.load_state_dict(load_tensors(adapter_dir / "head.safetensors"))
@@ -50,7 +50,7 @@ def our_logits(model, tok) -> list:
     enc = tok([a for a, _ in PAIRS], [b for _, b in PAIRS], padding=True, truncation=True, max_length=128,
               return_tensors="pt")
     with torch.no_grad():
-        return model(**enc).tolist()
+        return model.logits(**enc).tolist()
 
 
 def random_adapter(model_name: str, method: str, out: Path, seed: int = 1) -> Path:
@@ -62,8 +62,8 @@ def random_adapter(model_name: str, method: str, out: Path, seed: int = 1) -> Pa
     mcfg = {"name": method, "train_layer_norms": False}
     cfg = method_config(mcfg)
     torch.manual_seed(seed)
-    get_method(method).apply(enc, cfg, "a")
-    state = {k: v + 0.05 * torch.randn_like(v) for k, v in get_method(method).trainable_state(enc, cfg, "a").items()}
+    get_method(method).apply(enc, cfg, ["a"])
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in get_method(method).trainable_state(enc, cfg, ["a"]).items()}
     head = ClassificationHead(HeadConfig(enc.config.hidden_size, 2))
     save_tensors(out / "adapter.safetensors", state)
     save_tensors(out / "head.safetensors", head.state_dict())

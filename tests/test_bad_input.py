@@ -86,7 +86,7 @@ CASES = {
     "negative lr": (lambda e: train(e, "--task", e["toy"], "train.lr=-1"), "'train.lr' = -1.0 is out of range"),
     "warmup out of range": (lambda e: train(e, "--task", e["toy"], "train.warmup_ratio=1.5"), "out of range"),
     "override without =": (lambda e: train(e, "--task", e["toy"], "trainlr"), "is not key=value"),
-    "unknown method": (lambda e: train(e, "--task", e["toy"], "--method", "lora"), "unknown method 'lora'"),
+    "unknown method": (lambda e: train(e, "--task", e["toy"], "--method", "dora"), "unknown method 'dora'"),
     "unknown activation": (lambda e: train(e, "--task", e["toy"], "method.activation=foo"), "method.activation 'foo'"),
     "zero reduction factor": (lambda e: train(e, "--task", e["toy"], "method.reduction_factor=0"),
                               "reduction_factor 0.0 must be positive"),

@@ -34,7 +34,8 @@ def test_train_then_evaluate_reproduces(stage, method, tiny_bert_dir, task_yamls
     assert run.relative_to(out).parts[:3] == (stage, method, "toy")
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "ok" and m["epochs_run"] == 2 and 0 <= m["best_epoch"] < 2
-    assert set(m["metrics"]["dev"]) == {"accuracy", "f1"} and m["main_value"] == m["metrics"]["dev"]["accuracy"]
+    dev = m["tasks"]["toy"]["dev"]
+    assert set(dev) == {"accuracy", "f1"} and m["main_value"] == dev["accuracy"]
     assert 0 < m["trainable_params"] <= m["total_params"] and m["train_seconds"] > 0
     for f in ("config.yaml", "task.yaml", "env.json", "log.jsonl"):
         assert (run / f).is_file()
@@ -47,7 +48,7 @@ def test_train_then_evaluate_reproduces(stage, method, tiny_bert_dir, task_yamls
     r = invoke("evaluate", run, "--data-dir", data_dir)
     assert r.exit_code == 0, r.output
     ev = json.loads((run / "eval_dev.json").read_text())
-    assert ev["reproduced"] is True and ev["metrics"] == m["metrics"]["dev"]
+    assert ev["reproduced"] is True and ev["tasks"]["toy"] == dev
 
 
 def test_regression_and_test_predictions(tiny_bert_dir, task_yamls, data_dir, tmp_path):
@@ -56,7 +57,7 @@ def test_regression_and_test_predictions(tiny_bert_dir, task_yamls, data_dir, tm
                "--out", out, "train.epochs=1")
     assert r.exit_code == 0, r.output
     m = json.loads((only_run(out) / "metrics.json").read_text())
-    assert set(m["metrics"]["dev"]) == {"pearson", "spearman"}
+    assert set(m["tasks"]["toyreg"]["dev"]) == {"pearson", "spearman"}
 
     out2 = tmp_path / "runs2"
     assert invoke("extract", "--task", task_yamls["toy"], "--model", tiny_bert_dir, "--data-dir", data_dir,
@@ -89,12 +90,12 @@ def test_limit_and_max_steps(tiny_bert_dir, task_yamls, data_dir, tmp_path):
                "--out", tmp_path, "train.limit=16", "train.max_steps=3", "train.batch_size=4", "train.epochs=5")
     assert r.exit_code == 0, r.output
     m = json.loads((only_run(tmp_path) / "metrics.json").read_text())
-    assert m["steps"] == 3 and m["train_examples"] == 16 and m["epochs_run"] == 1
+    assert m["steps"] == 3 and m["tasks"]["toy"]["train_examples"] == 16 and m["epochs_run"] == 1
     r = invoke("extract", "--task", task_yamls["toy"], "--model", tiny_bert_dir, "--data-dir", data_dir,
                "--out", tmp_path / "fs", "train.shots=4", "data.data_seed=3", "train.epochs=1")
     assert r.exit_code == 0, r.output
     m = json.loads((only_run(tmp_path / "fs") / "metrics.json").read_text())
-    assert m["train_examples"] == 8 and m["dev_examples"] == 16   # 4 per class; dev stays whole
+    assert m["tasks"]["toy"]["train_examples"] == 8 and m["tasks"]["toy"]["dev_examples"] == 16  # 4 per class
 
 
 def test_ls_and_validate(tmp_path):
@@ -120,7 +121,7 @@ def bad(tmp_path, *args):
 def test_bad_inputs_one_line_exit_2(tiny_bert_dir, task_yamls, data_dir, tmp_path):
     common = ["--model", tiny_bert_dir, "--data-dir", data_dir, "--out", tmp_path / "runs"]
     assert "unknown task 'nosuch'" in bad(tmp_path, "extract", "--task", "nosuch", *common)
-    assert "unknown method 'lora'" in bad(tmp_path, "extract", "--task", task_yamls["toy"], "--method", "lora", *common)
+    assert "unknown method 'dora'" in bad(tmp_path, "extract", "--task", task_yamls["toy"], "--method", "dora", *common)
     assert "unknown config key 'train.lrate'" in bad(tmp_path, "extract", "--task", task_yamls["toy"], *common,
                                                      "train.lrate=1")
     y = tmp_path / "bad.yaml"

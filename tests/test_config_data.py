@@ -21,14 +21,15 @@ def test_precedence_defaults_yaml_options_overrides(tmp_path):
     assert cfg.train.epochs == 6              # override beats option
     assert cfg.train.lr == 0.5                # YAML beats method defaults
     assert cfg.train.batch_size == 32         # dataclass default
-    assert cfg.method["name"] == "houlsby" and cfg.method["reduction_factor"] == 8.0
-    assert cfg.method["init"] == "houlsby"    # method default filled in
+    assert cfg.method.name == "houlsby" and cfg.method.reduction_factor == 8.0
+    assert cfg.method.init == "houlsby"       # method default filled in
 
 
 def test_method_train_defaults():
     assert resolve({"task": "rte"}, "finetune").train.lr == 2e-5
     assert resolve({"task": "rte"}, "extract").train.lr == 1e-4
-    assert resolve({"task": "rte"}, "extract").method["name"] == "pfeiffer"
+    assert resolve({"task": "rte"}, "extract").method.name == "pfeiffer"
+    assert resolve({"task": "rte"}, "extract").train.warmup_ratio == 0.1   # 10% warm-up for every method
 
 
 def test_float_written_without_dot_is_a_number():
@@ -153,11 +154,12 @@ def test_metrics_glue_conventions():
 
 def test_length_grouped_batches_cover_everything_with_less_padding():
     import torch
-    from adapterbench.data import LengthGroupedBatches, padding_stats
+    from adapterbench.data import padding_stats
+    from adapterbench.sampling import length_grouped
     lengths = [((i * 37) % 100) + 5 for i in range(1000)]
-    grouped = list(LengthGroupedBatches(lengths, 16, torch.Generator().manual_seed(0), group=10))
+    grouped = length_grouped(lengths, 16, torch.Generator().manual_seed(0), group=10)
     assert sorted(j for b in grouped for j in b) == list(range(1000))
-    again = list(LengthGroupedBatches(lengths, 16, torch.Generator().manual_seed(0), group=10))
+    again = length_grouped(lengths, 16, torch.Generator().manual_seed(0), group=10)
     assert grouped == again
     order = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist()
     plain = [order[i:i + 16] for i in range(0, 1000, 16)]
@@ -195,7 +197,7 @@ def test_evaluation_in_length_order_returns_predictions_in_item_order():
     import torch
     from adapterbench.data import Collator
     from adapterbench.models import ClassificationHead, HeadConfig, TaskModel
-    from adapterbench.stages import evaluate_items
+    from adapterbench.train import evaluate
     from tests.conftest import tiny_encoder
 
     rng = random.Random(0)
@@ -205,10 +207,35 @@ def test_evaluation_in_length_order_returns_predictions_in_item_order():
         items.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": float(i % 5)})
     torch.manual_seed(0)
     model = TaskModel(tiny_encoder("bert"), ClassificationHead(HeadConfig(32, 1, True))).eval()
-    task = type("T", (), {"regression": True, "metrics": ["pearson"]})()
-    collate = Collator(0, regression=True)
-    got, preds = evaluate_items(model, items, collate, task, batch_size=4, precision="fp32")
-    alone = [evaluate_items(model, [it], collate, task, batch_size=1, precision="fp32")[1][0] for it in items]
+    task = type("T", (), {"regression": True, "metrics": ["pearson"], "name": "t"})()
+    collate = Collator(0)
+    got, preds = evaluate(model, [items], [task], collate, batch_size=4, precision="fp32")
+    got, preds = got["t"], preds["t"]
+    alone = [evaluate(model, [[it]], [task], collate, batch_size=1, precision="fp32")[1]["t"][0] for it in items]
     np.testing.assert_allclose(preds, alone, atol=1e-5)
     labels = [it["labels"] for it in items]
     assert got["pearson"] == pytest.approx(metrics.compute(["pearson"], labels, list(preds))["pearson"], abs=1e-6)
+
+
+@pytest.mark.parametrize("user,stage,golden", [
+    ({"task": "rte", "model": {"name": "tiny-bert"}, "train": {"warmup_ratio": 0.0}}, "extract", "0413fba8"),
+    ({"task": "mrpc", "method": {"name": "houlsby"}, "train": {"lr": 3e-4, "warmup_ratio": 0.0},
+      "model": {"pooling": "cls"}}, "extract", "31a49fce"),
+    ({"task": "rte", "method": {"name": "full"}, "model": {"pooling": "cls"}}, "finetune", "ffd78b8d"),
+])
+def test_golden_config_hashes_keep_existing_run_folder_names(user, stage, golden):
+    """Hashes computed by the code before this session's changes (commit ccd85ae) for configs
+    whose results do not change: a new config key must be hash-neutral at its old behaviour,
+    or every finished run would be renamed and retrained."""
+    from adapterbench.config import config_hash, to_dict
+    assert config_hash(to_dict(resolve(user, stage))) == golden
+
+
+def test_new_default_behaviour_gets_a_new_hash():
+    """Changed defaults (10% warm-up, mean pooling for minilm-l6) are new runs, not old ones."""
+    from adapterbench.config import config_hash, to_dict
+    old = resolve({"task": "rte", "model": {"name": "tiny-bert"}, "train": {"warmup_ratio": 0.0}}, "extract")
+    new = resolve({"task": "rte", "model": {"name": "tiny-bert"}}, "extract")
+    assert config_hash(to_dict(new)) != config_hash(to_dict(old))
+    assert resolve({"task": "rte"}, "extract").model.pooling == "mean"       # minilm-l6 was trained mean-pooled
+    assert resolve({"task": "rte", "model": {"name": "tiny-bert"}}, "extract").model.pooling == "cls"

@@ -21,7 +21,7 @@ def make(n=4, d=16, m=3, variant="dynamic", seed=0):
         torch.nn.init.normal_(a.up.bias, std=0.1)
         torch.nn.init.normal_(a.down.bias, std=0.1)
         a.requires_grad_(False)
-    mixer = FusionMixer(d, Config(variant=variant))
+    mixer = FusionMixer(d, Config(variant=variant, attention_dropout=0.0))
     torch.nn.init.normal_(mixer.key.bias, std=0.1)
     torch.nn.init.normal_(mixer.query.bias, std=0.1)
     return mixer, adapters

@@ -47,7 +47,7 @@ def test_extract_a_few_steps_on_real_rte(tmp_path):
     assert r.exit_code == 0, r.output
     run = next(tmp_path.glob("extract/pfeiffer/rte/*"))
     m = json.loads((run / "metrics.json").read_text())
-    assert m["status"] == "ok" and m["steps"] == 2 and m["dev_examples"] == 32
+    assert m["status"] == "ok" and m["steps"] == 2 and m["tasks"]["rte"]["dev_examples"] == 32
     assert m["trainable_params"] == 6 * (2 * 384 * 24 + 384 + 24) + 384 * 384 + 384 + 2 * 384 + 2
     r = runner.invoke(app, ["evaluate", str(run)])
     assert r.exit_code == 0 and json.loads((run / "eval_dev.json").read_text())["reproduced"] is True

@@ -23,10 +23,10 @@ def adapted(state=None, seed=0):
     enc = tiny_encoder("bert")
     mod, cfg = get_method("pfeiffer"), method_config({"name": "pfeiffer", "reduction_factor": 4})
     torch.manual_seed(seed)
-    mod.apply(enc, cfg, "a")
+    mod.apply(enc, cfg, ["a"])
     if state is not None:
-        mod.load_state(enc, cfg, "a", state)
-    return enc.eval(), mod.trainable_state(enc, cfg, "a")
+        mod.load_state(enc, cfg, ["a"], state)
+    return enc.eval(), mod.trainable_state(enc, cfg, ["a"])
 
 
 def out_of(enc):
@@ -139,12 +139,12 @@ def test_same_track_selection(tiny_bert_dir, task_yamls, data_dir, tmp_path):
     para = extract(tiny_bert_dir, reg, data_dir, tmp_path / "p", 0)
     sources = M.read_sources([str(nli), str(para)])
     for s in sources:  # tasks given by path resolve by name through the shipped YAMLs: use rte/mrpc
-        s["meta"] = dict(s["meta"], task={"toy": "cb", "toyreg": "stsb"}[s["meta"]["task"]])
+        s.meta = dict(s.meta, task={"toy": "cb", "toyreg": "stsb"}[s.meta["task"]])
     kept = M.same_track(sources, "rte", include_target=False)
-    assert [s["meta"]["task"] for s in kept] == ["cb"]
+    assert [s.meta["task"] for s in kept] == ["cb"]
     kept = M.same_track(sources, "mrpc", include_target=False)
-    assert [s["meta"]["task"] for s in kept] == ["stsb"]
-    assert M.same_track(sources, "cb", include_target=True)[0]["meta"]["task"] == "cb"
+    assert [s.meta["task"] for s in kept] == ["stsb"]
+    assert M.same_track(sources, "cb", include_target=True)[0].meta["task"] == "cb"
     with pytest.raises(UserError, match="no source adapter is in track"):
         M.same_track(sources, "cb", include_target=False)
 

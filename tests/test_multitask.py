@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 
 from adapterbench.cli import app
 from adapterbench.methods import camtl, method_config
-from adapterbench.multitask import MTCollator, task_probs, uncertainty_pick
+from adapterbench.data import Collator
+from adapterbench.sampling import pick_uncertain, task_probs
+from adapterbench.stages import uncertainty_scorer
 from adapterbench.tasks import TaskSpec
 
 from .conftest import tiny_batch, tiny_encoder
@@ -18,9 +20,9 @@ from .conftest import tiny_batch, tiny_encoder
 runner = CliRunner()
 
 
-def camtl_encoder(n_tasks=3):
+def camtl_encoder(n_tasks=3, init="identity"):
     enc = tiny_encoder("bert")
-    camtl.apply(enc, method_config({"name": "camtl", "max_length": 16}), [f"t{i}" for i in range(n_tasks)])
+    camtl.apply(enc, method_config({"name": "camtl", "max_length": 16, "init": init}), [f"t{i}" for i in range(n_tasks)])
     return enc.eval()
 
 
@@ -48,13 +50,44 @@ def test_camtl_starts_as_the_base_model_and_then_depends_on_the_task():
     assert torch.allclose(mixed[0], a[0], atol=1e-5) and torch.allclose(mixed[1], b[1], atol=1e-5)
 
 
-def test_camtl_freezes_the_lower_half_but_not_its_conditional_parts():
-    enc = camtl_encoder()
-    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
-    assert not any(n.startswith("encoder.layer.0.") and ".map." not in n for n in trainable)
-    assert any(n.startswith("encoder.layer.1.attention.self") for n in trainable)
-    assert not any(n.startswith("embeddings.") for n in trainable)
-    assert {"camtl_context.embedding.weight", "camtl_attention.0.weight", "camtl_align.map.weight"} <= trainable
+def test_camtl_reference_init_scale_and_closeness_to_the_base_model():
+    """As the reference code (BERT init): the task vector's norm is ~0.02^2 d^1.5, not the
+    N(0, 1) embedding's ~sqrt(d) scale, and the model starts close to the base model."""
+    torch.manual_seed(0)
+    d = 384
+    ctx = camtl.TaskContext(3, d)
+    ctx.task_ids = torch.arange(3)
+    norms = ctx.z().norm(dim=-1)
+    assert (norms > 0.05).all() and (norms < 0.4).all()      # ~0.15 for d = 384 (N(0,1) gave ~11)
+    base = tiny_encoder("bert").eval()
+    with torch.no_grad():
+        want = base(**tiny_batch()).last_hidden_state
+    got = run(camtl_encoder(init="reference"), torch.tensor([0, 1, 2]))
+    assert 0 < (got - want).abs().max() < 0.05
+
+
+def test_camtl_conditional_layer_norm_modulates_the_weight():
+    """Reference form: LN(x) with weight (1 + gamma_t) * w + beta_t and the pretrained bias."""
+    torch.manual_seed(0)
+    ctx = camtl.TaskContext(2, 8)
+    ln = torch.nn.LayerNorm(8)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-1, 1)
+    cln = camtl.CondLayerNorm(ln, camtl.FiLM(ctx, 8, 8))
+    ctx.task_ids = torch.tensor([1, 0])
+    x = torch.randn(2, 3, 8)
+    gamma, beta = cln.film.gamma_beta()
+    for i in range(2):
+        w = (1 + gamma[i]) * ln.weight + beta[i]
+        want = torch.nn.functional.layer_norm(x[i], (8,), w, ln.bias, ln.eps)
+        assert torch.allclose(cln(x)[i], want, atol=1e-6)
+
+
+def test_camtl_block_count_follows_the_reference_rule():
+    assert camtl.blocks_of(method_config({"name": "camtl", "max_length": 128}), 768) == 6   # BERT-base: 6 blocks
+    assert camtl.blocks_of(method_config({"name": "camtl", "max_length": 128}), 384) == 3   # MiniLM
+    assert camtl.blocks_of(method_config({"name": "camtl", "max_length": 128, "attn_blocks": 4}), 384) == 4
 
 
 @pytest.mark.parametrize("scheme,expected", [
@@ -79,6 +112,10 @@ def test_annealed_goes_from_proportional_to_flatter():
 class FakeModel(torch.nn.Module):
     """Logits given per example (in input_ids[:, 0]); two 2-class tasks and one regression."""
 
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))   # a device to read
+
     def forward(self, input_ids, task_ids=None, **_):
         conf = input_ids[:, 0].float() / 10.0        # 0 = uncertain ... 10 = confident
         out = {}
@@ -96,11 +133,38 @@ def test_uncertainty_keeps_highest_entropy_examples():
     for t, confs in enumerate([[0, 10, 1], [10, 9, 0], [5, 5, 5]]):
         for c in confs:
             cands.append({"input_ids": [c, 1], "attention_mask": [1, 1], "labels": 0.0, "task_id": t, "uid": len(cands)})
-    chosen = uncertainty_pick(FakeModel(), cands, MTCollator(0), tasks, 3, "cpu")
+    cfg = type("C", (), {"train": type("T", (), {"precision": "fp32"})})()
+    entropy = uncertainty_scorer(FakeModel(), tasks, cfg, 0)(cands)
+    assert entropy[6:].isnan().all()
+    chosen = pick_uncertain(cands, entropy, 3, {})
     # normalised entropies: a (1.00, 0.06, 0.96), b (0.06, 0.09, 1.00); task factors a 1, b 0.57;
-    # the regression examples get the mean classification score (0.44): a's two uncertain
-    # examples and b's uncertain one (0.57) are kept
-    assert sorted(c["uid"] for c in chosen) == [0, 2, 5]
+    # without a proxy the regression examples get the step's highest score (a's first, 1.0): the
+    # four tie and the first three in candidate order are kept
+    assert sorted(c["uid"] for c in chosen) == [0, 6, 7]
+    # with a proxy (c borrows a's scores one to one): a's two uncertain examples and c's copies of them
+    chosen = pick_uncertain(cands, entropy, 4, {2: 0})
+    assert sorted(c["uid"] for c in chosen) == [0, 2, 6, 8]
+
+
+def test_uncertainty_never_starves_a_regression_task(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    """A 3-task run under MT-Uncertainty (a classification task, a regression task borrowing
+    its scores, a regression task without a proxy): every task is picked in every epoch, and
+    the proxied regression task's share equals its proxy's within sampling noise."""
+    import yaml
+    third = tmp_path / "toyreg2.yaml"
+    spec = yaml.safe_load(open(task_yamls["toyreg"]))
+    spec["name"] = "toyreg2"
+    third.write_text(yaml.safe_dump(spec))
+    tasks = f"{task_yamls['toy']},{task_yamls['toyreg']},{third}"
+    r = runner.invoke(app, ["multitask", "--tasks", tasks, "--method", "mtl", "--model", str(tiny_bert_dir),
+                            "--data-dir", str(data_dir), "--out", str(tmp_path / "r"), "--sampling", "uncertainty",
+                            "sampling.uncertainty_proxy={toyreg: toy}", "train.epochs=3", "train.batch_size=8"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(next((tmp_path / "r").glob("multitask/mtl/*/*/metrics.json")).read_text())
+    picks = m["picks_per_epoch"]
+    assert all(all(n > 0 for n in per) for per in picks.values()), picks
+    share = m["share_of_examples"]
+    assert abs(share["toyreg"] - share["toy"]) < 0.1, share
 
 
 @pytest.mark.parametrize("method,precision", [("mtl", "fp32"), ("mt-a", "bf16"), ("camtl", "bf16")])
@@ -114,6 +178,7 @@ def test_multitask_cli_end_to_end_and_reload(method, precision, tiny_bert_dir, t
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "ok" and set(m["tasks"]) == {"toy", "toyreg"}
     assert 0 < m["fraction_of_examples_used"] <= 1 and m["examples_drawn"] == 2 * m["examples_trained"]
+    assert sum(sum(v) for v in m["picks_per_epoch"].values()) == m["examples_trained"]
     assert set(m["fraction_used_per_task"]) == {"toy", "toyreg"}
     assert all(0 <= f <= 1 for f in m["fraction_used_per_task"].values())
     r = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(data_dir)])
@@ -125,6 +190,7 @@ def test_multitask_cli_end_to_end_and_reload(method, precision, tiny_bert_dir, t
         trained = load_tensors(run / "multitask" / "encoder.safetensors")
         key = "encoder.layer.0.attention.self.query.weight"
         assert torch.equal(trained[key], base[key])
+        assert m["tasks"]["toyreg"]["main_value"] is not None and m["fraction_used_per_task"]["toyreg"] > 0
         assert not torch.equal(trained["encoder.layer.1.attention.self.query.weight"],
                                base["encoder.layer.1.attention.self.query.weight"])
     r = runner.invoke(app, ["report", str(tmp_path), "--no-plot"])
@@ -141,10 +207,8 @@ def test_mta_export_reproduces_the_task_path_and_fuses(tiny_bert_dir, task_yamls
     multi-task model; `fuse` accepts the exported adapters (Fusion w/ MT-A)."""
     from adapterbench.methods import get_method, method_config
     from adapterbench.models import ClassificationHead, HeadConfig, TaskModel, load_encoder
-    from adapterbench.multitask import MTCollator, build
-    from adapterbench.config import build as build_cfg, load_yaml, RunConfig
     from adapterbench.runs import load_tensors, read_json
-    from adapterbench.tasks import parse_task
+    from adapterbench.stages import load_run_model
     tasks = f"{task_yamls['toy']},{task_yamls['toyreg']}"
     r = runner.invoke(app, ["multitask", "--tasks", tasks, "--method", "mt-a", "--model", str(tiny_bert_dir),
                             "--data-dir", str(data_dir), "--out", str(tmp_path), "train.epochs=1",
@@ -152,12 +216,7 @@ def test_mta_export_reproduces_the_task_path_and_fuses(tiny_bert_dir, task_yamls
     assert r.exit_code == 0, r.output
     run = next(tmp_path.glob("multitask/mt-a/*/*"))
     out = run / "multitask"
-    cfg = build_cfg(RunConfig, load_yaml(run / "config.yaml"))
-    specs = [parse_task(task_yamls["toy"]), parse_task(task_yamls["toyreg"])]
-    mt, tok, method, mcfg = build(cfg, specs)
-    method.load_state(mt.encoder, mcfg, ["toy", "toyreg"], load_tensors(out / "encoder.safetensors"))
-    for t in specs:
-        mt.heads[t.name].load_state_dict(load_tensors(out / f"head-{t.name}.safetensors"))
+    _, specs, mt, tok, _ = load_run_model(run)
     mt.eval()
     enc = tok(["the cat sat on the mat", "good film"], ["a dog", "bad plot"], padding=True, return_tensors="pt")
     for i, t in enumerate(specs):
@@ -167,13 +226,13 @@ def test_mta_export_reproduces_the_task_path_and_fuses(tiny_bert_dir, task_yamls
         assert meta["task"] == t.name and meta["base_model"] == str((out / "base_model").resolve())
         single, _ = load_encoder(meta["base_model"])
         pf, pcfg = get_method("pfeiffer"), method_config(meta["method"])
-        pf.apply(single, pcfg, t.name)
-        pf.load_state(single, pcfg, t.name, load_tensors(out / "adapters" / t.name / "adapter.safetensors"))
+        pf.apply(single, pcfg, [t.name])
+        pf.load_state(single, pcfg, [t.name], load_tensors(out / "adapters" / t.name / "adapter.safetensors"))
         head = ClassificationHead(HeadConfig(single.config.hidden_size, t.num_labels, t.regression))
         head.load_state_dict(mt.heads[t.name].state_dict())
         model = TaskModel(single, head).eval()
         with torch.no_grad():
-            got = model(**enc)
+            got = model.logits(**enc)
         assert torch.allclose(got, want, atol=1e-5), (t.name, got, want)
     r = runner.invoke(app, ["fuse", "--target", str(task_yamls["toy"]), "--data-dir", str(data_dir),
                             "--adapters", str(out / "adapters" / "toy"), "--adapters", str(out / "adapters" / "toyreg"),

@@ -257,7 +257,7 @@ methods:
     metrics = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("**/metrics.json")]
     fewshot = {(m["label"], m["shots"]): m for m in metrics if m.get("shots")}
     assert set(fewshot) == {(f"{l} k={k}", k) for l in ("src", "mavg", "mtrack", "fus") for k in (2, 4)}
-    assert fewshot[("mavg k=4", 4)]["train_examples"] == 8       # 4 per class, 2 classes
+    assert fewshot[("mavg k=4", 4)]["tasks"]["toy"]["train_examples"] == 8       # 4 per class, 2 classes
     assert [h["epoch"] for h in fewshot[("mavg k=4", 4)]["history"]] == [1]   # eval_every 2 of 2 epochs
     assert fewshot[("mavg k=4", 4)]["epochs_run"] == 2
     run = next(p.parent for p in (tmp_path / "runs").glob("extract/**/metrics.json")

@@ -236,13 +236,13 @@ def preset_functions(placement: str):
     def bottleneck(cfg) -> BottleneckConfig:
         return BottleneckConfig(placement=placement, **asdict(cfg))
 
-    def apply(encoder, cfg, name: str) -> None:
-        apply_bottleneck(encoder, bottleneck(cfg), name)
+    def apply(encoder, cfg, names: list[str], sources=()) -> None:
+        apply_bottleneck(encoder, bottleneck(cfg), names[0])
 
-    def trainable_state(encoder, cfg, name: str) -> dict:
-        return adapter_state(encoder, bottleneck(cfg), name)
+    def trainable_state(encoder, cfg, names: list[str]) -> dict:
+        return adapter_state(encoder, bottleneck(cfg), names[0])
 
-    def load_state(encoder, cfg, name: str, state: dict) -> None:
-        load_adapter_state(encoder, bottleneck(cfg), name, state)
+    def load_state(encoder, cfg, names: list[str], state: dict) -> None:
+        load_adapter_state(encoder, bottleneck(cfg), names[0], state)
 
     return bottleneck, apply, trainable_state, load_state

@@ -2,15 +2,20 @@
 modules, (1 + gamma_t) * x + beta_t with (gamma_t, beta_t) = W z_t + b, in
 - conditional alignment: on the embedding layer's output;
 - conditional attention: a task-modulated block-diagonal bias added to every layer's
-  attention scores (block size ceil(max_length / attn_blocks); the reference code's
-  "hidden size divisible by sequence length" requirement is not needed here);
-- conditional LayerNorm: the LayerNorms of the upper layers scale and shift by task;
+  attention scores; as the reference code, N = hidden // max_length blocks (at least 1) of
+  ceil(max_length / N) tokens (`attn_blocks` overrides N; the reference's "hidden size
+  divisible by the sequence length" requirement is not needed here);
+- conditional LayerNorm (reference form): LN(x; weight (1 + gamma_t) * w + beta_t, bias b);
 - a conditional bottleneck adapter (d -> d/3 -> d, no nonlinearity, FiLM on its input) in
   the top layer, at Pfeiffer's place.
-The embeddings and the lower half of the layers are frozen (`freeze_layers`), except the
-conditional parts. Every FiLM map starts at zero, so at initialisation the model equals the
-base model. Our deviation: the top layer keeps its pretrained weights instead of being
-re-initialised.
+The embeddings and the lower half of the layers are frozen (`freeze_layers`) with their
+conditional attention; the conditional parts of the upper layers train.
+Initialisation (`init`): `reference` as the reference code (BERT's init_weights): the task
+embedding, the task transform and every FiLM map N(0, 0.02) with zero biases, so the task
+vector has norm ~0.02^2 d^1.5 (0.15 for d = 384) and the model is close to, not equal to, the
+base model at step 0; `identity`: every FiLM map zero, the model equals the base model.
+Our deviations: the top layer keeps its pretrained weights instead of being re-initialised,
+and the top adapter's up-projection starts at zero.
 """
 
 from __future__ import annotations
@@ -24,19 +29,26 @@ from torch import nn
 from ..errors import UserError
 from ..models import arch_of, get_sub, set_sub
 from .bottleneck import NormSite
-from .mtl import load_state, trainable_state  # noqa: F401  (the whole encoder is saved)
+from .contract import Artifact
+from .full import load_state, trainable_state  # noqa: F401  (the whole encoder is saved)
 
 KIND = "multitask"
-TRAIN_DEFAULTS = {"lr": 2e-5, "epochs": 5}  # CA-MTL README run: lr 2e-5, 5 epochs
+STAGE = "multitask"
+ARTIFACT = Artifact("multitask", "multitask_config.json", "encoder.safetensors")
+SUPPORTS = frozenset({"bench"})
+TRAIN_DEFAULTS = {"lr": 2e-5, "epochs": 5, "warmup_ratio": 0.1}  # reference: lr 2e-5, 5 epochs, 10% warm-up
+IDENTITY_AT_INIT = {"init": "identity"}
+INITS = ("reference", "identity")
 
 
 @dataclass
 class Config:
     name: str = "camtl"
     freeze_layers: int = -1          # layers 0..n-1 and the embeddings frozen; -1 = the lower half
-    attn_blocks: int = 4             # blocks of the conditional attention bias
+    attn_blocks: int = 0             # blocks of the conditional attention bias; 0 = hidden // max_length
     max_length: int = 128            # size of the attention-bias parameter (longer inputs are cut to it)
     adapter_ratio: int = 3           # top-layer adapter bottleneck d / 3
+    init: str = "reference"          # reference: N(0, 0.02) as the CA-MTL code | identity: FiLM maps zero
 
 
 class TaskContext(nn.Module):
@@ -46,6 +58,9 @@ class TaskContext(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(n_tasks, dim)
         self.transform = nn.Linear(dim, dim)
+        for w in (self.embedding.weight, self.transform.weight):   # BERT's init, as the reference
+            nn.init.normal_(w, std=0.02)
+        nn.init.zeros_(self.transform.bias)
         self.task_ids: torch.Tensor | None = None  # set by the model before each forward
 
     def z(self) -> torch.Tensor:
@@ -55,42 +70,51 @@ class TaskContext(nn.Module):
 
 
 class FiLM(nn.Module):
-    """(1 + gamma) * x + beta, gamma and beta linear in the task embedding; zero at init."""
+    """(1 + gamma) * x + beta, gamma and beta linear in the task embedding (per example)."""
 
-    def __init__(self, ctx: TaskContext, dim: int, task_dim: int):
+    def __init__(self, ctx: TaskContext, dim: int, task_dim: int, init: str = "reference"):
         super().__init__()
         self.ctx = [ctx]  # a list: shared, not a submodule of every FiLM
         self.map = nn.Linear(task_dim, 2 * dim)
-        nn.init.zeros_(self.map.weight)
+        nn.init.normal_(self.map.weight, std=0.02)
+        if init == "identity":
+            nn.init.zeros_(self.map.weight)
         nn.init.zeros_(self.map.bias)
 
+    def gamma_beta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.map(self.ctx[0].z()).chunk(2, dim=-1)              # (B, dim) each
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gamma, beta = self.map(self.ctx[0].z()).chunk(2, dim=-1)       # (B, dim) each
+        gamma, beta = self.gamma_beta()
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
         return (1 + gamma.view(shape)) * x + beta.view(shape)
 
 
 class CondLayerNorm(nn.Module):
-    """LayerNorm whose output is scaled and shifted per task."""
+    """The reference's conditional LayerNorm: the LayerNorm weight is FiLM-modulated per task,
+    LN(x) = norm(x) * ((1 + gamma_t) * w + beta_t) + b."""
 
-    def __init__(self, base: nn.Module, film: FiLM):
+    def __init__(self, base: nn.LayerNorm, film: FiLM):
         super().__init__()
         self.base = base
         self.film = film
 
     def forward(self, x):
-        return self.film(self.base(x))
+        gamma, beta = self.film.gamma_beta()                              # (B, d)
+        weight = (1 + gamma) * self.base.weight + beta
+        normed = nn.functional.layer_norm(x, self.base.normalized_shape, None, None, self.base.eps)
+        return normed * weight.unsqueeze(1).to(normed.dtype) + self.base.bias
 
 
 class CondAttentionBias(nn.Module):
     """A task-modulated block-diagonal L x L bias added to one layer's attention scores."""
 
-    def __init__(self, ctx: TaskContext, max_length: int, blocks: int, task_dim: int):
+    def __init__(self, ctx: TaskContext, max_length: int, blocks: int, task_dim: int, init: str = "reference"):
         super().__init__()
         self.block = math.ceil(max_length / blocks)
         self.blocks = blocks
         self.weight = nn.Parameter(torch.zeros(blocks * self.block, self.block))
-        self.film = FiLM(ctx, self.block, task_dim)
+        self.film = FiLM(ctx, self.block, task_dim, init)
 
     def bias(self, length: int) -> torch.Tensor:
         w = self.film(self.weight.unsqueeze(0).expand(self.film.ctx[0].task_ids.shape[0], -1, -1))
@@ -134,40 +158,50 @@ class CondAdapter(nn.Module):
         return self.up(self.down(self.film(x)))
 
 
-def apply(encoder, cfg: Config, tasks: list[str]) -> None:
-    """Insert the conditional modules; freeze the embeddings and the lower layers."""
+def blocks_of(cfg: Config, hidden: int) -> int:
+    """The reference's rule: hidden // max_length blocks (at least one), unless set."""
+    return cfg.attn_blocks or max(1, hidden // cfg.max_length)
+
+
+def apply(encoder, cfg: Config, tasks: list[str], sources=()) -> None:
+    """Insert the conditional modules; freeze the embeddings and the lower layers (with
+    their conditional attention)."""
     arch = arch_of(encoder)
     if arch.attn_self is None:
         raise UserError(f"CA-MTL's conditional attention needs the attention module of "
                         f"'{encoder.config.model_type}' in the architecture table")
+    if cfg.init not in INITS:
+        raise UserError(f"method.init '{cfg.init}' must be one of {', '.join(INITS)}")
+    if cfg.attn_blocks < 0 or cfg.max_length < 1 or cfg.adapter_ratio < 1:
+        raise UserError("method.attn_blocks must be 0 or more, method.max_length and method.adapter_ratio at least 1")
     d = encoder.config.hidden_size
     layers = get_sub(encoder, arch.layers)
     n = len(layers)
     freeze = n // 2 if cfg.freeze_layers < 0 else cfg.freeze_layers
     if not 0 <= freeze <= n:
         raise UserError(f"method.freeze_layers {cfg.freeze_layers} must be between 0 and {n} (or -1)")
-    encoder.requires_grad_(False)
-    for i in range(freeze, n):
-        layers[i].requires_grad_(True)
     ctx = TaskContext(len(tasks), d)
     encoder.camtl_context = ctx
-    align = FiLM(ctx, d, d)
+    align = FiLM(ctx, d, d, cfg.init)
     encoder.camtl_align = align
     encoder.embeddings.register_forward_hook(lambda m, i, out: align(out))
     encoder.camtl_attention = nn.ModuleList()
     for i in range(n):
-        cab = CondAttentionBias(ctx, cfg.max_length, cfg.attn_blocks, d)
+        cab = CondAttentionBias(ctx, cfg.max_length, blocks_of(cfg, d), d, cfg.init)
         encoder.camtl_attention.append(cab)
         get_sub(layers[i], arch.attn_self).register_forward_pre_hook(cab.hook, with_kwargs=True)
     for i in range(max(freeze, n // 2), n):       # conditional LayerNorms in the upper layers
         for path in (arch.attn_norm, arch.ffn_norm):
-            set_sub(layers[i], path, CondLayerNorm(get_sub(layers[i], path), FiLM(ctx, d, d)))
+            set_sub(layers[i], path, CondLayerNorm(get_sub(layers[i], path), FiLM(ctx, d, d, cfg.init)))
     site = NormSite(get_sub(layers[n - 1], arch.ffn_norm))
-    site.adapters["camtl"] = CondAdapter(FiLM(ctx, d, d), d, max(1, d // cfg.adapter_ratio))
+    site.adapters["camtl"] = CondAdapter(FiLM(ctx, d, d, cfg.init), d, max(1, d // cfg.adapter_ratio))
     set_sub(layers[n - 1], arch.ffn_norm, site)
-    for m in encoder.modules():  # the conditional parts train even inside frozen layers
-        if isinstance(m, (TaskContext, FiLM, CondAttentionBias, CondAdapter)):
-            m.requires_grad_(True)
+    encoder.requires_grad_(False)
+    for i in range(freeze, n):                    # the upper layers train, with their conditional parts
+        layers[i].requires_grad_(True)
+        encoder.camtl_attention[i].requires_grad_(True)
+    for m in (ctx, align, site.adapters["camtl"]):
+        m.requires_grad_(True)
 
 
 def set_tasks(encoder, task_ids: torch.Tensor) -> None:

@@ -3,9 +3,14 @@
 from dataclasses import dataclass
 
 from ..errors import UserError
+from .contract import Artifact
 
 KIND = "model"
+STAGE = "finetune"
+ARTIFACT = Artifact("model", "model_config.json", "model.safetensors", optional=True)
+SUPPORTS = frozenset({"bench"})
 TRAIN_DEFAULTS = {"lr": 2e-5, "epochs": 3, "warmup_ratio": 0.1}  # BERT's GLUE recipe
+IDENTITY_AT_INIT = None  # inserts nothing
 
 
 @dataclass
@@ -13,15 +18,15 @@ class Config:
     name: str = "full"
 
 
-def apply(encoder, cfg: Config, name: str) -> None:
+def apply(encoder, cfg: Config, names: list[str], sources=()) -> None:
     encoder.requires_grad_(True)
 
 
-def trainable_state(encoder, cfg: Config, name: str) -> dict:
+def trainable_state(encoder, cfg: Config, names: list[str]) -> dict:
     return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
 
 
-def load_state(encoder, cfg: Config, name: str, state: dict) -> None:
+def load_state(encoder, cfg: Config, names: list[str], state: dict) -> None:
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
         key = (missing or unexpected)[0]

@@ -18,18 +18,21 @@ adapters' own bottlenecks, which run as one batched matmul over the stacked D_n 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from .bottleneck import BottleneckAdapter, BottleneckConfig, _Site
+from .bottleneck import BottleneckAdapter, _Site, add_adapter, load_adapter_state
+from .contract import Artifact
 
 KIND = "fusion"
+STAGE = "fuse"
+ARTIFACT = Artifact("fusion", "fusion_config.json", "fusion.safetensors")
+SUPPORTS = frozenset({"bench"})
 TRAIN_DEFAULTS = {"lr": 5e-5, "epochs": 10}  # "lr 5e-5 in all experiments", up to 10 epochs
+IDENTITY_AT_INIT = None  # mixes adapter outputs (tested against the textbook formula)
 
 
 @dataclass
@@ -38,7 +41,8 @@ class Config:
     adapters: list[str] = field(default_factory=list)  # source adapter or run folders
     variant: str = "dynamic"         # dynamic: Q, K, V; static: Q, K only
     temperature: bool = False        # start at T=50, anneal by T/1000 per training forward to 1
-    attention_dropout: float = 0.0   # dropout on the scores before the softmax
+    attention_dropout: float = 0.1   # dropout on the scores before the softmax (AdapterHub: the model's
+                                     # attention_probs_dropout_prob, 0.1 for BERT)
     reg_weight: float = 0.01         # weight of sum_l ||I - V_l||^2
 
 
@@ -116,76 +120,6 @@ class FusionMixer(nn.Module):
         return (p.unsqueeze(-1) * v).sum(2)
 
 
-# --- sources ------------------------------------------------------------------------------
-
-def adapter_folder(src: str) -> Path:
-    """An `extract` run folder or an adapter folder -> the folder holding adapter_config.json."""
-    p = Path(src)
-    for cand in (p, p / "adapter"):
-        if (cand / "adapter_config.json").is_file():
-            return cand
-    raise UserError(f"source {src} is neither an adapter folder nor an extract run folder "
-                    f"(no adapter_config.json): pass the run folder of `adapterbench extract`")
-
-
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def read_sources(paths: list[str], allow_trained_norms: bool = False) -> list[dict]:
-    """Each source's folder, config and name; all must share base model and adapter config."""
-    from ..runs import read_json
-    if not paths:
-        raise UserError("no source adapters given: pass --adapters RUN_DIR [RUN_DIR ...]")
-    sources, names = [], set()
-    for src in paths:
-        folder = adapter_folder(src)
-        meta = read_json(folder / "adapter_config.json")
-        if "method" not in meta:
-            raise UserError(f"{folder} holds an AdapterHub adapter: convert it first with "
-                            f"`adapterbench import {folder} --out DIR`")
-        name = meta.get("task") or folder.parent.name
-        while name in names:
-            name += "_"
-        names.add(name)
-        sources.append({"path": str(folder.resolve()), "name": name, "meta": meta})
-    check_compatible(sources, allow_trained_norms)
-    return sources
-
-
-def method_shape(method: dict) -> dict:
-    """The adapter's architecture-defining keys (what must agree to fuse, merge or load)."""
-    return {k: v for k, v in method.items() if k not in ("adapters", "init")}
-
-
-def check_compatible(sources: list[dict], allow_trained_norms: bool = False) -> None:
-    first = sources[0]
-    m0 = first["meta"]
-    if m0["method"].get("name") not in ("pfeiffer", "houlsby"):
-        raise UserError(f"source {first['path']} is a '{m0['method'].get('name')}' run, not an adapter")
-    for s in sources[1:]:
-        m = s["meta"]
-        for key in ("base_model", "model_type", "hidden_size", "num_layers"):
-            if m.get(key) != m0.get(key):
-                raise UserError(f"source {s['path']} differs in {key}: {m.get(key)!r} vs "
-                                f"{m0.get(key)!r} in {first['path']}; use adapters of one base model")
-        a, b = method_shape(m["method"]), method_shape(m0["method"])
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        if diff:
-            k = diff[0]
-            raise UserError(f"source {s['path']} differs in adapter config method.{k}: {a.get(k)!r} vs "
-                            f"{b.get(k)!r} in {first['path']}; use adapters of one configuration")
-    if m0["method"].get("train_layer_norms") and not allow_trained_norms:
-        raise UserError(f"source {first['path']} trained its own LayerNorms (houlsby default), which "
-                        f"N sources cannot share here: use adapters extracted with method.train_layer_norms=false")
-
-
-def _bottleneck_cfg(meta: dict) -> BottleneckConfig:
-    from . import get_method, method_config
-    method = get_method(meta["method"]["name"])
-    return method.bottleneck(method_config(meta["method"]))
-
-
 # --- method interface ---------------------------------------------------------------------
 
 def check(cfg: Config) -> None:
@@ -195,21 +129,21 @@ def check(cfg: Config) -> None:
         raise UserError(f"method.attention_dropout {cfg.attention_dropout} must be in [0, 1)")
 
 
-def apply(encoder, cfg: Config, name: str) -> None:
-    """Load every source adapter frozen, then put one trainable mixer in every site."""
-    from ..runs import load_tensors
-    from .bottleneck import add_adapter, load_adapter_state
+def apply(encoder, cfg: Config, names: list[str], sources=()) -> None:
+    """Insert every source adapter (artifacts.load_sources) frozen, then one trainable mixer
+    in every site."""
     check(cfg)
-    sources = read_sources(cfg.adapters)
-    if sources[0]["meta"]["model_type"] != encoder.config.model_type or \
-            sources[0]["meta"]["hidden_size"] != encoder.config.hidden_size:
-        raise UserError(f"fusion sources were trained on {sources[0]['meta']['base_model']}, "
-                        f"not on this model: use --model {sources[0]['meta']['base_model']}")
+    if not sources:
+        raise UserError("fusion needs source adapters: pass --adapters RUN_DIR [RUN_DIR ...]")
+    meta = sources[0].meta
+    if meta["model_type"] != encoder.config.model_type or meta["hidden_size"] != encoder.config.hidden_size:
+        raise UserError(f"fusion sources were trained on {meta['base_model']}, "
+                        f"not on this model: use --model {meta['base_model']}")
     encoder.requires_grad_(False)
     for s in sources:
-        bcfg = _bottleneck_cfg(s["meta"])
-        add_adapter(encoder, bcfg, s["name"])
-        load_adapter_state(encoder, bcfg, s["name"], load_tensors(Path(s["path"]) / "adapter.safetensors"))
+        bcfg = s.bottleneck()
+        add_adapter(encoder, bcfg, s.name)
+        load_adapter_state(encoder, bcfg, s.name, s.state)
     encoder.requires_grad_(False)
     for site in sites(encoder):
         site.mixer = FusionMixer(encoder.config.hidden_size, cfg)
@@ -223,12 +157,12 @@ def mixers(encoder) -> list[FusionMixer]:
     return [s.mixer for s in sites(encoder) if isinstance(s.mixer, FusionMixer)]
 
 
-def trainable_state(encoder, cfg: Config, name: str) -> dict:
+def trainable_state(encoder, cfg: Config, names: list[str]) -> dict:
     return {f"{i}.{k}": v.detach().clone() for i, mx in enumerate(mixers(encoder))
             for k, v in mx.state_dict().items()}
 
 
-def load_state(encoder, cfg: Config, name: str, state: dict) -> None:
+def load_state(encoder, cfg: Config, names: list[str], state: dict) -> None:
     for i, mx in enumerate(mixers(encoder)):
         own = {k[len(f"{i}."):]: v for k, v in state.items() if k.startswith(f"{i}.")}
         try:
@@ -236,27 +170,6 @@ def load_state(encoder, cfg: Config, name: str, state: dict) -> None:
         except RuntimeError:
             raise UserError("fusion weights do not match the fusion config or the sources: "
                             "the fusion/ folder was changed or comes from another run") from None
-
-
-def sources_record(cfg: Config) -> list[dict]:
-    """Written to fusion/sources.json: each source's path and content hash."""
-    out = []
-    for s in read_sources(cfg.adapters):
-        weights = Path(s["path"]) / "adapter.safetensors"
-        out.append({"name": s["name"], "path": s["path"], "task": s["meta"].get("task"),
-                    "sha256": file_hash(weights)})
-    return out
-
-
-def verify_sources(record: list[dict]) -> None:
-    """Refuse to rebuild a fusion whose source adapters changed since training."""
-    for s in record:
-        weights = Path(s["path"]) / "adapter.safetensors"
-        if not weights.is_file():
-            raise UserError(f"fusion source {s['path']} is gone: restore it or rerun fuse")
-        if file_hash(weights) != s["sha256"]:
-            raise UserError(f"fusion source {s['path']} changed since this fusion was trained "
-                            f"(sha256 differs): rerun fuse")
 
 
 def attention_table(encoder) -> tuple[list[str], list[list[float]]]:

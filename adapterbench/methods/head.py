@@ -3,8 +3,14 @@ column of the AdapterFusion table, Pfeiffer et al. 2021, Table 1)."""
 
 from dataclasses import dataclass
 
+from .contract import Artifact
+
 KIND = "head"
+STAGE = "extract"
+ARTIFACT = Artifact("adapter", "adapter_config.json", None)
+SUPPORTS = frozenset({"bench"})
 TRAIN_DEFAULTS = {"lr": 1e-3, "epochs": 10}
+IDENTITY_AT_INIT = None  # inserts nothing
 
 
 @dataclass
@@ -12,13 +18,13 @@ class Config:
     name: str = "head"
 
 
-def apply(encoder, cfg: Config, name: str) -> None:
+def apply(encoder, cfg: Config, names: list[str], sources=()) -> None:
     encoder.requires_grad_(False)
 
 
-def trainable_state(encoder, cfg: Config, name: str) -> dict:
+def trainable_state(encoder, cfg: Config, names: list[str]) -> dict:
     return {}
 
 
-def load_state(encoder, cfg: Config, name: str, state: dict) -> None:
+def load_state(encoder, cfg: Config, names: list[str], state: dict) -> None:
     return None

@@ -7,9 +7,14 @@ The activation follows AdapterHub's "houlsby" preset (swish); the paper leaves i
 from dataclasses import dataclass
 
 from .bottleneck import preset_functions
+from .contract import Artifact
 
 KIND = "adapter"
+STAGE = "extract"
+ARTIFACT = Artifact("adapter", "adapter_config.json", "adapter.safetensors")
+SUPPORTS = frozenset({"fusion_source", "merge", "init_from", "export:adapterhub", "bench"})
 TRAIN_DEFAULTS = {"lr": 1e-4, "epochs": 30}
+IDENTITY_AT_INIT = {"init": "zero"}
 
 
 @dataclass

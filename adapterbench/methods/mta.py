@@ -4,11 +4,17 @@ its own task's adapter. The adapters can then be fused ("Fusion w/ MT-A")."""
 
 from dataclasses import asdict, dataclass
 
+from ..errors import UserError
 from .bottleneck import BottleneckConfig, _Site, add_adapter
-from .mtl import load_state, trainable_state  # noqa: F401  (the whole encoder is saved)
+from .contract import Artifact
+from .full import load_state, trainable_state  # noqa: F401  (the whole encoder is saved)
 
 KIND = "multitask"
-TRAIN_DEFAULTS = {"lr": 1e-4, "epochs": 3}
+STAGE = "multitask"
+ARTIFACT = Artifact("multitask", "multitask_config.json", "encoder.safetensors")
+SUPPORTS = frozenset({"bench"})
+TRAIN_DEFAULTS = {"lr": 1e-4, "epochs": 3, "warmup_ratio": 0.1}
+IDENTITY_AT_INIT = {"init": "zero"}
 
 
 @dataclass
@@ -25,7 +31,7 @@ def bottleneck(cfg: Config) -> BottleneckConfig:
     return BottleneckConfig(name="pfeiffer", placement="pfeiffer", **keys)
 
 
-def apply(encoder, cfg: Config, tasks: list[str]) -> None:
+def apply(encoder, cfg: Config, tasks: list[str], sources=()) -> None:
     bcfg = bottleneck(cfg)
     bcfg.check()
     encoder.requires_grad_(cfg.train_encoder)
@@ -41,3 +47,37 @@ def set_tasks(encoder, task_ids) -> None:
     for site in encoder.modules():
         if isinstance(site, _Site):
             site.task_ids = task_ids
+
+
+def finalize(out, encoder, tokenizer, cfg, tasks) -> None:
+    """For "Fusion w/ MT-A" (Pfeiffer et al. 2021): the jointly fine-tuned encoder without its
+    adapters as a model folder (`base_model/`), and each task's adapter as an adapter folder
+    (`adapters/<task>/`) whose base model is that folder, so `fuse --adapters .../adapters/*` works."""
+    from dataclasses import asdict as as_dict
+
+    from transformers import AutoModel
+
+    from .. import __version__
+    from ..models import resolve_model_path
+    from ..runs import save_tensors, write_json
+    from .bottleneck import adapter_state
+    from .pfeiffer import Config as PfeifferConfig
+    base_dir = out / "base_model"
+    plain = {k.replace(".base.", "."): v for k, v in encoder.state_dict().items() if ".adapters." not in k}
+    fresh = AutoModel.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
+    missing, unexpected = fresh.load_state_dict(plain, strict=False)
+    missing = [k for k in missing if not k.startswith("pooler.")]  # unused; kept as pretrained so loading is quiet
+    if missing or unexpected:
+        raise UserError(f"cannot unwrap the MT-A encoder ({(missing or unexpected)[0]})")
+    fresh.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    bcfg = bottleneck(cfg.method)
+    adapter_method = as_dict(PfeifferConfig(reduction_factor=bcfg.reduction_factor, activation=bcfg.activation,
+                                            init=bcfg.init))
+    for t in tasks:
+        folder = out / "adapters" / t.name
+        save_tensors(folder / "adapter.safetensors", adapter_state(encoder, bcfg, t.name), {"format": "pt"})
+        write_json(folder / "adapter_config.json", {
+            "method": adapter_method, "base_model": str(base_dir.resolve()), "model_type": encoder.config.model_type,
+            "hidden_size": encoder.config.hidden_size, "num_layers": encoder.config.num_hidden_layers,
+            "task": t.name, "trained_as": "mt-a", "adapterbench_version": __version__})

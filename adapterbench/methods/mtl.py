@@ -3,10 +3,15 @@ task (the multi-task row of the AdapterFusion comparison)."""
 
 from dataclasses import dataclass
 
-from ..errors import UserError
+from .contract import Artifact
+from .full import load_state, trainable_state  # noqa: F401  (the whole encoder is saved)
 
 KIND = "multitask"
+STAGE = "multitask"
+ARTIFACT = Artifact("multitask", "multitask_config.json", "encoder.safetensors")
+SUPPORTS = frozenset({"bench"})
 TRAIN_DEFAULTS = {"lr": 2e-5, "epochs": 3, "warmup_ratio": 0.1}
+IDENTITY_AT_INIT = None  # inserts nothing
 
 
 @dataclass
@@ -14,19 +19,5 @@ class Config:
     name: str = "mtl"
 
 
-def apply(encoder, cfg: Config, tasks: list[str]) -> None:
+def apply(encoder, cfg: Config, names: list[str], sources=()) -> None:
     encoder.requires_grad_(True)
-
-
-def set_tasks(encoder, task_ids) -> None:
-    return None
-
-
-def trainable_state(encoder, cfg: Config, tasks) -> dict:
-    return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
-
-
-def load_state(encoder, cfg: Config, tasks, state: dict) -> None:
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"weights do not match the model ({(missing or unexpected)[0]}): the run used another model")

@@ -6,9 +6,14 @@ ReLU, reduction factor 16. Trained: the adapter and the head; the encoder stays 
 from dataclasses import dataclass
 
 from .bottleneck import preset_functions
+from .contract import Artifact
 
 KIND = "adapter"
+STAGE = "extract"
+ARTIFACT = Artifact("adapter", "adapter_config.json", "adapter.safetensors")
+SUPPORTS = frozenset({"fusion_source", "merge", "init_from", "export:adapterhub", "bench"})
 TRAIN_DEFAULTS = {"lr": 1e-4, "epochs": 30}  # AdapterFusion stage 1: lr 1e-4, up to 30 epochs
+IDENTITY_AT_INIT = {"init": "zero"}
 
 
 @dataclass
