@@ -27,19 +27,26 @@ class Arch:
     ffn_proj: str    # second feed-forward projection
     ffn_norm: str    # LayerNorm after the feed-forward residual
     attn_self: str | None = None  # self-attention module taking `attention_mask` (CA-MTL's bias)
+    query: str | None = None      # query, key and value projections (LoRA's targets; in a layer)
+    key: str | None = None
+    value: str | None = None
 
 
 _BERT_LIKE = Arch("encoder.layer", "attention.output.dense", "attention.output.LayerNorm",
-                  "output.dense", "output.LayerNorm", "attention.self")
+                  "output.dense", "output.LayerNorm", "attention.self",
+                  "attention.self.query", "attention.self.key", "attention.self.value")
 ARCHITECTURES: dict[str, Arch] = {
     "bert": _BERT_LIKE,
     "roberta": _BERT_LIKE,
     "xlm-roberta": _BERT_LIKE,
     "electra": _BERT_LIKE,
-    "deberta": _BERT_LIKE,
-    "deberta-v2": _BERT_LIKE,  # DeBERTa v2 and v3
-    "distilbert": Arch("transformer.layer", "attention.out_lin", "sa_layer_norm",
-                       "ffn.lin2", "output_layer_norm"),
+    "deberta": Arch("encoder.layer", "attention.output.dense", "attention.output.LayerNorm",   # fused in_proj:
+                    "output.dense", "output.LayerNorm", "attention.self"),                  # no q/k/v rows
+    "deberta-v2": Arch("encoder.layer", "attention.output.dense", "attention.output.LayerNorm",  # v2 and v3
+                       "output.dense", "output.LayerNorm", "attention.self", "attention.self.query_proj",
+                       "attention.self.key_proj", "attention.self.value_proj"),
+    "distilbert": Arch("transformer.layer", "attention.out_lin", "sa_layer_norm", "ffn.lin2", "output_layer_norm",
+                       None, "attention.q_lin", "attention.k_lin", "attention.v_lin"),
 }
 
 

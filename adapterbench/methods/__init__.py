@@ -28,12 +28,13 @@ from typing import Any
 
 from ..config import build
 from ..errors import UserError
-from . import camtl, full, fusion, head, houlsby, mta, mtl, pfeiffer
+from . import camtl, full, fusion, head, houlsby, lora, mta, mtl, pfeiffer
 from .contract import FEATURES, Artifact, Method  # noqa: F401  (the contract, re-exported)
 
 METHODS: dict[str, ModuleType] = {
     "houlsby": houlsby,
     "pfeiffer": pfeiffer,
+    "lora": lora,
     "full": full,
     "head": head,
     "fusion": fusion,
