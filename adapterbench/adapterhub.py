@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .runs import load_tensors, read_json, save_tensors, write_json
+from .runs import load_tensors, prepare_out, read_json, save_tensors, write_json
 
 VERSION = "adapters.1.3.0"
 MODEL_CLASS = {"bert": "BertAdapterModel", "roberta": "RobertaAdapterModel", "xlm-roberta": "XLMRobertaAdapterModel",
@@ -60,9 +60,7 @@ def export(src: str | Path, out: Path, name: str | None = None, force: bool = Fa
         raise UserError(f"{folder}: this adapter trained its own LayerNorms, which AdapterHub's format cannot "
                         f"hold; extract with method.train_layer_norms=false to export")
     _check_layout(meta["model_type"])
-    out = Path(out)
-    if (out / "adapter_config.json").exists() and not force:
-        raise UserError(f"{out} already holds an adapter: choose another folder or pass --force")
+    out = prepare_out(Path(out), force)
     name = name or meta.get("task") or "adapter"
     prefix = PREFIX[meta["model_type"]]
     state = {}
@@ -160,9 +158,7 @@ def import_adapter(src: str | Path, out: Path, base_model: str | None = None, fo
             "base_model": base_model or meta.get("model_name"), "model_type": meta["model_type"],
             "hidden_size": meta["hidden_size"], "num_layers": 1 + max(int(k.split(".")[0]) for k in state),
             "task": name, "imported_from": str(src.resolve()), "adapterhub_version": meta.get("version")}
-    out = Path(out)
-    if (out / "adapter_config.json").exists() and not force:
-        raise UserError(f"{out} already holds an adapter: choose another folder or pass --force")
+    out = prepare_out(Path(out), force)
     save_tensors(out / "adapter.safetensors", state, {"format": "pt"})
     write_json(out / "adapter_config.json", ours)
     if (src / "head_config.json").is_file():
@@ -194,9 +190,7 @@ def export_fusion(run_dir: str | Path, out: Path, force: bool = False) -> Path:
     cfg_meta = read_json(run_dir / "fusion" / "fusion_config.json")
     sources = read_json(run_dir / "fusion" / "sources.json")
     method = cfg_meta["method"]
-    out = Path(out)
-    if (out / "fusion" / "adapter_fusion_config.json").exists() and not force:
-        raise UserError(f"{out} already holds an exported fusion: choose another folder or pass --force")
+    out = prepare_out(Path(out), force)
     names = []
     for s in sources:
         export(s["path"], out / s["name"], name=s["name"], force=force)

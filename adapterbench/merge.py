@@ -25,7 +25,7 @@ import torch
 
 from .errors import UserError
 from .artifacts import Source, file_hash, read_sources
-from .runs import load_tensors, save_tensors, write_json
+from .runs import prepare_out, save_tensors, write_json
 
 STRATEGIES = ("avg", "align", "ties", "task-arithmetic")
 NOTE = ("MerA's exact alignment is not public: avg/align/ties/task-arithmetic here are "
@@ -210,8 +210,7 @@ def default_out(sources, strategy, weights) -> Path:
 
 def write_merged(out: Path, sources, merged, strategy, weights, target, same_track_only, align_on, force,
                  diagnostics: list | None = None) -> None:
-    if (out / "adapter_config.json").exists() and not force:
-        raise UserError(f"{out} already holds an adapter: choose another --out or pass --force")
+    prepare_out(out, force)
     meta = dict(sources[0].meta)
     meta["task"] = None
     meta["merge"] = {"strategy": strategy, "weights": weights, "target": target, "same_track": same_track_only,

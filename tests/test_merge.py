@@ -106,7 +106,7 @@ def test_merge_cli_then_fuse_and_init_from(tiny_bert_dir, task_yamls, data_dir, 
     assert meta["merge"]["strategy"] == "align" and "interpretation" in meta["merge"]["note"]
     assert [s["path"] for s in meta["merge"]["sources"]] == [str((s / "adapter").resolve()) for s in srcs]
     r = runner.invoke(app, ["merge", "--adapters", *map(str, srcs), "--out", str(out)])
-    assert r.exit_code == 2 and "already holds an adapter" in r.output    # nothing overwritten silently
+    assert r.exit_code == 2 and "is not empty" in r.output    # nothing overwritten silently
     r = runner.invoke(app, ["merge", "--adapters", str(srcs[0]), str(srcs[1]), "--strategy", "avg",
                             "--weights", "1,0", "--out", str(tmp_path / "first")])
     assert r.exit_code == 0
@@ -157,3 +157,38 @@ def test_few_shot_sampling():
     assert len(few_shot([{"label": float(i)} for i in range(30)], 8, True, seed=0)) == 8
     with pytest.raises(UserError, match="has only"):
         few_shot(ex, 25, False, seed=0)
+
+
+def test_merge_never_writes_into_a_users_folder(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    """A folder holding a user's files (but no adapter_config.json) is refused, the file untouched."""
+    a = extract(tiny_bert_dir, task_yamls["toy"], data_dir, tmp_path / "a", 0)
+    b = extract(tiny_bert_dir, task_yamls["toy"], data_dir, tmp_path / "b", 1)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    r = runner.invoke(app, ["merge", "--adapters", str(a), str(b), "--out", str(mine)])
+    assert r.exit_code == 2 and "is not empty" in r.output and "--force" in r.output
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "my notes"
+
+
+def test_sources_of_one_seed_start_apart_and_merge_records_alignment(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    """MerA needs sources that did not start from one point: the initialisation depends on the
+    task as well as the seed (so align is not avg), and merge records per source how far it
+    moved from its initialisation and how far each site's alignment is from the identity."""
+    import torch
+    from adapterbench.config import RunConfig
+    from adapterbench.stages import init_seed
+    cfg = RunConfig(seed=3)
+    assert init_seed(cfg, ["rte"]) != init_seed(cfg, ["mrpc"]) and init_seed(cfg, ["rte"]) == init_seed(cfg, ["rte"])
+    a = extract(tiny_bert_dir, task_yamls["toy"], data_dir, tmp_path / "a", 0, "method.reduction_factor=2")
+    b = extract(tiny_bert_dir, task_yamls["toyreg"], data_dir, tmp_path / "b", 0, "method.reduction_factor=2")
+    r = runner.invoke(app, ["merge", "--adapters", str(a), str(b), "--strategy", "align", "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    sources = json.loads((tmp_path / "m" / "adapter_config.json").read_text())["merge"]["sources"]
+    assert all(0 < s["relative_change"] < 10 for s in sources)
+    assert set(sources[0]["units_moved"].values()) == {0.0}            # the reference is not permuted
+    assert any(v > 0 for v in sources[1]["units_moved"].values())      # the other is, somewhere
+    r = runner.invoke(app, ["merge", "--adapters", str(a), str(b), "--strategy", "avg", "--out", str(tmp_path / "v")])
+    from adapterbench.runs import load_tensors
+    x, y = load_tensors(tmp_path / "m" / "adapter.safetensors"), load_tensors(tmp_path / "v" / "adapter.safetensors")
+    assert any(not torch.equal(x[k], y[k]) for k in x)                 # align != avg
