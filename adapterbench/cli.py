@@ -352,9 +352,24 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
         else:
             print(text)
         if plot:
-            png = (out_file.with_suffix(".png") if out_file else runs_dir / "report.png")
+            png = (out_file.with_suffix(".png") if out_file else
+                   runs_dir.with_suffix(".png") if runs_dir.is_file() else runs_dir / "report.png")
             metric_bars(rep, png)
             console.print(f"plot: {png}")
+    guarded(debug, go)
+
+
+@app.command()
+def archive(runs_dir: Path = typer.Argument(..., help="Folder holding run folders (a study's)."),
+            out: Path = typer.Option(..., "--out", help="The archive to write, e.g. docs/results/runs.jsonl."),
+            debug: bool = DebugOpt):
+    """Write every finished run as one JSON line (metrics, config, extras): results as data,
+    which `report` and `report --claims` read like run folders."""
+    def go():
+        from .runs import write_archive
+        if not runs_dir.is_dir():
+            raise UserError(f"runs folder {runs_dir} does not exist: pass the folder a study wrote")
+        console.print(f"{write_archive(runs_dir, out)} finished runs written to {out}")
     guarded(debug, go)
 
 

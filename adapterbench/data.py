@@ -75,6 +75,62 @@ def read_local_split(task: TaskSpec, folder: Path, split: str) -> list[dict]:
     return [to_example(task, path, n, row, split) for n, row in rows]
 
 
+def data_files(task: TaskSpec, data_dir: str | None) -> list[Path]:
+    """The local files a task reads (empty when it reads from the Hub)."""
+    local = task.sources.local
+    folder = _local_folder(task, resolve_data_dir(data_dir)) if local else None
+    if folder is None:
+        return []
+    return sorted({folder / _file_spec(v).path for v in local.files.values()})
+
+
+_FILE_HASHES: dict[tuple, str] = {}
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a file's content, cached (in memory and under the cache folder) by path, size
+    and modification time, so a study plans hundreds of runs without rereading its data."""
+    import hashlib
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _FILE_HASHES:
+        return _FILE_HASHES[key]
+    store = cache_root() / "file-hashes.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    label = "|".join(map(str, key))
+    if label not in known:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        known[label] = h.hexdigest()
+        try:
+            from .runs import write_json
+            write_json(store, known)
+        except Exception:  # a read-only cache only costs time
+            pass
+    _FILE_HASHES[key] = known[label]
+    return known[label]
+
+
+def task_identity(spec: TaskSpec, data_dir: str | None) -> dict:
+    """What of a task decides a run's result: its definition (every field but where the YAML
+    lies and its description) and the content of the data files it reads (or the Hub dataset
+    it names). The same YAML by any path has one identity; an edited YAML or data file another."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+    definition = {k: v for k, v in asdict(spec).items() if k not in ("path", "include", "description")}
+    files = {p.name: file_fingerprint(p) for p in data_files(spec, data_dir)}
+    if not files and spec.sources.hub is not None:
+        files = {"hub": f"{spec.sources.hub.path}/{spec.sources.hub.name or ''}"}
+    blob = json.dumps({"definition": definition, "data": files}, sort_keys=True, default=str)
+    return {"digest": hashlib.sha256(blob.encode()).hexdigest()[:16], "data": files}
+
+
 def _file_spec(value) -> FileSpec:
     return FileSpec(path=value) if isinstance(value, str) else FileSpec(**value)
 

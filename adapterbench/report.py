@@ -51,25 +51,50 @@ class Row:
     train_seconds: list[float] = field(default_factory=list)
 
 
-def collect(root: Path, metric: str | None = None) -> dict[str, Row]:
-    """Rows keyed by label from every `metrics.json` with status ok under `root`. Cells hold
-    each task's main metric, or `metric` (e.g. accuracy) on the tasks that report it."""
-    if not Path(root).is_dir():
-        raise UserError(f"runs folder {root} does not exist: pass the folder a study or stage wrote")
-    rows: dict[str, Row] = {}
+def records(root: Path):
+    """(where, metrics) of every finished run: run folders under `root`, or the lines of a
+    results archive (`adapterbench archive`, a .jsonl file)."""
+    root = Path(root)
+    if root.is_file() and root.suffix == ".jsonl":
+        for i, line in enumerate(root.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    yield f"{root}:{i}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{root} line {i}: not valid JSON ({e.msg}): the archive is damaged") from None
+        return
+    if not root.is_dir():
+        raise UserError(f"runs folder {root} does not exist: pass the folder a study or stage wrote, "
+                        f"or a results archive (.jsonl)")
     for folder in iter_runs(root):
         try:
-            m = json.loads((folder / "metrics.json").read_text())
+            yield str(folder), json.loads((folder / "metrics.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if m.get("status") != "ok" or m.get("main_value") is None:
-            continue
+
+
+def collect(root: Path, metric: str | None = None) -> dict[str, Row]:
+    """Rows keyed by label from every finished run under `root` (run folders or an archive).
+    Cells hold each task's main metric, or `metric` (e.g. accuracy) on the tasks that report
+    it. With runs of several models, a row is a (label, model) pair; two runs that would fill
+    one cell (same row, task and seed) are an error, never one silently replacing the other."""
+    from .runs import task_results
+    found = [(w, m) for w, m in records(root) if m.get("status") == "ok" and m.get("main_value") is not None]
+    models = {m.get("model") for _, m in found}
+    rows: dict[str, Row] = {}
+    filled: dict[tuple, str] = {}
+    for where, m in found:
         label = m.get("label") or m.get("method")
+        if len(models) > 1:
+            label = f"{label} [{m.get('model')}]"
         row = rows.setdefault(label, Row(label))
-        per_task = ({t: pick(r, metric) for t, r in m["tasks"].items()} if "tasks" in m
-                    else {m["task"]: pick(m, metric)})
-        for task, value in per_task.items():  # a multi-task run fills one cell per task
-            row.cells.setdefault(task, Cell()).by_seed[int(m["seed"])] = float(value)
+        for task, r in task_results(m).items():  # a multi-task run fills one cell per task
+            key = (label, task, int(m["seed"]))
+            if key in filled:
+                raise UserError(f"two runs fill the cell {label} / {task} / seed {m['seed']}: {filled[key]} and "
+                                f"{where}; give the study entries different labels or report them apart")
+            filled[key] = where
+            row.cells.setdefault(task, Cell()).by_seed[int(m["seed"])] = float(pick(r, metric))
         row.params_pct.append(float(m.get("trainable_percent", 0.0)))
         row.train_seconds.append(float(m.get("train_seconds", 0.0)))
     if not rows:

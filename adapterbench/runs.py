@@ -157,7 +157,7 @@ class Run:
         return self.folder / "checkpoint"
 
     @classmethod
-    def create(cls, folder: Path, resolved: dict, tasks: list, force: bool) -> "Run":
+    def create(cls, folder: Path, resolved: dict, tasks: list, force: bool, identity: dict | None = None) -> "Run":
         folder = Path(folder)
         if not is_main_process():
             run = cls(folder, writer=False)
@@ -182,6 +182,8 @@ class Run:
             for i, spec in enumerate(specs):
                 atomic_write(folder / "tasks" / f"{i}.yaml", yaml.safe_dump(spec, sort_keys=False))
         write_json(folder / "env.json", environment())
+        if identity is not None:
+            write_json(folder / "identity.json", identity)
         write_json(folder / "metrics.json", {"status": "running", "started": time.time()})
         return run
 
@@ -239,3 +241,29 @@ def iter_runs(root: Path):
     """Every run folder (one holding metrics.json) under `root`."""
     for m in sorted(Path(root).glob("**/metrics.json")):
         yield m.parent
+
+
+def archive_record(folder: Path) -> dict | None:
+    """One line of a results archive: a finished run's metrics.json (label, task, model, seed,
+    per-task dev metrics, history, best epoch, timing, parameters, method extras), its folder's
+    config hash and resolved config, and for a run that started from a merged adapter the
+    merge's record (sources, relative change, units moved)."""
+    try:
+        m = json.loads((folder / "metrics.json").read_text())
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, json.JSONDecodeError, yaml.YAMLError):
+        return None
+    if m.get("status") != "ok" or m.get("main_value") is None:
+        return None
+    out = {"run": folder.name, "config_hash": folder.name.rsplit("-", 1)[-1], **m, "config": config}
+    init = config.get("init_from")
+    if init and (Path(init) / "adapter_config.json").is_file():
+        out["merge"] = json.loads((Path(init) / "adapter_config.json").read_text()).get("merge")
+    return out
+
+
+def write_archive(root: Path, out: Path) -> int:
+    """Every finished run under `root` as one JSON line each, in a stable order; returns the count."""
+    lines = [json.dumps(r, sort_keys=True, default=str) for r in map(archive_record, iter_runs(root)) if r]
+    atomic_write(out, "".join(line + "\n" for line in sorted(lines)))
+    return len(lines)

@@ -71,11 +71,41 @@ def _multitask_methods() -> list[str]:
     return [n for n, m in METHODS.items() if m.STAGE == "multitask"]
 
 
+def run_identity(cfg: RunConfig, tasks: list[TaskSpec]) -> dict:
+    """Everything that decides a run's result: the resolved config, with each task given by its
+    identity (definition + data content) instead of the name or path it was given by."""
+    from .data import task_identity
+    resolved = to_dict(cfg)
+    resolved["task"] = "+".join(t.name for t in tasks)
+    resolved["task_identity"] = [task_identity(t, cfg.data.data_dir)["digest"] for t in tasks]
+    return resolved
+
+
 def planned_folder(stage: str, cfg: RunConfig, tasks: list[TaskSpec] | None = None) -> Path:
-    """The run folder a config trains into (known before anything runs)."""
+    """The run folder a config trains into (known before anything runs): named by the hash of
+    its identity. A finished folder named the way adapterbench named them before tasks had an
+    identity (hash of the config alone) is still found and used when its stored task definition
+    equals the current one; its data cannot be checked (it recorded none)."""
     tasks = tasks or tasks_of(cfg)
-    return run_path(cfg.out_dir, stage, cfg.method.name, "+".join(t.name for t in tasks), cfg.model.name,
-                    cfg.seed, config_hash(to_dict(cfg)))
+    where = lambda h: run_path(cfg.out_dir, stage, cfg.method.name, "+".join(t.name for t in tasks), cfg.model.name,
+                               cfg.seed, h)
+    folder = where(config_hash(run_identity(cfg, tasks)))
+    legacy = where(config_hash(to_dict(cfg)))
+    if not folder.exists() and status_of(legacy) == "ok" and same_tasks(legacy, tasks):
+        return legacy
+    return folder
+
+
+def same_tasks(folder: Path, tasks: list[TaskSpec]) -> bool:
+    """Whether a run folder's stored task definitions equal these (every field but path/include)."""
+    from dataclasses import asdict
+    try:
+        stored = ([parse_task(folder / "task.yaml", stored=True)] if (folder / "task.yaml").is_file() else
+                  [parse_task(folder / "tasks" / f"{i}.yaml", stored=True) for i in range(len(tasks))])
+    except (UserError, OSError):
+        return False
+    strip = lambda t: {k: v for k, v in asdict(t).items() if k not in ("path", "include")}
+    return [strip(t) for t in stored] == [strip(t) for t in tasks]
 
 
 # --- model and data ---------------------------------------------------------------------------
@@ -194,7 +224,7 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
     model, tokenizer = build_model(cfg, tasks)
     items = [prepare_items(t, s, tokenizer, cfg, i) for i, (t, s) in enumerate(zip(tasks, splits))]
     train_items, dev_items = [x["train"] for x in items], [x["dev"] for x in items]
-    run = Run.create(folder, to_dict(cfg), tasks, force)
+    run = Run.create(folder, to_dict(cfg), tasks, force, identity=run_identity(cfg, tasks))
     try:
         collate = Collator(tokenizer.pad_token_id or 0)
         source = batch_source(cfg, tasks, train_items, model)

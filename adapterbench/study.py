@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .config import build, deep_merge, load_yaml
 from .errors import UserError
-from .runs import RunExists, status_of, write_json
+from .runs import RunExists, slug, status_of, write_json
 
 
 
@@ -44,6 +44,7 @@ class MethodEntry:
     include_target: bool | None = None          # use the target's own source adapter (default: fusion yes, merge no)
     merge: dict = field(default_factory=dict)   # merge the sources first (strategy, same_track, weights,
                                                 # align_on), then train the merged adapter on the target
+    seeds: list[int] = field(default_factory=list)  # this entry's seeds (default: the study's), e.g. 5 for merges
 
 
 @dataclass
@@ -138,10 +139,13 @@ def plan(study: Study) -> list[Node]:
         if entry.merge:  # merge the sources first; the run starts from the merged adapter
             deps, paths = sources(entry, task, seed, model)
             how = merge_spec(entry.merge, label)
+            if merged_count(entry, task, how) == 1:   # one source: nothing is merged, it is transfer
+                label = layer["label"] = f"{label} (transfer)"
             digest = hashlib.sha256(json.dumps({"sources": paths, "target": task, **how},
                                                sort_keys=True).encode()).hexdigest()[:8]
             spec = {"adapters": paths, "target": task, **how}
-            folder = (Path(study.out_dir) / "merge" / label / load_task(task).name / f"{model}-{digest}").resolve()
+            folder = (Path(study.out_dir) / "merge" / slug(label) / load_task(task).name /
+                      f"{slug(model)}-{digest}").resolve()
             deps = [node("merge", label, task, seed, model, spec, folder, deps)]
             layer["init_from"] = str(folder)
         elif takes_sources(method):
@@ -152,14 +156,25 @@ def plan(study: Study) -> list[Node]:
         shown = f"{label} k={layer['train']['shots']}" if layer["train"].get("shots") else label
         return node(stage, shown, task, seed, model, user, folder, deps)
 
+    def merged_count(entry: MethodEntry, task: str, how: dict) -> int:
+        """How many sources a merge entry merges on `task` (its same-track ones, if asked)."""
+        own = entry.include_target if entry.include_target is not None else False
+        wanted = [t for t in (entry.sources or study.tasks) if own or t != task]
+        if entry.adapters or not how.get("same_track"):
+            return len(wanted) if not entry.adapters else 2
+        track = load_task(task).track
+        return sum(load_task(t).track == track for t in wanted)
+
+    all_seeds = list(dict.fromkeys([*study.seeds, *(s for e in study.methods for s in e.seeds)]))
     for model in study.models:
-        for seed in study.seeds:
+        for seed in all_seeds:
             for shots in study.shots or [0]:
+                runs_here = [e for e in study.methods if seed in (e.seeds or study.seeds)]
                 for task in study.tasks:
-                    for entry in study.methods:
+                    for entry in runs_here:
                         if get_method(entry.name).STAGE != "multitask" and (not entry.tasks or task in entry.tasks):
                             add(entry, task, seed, model, shots)
-                for entry in study.methods:  # a multi-task entry is one run over all the study's tasks
+                for entry in runs_here:  # a multi-task entry is one run over all the study's tasks
                     if get_method(entry.name).STAGE == "multitask":
                         add(entry, ",".join(study.tasks), seed, model, shots)
     return sorted(nodes.values(), key=lambda n: n.index)

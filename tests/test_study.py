@@ -253,10 +253,12 @@ methods:
     for m in merges:
         cfg = json.loads((m.folder / "adapter_config.json").read_text())["merge"]
         tasks = {s["task"] for s in cfg["sources"]}
-        assert tasks == ({"toy2"} if m.label == "mtrack" else {"toy2", "toyreg"})
+        assert tasks == ({"toy2"} if m.label == "mtrack (transfer)" else {"toy2", "toyreg"})
+        assert cfg["kind"].startswith("transfer" if m.label.endswith("(transfer)") else "merge")
     metrics = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("**/metrics.json")]
     fewshot = {(m["label"], m["shots"]): m for m in metrics if m.get("shots")}
-    assert set(fewshot) == {(f"{l} k={k}", k) for l in ("src", "mavg", "mtrack", "fus") for k in (2, 4)}
+    # a same-track "merge" with one source is transfer and says so in its row label
+    assert set(fewshot) == {(f"{l} k={k}", k) for l in ("src", "mavg", "mtrack (transfer)", "fus") for k in (2, 4)}
     assert fewshot[("mavg k=4", 4)]["tasks"]["toy"]["train_examples"] == 8       # 4 per class, 2 classes
     assert [h["epoch"] for h in fewshot[("mavg k=4", 4)]["history"]] == [1]   # eval_every 2 of 2 epochs
     assert fewshot[("mavg k=4", 4)]["epochs_run"] == 2
