@@ -333,3 +333,41 @@ def test_report_rows_filter(tmp_path):
     assert [l.split(" | ")[0][2:] for l in lines] == ["adapter k=32", "merge-align k=32", "merge-avg k=32"]
     r = runner.invoke(app, ["report", str(tmp_path), "--rows", "nope*", "--no-plot"])
     assert r.exit_code == 2 and "matches no row" in r.output
+
+
+def test_archive_reports_like_the_run_folders(tmp_path, task_yamls, data_dir):
+    """`adapterbench archive` writes one JSON line per finished run; report reads the archive
+    and prints the same table as from the run folders."""
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1, 2))
+    assert runner.invoke(app, ["run", str(y)]).exit_code == 0
+    archive = tmp_path / "runs.jsonl"
+    r = runner.invoke(app, ["archive", str(tmp_path / "runs"), "--out", str(archive)])
+    assert r.exit_code == 0 and "10 finished runs" in r.output
+    lines = [json.loads(x) for x in archive.read_text().splitlines()]
+    assert len(lines) == 10 and all({"label", "seed", "config_hash", "config", "tasks", "history"} <= set(x)
+                                    for x in lines)
+    from_folders = runner.invoke(app, ["report", str(tmp_path / "runs"), "--no-plot"])
+    from_archive = runner.invoke(app, ["report", str(archive), "--no-plot"])
+    assert from_folders.exit_code == from_archive.exit_code == 0
+    assert from_folders.output == from_archive.output
+
+
+def test_report_refuses_two_runs_in_one_cell_and_splits_models(tmp_path):
+    fake_run(tmp_path / "a", "full", "rte", 1, 60.0)
+    fake_run(tmp_path / "b", "full", "rte", 1, 70.0)       # another config, same label/task/seed
+    r = runner.invoke(app, ["report", str(tmp_path), "--no-plot"])
+    assert r.exit_code == 2 and "two runs fill the cell full / rte / seed 1" in r.output
+    m = json.loads((tmp_path / "b" / "full" / "rte" / "s1" / "metrics.json").read_text())
+    (tmp_path / "b" / "full" / "rte" / "s1" / "metrics.json").write_text(json.dumps({**m, "model": "other"}))
+    rep = build_report(tmp_path)
+    assert sorted(r.label for r in rep.rows) == ["full [None]", "full [other]"]
+
+
+def test_entry_seeds_extend_the_study_seeds(tmp_path, task_yamls, data_dir):
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
+    text = y.read_text().replace("{name: pfeiffer}", "{name: pfeiffer, seeds: [1, 2, 3]}", 1)
+    y.write_text(text)
+    nodes = S.plan(S.load_study(y))
+    seeds = sorted(n.seed for n in nodes if n.label == "pfeiffer" and n.task.endswith("toy.yaml"))
+    assert seeds == [1, 2, 3]
+    assert sorted({n.seed for n in nodes if n.label != "pfeiffer"}) == [1]
