@@ -31,9 +31,19 @@ from .methods import supporting
 CONFIGS = ("bare", *supporting("bench"), "merged", "fusion2", "fusion4", "fusion8", "fusion16")
 PEER_CONFIGS = ("bare", "head", "full", "houlsby", "pfeiffer", "merged", "fusion2", "fusion4", "fusion8",
                 "fusion16")  # the peer has no multi-task baselines or CA-MTL
-ROOT = Path(__file__).resolve().parent.parent
-PEER_PYTHON = ROOT / ".peer-venv" / "bin" / "python"
-PEER_SCRIPT = ROOT / "scripts" / "peer" / "bench_peer.py"
+PEER_SCRIPT = Path(__file__).resolve().parent / "peer" / "bench_peer.py"   # ships with the package
+
+
+def peer_python() -> Path:
+    """The peer virtualenv's python: $ADAPTERBENCH_peer_python(), else .peer-venv in the current
+    folder, else beside a source checkout (scripts/make_peer_venv.sh makes it)."""
+    import os
+    if os.environ.get("ADAPTERBENCH_peer_python()"):
+        return Path(os.environ["ADAPTERBENCH_peer_python()"])
+    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (root / ".peer-venv" / "bin" / "python").exists():
+            return root / ".peer-venv" / "bin" / "python"
+    return Path.cwd() / ".peer-venv" / "bin" / "python"
 
 
 @dataclass
@@ -225,7 +235,7 @@ def run_one(config: str, mode: str, spec: Spec, peer: bool = False) -> dict:
             job["ids"], job["labels"] = real_token_lists(spec, tok, spec.warmup + spec.steps if spec.steps else None)
             job["pad_id"] = tok.pad_token_id or 0
         job["spec"]["pad_to_max"] = spec.pad_to_max or spec.peer_pad_to_max
-        cmd = [str(PEER_PYTHON), str(PEER_SCRIPT)]
+        cmd = [str(peer_python()), str(PEER_SCRIPT)]
     else:
         cmd = [sys.executable, "-m", "adapterbench.bench"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -237,8 +247,8 @@ def run_one(config: str, mode: str, spec: Spec, peer: bool = False) -> dict:
 
 
 def check_peer() -> None:
-    if not PEER_PYTHON.is_file():
-        raise UserError(f"--peer needs the peer virtualenv {PEER_PYTHON.parent.parent}: run "
+    if not peer_python().is_file():
+        raise UserError(f"--peer needs the peer virtualenv {peer_python().parent.parent}: run "
                         f"`bash scripts/make_peer_venv.sh` first")
 
 

@@ -30,6 +30,16 @@ DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
 Overrides = typer.Argument(None, help="key=value overrides, e.g. train.lr=3e-4 train.epochs=3")
 
 
+@app.callback()
+def main_options(tasks_dir: Optional[list[Path]] = typer.Option(
+        None, "--tasks-dir", help="A folder of your own task YAMLs, searched after the shipped tasks "
+                                  "(repeatable; also $ADAPTERBENCH_TASKS, os.pathsep-separated).")):
+    """Train, fuse and compare bottleneck adapters and their baselines."""
+    if tasks_dir:
+        old = os.environ.get("ADAPTERBENCH_TASKS", "")
+        os.environ["ADAPTERBENCH_TASKS"] = os.pathsep.join([*(str(p.resolve()) for p in tasks_dir), *filter(None, [old])])
+
+
 def guarded(debug: bool, fn, *args, **kwargs):
     """Run `fn`; bad input becomes one red line and exit code 2 (a traceback with --debug)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -263,7 +273,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run folder."),
 
 
 @app.command()
-def run(study: Path = typer.Argument(..., help="A study YAML (configs/studies/)."),
+def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study's name (quickstart, reproduce_full, ...)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
         retry_failed: bool = typer.Option(False, "--retry-failed", help="Rerun runs that failed."),
         shard: str = typer.Option("0/1", "--shard", help="i/n: this worker takes every n-th run."),
@@ -274,7 +284,8 @@ def run(study: Path = typer.Argument(..., help="A study YAML (configs/studies/).
     """Run a study: every run of its grid, each once, dependencies first; resumable."""
     def go():
         from . import study as S
-        st = S.load_study(study)
+        from .tasks import shipped
+        st = S.load_study(shipped("studies", study))
         if out:
             st.out_dir = out
         if data_dir:
@@ -320,6 +331,8 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
            reference: Optional[str] = typer.Option(None, "--reference",
                                                    help="Paper numbers beside ours: adapterfusion-bert-base, houlsby-glue."),
            plot: bool = typer.Option(True, "--plot/--no-plot", help="Bar plot PNG with error bars."),
+           majority: bool = typer.Option(True, "--majority/--no-majority",
+                                         help="A majority-class baseline row (needs the tasks' data)."),
            versus: str = typer.Option("full", "--versus",
                                       help="Row label the † paired t-test and a Δ column compare against."),
            rows: Optional[str] = typer.Option(None, "--rows", help="Only these rows: labels or patterns, "
@@ -344,7 +357,8 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
                 console.print(f"{cid}: {word}")
             console.print(f"report: {out_file}")
             return
-        rep = build_report(runs_dir, reference, versus, split_labels(rows) if rows else None, metric)
+        rep = build_report(runs_dir, reference, versus, split_labels(rows) if rows else None, metric,
+                           majority=majority)
         text = render(rep, fmt)
         if out_file:
             atomic_write(out_file, text)
@@ -356,6 +370,8 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
                    runs_dir.with_suffix(".png") if runs_dir.is_file() else runs_dir / "report.png")
             metric_bars(rep, png)
             console.print(f"plot: {png}")
+        if runs_dir.is_dir():
+            console.print(f"run folders: {runs_dir} (one per run: config.yaml, metrics.json, log.jsonl, weights)")
     guarded(debug, go)
 
 
@@ -454,26 +470,18 @@ def _ls(what: str, out: str) -> None:
 
 
 @app.command()
-def validate(config: Path = typer.Argument(..., help="A run config or task YAML."),
-             stage: str = typer.Option("extract", "--stage", help="extract or finetune defaults."),
+def validate(config: Path = typer.Argument(..., help="A run config, task YAML, study or claims file."),
+             stage: Optional[str] = typer.Option(None, "--stage",
+                                                 help="Run configs: extract, finetune, fuse or multitask "
+                                                      "(default: the method's own)."),
+             data_dir: Optional[str] = DataOpt,
              overrides: Optional[list[str]] = Overrides, debug: bool = DebugOpt):
-    """Check a config (or a task YAML) without training."""
+    """Check any file adapterbench reads, without training: a task (and the data it points at),
+    a run config (fully resolved), a study (its whole plan) or a claims file."""
     def go():
-        import yaml
-        from .config import load_yaml, merge_layers, to_dict
-        from .stages import resolve
-        from .tasks import load_task, parse_task
-        data = load_yaml(config)
-        if "sources" in data:  # a task YAML
-            spec = parse_task(config)
-            console.print(f"task {spec.name}: ok ({'regression' if spec.regression else len(spec.labels)} labels)")
-            return
-        if stage not in ("extract", "finetune"):
-            raise UserError(f"--stage '{stage}' must be extract or finetune")
-        cfg = resolve(merge_layers(config, {}, overrides), stage)
-        load_task(cfg.task)
-        console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        console.print(f"{config}: ok")
+        from .validate import validate_file
+        for line in validate_file(config, stage, data_dir, overrides or []):
+            console.print(line, highlight=False, soft_wrap=True)
     guarded(debug, go)
 
 

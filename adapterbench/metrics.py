@@ -25,11 +25,11 @@ def _mcc(y, p):
 
 
 def _pearson(y, p):
-    return pearsonr(p, y)[0] if np.std(p) > 0 else 0.0
+    return pearsonr(p, y)[0] if np.ptp(np.asarray(p, dtype=float)) > 0 else 0.0
 
 
 def _spearman(y, p):
-    return spearmanr(p, y)[0] if np.std(p) > 0 else 0.0
+    return spearmanr(p, y)[0] if np.ptp(np.asarray(p, dtype=float)) > 0 else 0.0
 
 
 # name -> (function(labels, predictions), higher is better). All are reported x100.

@@ -46,10 +46,16 @@ def metric_bars(rep, path: Path) -> None:
         means = [row.cells[t].mean if t in row.cells else np.nan for t in tasks]
         stds = [row.cells[t].std if t in row.cells else 0.0 for t in tasks]
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=row.label)
-    ax.set_xticks(x, tasks)
+    names = getattr(rep, "metric_names", {})
+    ax.set_xticks(x, [f"{t}\n({names[t]})" if t in names else t for t in tasks])
+    for i, t in enumerate(tasks):   # each task's majority-class baseline, as a dashed line over its group
+        if t in getattr(rep, "majority", {}):
+            ax.hlines(rep.majority[t], i - 0.45, i + 0.45, colors="black", linestyles="dashed", linewidth=1.2,
+                      label="majority class" if i == 0 or not any(u in rep.majority for u in tasks[:i]) else None)
     metric = getattr(rep, "metric", None)
     ax.set_ylabel(f"{metric} or main metric (dev)" if metric else "main metric (dev)")
-    lo = min((c.mean - c.std for r in rows for c in r.cells.values()), default=0.0)
+    lo = min([c.mean - c.std for r in rows for c in r.cells.values()] + list(getattr(rep, "majority", {}).values()),
+             default=0.0)
     ax.set_ylim(max(0.0, lo - 5), None)
     ax.legend(fontsize=8, ncol=min(len(rows), 4))
     ax.grid(axis="y", alpha=0.3)

@@ -141,6 +141,8 @@ class Report:
     reference: dict | None = None
     versus: str = "full"           # the row the † test compares against
     metric: str | None = None      # None: each task's main metric
+    majority: dict = field(default_factory=dict)   # task -> the majority-class baseline's score
+    metric_names: dict = field(default_factory=dict)   # task -> the metric its cells report
 
     def base_row(self, row: Row, base: str) -> Row | None:
         """The baseline row for `row`: the one with the same few-shot k when there is one."""
@@ -178,9 +180,29 @@ class Report:
         return "†" if p is not None and p < ALPHA else ""
 
 
+def majority_baseline(task_name: str, metric: str | None) -> tuple[float | None, str | None]:
+    """(score, metric name) of predicting the training set's majority class (regression: its
+    mean, a constant) for every dev example; (None, None) when the task or its data is not at hand."""
+    from . import metrics as M
+    from .data import load_splits
+    from .tasks import load_task
+    try:
+        task = load_task(task_name)
+        splits = load_splits(task, None, ("train", "dev"))
+    except UserError:
+        return None, None
+    train = [e["label"] for e in splits["train"] if e["label"] is not None]
+    dev = [e["label"] for e in splits["dev"] if e["label"] is not None]
+    if not train or not dev:
+        return None, None
+    guess = float(np.mean(train)) if task.regression else max(set(train), key=train.count)
+    name = metric if metric and metric in task.metrics else task.main_metric
+    return M.compute([name], dev, [guess] * len(dev))[name], name
+
+
 def build_report(root: Path, reference: str | None = None, versus: str = "full",
                  only: list[str] | None = None, metric: str | None = None,
-                 tasks: list[str] | None = None) -> Report:
+                 tasks: list[str] | None = None, majority: bool = True) -> Report:
     rows = collect(root, metric)
     if only:  # row labels or shell patterns ('merge-*'), kept in the order of the report
         from fnmatch import fnmatch
@@ -193,7 +215,13 @@ def build_report(root: Path, reference: str | None = None, versus: str = "full",
     # few-shot rows group by k; within a k the baselines come first
     order = sorted(rows.values(), key=lambda r: (split_k(r.label)[1], split_k(r.label)[0] not in wanted, r.label))
     ref = load_reference(reference) if reference else None
-    return Report(tasks, order, [b for b in wanted if b in names], ref, versus, metric)
+    rep = Report(tasks, order, [b for b in wanted if b in names], ref, versus, metric)
+    if majority:
+        for t in tasks:
+            value, name = majority_baseline(t, metric)
+            if value is not None:
+                rep.majority[t], rep.metric_names[t] = value, name
+    return rep
 
 
 def load_reference(name: str) -> dict:
@@ -225,6 +253,11 @@ def table_rows(rep: Report) -> tuple[list[str], list[list[str]]]:
                        for b in rep.baselines),
                      f"{np.mean(row.params_pct):.2f}", f"{np.mean(row.train_seconds):.0f}",
                      *(rep.improved(row, b) if rep.base_row(row, b) is not row else "" for b in rep.baselines)])
+    if rep.majority:
+        vals = [rep.majority.get(t) for t in rep.tasks]
+        body.append(["majority class (baseline)", *(_fmt(v) for v in vals),
+                     _fmt(float(np.mean(vals))) if all(v is not None for v in vals) else "–",
+                     *("" for _ in rep.baselines), "0.00", "0", *("" for _ in rep.baselines)])
     if rep.reference:
         for label in rep.reference.get("columns", {}).values():
             vals = [rep.reference["table"].get(t, {}).get(label) for t in rep.tasks]
@@ -245,6 +278,9 @@ def legend(rep: Report) -> str:
             "(AdapterFusion Table 2). Rows ending in 'k=N' are few-shot (N examples per class) and are "
             "compared with the baseline at the same k. params %: trainable share of the model; "
             "train s: mean per run.")
+    if rep.majority:
+        text += (" majority class: the training set's most frequent label (regression: its mean) predicted for "
+                 "every dev example (" + ", ".join(f"{t}: {rep.metric_names[t]}" for t in rep.majority) + ").")
     if rep.reference:
         text += f" paper rows: {rep.reference.get('source')} ({rep.reference.get('metric')})."
     return text

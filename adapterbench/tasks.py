@@ -18,9 +18,28 @@ from .metrics import METRICS
 
 
 def configs_dir() -> Path:
-    """The shipped configs/ folder ($ADAPTERBENCH_CONFIGS overrides it)."""
-    env = os.environ.get("ADAPTERBENCH_CONFIGS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    """The shipped configs/ folder: package data, there in an installed wheel as in a checkout."""
+    return Path(__file__).resolve().parent / "configs"
+
+
+def task_dirs() -> list[Path]:
+    """Where task YAMLs are found: the shipped tasks, then each folder of $ADAPTERBENCH_TASKS
+    (os.pathsep-separated, e.g. set by --tasks-dir). User folders add tasks; a shipped task keeps
+    its name."""
+    extra = [Path(p).expanduser() for p in os.environ.get("ADAPTERBENCH_TASKS", "").split(os.pathsep) if p]
+    return [configs_dir() / "tasks", *extra]
+
+
+def shipped(kind: str, name_or_path: str | Path, suffix: str = ".yaml") -> Path:
+    """A file by path, or a shipped study/claims/run config by name ('quickstart')."""
+    p = Path(name_or_path)
+    if p.is_file() or p.suffix in (".yaml", ".yml") or "/" in str(name_or_path):
+        return p
+    cand = configs_dir() / kind / f"{name_or_path}{suffix}"
+    if cand.is_file():
+        return cand
+    known = ", ".join(sorted(q.stem for q in (configs_dir() / kind).glob("*.yaml")))
+    raise UserError(f"no {kind[:-1]} file '{name_or_path}': give a path or a shipped name ({known})")
 
 
 @dataclass
@@ -77,8 +96,11 @@ class TaskSpec:
 
 
 def task_files() -> dict[str, Path]:
-    root = configs_dir() / "tasks"
-    return {p.stem: p for p in sorted(root.glob("**/*.yaml"))}
+    found: dict[str, Path] = {}
+    for root in task_dirs():
+        for p in sorted(root.glob("**/*.yaml")):
+            found.setdefault(p.stem, p)
+    return found
 
 
 def load_task(name_or_path: str) -> TaskSpec:
@@ -98,10 +120,10 @@ def parse_task(path: Path, stored: bool = False) -> TaskSpec:
     original YAML (a relative `dir:` resolves against it)."""
     data = load_yaml(path)
     original = data.pop("path", None) if stored else None
-    if "include" in data:  # variants (MNLI mismatched) extend a base YAML
+    if "include" in data:  # variants (MNLI mismatched) extend a base YAML; nested keys merge
+        from .config import deep_merge
         base = load_yaml(path.parent / data["include"])
-        base.update({k: v for k, v in data.items() if k != "include"})
-        data = base
+        data = deep_merge(base, {k: v for k, v in data.items() if k != "include"})
     spec = build(TaskSpec, data, where=f"task {path.name}")
     spec.path = original or str(path.resolve())
     validate_task(spec, path)

@@ -71,8 +71,11 @@ def _sentence(rng: random.Random, good: bool) -> str:
 @pytest.fixture()
 def data_dir(tmp_path) -> Path:
     """Fixture tasks in glue_data layout: TOY (pairs, 2 labels, TSV) and TOYREG (regression)."""
+    return write_data(tmp_path / "data")
+
+
+def write_data(root: Path) -> Path:
     rng = random.Random(0)
-    root = tmp_path / "data"
     for name, n in (("train", 48), ("dev", 16)):
         (root / "TOY").mkdir(parents=True, exist_ok=True)
         lines = ["index\tsentence1\tsentence2\tlabel"]
@@ -115,8 +118,12 @@ sources:
 
 @pytest.fixture()
 def task_yamls(tmp_path) -> dict[str, Path]:
+    return write_task_yamls(tmp_path)
+
+
+def write_task_yamls(folder: Path) -> dict[str, Path]:
     out = {}
     for name, text in (("toy", TOY_TASK), ("toyreg", TOYREG_TASK)):
-        out[name] = tmp_path / f"{name}.yaml"
+        out[name] = folder / f"{name}.yaml"
         out[name].write_text(text)
     return out

@@ -13,19 +13,32 @@ from adapterbench.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture()
-def env(tiny_bert_dir, task_yamls, data_dir, tmp_path):
-    """A workspace with two finished adapter runs to corrupt in various ways."""
-    out = tmp_path / "runs"
-    base = ["--model", str(tiny_bert_dir), "--data-dir", str(data_dir)]
+@pytest.fixture(scope="module")
+def trained(tiny_bert_dir, tmp_path_factory):
+    """Two finished adapter runs, trained once for the module (each case corrupts copies)."""
+    from .conftest import write_data, write_task_yamls
+    root = tmp_path_factory.mktemp("trained")
+    data, yamls = write_data(root / "data"), write_task_yamls(root)
     runs = []
     for seed, extra in ((0, []), (1, ["method.reduction_factor=8"])):
-        r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), *base, "--out", str(out / f"s{seed}"),
-                                "--seed", str(seed), "train.max_steps=1", *extra])
+        r = runner.invoke(app, ["extract", "--task", str(yamls["toy"]), "--model", str(tiny_bert_dir), "--data-dir",
+                                str(data), "--out", str(root / f"s{seed}"), "--seed", str(seed), "train.max_steps=1",
+                                *extra])
         assert r.exit_code == 0, r.output
-        runs.append(next((out / f"s{seed}").glob("extract/pfeiffer/toy/*")))
-    return {"tmp": tmp_path, "out": out / "new", "base": base, "toy": str(task_yamls["toy"]), "data": data_dir,
-            "runs": runs, "toyreg": str(task_yamls["toyreg"])}
+        runs.append(next((root / f"s{seed}").glob("extract/pfeiffer/toy/*")))
+    return runs
+
+
+@pytest.fixture()
+def env(tiny_bert_dir, task_yamls, data_dir, tmp_path, trained):
+    """A workspace with copies of two finished adapter runs to corrupt in various ways."""
+    base = ["--model", str(tiny_bert_dir), "--data-dir", str(data_dir)]
+    runs = []
+    for i, run in enumerate(trained):
+        runs.append(tmp_path / "runs" / f"s{i}" / run.name)
+        shutil.copytree(run, runs[-1])
+    return {"tmp": tmp_path, "out": tmp_path / "runs" / "new", "base": base, "toy": str(task_yamls["toy"]),
+            "data": data_dir, "runs": runs, "toyreg": str(task_yamls["toyreg"])}
 
 
 def write(path: Path, text: str) -> str:

@@ -2,6 +2,7 @@
 JSON hold every configuration, real batches are padded to their longest member, bad input
 is one line."""
 
+import pytest
 import json
 
 from typer.testing import CliRunner
@@ -13,6 +14,7 @@ runner = CliRunner()
 TINY = ["--model", "tiny-bert", "--steps", "1", "--warmup", "1", "--batch-size", "4"]
 
 
+@pytest.mark.slow
 def test_bench_fixed_shape_table_and_json(tmp_path):
     r = runner.invoke(app, ["bench", *TINY, "--seq-len", "8", "--configs", "bare,merged,camtl",
                             "--out", str(tmp_path)])
@@ -29,6 +31,7 @@ def test_bench_fixed_shape_table_and_json(tmp_path):
     assert "| camtl |" in md and "adapter train step / forward" in md
 
 
+@pytest.mark.slow
 def test_bench_real_batches_are_dynamically_padded(tmp_path, task_yamls, data_dir):
     r = runner.invoke(app, ["bench", *TINY, "--configs", "fusion2", "--modes", "train", "--task",
                             str(task_yamls["toy"]), "--data-dir", str(data_dir), "--out", str(tmp_path)])
@@ -40,7 +43,7 @@ def test_bench_real_batches_are_dynamically_padded(tmp_path, task_yamls, data_di
 def test_bench_bad_input(tmp_path, monkeypatch):
     r = runner.invoke(app, ["bench", *TINY, "--configs", "pfeiffer,nope", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "unknown 'nope'" in r.output
-    monkeypatch.setattr(bench, "PEER_PYTHON", tmp_path / "none" / "python")
+    monkeypatch.setenv("ADAPTERBENCH_PEER_PYTHON", str(tmp_path / "none" / "python"))
     r = runner.invoke(app, ["bench", *TINY, "--configs", "pfeiffer", "--peer", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "make_peer_venv.sh" in r.output
     assert not (tmp_path / "bench.json").exists()

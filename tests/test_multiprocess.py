@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from adapterbench.cli import app
 
 runner = CliRunner()
+pytestmark = pytest.mark.slow   # torchrun subprocesses
 COMMON = ["--model", "tiny-bert", "train.epochs=2", "train.batch_size=8", "train.eval_batch_size=8",
           "train.limit=32", "train.lr=1e-2", "model.dropout=0"]
 

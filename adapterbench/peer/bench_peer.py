@@ -16,7 +16,7 @@ import torch
 from adapters import AutoAdapterModel
 from adapters.composition import Fuse
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the folder holding the adapterbench package
 from adapterbench.bench import Spec, fixed_batches, pad_batches  # noqa: E402  (torch only, no transformers)
 
 

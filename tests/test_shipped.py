@@ -1,0 +1,49 @@
+"""Every file the project ships validates: tasks (down to their data where it is at hand),
+studies (their whole plan), claims files and example run configs; each opens with the
+command that uses it."""
+
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from adapterbench.cli import app
+from adapterbench.tasks import configs_dir
+
+runner = CliRunner()
+SHIPPED = sorted(p for p in configs_dir().glob("*/*.yaml"))
+HERE = {"rte", "mrpc", "cola", "stsb", "sst2", "wnli", "cb", "sick"}   # data in ../shared/data/glue
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_file_validates(path):
+    r = runner.invoke(app, ["validate", str(path)])
+    if path.parent.name == "tasks" and (path.stem not in HERE or not os.environ.get("ADAPTERBENCH_DATA_DIR")):
+        # no data here (MNLI, QQP, QNLI train, ...): the definition is fine or the one line names the data
+        assert r.exit_code == 0 or (r.exit_code == 2 and len(r.output.strip().splitlines()) <= 3), r.output
+        return
+    assert r.exit_code == 0, r.output
+    assert r.output.rstrip().endswith("ok") or "ok (run config" in r.output
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.parent.name in ("studies", "runs", "claims")],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_file_opens_with_its_command(path):
+    head = "\n".join(path.read_text().splitlines()[:25])
+    assert "adapterbench " in head, f"{path} should say in its opening comment which command uses it"
+
+
+def test_user_task_folder_adds_to_the_shipped_tasks(tmp_path, task_yamls):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "toy.yaml").write_text(task_yamls["toy"].read_text().replace("dir: TOY", f"dir: {task_yamls['toy'].parent.parent / 'data' / 'TOY'}"))
+    r = runner.invoke(app, ["--tasks-dir", str(folder), "ls", "tasks"])
+    assert r.exit_code == 0 and "toy" in r.output and "rte" in r.output     # added, not replacing
+
+
+def test_include_deep_merges_a_variant():
+    from adapterbench.tasks import load_task
+    mm = load_task("mnli_mismatched")
+    assert mm.sources.local.files["dev"] == "dev_mismatched.tsv"
+    assert mm.sources.local.files["train"] == "train.tsv" and mm.sources.local.columns == {"label": "gold_label"}
+    assert mm.labels == load_task("mnli").labels
