@@ -52,6 +52,8 @@ class TrainConfig:
     group_by_length: bool = False    # batches of similar length: less padding, a different batch order
     eval_every: int = 1              # score dev after every N-th epoch and the last (best epoch among those)
     precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16 (also on CPU)
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # live tracking (accelerate's
+                                     # trackers): tensorboard | wandb | mlflow | trackio | none; never in the hash
 
 
 @dataclass
@@ -258,7 +260,7 @@ def to_dict(cfg) -> dict:
 ANY = object()
 # Order matters: a nested key is dropped before its parent is compared.
 HASH_NEUTRAL = {("sampling", "uncertainty_proxy"): {}, ("init_from",): None, ("train", "shots"): 0, ("data", "data_seed"): None,
-                ("train", "checkpoint_every"): ANY,
+                ("train", "checkpoint_every"): ANY, ("train", "log_with"): ANY,
                 ("sampling",): {"scheme": "proportional", "temperature": 2.0},
                 ("train", "group_by_length"): False, ("train", "eval_every"): 1,
                 ("model", "dropout"): None, ("train", "precision"): "auto",

@@ -55,6 +55,8 @@ def resolve(user: dict, stage: str) -> RunConfig:
     if multi and cfg.sampling.scheme not in SCHEMES:
         raise UserError(f"sampling.scheme '{cfg.sampling.scheme}' must be one of {', '.join(SCHEMES)}")
     check_ranges(cfg)
+    from .train import check_trackers
+    check_trackers(cfg.train.log_with)
     return cfg
 
 
@@ -230,7 +232,7 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
         source = batch_source(cfg, tasks, train_items, model)
         started = time.time()
         res = train(model, source, dev_items, tasks, collate, cfg.train, log=run.log, show_progress=show_progress,
-                    checkpoint_dir=run.checkpoint_dir)
+                    checkpoint_dir=run.checkpoint_dir, track_dir=run.folder if run.writer else None)
         # the model is left at its best scored epoch, whose dev metrics the loop already has
         dev = res.best_metrics or evaluate(model, dev_items, tasks, collate, cfg.train.eval_batch_size,
                                            cfg.train.precision)[0]

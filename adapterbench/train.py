@@ -54,13 +54,41 @@ class TrainResult:
         return self.train_samples / self.train_seconds if self.train_seconds else 0.0
 
 
-def make_accelerator(find_unused: bool = False):
+def make_accelerator(find_unused: bool = False, log_with: list[str] | None = None, project_dir: Path | None = None):
     """One process, or several under `accelerate launch` / `torchrun` (DDP). `find_unused`:
-    multi-task runs, where a head or adapter may get no gradient in some step."""
+    multi-task runs, where a head or adapter may get no gradient in some step. `log_with`:
+    accelerate's trackers (TensorBoard event files under `project_dir`)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused else []
-    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=kwargs)
+    trackers = [t for t in (log_with or []) if t != "none"]
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=kwargs, log_with=trackers or None,
+                       project_dir=str(project_dir) if project_dir and trackers else None)
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio", "none": None}
+
+
+def check_trackers(log_with: list[str]) -> None:
+    """A requested tracker that is unknown or not installed is one line (accelerate only warns)."""
+    import importlib.util
+    for t in log_with:
+        if t not in TRACKERS:
+            raise UserError(f"train.log_with '{t}' must be one of {', '.join(TRACKERS)}")
+        if TRACKERS[t] and importlib.util.find_spec(TRACKERS[t]) is None:
+            raise UserError(f"train.log_with asks for {t}, which is not installed: pip install {TRACKERS[t]} "
+                            f"(or train.log_with=[none])")
+
+
+def scalars(record: dict, prefix: str = "") -> dict:
+    """The numbers of a log record, flattened ('dev/rte/accuracy'), for the trackers."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
+            out[f"{prefix}{k}"] = float(v)
+    return out
 
 
 def autocast(precision: str, device):
@@ -149,13 +177,23 @@ def main_value(dev: dict, tasks) -> float:
 
 
 def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda record: None,
-          show_progress: bool = True, checkpoint_dir: Path | None = None) -> TrainResult:
+          show_progress: bool = True, checkpoint_dir: Path | None = None, track_dir: Path | None = None) -> TrainResult:
     """Train `model` (only parameters with requires_grad) on `source`'s batches and leave it at
     its best scored epoch. With `checkpoint_dir`, a checkpoint found there is resumed and new
-    ones are written."""
+    ones are written; with `track_dir`, every logged number also goes to the trackers of
+    `train.log_with` (TensorBoard event files in `track_dir`)."""
     from transformers import get_linear_schedule_with_warmup
 
-    accelerator = make_accelerator(find_unused=len(tasks) > 1)
+    check_trackers(cfg.log_with)
+    accelerator = make_accelerator(len(tasks) > 1, cfg.log_with if track_dir else None, track_dir)
+    if track_dir is not None and accelerator.log_with:
+        accelerator.init_trackers("tracking", config={"lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size})
+    to_file = log
+
+    def log(record: dict) -> None:   # noqa: F811  (log.jsonl and the trackers, the same numbers)
+        to_file(record)
+        if track_dir is not None and accelerator.log_with and "step" in record:
+            accelerator.log(scalars(record), step=record["step"])
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
         raise UserError(f"train.batch_size={cfg.batch_size} is not a multiple of the {world} processes: "
@@ -209,21 +247,34 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
             res.train_seconds += time.perf_counter() - t0
             if scored_epoch(res.epoch, res.steps, cfg):
                 best_state = score_epoch(plain, dev_sets, tasks, collate, cfg, res, best_state, higher, log)
+            if hasattr(source, "picks") and len(source.picks) > res.epoch:   # multi-task: who fed this epoch
+                n = max(sum(source.picks[res.epoch]), 1)
+                log({"step": res.steps, "epoch": res.epoch,
+                     "sampling_share": {t.name: source.picks[res.epoch][i] / n for i, t in enumerate(tasks)}})
             res.epoch += 1
             if cfg.patience and res.stale >= cfg.patience:
                 break
             if checkpoint_dir is not None:
                 checkpoint()
     restore(plain, best_state)
+    if track_dir is not None and accelerator.log_with:
+        accelerator.end_training()
     return res
 
 
 def score_epoch(model, dev_sets, tasks, collate, cfg: TrainConfig, res: TrainResult, best_state, higher, log):
-    """Score dev, record it, keep the weights if it is the best scoring so far."""
+    """Score dev, record it (with what the method's modules report about it, e.g. fusion
+    attention per layer), keep the weights if it is the best scoring so far."""
+    recorders = [m for m in model.modules() if hasattr(m, "start_recording")]
+    for m in recorders:
+        m.start_recording()
     dev, _ = evaluate(model, dev_sets, tasks, collate, cfg.eval_batch_size, cfg.precision)
+    extra = {}
+    for i, m in enumerate(recorders):
+        extra.update({f"site{i}/{k}": v for k, v in m.stop_recording().items()})
     value = main_value(dev, tasks)
     res.history.append({"epoch": res.epoch, "main": value, "dev": dev})
-    log({"epoch": res.epoch, "step": res.steps, "dev": dev, "main": value})
+    log({"epoch": res.epoch, "step": res.steps, "dev": dev, "main": value, **({"modules": extra} if extra else {})})
     if is_better(value, res.best_value, higher):
         res.best_value, res.best_epoch, res.best_metrics, res.stale = value, res.epoch, dev, 0
         return trainable_snapshot(model)

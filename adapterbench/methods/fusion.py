@@ -69,6 +69,18 @@ class FusionMixer(nn.Module):
         self.record: list | None = None  # set to a list to collect (attention sum, token count)
         self.mask: torch.Tensor | None = None  # attention mask of the current batch (set by the model)
 
+    def start_recording(self) -> None:
+        """Collect the attention of the next forward passes (the loop does so while scoring dev)."""
+        self.record = []
+
+    def stop_recording(self) -> dict:
+        """{'attention/source_n': mean attention over the recorded tokens}; recording off."""
+        rec, self.record = self.record, None
+        if not rec:
+            return {}
+        total, count = sum(r[0] for r in rec), sum(r[1] for r in rec)
+        return {f"attention/source_{n}": float(v) / count for n, v in enumerate(total)}
+
     def penalty(self) -> torch.Tensor:
         if self.value is None:
             return self.query.weight.new_zeros(())
