@@ -280,12 +280,27 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
         only: Optional[str] = typer.Option(None, "--only", help="Only these rows (labels or patterns, comma-"
                                                                 "separated, e.g. 'full,fusion,adapter k=*') and "
                                                                 "the runs they need."),
-        out: Optional[str] = OutOpt, data_dir: Optional[str] = DataOpt, debug: bool = DebugOpt):
-    """Run a study: every run of its grid, each once, dependencies first; resumable."""
+        out: Optional[str] = OutOpt, data_dir: Optional[str] = DataOpt,
+        launcher: str = typer.Option("local", "--launcher", help="local (this process), submitit-local, or "
+                                                                 "slurm (a job array of workers through submitit)."),
+        workers: int = typer.Option(1, "--workers", help="submitit/slurm: how many workers (array size)."),
+        array_parallelism: int = typer.Option(0, "--array-parallelism", help="slurm: at most this many at once."),
+        partition: Optional[str] = typer.Option(None, "--partition", help="slurm: partition."),
+        time_min: int = typer.Option(24 * 60, "--time", help="Minutes per worker (requeued when it runs out)."),
+        cpus: int = typer.Option(1, "--cpus-per-worker", help="CPUs per worker."),
+        gpus: int = typer.Option(0, "--gpus-per-worker", help="GPUs per worker."),
+        mem_gb: float = typer.Option(0.0, "--mem", help="GB of memory per worker (0: the partition's default)."),
+        slurm_param: Optional[list[str]] = typer.Option(None, "--slurm-param", help="Any other sbatch option as "
+                                                                                     "key=value (repeatable)."),
+        wait: bool = typer.Option(False, "--wait", help="submitit/slurm: wait for the workers and summarise."),
+        debug: bool = DebugOpt):
+    """Run a study: every run of its grid, each once, dependencies first; resumable. With
+    --launcher slurm the same workers run as a SLURM job array (see `adapterbench status`)."""
     def go():
         from . import study as S
         from .tasks import shipped
-        st = S.load_study(shipped("studies", study))
+        study_path = shipped("studies", study)
+        st = S.load_study(study_path)
         if out:
             st.out_dir = out
         if data_dir:
@@ -294,6 +309,25 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
         nodes = S.plan(st)
         print_plan(nodes, S)
         if dry_run:
+            return
+        if launcher != "local":
+            from . import launch as L
+            from .report import split_labels
+            res = L.Resources(workers, array_parallelism, partition, time_min, cpus, gpus, mem_gb,
+                              L.parse_params(slurm_param or []))
+            worker = L.StudyWorker(str(study_path.resolve()), str(Path(st.out_dir).resolve()), data_dir, retry_failed,
+                                   split_labels(only) if only else None)
+            jobs, logs = L.submit(launcher, worker, res, Path(st.out_dir))
+            console.print(f"submitted {len(jobs)} worker(s) via {launcher}: jobs {', '.join(j.job_id for j in jobs)}; "
+                          f"logs in {logs}; recorded in {Path(st.out_dir) / 'launch.json'}")
+            console.print(f"watch: adapterbench status {study}" + (f" --out {out}" if out else ""))
+            if wait:
+                results = L.wait(jobs)
+                console.print(f"workers done: {results}")
+                left = [r for r in S.status_table(nodes) if r["state"] != "done"]
+                if left:
+                    console.print(f"{len(left)} runs not done (see adapterbench status)")
+                    raise typer.Exit(1)
             return
         events = lambda node, what: console.print(f"[bold]#{node.index}[/bold] {node.stage} {node.label} "
                                                   f"{node.task} s{node.seed}: {what}", highlight=False)
@@ -304,6 +338,36 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
                       f"{len(res['failed'])} failed, {len(res['blocked'])} blocked; runs in {st.out_dir}")
         if res["failed"] or res["blocked"]:
             raise typer.Exit(1)
+    guarded(debug, go)
+
+
+@app.command()
+def status(study: Path = typer.Argument(..., help="A study YAML or a shipped study's name."),
+           out: Optional[str] = OutOpt, debug: bool = DebugOpt):
+    """Every run of a study: done / running (host, job, heartbeat age) / queued / failed / blocked."""
+    def go():
+        from collections import Counter
+
+        from . import study as S
+        from .tasks import shipped
+        st = S.load_study(shipped("studies", study))
+        if out:
+            st.out_dir = out
+        rows = S.status_table(S.plan(st))
+        t = Table("#", "stage", "row", "task", "seed", "state", "detail", title=f"study {st.name} ({st.out_dir})")
+        colour = {"done": "green", "running": "cyan", "failed": "red", "blocked": "red", "queued": "white"}
+        for r in rows:
+            t.add_row(str(r["index"]), r["stage"], r["label"], Path(r["task"]).stem if "/" in r["task"] else r["task"],
+                      str(r["seed"]), f"[{colour[r['state']]}]{r['state']}[/]", r["detail"])
+        console.print(t)
+        counts = Counter(r["state"] for r in rows)
+        console.print(", ".join(f"{k} {counts[k]}" for k in ("done", "running", "queued", "failed", "blocked")))
+        launch = Path(st.out_dir) / "launch.json"
+        if launch.is_file():
+            from .runs import read_json
+            rec = read_json(launch)
+            console.print(f"last launch: {rec['launcher']} jobs {', '.join(rec['jobs'])} ({rec['submitted']}); "
+                          f"logs {rec['log_folder']}")
     guarded(debug, go)
 
 

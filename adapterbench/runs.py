@@ -203,7 +203,9 @@ class Run:
     def fail(self, error: BaseException) -> None:
         if not self.writer:
             return
-        kind = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        # Ctrl-C, or a SLURM worker preempted / out of time (submitit exits after requeueing it):
+        # the run resumes from its checkpoint, it did not fail
+        kind = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
         try:
             write_json(self.folder / "metrics.json", {"status": kind, "error": f"{type(error).__name__}: {error}"})
         except (UserError, OSError):

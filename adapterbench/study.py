@@ -224,31 +224,71 @@ def lock_path(node: Node) -> Path:
     return node.folder.with_name(node.folder.name + ".lock")
 
 
+LOCK_TIMEOUT = float(os.environ.get("ADAPTERBENCH_LOCK_TIMEOUT", 300))   # seconds without a heartbeat
+HEARTBEAT_EVERY = float(os.environ.get("ADAPTERBENCH_HEARTBEAT", 30))
+
+
+def lock_record() -> dict:
+    """Who holds a lock: host, pid, the SLURM job (array job_task when in an array), heartbeat."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job else os.environ.get("SLURM_JOB_ID")
+    now = time.time()
+    return {"pid": os.getpid(), "host": socket.gethostname(), "job": job, "started": now, "heartbeat": now}
+
+
 def try_lock(node: Node) -> bool:
-    """Claim a run; a lock left by a dead process on this host is taken over."""
+    """Claim a run by creating its lock exclusively; a stale lock (its process gone on this
+    host, or no heartbeat for LOCK_TIMEOUT seconds from any host) is taken over."""
     path = lock_path(node)
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            if not _stale(path):
+            seen = read_lock(path)
+            if not _stale(path, seen) or not _take_over(path, seen):
                 return False
-            path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, f)
+            json.dump(lock_record(), f)
         return True
     return False
 
 
-def _stale(path: Path) -> bool:
+def read_lock(path: Path) -> dict | None:
     try:
-        info = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _take_over(path: Path, seen: dict | None) -> bool:
+    """Move a stale lock aside; if what was moved is not the lock judged stale (another worker
+    took it over meanwhile), put it back."""
+    grave = path.with_name(f"{path.name}.stale-{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.rename(path, grave)
+    except FileNotFoundError:
+        return True                      # gone already: try to create it
+    if read_lock(grave) != seen:
+        try:
+            os.link(grave, path)         # put the fresh lock back (fails if a new one exists)
+        except FileExistsError:
+            pass
+        grave.unlink(missing_ok=True)
+        return False
+    grave.unlink(missing_ok=True)
+    return True
+
+
+def _stale(path: Path, info: dict | None = None) -> bool:
+    info = info if info is not None else read_lock(path)
+    if info is None:
         return time.time() - path.stat().st_mtime > 60 if path.exists() else True
+    if time.time() - float(info.get("heartbeat", info.get("time", 0))) > LOCK_TIMEOUT:
+        return True                      # no heartbeat for too long: dead, on whatever host
     if info.get("host") != socket.gethostname():
-        return False  # cannot see the other machine's processes; remove its lock by hand if it died
+        return False
     try:
         os.kill(int(info["pid"]), 0)
     except ProcessLookupError:
@@ -256,6 +296,35 @@ def _stale(path: Path) -> bool:
     except (PermissionError, ValueError, KeyError):
         return False
     return False
+
+
+class Heartbeat:
+    """While a run trains, rewrite its lock's heartbeat every HEARTBEAT_EVERY seconds (a thread)."""
+
+    def __init__(self, node: Node):
+        import threading
+        self.path, self.stop = lock_path(node), threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        from .runs import write_json
+        while not self.stop.wait(HEARTBEAT_EVERY):
+            info = read_lock(self.path)
+            if info is None or info.get("pid") != os.getpid():
+                return                   # no longer ours
+            info["heartbeat"] = time.time()
+            try:
+                write_json(self.path, info)
+            except Exception:
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
 
 
 def unlock(node: Node) -> None:
@@ -277,6 +346,33 @@ def state(node: Node) -> str:
     if st in ("failed",):
         return "failed"
     return "pending"
+
+
+def status_table(nodes: list[Node]) -> list[dict]:
+    """Every run of a plan: done / running (host, job, heartbeat age) / queued / failed /
+    blocked (a run it needs failed)."""
+    states = {nd.index: state(nd) for nd in nodes}
+    out = []
+    for nd in nodes:
+        st, detail = states[nd.index], ""
+        if st == "running":
+            info = read_lock(lock_path(nd)) or {}
+            age = time.time() - float(info.get("heartbeat", time.time()))
+            detail = f"{info.get('host')} pid {info.get('pid')} job {info.get('job') or '-'}, heartbeat {age:.0f}s ago"
+        elif st == "pending":
+            st = "blocked" if any(states[d] in ("failed", "blocked") for d in nd.deps) else "queued"
+            if (nd.folder / "checkpoint" / "latest.json").is_file():
+                detail = "has a checkpoint: resumes"
+        elif st == "failed":
+            from .runs import read_json
+            try:
+                detail = str(read_json(nd.folder / "metrics.json").get("error", ""))[:100]
+            except Exception:
+                detail = ""
+        states[nd.index] = st if st != "pending" else states[nd.index]
+        out.append({"index": nd.index, "stage": nd.stage, "label": nd.label, "task": nd.task, "seed": nd.seed,
+                    "state": st, "detail": detail, "folder": str(nd.folder)})
+    return out
 
 
 def selected(nodes: list[Node], patterns: list[str]) -> set[int]:
@@ -335,10 +431,11 @@ def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: 
                     continue
                 retried.add(nd.index)
                 on_event(nd, "start")
-                if nd.stage == "merge":
-                    run_merge(nd)
-                else:
-                    train_stage(nd.stage, resolve(nd.config, nd.stage), force=False, show_progress=True)
+                with Heartbeat(nd):
+                    if nd.stage == "merge":
+                        run_merge(nd)
+                    else:
+                        train_stage(nd.stage, resolve(nd.config, nd.stage), force=False, show_progress=True)
                 outcome["ran"].append(nd.index)
                 on_event(nd, "ok")
             except RunExists:

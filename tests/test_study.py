@@ -388,3 +388,23 @@ def test_majority_baseline_row_from_the_tasks_data(tmp_path, monkeypatch, task_y
     value, name = majority_baseline(str(task_yamls["toyreg"]), None)
     assert name == "pearson" and value == 0.0                        # a constant has no correlation
     assert majority_baseline("mnli", None) == (None, None)          # no data here (hub offline): no row, no error
+
+
+def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, task_yamls, data_dir):
+    """A lock whose heartbeat is older than the timeout is taken over from any host; a lock
+    with a fresh heartbeat on another host is respected; status shows who holds a run."""
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
+    nodes = S.plan(S.load_study(y))
+    nd = nodes[0]
+    lock = S.lock_path(nd)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fresh = {"pid": 1, "host": "node-17", "job": "4242_3", "started": time.time(), "heartbeat": time.time()}
+    lock.write_text(json.dumps(fresh))
+    assert not S.try_lock(nd) and S.state(nd) == "running"
+    row = S.status_table(nodes)[0]
+    assert row["state"] == "running" and "node-17" in row["detail"] and "4242_3" in row["detail"]
+    lock.write_text(json.dumps({**fresh, "heartbeat": time.time() - S.LOCK_TIMEOUT - 5}))
+    assert S.state(nd) == "pending" and S.try_lock(nd)
+    mine = json.loads(lock.read_text())
+    assert mine["pid"] == os.getpid() and mine["host"] != "node-17" and "heartbeat" in mine
+    S.unlock(nd)

@@ -1,0 +1,101 @@
+"""Studies on a real SLURM (scripts/slurm_local.sh starts a one-node SLURM; .ci/run does it
+before the tests): the smoke study as a job array through submitit, every run done exactly once;
+a worker preempted mid-run (scancel --signal=USR2, the signal SLURM sends before a time limit
+or a preemption) is requeued by submitit and its run resumes to the weights of an uninterrupted
+run. Where SLURM is not up these tests skip, saying why; with ADAPTERBENCH_REQUIRE_SLURM=1 (CI)
+they fail instead."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from adapterbench.cli import app
+
+runner = CliRunner()
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+
+def slurm_up() -> str | None:
+    """None when a SLURM node takes jobs here, else why not."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "SLURM is not installed (sudo bash scripts/slurm_local.sh)"
+    p = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    if p.returncode != 0 or not any(s in p.stdout for s in ("idle", "mixed", "alloc")):
+        return f"no SLURM node is up ({(p.stdout + p.stderr).strip()[:100]}): sudo bash scripts/slurm_local.sh"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def need_slurm():
+    why = slurm_up()
+    if why:
+        if os.environ.get("ADAPTERBENCH_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SLURM is required here (ADAPTERBENCH_REQUIRE_SLURM=1): {why}")
+        pytest.skip(why)
+
+
+def test_smoke_study_as_a_slurm_job_array(tmp_path, monkeypatch):
+    if not os.environ.get("ADAPTERBENCH_DATA_DIR"):
+        pytest.skip("needs ADAPTERBENCH_DATA_DIR (the smoke study reads RTE and MRPC)")
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["run", "smoke", "--launcher", "slurm", "--workers", "2", "--wait", "--time", "20"])
+    assert r.exit_code == 0, r.output
+    launch = json.loads((tmp_path / "runs" / "smoke" / "launch.json").read_text())
+    assert launch["launcher"] == "slurm" and len(launch["jobs"]) == 2
+    logs = sorted(Path(launch["log_folder"]).glob("*_log.out"))
+    started = [line.split(":")[0] for lg in logs for line in lg.read_text().splitlines() if line.endswith(": start")]
+    metrics = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "smoke").glob("**/metrics.json")]
+    assert len(started) == len(set(started)) == len(metrics) == 16      # every run exactly once
+    assert all(m["status"] == "ok" for m in metrics)
+    r = runner.invoke(app, ["status", "smoke"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "done 16, running 0, queued 0, failed 0, blocked 0" in r.output
+
+
+def test_preempted_worker_is_requeued_and_resumes_identically(tmp_path, monkeypatch):
+    if not os.environ.get("ADAPTERBENCH_DATA_DIR"):
+        pytest.skip("needs ADAPTERBENCH_DATA_DIR (RTE)")
+    from safetensors.torch import load_file
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path / "r.yaml"
+    study.write_text("""name: preempt
+models: [tiny-bert]
+tasks: [rte]
+seeds: [1]
+defaults:
+  train: {limit: 512, eval_limit: 16, epochs: 3, batch_size: 8, checkpoint_every: 4}
+methods:
+  - {name: pfeiffer}
+""")
+    assert runner.invoke(app, ["run", str(study), "--out", str(tmp_path / "ref")]).exit_code == 0
+    r = runner.invoke(app, ["run", str(study), "--launcher", "slurm", "--time", "20"])
+    assert r.exit_code == 0, r.output
+    job = json.loads((tmp_path / "runs" / "preempt" / "launch.json").read_text())["jobs"][0]
+    deadline = time.time() + 120
+    while not glob.glob(str(tmp_path / "runs/preempt/extract/pfeiffer/rte/*/checkpoint/latest.json")):
+        assert time.time() < deadline, "the worker never wrote a checkpoint"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)          # as SLURM does before preempting
+    run = Path(glob.glob(str(tmp_path / "runs/preempt/extract/pfeiffer/rte/*/checkpoint"))[0]).parent
+    while json.loads((run / "metrics.json").read_text())["status"] == "running":
+        assert time.time() < deadline, "the worker did not stop"
+        time.sleep(0.2)
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+    while json.loads((run / "metrics.json").read_text())["status"] != "ok":
+        assert time.time() < deadline + 120, "the requeued worker did not finish the run"
+        pending = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout
+        if "BeginTime" in pending:   # a requeued job waits ~2 minutes; start it now
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        time.sleep(0.5)
+    assert any(json.loads(x).get("resumed") for x in (run / "log.jsonl").read_text().splitlines())
+    ref = Path(glob.glob(str(tmp_path / "ref/extract/pfeiffer/rte/*/metrics.json"))[0]).parent
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (run, ref))
+    assert got["history"] == want["history"] and got["steps"] == want["steps"]
+    a, b = load_file(run / "adapter" / "adapter.safetensors"), load_file(ref / "adapter" / "adapter.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
