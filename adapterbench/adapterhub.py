@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .runs import load_tensors, prepare_out, read_json, save_tensors, write_json
+from .runs import load_tensors, prepare_out, read_json, save_tensors, staged, write_json
 
 VERSION = "adapters.1.3.0"
 MODEL_CLASS = {"bert": "BertAdapterModel", "roberta": "RobertaAdapterModel", "xlm-roberta": "XLMRobertaAdapterModel",
@@ -47,6 +47,7 @@ def _check_layout(model_type: str) -> None:
                         f"not '{model_type}'")
 
 
+@staged
 def export(src: str | Path, out: Path, name: str | None = None, force: bool = False) -> Path:
     """Write an extract run's (or adapter folder's) adapter and head in AdapterHub's format."""
     from .artifacts import adapter_folder
@@ -120,6 +121,7 @@ def _check_supported(cfg: dict) -> None:
         raise UserError(f"AdapterHub config leaves out layers {cfg['leave_out']}, which adapterbench does not model")
 
 
+@staged
 def import_adapter(src: str | Path, out: Path, base_model: str | None = None, force: bool = False) -> Path:
     """Read an adapter saved by the `adapters` library into an adapterbench adapter folder."""
     from .methods.bottleneck import ACTIVATIONS
@@ -182,6 +184,7 @@ def _import_head(src: Path, out: Path, name: str, meta: dict) -> None:
                                           "labels": labels if h["num_labels"] > 1 else None})
 
 
+@staged
 def export_fusion(run_dir: str | Path, out: Path, force: bool = False) -> Path:
     """A `fuse` run in AdapterHub's format: every source adapter (a folder each), the fusion
     layer (fusion/: adapter_fusion_config.json, model_adapter_fusion.safetensors), the head

@@ -242,6 +242,10 @@ def check_ranges(cfg: RunConfig) -> None:
         (t.eval_every >= 1, "train.eval_every", t.eval_every, "at least 1"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "auto, fp32 or bf16"),
         (cfg.model.max_length >= 8, "model.max_length", cfg.model.max_length, "at least 8"),
+        (cfg.seed >= 0, "seed", cfg.seed, "0 or more"),
+        (cfg.sampling.temperature > 0, "sampling.temperature", cfg.sampling.temperature, "a positive number"),
+        (all(x is None or x >= 0 for x in (cfg.data.shuffle_seed, cfg.data.data_seed)), "data.shuffle_seed/data_seed",
+         "negative", "0 or more"),
         (cfg.model.pooling in ("auto", "cls", "mean"), "model.pooling", cfg.model.pooling, "auto, cls or mean"),
         (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout", cfg.model.dropout, "in [0, 1)"),
     ]

@@ -139,7 +139,11 @@ def read_rows(path: Path, fmt: str, header: list[str] | None) -> list[tuple[int,
     """(line number, row dict) pairs. TSV quoting is off (GLUE texts hold stray quotes)."""
     if not path.is_file():
         raise UserError(f"data file {path} does not exist: check data.data_dir / ADAPTERBENCH_DATA_DIR")
-    text = path.read_text(encoding="utf-8-sig")  # MRPC starts with a BOM
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # MRPC starts with a BOM
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}): re-save the file as UTF-8 "
+                        f"(e.g. iconv -f latin1 -t utf-8)") from None
     if fmt == "jsonl":
         return _read_jsonl(path, text)
     lines = text.splitlines()
@@ -165,9 +169,13 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            rows.append((lineno, json.loads(line)))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {lineno}: not valid JSON ({e.msg}): fix the row") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {lineno}: a JSONL row must be an object with named fields, "
+                            f"got {type(row).__name__}: fix the row")
+        rows.append((lineno, row))
     return rows
 
 

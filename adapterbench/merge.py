@@ -25,7 +25,7 @@ import torch
 
 from .errors import UserError
 from .artifacts import Source, file_hash, read_sources
-from .runs import prepare_out, save_tensors, write_json
+from .runs import prepare_out, save_tensors, staged, write_json
 
 STRATEGIES = ("avg", "align", "ties", "task-arithmetic")
 NOTE = ("MerA's exact alignment is not public: avg/align/ties/task-arithmetic here are "
@@ -208,6 +208,7 @@ def default_out(sources, strategy, weights) -> Path:
     return Path("runs") / "merge" / strategy / hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
+@staged
 def write_merged(out: Path, sources, merged, strategy, weights, target, same_track_only, align_on, force,
                  diagnostics: list | None = None) -> None:
     prepare_out(out, force)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UserError
-from .runs import load_tensors, read_json, save_tensors, write_json
+from .runs import load_tensors, read_json, save_tensors, staged, write_json
 
 
 def _targets(model_type: str) -> dict[str, str]:
@@ -28,6 +28,7 @@ def _targets(model_type: str) -> dict[str, str]:
     return {t: getattr(arch, f) for t, f in TARGETS.items() if getattr(arch, f)}, arch.layers
 
 
+@staged
 def export(src: str | Path, out: Path, force: bool = False) -> Path:
     """Write a LoRA run's (or adapter folder's) weights in peft's format."""
     from .artifacts import adapter_folder
@@ -65,6 +66,7 @@ def _model_path(name: str) -> str:
         return name
 
 
+@staged
 def import_lora(src: Path, out: Path, base_model: str | None = None, force: bool = False) -> Path:
     """Read a peft LoRA folder into an adapterbench adapter folder (method lora)."""
     from .adapterhub import _load_weights

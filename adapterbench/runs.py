@@ -35,6 +35,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     except OSError as e:
         raise _disk_error(e, path) from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600: files a colleague reads follow the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
@@ -45,6 +46,12 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         if isinstance(e, OSError):
             raise _disk_error(e, path) from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _disk_error(e: OSError, path: Path) -> Exception:
@@ -85,7 +92,7 @@ def load_tensors(path: Path) -> dict:
         raise UserError(f"weights file {path} is corrupted ({str(e)[:100]}): rerun the stage") from None
 
 
-def prepare_out(out: Path, force: bool = False) -> Path:
+def prepare_out(out: Path, force: bool = False, create: bool = True) -> Path:
     """An output folder for export/import/merge: created if absent; a folder that already holds
     files is refused (one line naming it) unless `force`, which replaces only the files written."""
     out = Path(out)
@@ -95,8 +102,42 @@ def prepare_out(out: Path, force: bool = False) -> Path:
         shown = ", ".join(sorted(p.name for p in out.iterdir())[:3])
         raise UserError(f"{out} is not empty ({shown}...): choose a new --out, or pass --force to overwrite "
                         f"the files this command writes there (others are kept)")
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def staged(fn):
+    """Decorator for commands that write an output folder (`out` and `force` arguments): the
+    folder is written as a hidden temporary sibling and moved into place only when the command
+    completes, so a failure (a bad file, a full disk) leaves no folder that looks finished and
+    the rerun the error recommends is not refused. A non-empty `out` is refused unless `force`."""
+    import functools
+    import inspect
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        out = prepare_out(Path(bound.arguments["out"]), bound.arguments.get("force", False), create=False)
+        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        bound.arguments["out"] = tmp
+        try:
+            fn(*bound.args, **bound.kwargs)
+            if not out.exists():
+                os.rename(tmp, out)          # complete: into place in one step
+                return out
+            for item in tmp.iterdir():
+                if (out / item.name).is_dir():
+                    shutil.rmtree(out / item.name)
+                os.replace(item, out / item.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    return wrapper
 
 
 def slug(text: str) -> str:
@@ -171,7 +212,7 @@ class Run:
                 run.resumed = True
                 write_json(folder / "metrics.json", {"status": "running", "started": time.time(), "resumed": True})
                 return run
-            shutil.rmtree(folder)  # a failed attempt without a checkpoint, or --force
+            clear_run_folder(folder)  # a failed attempt without a checkpoint, or --force
         folder.mkdir(parents=True)
         run = cls(folder)
         atomic_write(folder / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
@@ -190,8 +231,11 @@ class Run:
     def log(self, record: dict) -> None:
         if not self.writer:
             return
-        with open(self.folder / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.folder / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:   # full disk, read-only folder: one line, the run stops
+            raise _disk_error(e, self.folder / "log.jsonl") from None
 
     def finish(self, metrics: dict) -> None:
         """Mark the run ok (last, once every other file is complete); drop its checkpoint."""
@@ -210,6 +254,22 @@ class Run:
             write_json(self.folder / "metrics.json", {"status": kind, "error": f"{type(error).__name__}: {error}"})
         except (UserError, OSError):
             pass  # e.g. the disk is full: the status stays `running`, never `ok`
+
+
+# what adapterbench writes into a run folder; a folder holding anything else is not deleted
+RUN_FILES = {"config.yaml", "task.yaml", "tasks", "env.json", "identity.json", "log.jsonl", "metrics.json",
+             "checkpoint", "adapter", "model", "fusion", "multitask", "tracking", "predictions", "attention.csv",
+             "attention.png", "eval_dev.json", "eval_test.json"}
+
+
+def clear_run_folder(folder: Path) -> None:
+    """Remove an unfinished or failed run folder before training it again, only when it holds
+    nothing but what adapterbench writes; otherwise one line naming what is in the way."""
+    foreign = sorted(p.name for p in Path(folder).iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+    if foreign:
+        raise UserError(f"{folder} holds files adapterbench did not write ({', '.join(foreign[:3])}): move them "
+                        f"out or choose another --out; the folder is left as it is")
+    shutil.rmtree(folder)
 
 
 def task_results(metrics: dict) -> dict:

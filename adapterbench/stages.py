@@ -34,6 +34,9 @@ def resolve(user: dict, stage: str) -> RunConfig:
     """Defaults < method defaults < user layers, checked strictly; the method's config becomes
     its dataclass here, once."""
     user = dict(user)
+    for key in ("train", "model", "data", "sampling", "method"):
+        if user.get(key) is not None and not isinstance(user[key], dict):
+            raise UserError(f"config key '{key}' must be a mapping of keys (e.g. {key}: {{...}}), got {user[key]!r}")
     method = dict(user.get("method") or {})
     method.setdefault("name", STAGE_DEFAULT_METHOD[stage])
     user["method"] = method
@@ -118,6 +121,12 @@ def build_model(cfg: RunConfig, tasks: list[TaskSpec]):
     from .artifacts import check_init_from, load_sources
     method = get_method(cfg.method.name)
     encoder, tokenizer = load_encoder(cfg.model.name, cfg.model.trust_remote_code)
+    limit = getattr(encoder.config, "max_position_embeddings", None)
+    if limit and encoder.config.model_type in ("roberta", "xlm-roberta"):
+        limit -= 2                    # their positions start after the padding index
+    if limit and cfg.model.max_length > limit:
+        raise UserError(f"model.max_length={cfg.model.max_length} is more than {cfg.model.name} can read ({limit} "
+                        f"tokens): use model.max_length={limit} or less")
     set_dropout(encoder, cfg.model.dropout)
     sources = load_sources(cfg.method.adapters) if "adapters" in vars(cfg.method) else ()
     names = [t.name for t in tasks]

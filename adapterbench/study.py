@@ -115,6 +115,10 @@ def plan(study: Study) -> list[Node]:
             found = expand_adapters(entry.adapters, label)
             return [], [str(p) for p, t in found if own or t != task]
         src_entry = entries.get(entry.source_method)
+        if src_entry is entry or (src_entry is not None and (src_entry.merge or takes_sources(get_method(src_entry.name)))):
+            raise UserError(f"{entry.name} entry '{label}': source_method '{entry.source_method}' must name an entry "
+                            f"that trains adapters itself (not itself, a fusion or a merge): the study would "
+                            f"depend on itself")
         if src_entry is None:
             raise UserError(f"{entry.name} entry '{label}': source_method '{entry.source_method}' is not "
                             f"a method label of the study ({', '.join(entries)})")

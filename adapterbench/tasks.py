@@ -143,6 +143,9 @@ def validate_task(spec: TaskSpec, path: Path) -> None:
             raise UserError(f"{where}: unknown metric '{m}'; known: {', '.join(METRICS)}")
     if spec.main_metric not in spec.metrics:
         raise UserError(f"{where}: main_metric '{spec.main_metric}' is not in metrics {spec.metrics}")
+    dup = sorted({str(lab) for lab in spec.labels if [str(x) for x in spec.labels].count(str(lab)) > 1})
+    if dup:
+        raise UserError(f"{where}: label '{dup[0]}' is listed twice in labels: each class once")
     if not spec.regression and len(spec.labels) < 2:
         raise UserError(f"{where}: a classification task needs at least two labels (or regression: true)")
     if not 1 <= len(spec.text_columns) <= 2:

@@ -258,7 +258,8 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
                 checkpoint()
     restore(plain, best_state)
     if track_dir is not None and accelerator.log_with:
-        accelerator.end_training()
+        for tracker in accelerator.trackers:   # not end_training(): it would end the process group too,
+            tracker.finish()                   # which the other ranks still meet at exit
     return res
 
 

@@ -22,7 +22,7 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
 
 def tiny_config(kind: str):
     import transformers as T
-    common = dict(vocab_size=len(VOCAB) + 5, max_position_embeddings=64)
+    common = dict(vocab_size=len(VOCAB) + 5, max_position_embeddings=130)   # model.max_length 128 fits
     if kind == "distilbert":
         return T.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=37, **common)
     cls = {"bert": T.BertConfig, "roberta": T.RobertaConfig, "xlm-roberta": T.XLMRobertaConfig,

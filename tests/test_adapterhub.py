@@ -69,7 +69,7 @@ def test_imported_adapters_fuse_and_merge(task_yamls, data_dir, tmp_path):
     r = runner.invoke(app, ["merge", "--adapters", str(a), str(a), "--strategy", "align", "--out", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["fuse", "--target", str(task_yamls["toy"]), "--adapters", str(a), str(tmp_path / "m"),
-                            "--data-dir", str(data_dir), "--out", str(tmp_path / "runs"), "train.max_steps=2"])
+                            "--data-dir", str(data_dir), "--out", str(tmp_path / "runs"), "train.max_steps=2", "model.max_length=64"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["fuse", "--target", str(task_yamls["toy"]), "--adapters", str(FIX / "pfeiffer" / "adapter"),
                             "--data-dir", str(data_dir), "--out", str(tmp_path / "runs2")])
@@ -90,7 +90,7 @@ def test_fusion_run_exports_in_adapterhub_layout(task_yamls, data_dir, tmp_path)
     meta = json.loads((b / "adapter_config.json").read_text())
     (b / "adapter_config.json").write_text(json.dumps({**meta, "task": "other"}))
     r = runner.invoke(app, ["fuse", "--target", str(task_yamls["toy"]), "--adapters", str(a), str(b),
-                            "--data-dir", str(data_dir), "--out", str(tmp_path / "runs"), "train.max_steps=1"])
+                            "--data-dir", str(data_dir), "--out", str(tmp_path / "runs"), "train.max_steps=1", "model.max_length=64"])
     assert r.exit_code == 0, r.output
     run = next((tmp_path / "runs").glob("fuse/fusion/toy/*"))
     r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "hub")])
