@@ -40,6 +40,7 @@ def test_label_distributions_match_manifest():
     assert len(qnli) == 5463
 
 
+@pytest.mark.slow
 def test_extract_a_few_steps_on_real_rte(tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["extract", "--task", "rte", "--model", "minilm-l6", "--out", str(tmp_path),

@@ -58,6 +58,7 @@ def test_plan_dependencies_dedup_and_hashes(tmp_path, task_yamls, data_dir):
     assert rf.folder.parent == toy_pf[0].folder.parent and rf.folder != toy_pf[0].folder
 
 
+@pytest.mark.slow
 def test_multitask_entry_is_one_run_over_all_tasks(tmp_path, task_yamls, data_dir):
     y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,), extra_methods="  - {name: mtl}\n")
     y.write_text(y.read_text().replace(f"tasks: [{task_yamls['toy']}]",
@@ -223,6 +224,7 @@ def test_report_reference_and_plot(tmp_path):
     assert Cell({1: 2.0}).std == 0.0
 
 
+@pytest.mark.slow
 def test_fewshot_axis_merge_entries_and_target_exclusion(tmp_path, task_yamls, data_dir):
     """shots axis + merge entries: sources trained once on full data, the target's own adapter
     left out, same-track filtering, merged adapter -> init_from of a few-shot run, ' k=N' rows."""
@@ -339,6 +341,7 @@ def test_report_rows_filter(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "matches no row" in r.output
 
 
+@pytest.mark.slow
 def test_archive_reports_like_the_run_folders(tmp_path, task_yamls, data_dir):
     """`adapterbench archive` writes one JSON line per finished run; report reads the archive
     and prints the same table as from the run folders."""
