@@ -455,9 +455,9 @@ def archive(runs_dir: Path = typer.Argument(..., help="Folder holding run folder
 
 @app.command()
 def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, folder or hub id."),
-          configs: str = typer.Option("all", "--configs", help="all, or comma-separated: bare, head, full, houlsby, "
-                                                               "pfeiffer, merged, fusion2, fusion4, fusion8, "
-                                                               "fusion16, mtl, camtl."),
+          configs: str = typer.Option("all", "--configs", help="all, or comma-separated: bare, merged, fusion2, "
+                                                               "fusion4, fusion8, fusion16 and every method that "
+                                                               "supports bench (adapterbench ls methods)."),
           modes: str = typer.Option("train,infer", "--modes", help="train, infer or both."),
           batch_size: int = typer.Option(32, "--batch-size"), seq_len: int = typer.Option(128, "--seq-len"),
           steps: int = typer.Option(5, "--steps", help="Timed steps (0 with --task: one whole epoch)."),
@@ -479,6 +479,14 @@ def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, f
         import json as _json
         from .bench import Spec, markdown, run_bench
         from .runs import atomic_write
+        for name, value, low in (("--batch-size", batch_size, 1), ("--seq-len", seq_len, 8), ("--steps", steps, 0),
+                                 ("--warmup", warmup, 0), ("--repeat", repeat, 1), ("--threads", threads or 1, 1)):
+            if value < low:
+                raise UserError(f"{name} {value} is out of range: use {low} or more")
+        if steps == 0 and not task:
+            raise UserError("--steps 0 (one whole epoch) needs --task")
+        if precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"--precision '{precision}' must be auto, fp32 or bf16")
         if threads:
             os.environ["ADAPTERBENCH_BENCH_THREADS"] = str(threads)
         spec = Spec(model, batch_size, seq_len, steps, warmup, task, pad_to_max, peer_pad_to_max,

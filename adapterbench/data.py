@@ -152,6 +152,12 @@ def read_rows(path: Path, fmt: str, header: list[str] | None) -> list[tuple[int,
     names = header or next(reader, None)
     if not names:
         return []
+    other = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "bar"}
+    sep = "\t" if fmt == "tsv" else ","
+    if len(names) == 1 and not header and any(d in names[0] for d in other if d != sep):
+        found = next(other[d] for d in other if d != sep and d in names[0])
+        raise UserError(f"{path}: the header '{names[0][:40]}' is one column; the file looks {found}-separated, "
+                        f"not {other[sep]}-separated: set sources.local.format to match (tsv or csv)")
     rows = []
     for lineno, values in enumerate(reader, start=1 if header else 2):
         if not values or values == [""]:

@@ -158,3 +158,17 @@ def test_files_follow_the_umask_so_colleagues_can_read_a_shared_study(tiny_bert_
     for f in (run / "metrics.json", run / "config.yaml", run / "adapter" / "adapter.safetensors"):
         mode = stat.S_IMODE(f.stat().st_mode)
         assert mode & stat.S_IROTH and mode & stat.S_IRGRP, (f, oct(mode))
+
+
+def test_a_wrong_delimiter_is_named_not_blamed_on_a_row(task_yamls, data_dir):
+    path = data_dir / "TOY" / "train.tsv"
+    path.write_text(path.read_text().replace("\t", ","))
+    r = runner.invoke(app, ["validate", str(task_yamls["toy"]), "--data-dir", str(data_dir)])
+    assert r.exit_code == 2 and "comma-separated" in r.output and "line" not in r.output.split("separated")[0]
+
+
+def test_bench_options_out_of_range_are_one_line(tmp_path):
+    for opt in (["--batch-size", "0"], ["--seq-len", "2"], ["--repeat", "0"], ["--steps", "-1"],
+                ["--precision", "fp8"]):
+        r = runner.invoke(app, ["bench", "--model", "tiny-bert", "--configs", "pfeiffer", "--out", str(tmp_path), *opt])
+        assert r.exit_code == 2 and r.output.startswith("error:") and len(r.output.strip().splitlines()) <= 2, opt
