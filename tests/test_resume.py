@@ -96,3 +96,32 @@ def test_multitask_resume_gives_the_same_result(tiny_bert_dir, task_yamls, data_
     assert got["history"] == want["history"] and got["tasks"] == want["tasks"]
     assert got["fraction_of_examples_used"] == want["fraction_of_examples_used"] and got["steps"] == want["steps"]
     assert got["picks_per_epoch"] == want["picks_per_epoch"]
+
+
+@pytest.mark.slow
+def test_kill_9_resume_with_length_grouping_is_identical(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    """kill -9 of a separate process after a step checkpoint, with length-grouped batches: the
+    rerun ends with the weights of an uninterrupted run (the batch order never draws from the
+    global RNG, so resuming does not shift the dropout masks)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    cmd = lambda out: [sys.executable, "-m", "adapterbench", *command(tiny_bert_dir, task_yamls, data_dir, out, "pfeiffer",
+                                                                      "train.group_by_length=true", "train.epochs=6",
+                                                                      "train.checkpoint_every=2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert subprocess.run(cmd(tmp_path / "ref"), env=env, capture_output=True).returncode == 0
+    p = subprocess.Popen(cmd(tmp_path / "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / "run").glob("*/*/toy/*/checkpoint/latest.json")):
+        assert time.time() < deadline and p.poll() is None, "no checkpoint before the run ended"
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert subprocess.run(cmd(tmp_path / "run"), env=env, capture_output=True).returncode == 0
+    run, ref = (next((tmp_path / d).glob("*/*/toy/*/metrics.json")).parent for d in ("run", "ref"))
+    assert any(json.loads(x).get("resumed") for x in (run / "log.jsonl").read_text().splitlines())
+    a, b = load_tensors(run / "adapter" / "adapter.safetensors"), load_tensors(ref / "adapter" / "adapter.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
