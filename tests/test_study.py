@@ -411,3 +411,20 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
     mine = json.loads(lock.read_text())
     assert mine["pid"] == os.getpid() and mine["host"] != "node-17" and "heartbeat" in mine
     S.unlock(nd)
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_the_same_workers(tmp_path, task_yamls, data_dir, monkeypatch):
+    """--launcher submitit-local: two workers through submitit's local executor share the study
+    by the lock files; every run once, job ids recorded in launch.json."""
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["run", str(y), "--launcher", "submitit-local", "--workers", "2", "--wait", "--time", "10"])
+    assert r.exit_code == 0, r.output
+    launch = json.loads((tmp_path / "runs" / "launch.json").read_text())
+    assert launch["launcher"] == "submitit-local" and len(launch["jobs"]) == 2
+    metrics = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("**/metrics.json")]
+    assert len(metrics) == 5 and all(m["status"] == "ok" for m in metrics)
+    logs = list(Path(launch["log_folder"]).glob("*_log.out"))
+    started = [line for lg in logs for line in lg.read_text().splitlines() if line.endswith(": start")]
+    assert len(started) == 5
