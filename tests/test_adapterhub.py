@@ -101,3 +101,13 @@ def test_fusion_run_exports_in_adapterhub_layout(task_yamls, data_dir, tmp_path)
     w = load_tensors(hub / "fusion" / "model_adapter_fusion.safetensors")
     assert "bert.encoder.layer.1.output.adapter_fusion_layer.peer,other.value.weight" in w and len(w) == 2 * 5
     assert (hub / "other" / "adapter.safetensors").is_file() and (hub / "head" / "model_head.safetensors").is_file()
+
+
+def test_export_refuses_a_head_adapterhub_cannot_represent(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    """A mean-pooling head has no AdapterHub form (its classification head reads the first token)."""
+    r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--model", str(tiny_bert_dir), "--data-dir",
+                            str(data_dir), "--out", str(tmp_path / "runs"), "train.max_steps=1", "model.pooling=mean"])
+    assert r.exit_code == 0, r.output
+    run = next(p for p in (tmp_path / "runs").glob("extract/*/*/*") if p.is_dir())
+    r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "hub")])
+    assert r.exit_code == 2 and "mean-pools" in r.output and not (tmp_path / "hub").exists()
