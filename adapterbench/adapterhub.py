@@ -76,8 +76,9 @@ def export(src: str | Path, out: Path, name: str | None = None, force: bool = Fa
     save_tensors(out / "adapter.safetensors", state, {"format": "pt"})
     write_json(out / "adapter_config.json", {"config": config, **common})
     if (folder / "head_config.json").is_file() and read_json(folder / "head_config.json").get("pooling", "cls") != "cls":
-        raise UserError(f"{folder}: its head mean-pools the tokens, which AdapterHub's classification head "
-                        f"cannot represent (it reads the first token): extract with model.pooling=cls to export")
+        raise UserError(f"{folder}: its head mean-pools the tokens or reads the pretrained pooler, which "
+                        f"AdapterHub's 2-layer classification head cannot represent (it reads the first token "
+                        f"through its own dense layer): extract with model.pooling=cls to export")
     if (folder / "head.safetensors").is_file():
         head = load_tensors(folder / "head.safetensors")
         hcfg = read_json(folder / "head_config.json")

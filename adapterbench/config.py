@@ -27,8 +27,8 @@ class ModelConfig:
     max_length: int = 128            # tokens per example after truncation (paper setting)
     trust_remote_code: bool = False  # only when the user asks for it
     dropout: float | None = None     # the encoder's and heads' dropout (not a method's own); None = the model's
-    pooling: str = "auto"            # head input: cls | mean; auto = what the checkpoint was trained with
-                                     # (minilm-l6: mean, others: cls)
+    pooling: str = "auto"            # head input: cls | mean | pooler (the checkpoint's pretrained pooler);
+                                     # auto = what the checkpoint was trained with (minilm-l6: mean, others: cls)
 
 
 @dataclass
@@ -246,7 +246,8 @@ def check_ranges(cfg: RunConfig) -> None:
         (cfg.sampling.temperature > 0, "sampling.temperature", cfg.sampling.temperature, "a positive number"),
         (all(x is None or x >= 0 for x in (cfg.data.shuffle_seed, cfg.data.data_seed)), "data.shuffle_seed/data_seed",
          "negative", "0 or more"),
-        (cfg.model.pooling in ("auto", "cls", "mean"), "model.pooling", cfg.model.pooling, "auto, cls or mean"),
+        (cfg.model.pooling in ("auto", "cls", "mean", "pooler"), "model.pooling", cfg.model.pooling,
+         "auto, cls, mean or pooler"),
         (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout", cfg.model.dropout, "in [0, 1)"),
     ]
     for ok, key, value, want in checks:

@@ -105,8 +105,9 @@ def tiny_bert_folder() -> Path:
     return folder
 
 
-def load_encoder(name: str, trust_remote_code: bool = False):
-    """(encoder, tokenizer) from an alias, a local folder or the Hub."""
+def load_encoder(name: str, trust_remote_code: bool = False, keep_pooler: bool = False):
+    """(encoder, tokenizer) from an alias, a local folder or the Hub. `keep_pooler`: keep the
+    checkpoint's pretrained pooler (model.pooling=pooler); it must have one."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -116,17 +117,20 @@ def load_encoder(name: str, trust_remote_code: bool = False):
                         f"or a hub id")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        encoder = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+        encoder, info = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, output_loading_info=True)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load model '{name}' ({first[:160]}): give a local folder, "
                         f"an alias (minilm-l6) or a reachable hub id") from None
-    if getattr(encoder, "pooler", None) is not None:
+    if keep_pooler:
+        if getattr(encoder, "pooler", None) is None or any(k.startswith("pooler.") for k in info["missing_keys"]):
+            raise UserError(f"model '{name}' has no pretrained pooler: use model.pooling=cls or mean")
+    elif getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None  # the heads pool for themselves; the NSP pooler is unused weight
     return encoder, tokenizer
 
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "pooler")
 # the pooling each alias's checkpoint was trained with (model.pooling=auto picks it; others: cls)
 ALIAS_POOLING = {"minilm-l6": "mean"}   # all-MiniLM-L6-v2: a sentence-transformers mean-pooling model
 
@@ -142,12 +146,14 @@ class HeadConfig:
     regression: bool = False
     dropout: float = 0.1
     labels: list | None = None
-    pooling: str = "cls"     # cls: the first token (BERT); mean: mean over the unpadded tokens
+    pooling: str = "cls"     # cls: the first token (BERT); mean: mean over the unpadded tokens; pooler: the
+                             # checkpoint's pretrained pooler (dense + tanh on the first token), then a linear layer
 
 
 class ClassificationHead(nn.Module):
     """Pooling (first token or mean), dense + tanh, then the output layer (AdapterHub's
-    default head on the first token)."""
+    default head on the first token); or, with `pooler`, the encoder's pretrained pooler output
+    and the output layer only (a frozen pooler for frozen-encoder methods)."""
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()
@@ -155,7 +161,7 @@ class ClassificationHead(nn.Module):
             raise UserError(f"model.pooling '{cfg.pooling}' must be one of {', '.join(POOLINGS)} (or auto)")
         self.cfg = cfg
         self.dropout = nn.Dropout(cfg.dropout)
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size) if cfg.pooling != "pooler" else None
         self.out = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -164,10 +170,16 @@ class ClassificationHead(nn.Module):
         m = mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.dropout(self.pool(hidden, mask))
-        x = torch.tanh(self.dense(x))
-        logits = self.out(self.dropout(x))
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dense is None:
+            if pooled is None:
+                raise UserError("model.pooling=pooler needs the encoder's pooler output")
+            logits = self.out(self.dropout(pooled))
+        else:
+            x = self.dropout(self.pool(hidden, mask))
+            x = torch.tanh(self.dense(x))
+            logits = self.out(self.dropout(x))
         return logits.squeeze(-1) if self.cfg.regression else logits
 
 
@@ -204,16 +216,17 @@ class TaskModel(nn.Module):
         kwargs = {"attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        hidden = self.encoder(input_ids=input_ids, **kwargs).last_hidden_state
+        encoded = self.encoder(input_ids=input_ids, **kwargs)
+        hidden, pooled = encoded.last_hidden_state, getattr(encoded, "pooler_output", None)
         heads = list(self.heads.values())
         if len(heads) == 1:
-            return {0: (None, heads[0](hidden, attention_mask))}
+            return {0: (None, heads[0](hidden, attention_mask, pooled))}
         out = {}
         for i, head in enumerate(heads):
             rows = (task_ids == i).nonzero().squeeze(-1)
             if rows.numel():
                 mask = attention_mask[rows] if attention_mask is not None else None
-                out[i] = (rows, head(hidden[rows], mask))
+                out[i] = (rows, head(hidden[rows], mask, pooled[rows] if pooled is not None else None))
         return out
 
     def logits(self, **batch) -> torch.Tensor:

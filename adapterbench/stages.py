@@ -120,7 +120,7 @@ def build_model(cfg: RunConfig, tasks: list[TaskSpec]):
     `model.dropout` sets the encoder's and heads' dropouts, never those a method sets itself."""
     from .artifacts import check_init_from, load_sources
     method = get_method(cfg.method.name)
-    encoder, tokenizer = load_encoder(cfg.model.name, cfg.model.trust_remote_code)
+    encoder, tokenizer = load_encoder(cfg.model.name, cfg.model.trust_remote_code, cfg.model.pooling == "pooler")
     limit = getattr(encoder.config, "max_position_embeddings", None)
     if limit and encoder.config.model_type in ("roberta", "xlm-roberta"):
         limit -= 2                    # their positions start after the padding index

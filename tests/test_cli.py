@@ -163,3 +163,27 @@ def test_bf16_precision_on_cpu_trains_and_reproduces(tmp_path, task_yamls, data_
     assert r.exit_code == 0 and json.loads((run / "eval_dev.json").read_text())["reproduced"] is True
     r = runner.invoke(app, [*args, "train.precision=fp16"])
     assert r.exit_code == 2 and "train.precision" in r.output and "auto, fp32 or bf16" in r.output
+
+
+def test_pooler_pooling_uses_the_pretrained_pooler_frozen(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    """model.pooling=pooler: the checkpoint's pooler feeds a linear output layer; frozen with the
+    encoder for adapter methods; evaluate reproduces; a checkpoint without one is one line."""
+    from transformers import BertModel, BertTokenizer
+    from .conftest import tiny_config
+    r = invoke("extract", "--task", task_yamls["toy"], "--model", tiny_bert_dir, "--data-dir", data_dir,
+               "--out", tmp_path / "runs", "train.epochs=1", "model.pooling=pooler")
+    assert r.exit_code == 0, r.output
+    run = only_run(tmp_path / "runs")
+    head = json.loads((run / "adapter" / "head_config.json").read_text())
+    assert head["pooling"] == "pooler"
+    from adapterbench.runs import load_tensors
+    assert set(load_tensors(run / "adapter" / "head.safetensors")) == {"out.weight", "out.bias"}
+    assert not any(k.startswith("pooler") for k in load_tensors(run / "adapter" / "adapter.safetensors"))
+    r = invoke("evaluate", run, "--data-dir", data_dir)
+    assert r.exit_code == 0 and json.loads((run / "eval_dev.json").read_text())["reproduced"] is True
+    bare = tmp_path / "nopooler"
+    BertModel(tiny_config("bert"), add_pooling_layer=False).save_pretrained(bare)
+    BertTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(bare)
+    r = invoke("extract", "--task", task_yamls["toy"], "--model", bare, "--data-dir", data_dir,
+               "--out", tmp_path / "r2", "train.epochs=1", "model.pooling=pooler")
+    assert r.exit_code == 2 and "no pretrained pooler" in r.output

@@ -64,7 +64,7 @@ def test_evaluate_never_takes_trust_remote_code_from_the_run_folder(tiny_bert_di
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     seen = []
     real = stages.load_encoder
-    monkeypatch.setattr(stages, "load_encoder", lambda name, trust=False: seen.append(trust) or real(name, trust))
+    monkeypatch.setattr(stages, "load_encoder", lambda name, trust=False, *a: seen.append(trust) or real(name, trust, *a))
     r = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(data_dir)])
     assert r.exit_code == 0, r.output
     assert seen == [False]
