@@ -232,12 +232,97 @@ def export_fusion(run_dir: str | Path, out: Path, force: bool = False) -> Path:
 
 def _fusion_site_modules(run_dir: Path, meta: dict) -> list[str]:
     """Their module path (e.g. encoder.layer.3.output) of each of our fusion sites, in order."""
-    from .methods.bottleneck import PLACEMENTS
     from .artifacts import read_sources
     src = read_sources(meta["method"]["adapters"])[0].meta["method"]
-    placement = "houlsby" if src["name"] == "houlsby" else "pfeiffer"
-    out = []
-    for i in range(meta["num_layers"]):
-        for site in PLACEMENTS[placement]:
-            out.append(f"encoder.layer.{i}.{SITE_MODULE[site]}")
+    return _site_modules(src["name"], meta["num_layers"])
+
+
+# --- AdapterFusion, their way in -------------------------------------------------------------
+# A fusion saved by the `adapters` library: one folder per source adapter (save_adapter), the
+# fusion layer (save_adapter_fusion: adapter_fusion_config.json + model_adapter_fusion.*) and
+# its head (save_head), side by side in one folder -- the layout `export_fusion` writes.
+
+@staged
+def import_fusion(src: str | Path, out: Path, base_model: str | None = None, force: bool = False) -> Path:
+    """Read an AdapterHub fusion folder into ours: sources/<name>/ (adapter folders) and fusion/
+    (fusion_config.json, fusion.safetensors, the head, sources.json), which `load_fusion` rebuilds."""
+    from .artifacts import file_hash
+    src = Path(src)
+    fdir = next((p.parent for p in src.glob("*/adapter_fusion_config.json")), None)
+    if fdir is None:
+        raise UserError(f"{src} holds no adapter_fusion_config.json in a subfolder: save the fusion with "
+                        f"save_adapter_fusion next to its adapters (save_adapter) and head (save_head)")
+    fmeta = read_json(fdir / "adapter_fusion_config.json")
+    names = fmeta.get("adapter_names") or str(fmeta.get("name", "")).split(",")
+    fcfg = fmeta.get("config", {})
+    for key, want in (("query", True), ("key", True), ("residual_before", False), ("query_before_ln", False),
+                      ("value_before_softmax", True)):
+        if fcfg.get(key, want) != want:
+            raise UserError(f"{fdir}: fusion config sets {key}={fcfg.get(key)!r}, which adapterbench does not model")
+    if fcfg.get("value") and not fcfg.get("value_initialized", True):
+        pass   # V's initial value does not matter for a trained fusion
+    model = base_model or fmeta.get("model_name")
+    sources = []
+    for name in names:
+        folder = next((p.parent for p in src.glob("*/adapter_config.json")
+                       if read_json(p).get("name") == name and p.parent != fdir), None)
+        if folder is None:
+            raise UserError(f"{src}: no saved adapter named '{name}' beside the fusion (save_adapter each source)")
+        sources.append(import_adapter(folder, out / "sources" / name, model))
+    meta = read_json(sources[0] / "adapter_config.json")
+    _check_layout(meta["model_type"])
+    prefix = PREFIX[meta["model_type"]]
+    site_of = {m: i for i, m in enumerate(_site_modules(meta["method"]["name"], meta["num_layers"]))}
+    fused = ",".join(names)
+    pattern = re.compile(rf"^{prefix}\.(encoder\.layer\.\d+\.(?:attention\.output|output))\.adapter_fusion_layer\."
+                         rf"{re.escape(fused)}\.(.+)$")
+    state = {}
+    for key, value in _load_weights(fdir, "model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin").items():
+        m = pattern.match(key)
+        if not m or m.group(1) not in site_of:
+            raise UserError(f"{fdir}: unexpected fusion weight '{key}'")
+        state[f"{site_of[m.group(1)]}.{m.group(2)}"] = value
+    method = {"name": "fusion", "adapters": [f"../sources/{n}" for n in names],   # relative to fusion/
+              "variant": "dynamic" if fcfg.get("value", True) else "static",
+              "temperature": bool(fcfg.get("temperature")), "attention_dropout": float(fcfg.get("dropout_prob") or 0.0),
+              "reg_weight": 0.01}
+    save_tensors(out / "fusion" / "fusion.safetensors", state, {"format": "pt"})
+    write_json(out / "fusion" / "fusion_config.json", {
+        "method": method, "base_model": model, "model_type": meta["model_type"], "hidden_size": meta["hidden_size"],
+        "num_layers": meta["num_layers"], "task": None, "imported_from": str(src.resolve())})
+    write_json(out / "fusion" / "sources.json", [{"name": n, "path": f"../sources/{n}", "task": n,
+                                                  "sha256": file_hash(p / "adapter.safetensors")}
+                                                 for n, p in zip(names, sources)])
+    hdir = next((p.parent for p in src.glob("*/head_config.json") if p.parent not in [*sources, fdir]
+                 and not (p.parent / "adapter_config.json").exists()), None)
+    if hdir is not None:
+        _import_head(hdir, out / "fusion", fused, meta)
     return out
+
+
+def _site_modules(placement: str, num_layers: int) -> list[str]:
+    """Their module path of each of our adapter sites, in our site order."""
+    from .methods.bottleneck import PLACEMENTS
+    return [f"encoder.layer.{i}.{SITE_MODULE[site]}" for i in range(num_layers)
+            for site in PLACEMENTS["houlsby" if placement == "houlsby" else "pfeiffer"]]
+
+
+def load_fusion(folder: str | Path, model_name: str | None = None):
+    """(TaskModel, tokenizer) of an imported fusion folder (sources/ + fusion/), ready for logits."""
+    from .artifacts import load_sources, verify_sources
+    from .methods import fusion as F
+    from .methods import method_config
+    from .models import ClassificationHead, HeadConfig, TaskModel, load_encoder
+    folder = Path(folder)
+    meta = read_json(folder / "fusion" / "fusion_config.json")
+    where = lambda p: str((folder / "fusion" / p).resolve())    # sources are kept relative to fusion/
+    record = [{**s, "path": where(s["path"])} for s in read_json(folder / "fusion" / "sources.json")]
+    meta["method"]["adapters"] = [where(p) for p in meta["method"]["adapters"]]
+    verify_sources(record, meta["method"]["adapters"])
+    encoder, tokenizer = load_encoder(model_name or meta["base_model"])
+    cfg = method_config(meta["method"])
+    F.apply(encoder, cfg, ["fusion"], load_sources(meta["method"]["adapters"]))
+    F.load_state(encoder, cfg, ["fusion"], load_tensors(folder / "fusion" / "fusion.safetensors"))
+    head = ClassificationHead(HeadConfig(**read_json(folder / "fusion" / "head_config.json")))
+    head.load_state_dict(load_tensors(folder / "fusion" / "head.safetensors"))
+    return TaskModel(encoder, head).eval(), tokenizer

@@ -223,14 +223,19 @@ def export_cmd(run_dir: Path = typer.Argument(..., help="An extract run folder o
 
 
 @app.command("import")
-def import_cmd(src: Path = typer.Argument(..., help="A folder saved by the `adapters` library (save_adapter)."),
+def import_cmd(src: Path = typer.Argument(..., help="A folder saved by the `adapters` library (save_adapter; for a "
+                                                   "fusion: its adapters, save_adapter_fusion and save_head in one "
+                                                   "folder) or by peft (LoRA)."),
                out: Path = typer.Option(..., "--out", help="adapterbench adapter folder to write."),
                model: Optional[str] = typer.Option(None, "--model", help="Base model, if not the one it names."),
                force: bool = ForceOpt, debug: bool = DebugOpt):
     """Read an AdapterHub adapter (Pfeiffer/Houlsby) or a peft LoRA adapter into an adapterbench folder."""
     def go():
-        from .adapterhub import import_adapter
+        from .adapterhub import import_adapter, import_fusion
         from .runs import read_json
+        if list(src.glob("*/adapter_fusion_config.json")):
+            console.print(f"imported fusion: {import_fusion(src, out, model, force)} (sources/ and fusion/)")
+            return
         if not (src / "adapter_config.json").is_file():
             raise UserError(f"{src} holds no adapter_config.json: pass the folder save_adapter/save_pretrained wrote")
         if "peft_type" in read_json(src / "adapter_config.json"):

@@ -89,9 +89,10 @@ def fusion_parity(a, work: Path) -> dict:
         meta["task"] = f"src{i}"
         (s / "adapter_config.json").write_text(json.dumps(meta))
     cfg = resolve(merge_layers(None, {"task": "rte", "model.name": a.model, "method.name": "fusion",
-                                      "method.adapters": [str(s) for s in srcs]}, []), "fuse")
+                                      "model.pooling": "cls", "method.adapters": [str(s) for s in srcs]},
+                               ["model.max_length=64"]), "fuse")
     task = load_task("rte")
-    model, tok = build_model(cfg, task)
+    model, tok = build_model(cfg, [task])
     torch.manual_seed(3)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -106,7 +107,7 @@ def fusion_parity(a, work: Path) -> dict:
     for site in sites(model.encoder):
         site.active = None
     run = work / "fuse-run"
-    save_weights(run, cfg, task, model)
+    save_weights(run, cfg, [task], model, tok)
     out = export_fusion(run, work / "fusion-export")
     job = {"model": str(Path(a.model_path)), "pairs": PAIRS, "fusion_dir": str(out / "fusion"),
            "head_dir": str(out / "head"), "fusion_sources": [str(out / "src0"), str(out / "src1")]}
@@ -115,7 +116,28 @@ def fusion_parity(a, work: Path) -> dict:
                     str(work / "fanswer.json")], check=True)
     peer = json.loads((work / "fanswer.json").read_text())["peer_logits_of_fusion"]
     return {"fusion_effect_max_abs_logit_change": effect,
-            "fusion_ours_to_adapters_max_abs_diff": (torch.tensor(ours) - torch.tensor(peer)).abs().max().item()}
+            "fusion_ours_to_adapters_max_abs_diff": (torch.tensor(ours) - torch.tensor(peer)).abs().max().item(),
+            **fusion_import_parity(a, work)}
+
+
+def fusion_import_parity(a, work: Path) -> dict:
+    """The other way: a fusion the `adapters` library makes and saves (two seq_bn adapters, the
+    fusion layer, a head; random non-trivial weights), imported by us: its logits vs ours."""
+    from adapterbench.adapterhub import import_fusion, load_fusion
+    job = {"model": str(Path(a.model_path)), "pairs": PAIRS, "make_fusion_dir": str(work / "peer-fusion")}
+    (work / "mjob.json").write_text(json.dumps(job))
+    subprocess.run([a.peer_python, str(ROOT / "scripts" / "peer" / "parity_peer.py"), str(work / "mjob.json"),
+                    str(work / "manswer.json")], check=True)
+    theirs = json.loads((work / "manswer.json").read_text())["peer_logits_of_own_fusion"]
+    out = import_fusion(work / "peer-fusion", work / "imported-fusion", a.model)
+    model, tok = load_fusion(out)
+    ours = our_logits(model, tok)
+    if a.fixture:
+        fx = Path(a.fixture).parent / "fusion"
+        shutil.rmtree(fx, ignore_errors=True)
+        shutil.copytree(work / "peer-fusion", fx / "saved")
+        (fx / "expected.json").write_text(json.dumps({"pairs": PAIRS, "logits": theirs}, indent=1))
+    return {"fusion_adapters_to_ours_max_abs_diff": (torch.tensor(ours) - torch.tensor(theirs)).abs().max().item()}
 
 
 def main() -> None:
@@ -162,7 +184,8 @@ def main() -> None:
         (fx / "expected.json").write_text(json.dumps({"pairs": PAIRS, "logits": ans["peer_logits_of_own"],
                                                       "method": a.method}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
-    sys.exit(0 if max(d1, d2, fusion.get("fusion_ours_to_adapters_max_abs_diff", 0.0)) < 1e-4 else 1)
+    sys.exit(0 if max(d1, d2, fusion.get("fusion_ours_to_adapters_max_abs_diff", 0.0),
+                      fusion.get("fusion_adapters_to_ours_max_abs_diff", 0.0)) < 1e-4 else 1)
 
 
 if __name__ == "__main__":

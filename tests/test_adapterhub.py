@@ -111,3 +111,26 @@ def test_export_refuses_a_head_adapterhub_cannot_represent(tiny_bert_dir, task_y
     run = next(p for p in (tmp_path / "runs").glob("extract/*/*/*") if p.is_dir())
     r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "hub")])
     assert r.exit_code == 2 and "mean-pools" in r.output and not (tmp_path / "hub").exists()
+
+
+def test_import_of_an_adapterhub_fusion_gives_the_peer_logits(tmp_path):
+    """A fusion saved by the `adapters` library (two seq_bn adapters, save_adapter_fusion, the head;
+    made by scripts/parity_adapterhub.py --fixture) imports and gives its logits (the peer's side
+    of the parity, recorded offline; the live check both ways is the parity script)."""
+    from adapterbench.adapterhub import load_fusion
+    r = runner.invoke(app, ["import", str(FIX / "fusion" / "saved"), "--out", str(tmp_path / "f"), "--model", MODEL])
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in (tmp_path / "f").iterdir()} == {"sources", "fusion"}
+    model, tok = load_fusion(tmp_path / "f")
+    exp = json.loads((FIX / "fusion" / "expected.json").read_text())
+    enc = tok([a for a, _ in exp["pairs"]], [b for _, b in exp["pairs"]], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = model.logits(**enc)
+    assert (got - torch.tensor(exp["logits"])).abs().max() < 1e-4
+    from adapterbench.methods.fusion import sites
+    for site in sites(model.encoder):      # the fusion is really used: without it the logits move
+        site.active = []
+    with torch.no_grad():
+        assert (model.logits(**enc) - got).abs().max() > 1e-3
+    meta = json.loads((tmp_path / "f" / "fusion" / "fusion_config.json").read_text())
+    assert meta["method"]["variant"] == "dynamic" and len(meta["method"]["adapters"]) == 2

@@ -30,10 +30,40 @@ def fusion_logits(job, tok):
     return logits(model, tok, job["pairs"])
 
 
+def own_fusion(job, tok):
+    """A fusion of the library's own: two seq_bn adapters, Fuse, a head, random non-trivial
+    weights; saved as save_adapter / save_adapter_fusion / save_head write it."""
+    from adapters.composition import Fuse
+    model = AutoAdapterModel.from_pretrained(job["model"]).eval()
+    for name in ("a", "b"):
+        model.add_adapter(name, config="seq_bn")
+    model.add_adapter_fusion(Fuse("a", "b"))
+    model.add_classification_head("a,b", num_labels=2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(s in n for s in ("adapters.a.", "adapters.b.", "adapter_fusion_layer", "heads.a,b")):
+                p.add_(torch.randn_like(p) * 0.05)
+    model.set_active_adapters(Fuse("a", "b"))
+    model.eval()
+    out = job["make_fusion_dir"]
+    import os
+    os.makedirs(out, exist_ok=True)
+    model.save_adapter(f"{out}/a", "a", with_head=False, use_safetensors=True)
+    model.save_adapter(f"{out}/b", "b", with_head=False, use_safetensors=True)
+    model.save_adapter_fusion(f"{out}/fusion", "a,b", use_safetensors=True)
+    model.save_head(f"{out}/head", "a,b", use_safetensors=True)
+    return logits(model, tok, job["pairs"])
+
+
 def main():
     job = json.load(open(sys.argv[1]))
     tok = AutoTokenizer.from_pretrained(job["model"])
     answer = {}
+    if job.get("make_fusion_dir"):
+        answer["peer_logits_of_own_fusion"] = own_fusion(job, tok)
+        json.dump(answer, open(sys.argv[2], "w"))
+        return
     if job.get("fusion_dir"):
         answer["peer_logits_of_fusion"] = fusion_logits(job, tok)
         json.dump(answer, open(sys.argv[2], "w"))
