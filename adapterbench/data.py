@@ -146,9 +146,11 @@ def read_rows(path: Path, fmt: str, header: list[str] | None) -> list[tuple[int,
                         f"(e.g. iconv -f latin1 -t utf-8)") from None
     if fmt == "jsonl":
         return _read_jsonl(path, text)
-    lines = text.splitlines()
+    import io
     dialect = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else dict(delimiter=",")
-    reader = csv.reader(lines, **dialect)
+    # the csv module splits rows (\n, \r\n, \r; newlines inside quoted CSV fields stay in the field);
+    # str.splitlines would also split on U+2028, form feeds and other characters legal in a text
+    reader = csv.reader(io.StringIO(text, newline=""), **dialect)
     names = header or next(reader, None)
     if not names:
         return []
@@ -159,7 +161,8 @@ def read_rows(path: Path, fmt: str, header: list[str] | None) -> list[tuple[int,
         raise UserError(f"{path}: the header '{names[0][:40]}' is one column; the file looks {found}-separated, "
                         f"not {other[sep]}-separated: set sources.local.format to match (tsv or csv)")
     rows = []
-    for lineno, values in enumerate(reader, start=1 if header else 2):
+    for values in reader:
+        lineno = reader.line_num
         if not values or values == [""]:
             continue
         if len(values) != len(names):
@@ -171,7 +174,8 @@ def read_rows(path: Path, fmt: str, header: list[str] | None) -> list[tuple[int,
 
 def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):   # not splitlines: U+2028 is legal inside JSON
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         try:

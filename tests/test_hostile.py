@@ -172,3 +172,19 @@ def test_bench_options_out_of_range_are_one_line(tmp_path):
                 ["--precision", "fp8"]):
         r = runner.invoke(app, ["bench", "--model", "tiny-bert", "--configs", "pfeiffer", "--out", str(tmp_path), *opt])
         assert r.exit_code == 2 and r.output.startswith("error:") and len(r.output.strip().splitlines()) <= 2, opt
+
+
+def test_unusual_but_legal_characters_are_read_not_rejected(tmp_path):
+    """A line separator (U+2028) or form feed inside a sentence, a quoted CSV field spanning two
+    lines, and JSON strings with U+2028 are data, not row breaks."""
+    from adapterbench.data import read_rows
+    tsv = tmp_path / "a.tsv"
+    tsv.write_text("sentence\tlabel\nfirst\u2028half\tpos\nform\x0cfeed\tneg\n", encoding="utf-8")
+    assert [r["sentence"] for _, r in read_rows(tsv, "tsv", None)] == ["first\u2028half", "form\x0cfeed"]
+    csv_ = tmp_path / "a.csv"
+    csv_.write_text('sentence,label\n"two\nlines, one field",pos\nplain,neg\n', encoding="utf-8")
+    rows = read_rows(csv_, "csv", None)
+    assert [r["sentence"] for _, r in rows] == ["two\nlines, one field", "plain"] and rows[1][0] == 4
+    jl = tmp_path / "a.jsonl"
+    jl.write_text('{"sentence": "a\u2028b", "label": "pos"}\r\n{"sentence": "c", "label": "neg"}\n', encoding="utf-8")
+    assert [r["sentence"] for _, r in read_rows(jl, "jsonl", None)] == ["a\u2028b", "c"]
