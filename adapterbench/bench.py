@@ -35,11 +35,11 @@ PEER_SCRIPT = Path(__file__).resolve().parent / "peer" / "bench_peer.py"   # shi
 
 
 def peer_python() -> Path:
-    """The peer virtualenv's python: $ADAPTERBENCH_peer_python(), else .peer-venv in the current
+    """The peer virtualenv's python: $ADAPTERBENCH_PEER_PYTHON, else .peer-venv in the current
     folder, else beside a source checkout (scripts/make_peer_venv.sh makes it)."""
     import os
-    if os.environ.get("ADAPTERBENCH_peer_python()"):
-        return Path(os.environ["ADAPTERBENCH_peer_python()"])
+    if os.environ.get("ADAPTERBENCH_PEER_PYTHON"):
+        return Path(os.environ["ADAPTERBENCH_PEER_PYTHON"])
     for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
         if (root / ".peer-venv" / "bin" / "python").exists():
             return root / ".peer-venv" / "bin" / "python"
