@@ -259,8 +259,6 @@ def import_fusion(src: str | Path, out: Path, base_model: str | None = None, for
                       ("value_before_softmax", True)):
         if fcfg.get(key, want) != want:
             raise UserError(f"{fdir}: fusion config sets {key}={fcfg.get(key)!r}, which adapterbench does not model")
-    if fcfg.get("value") and not fcfg.get("value_initialized", True):
-        pass   # V's initial value does not matter for a trained fusion
     model = base_model or fmeta.get("model_name")
     sources = []
     for name in names:

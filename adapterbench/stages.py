@@ -66,14 +66,9 @@ def resolve(user: dict, stage: str) -> RunConfig:
 def tasks_of(cfg: RunConfig) -> list[TaskSpec]:
     """The run's tasks: one, or several joined by commas (multi-task)."""
     names = [n.strip() for n in cfg.task.split(",") if n.strip()]
-    if cfg.method.name in [n for n in _multitask_methods()] and len(names) < 2:
+    if get_method(cfg.method.name).STAGE == "multitask" and len(names) < 2:
         raise UserError(f"multitask needs at least two tasks, got '{cfg.task}': pass --tasks rte,mrpc")
     return [load_task(n) for n in names]
-
-
-def _multitask_methods() -> list[str]:
-    from .methods import METHODS
-    return [n for n, m in METHODS.items() if m.STAGE == "multitask"]
 
 
 def run_identity(cfg: RunConfig, tasks: list[TaskSpec]) -> dict:
@@ -316,9 +311,9 @@ def save_weights(folder: Path, cfg: RunConfig, tasks: list[TaskSpec], model: Tas
     names = [t.name for t in tasks]
     if art.weights and (not art.optional or cfg.train.save_model):
         save_tensors(out / art.weights, method.trainable_state(enc, cfg.method, names), {"format": "pt"})
-    if "adapters" in vars(cfg.method):
-        from .artifacts import load_sources
-        write_json(out / "sources.json", sources_record(load_sources(cfg.method.adapters)))
+    if "adapters" in vars(cfg.method):   # hashes only: the sources' weights are not read again
+        from .artifacts import read_sources
+        write_json(out / "sources.json", sources_record(read_sources(cfg.method.adapters)))
     write_json(out / art.config, {
         "method": to_dict(cfg)["method"], "base_model": cfg.model.name, "model_type": enc.config.model_type,
         "hidden_size": enc.config.hidden_size, "num_layers": enc.config.num_hidden_layers,

@@ -143,7 +143,7 @@ def plan(study: Study) -> list[Node]:
         if entry.merge:  # merge the sources first; the run starts from the merged adapter
             deps, paths = sources(entry, task, seed, model)
             how = merge_spec(entry.merge, label)
-            if merged_count(entry, task, how) == 1:   # one source: nothing is merged, it is transfer
+            if merged_count(entry, task, how, paths) == 1:   # one source: nothing is merged, it is transfer
                 label = layer["label"] = f"{label} (transfer)"
             digest = hashlib.sha256(json.dumps({"sources": paths, "target": task, **how},
                                                sort_keys=True).encode()).hexdigest()[:8]
@@ -160,14 +160,13 @@ def plan(study: Study) -> list[Node]:
         shown = f"{label} k={layer['train']['shots']}" if layer["train"].get("shots") else label
         return node(stage, shown, task, seed, model, user, folder, deps)
 
-    def merged_count(entry: MethodEntry, task: str, how: dict) -> int:
+    def merged_count(entry: MethodEntry, task: str, how: dict, paths: list[str]) -> int:
         """How many sources a merge entry merges on `task` (its same-track ones, if asked)."""
-        own = entry.include_target if entry.include_target is not None else False
-        wanted = [t for t in (entry.sources or study.tasks) if own or t != task]
         if entry.adapters or not how.get("same_track"):
-            return len(wanted) if not entry.adapters else 2
+            return len(paths)
+        own = entry.include_target if entry.include_target is not None else False
         track = load_task(task).track
-        return sum(load_task(t).track == track for t in wanted)
+        return sum(load_task(t).track == track for t in (entry.sources or study.tasks) if own or t != task)
 
     all_seeds = list(dict.fromkeys([*study.seeds, *(s for e in study.methods for s in e.seeds)]))
     for model in study.models:
