@@ -10,6 +10,8 @@ Verdicts (alpha 0.05; the test pairs the two rows' runs by (task, seed)):
 - not testable here: a row is missing, fewer than 2 seeds are shared, or the file says so
   (`testable: false` with `why`).
 The human discussion (likely reasons) is text in the claims file, printed beside the verdict.
+A table may read other runs than the document's (`runs: docs/results/lr_sweep.jsonl`, a folder or
+archive, relative to where the command runs) and add its rows' budgets (`settings: true`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import numpy as np
 
 from .config import load_yaml
 from .errors import UserError
-from .report import ALPHA, Report, build_report, collect, render, split_labels
+from .report import (ALPHA, SETTINGS_LEGEND, Report, build_report, collect, markdown_table, render,
+                     settings_rows, split_labels)
 
-TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "text"}
+TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "text", "runs", "settings"}
 CLAIM_KEYS = {"id", "title", "paper", "claim", "a", "b", "tasks", "kind", "margin", "paper_delta", "metric",
               "testable", "why", "discussion"}
 TOP_KEYS = {"title", "intro", "tables", "claims", "closing"}
@@ -185,13 +188,16 @@ def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool
         parts += [f"## {t.get('title', t['id'])}", ""]
         if t.get("text"):
             parts += [t["text"].strip(), ""]
+        source = Path(t["runs"]) if t.get("runs") else runs_dir
         try:
-            rep: Report = build_report(runs_dir, t.get("reference"), t.get("versus", "full"), rows,
+            rep: Report = build_report(source, t.get("reference"), t.get("versus", "full"), rows,
                                        t.get("metric"), t.get("tasks"))
         except UserError:   # a study still running: say so instead of failing the whole document
             parts += [f"_No finished runs yet for rows {', '.join(rows)}._", ""]
             continue
         parts += [render(rep, "md").rstrip(), ""]
+        if t.get("settings"):
+            parts += [markdown_table(*settings_rows(source, rows)), SETTINGS_LEGEND, ""]
         if plot:
             png = assets / f"{t['id']}.png"
             metric_bars(rep, png)

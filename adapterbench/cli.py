@@ -409,6 +409,9 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
            metric: Optional[str] = typer.Option(None, "--metric", help="Score tasks by this metric where they report "
                                                                        "it (e.g. accuracy, as AdapterFusion does); "
                                                                        "default: each task's main metric."),
+           settings: bool = typer.Option(False, "--settings", help="Also a table of each row's budget and "
+                                                                    "settings (lr, epochs, warm-up, batch, data, "
+                                                                    "precision, pooling); Markdown only."),
            claims: Optional[Path] = typer.Option(None, "--claims", help="A claims file (configs/claims/): write one "
                                                                         "document with its tables, plots and a "
                                                                         "verdict per paper claim to --out."),
@@ -429,6 +432,12 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
         rep = build_report(runs_dir, reference, versus, split_labels(rows) if rows else None, metric,
                            majority=majority)
         text = render(rep, fmt)
+        if settings:
+            from .report import SETTINGS_LEGEND, markdown_table, settings_rows
+            if fmt != "md":
+                raise UserError(f"--settings adds a Markdown table: use it with --format md, not {fmt}")
+            text += "\n" + markdown_table(*settings_rows(runs_dir, split_labels(rows) if rows else None)) + \
+                "\n" + SETTINGS_LEGEND + "\n"
         if out_file:
             atomic_write(out_file, text)
             console.print(f"table: {out_file}")

@@ -33,7 +33,7 @@ def load_splits(task: TaskSpec, data_dir: str | None, splits=("train", "dev")) -
     """Examples per split, from the local copy if there is one, else from the Hub."""
     root = resolve_data_dir(data_dir)
     local = task.sources.local
-    folder = _local_folder(task, root) if local else None
+    folder = local_folder(task, root) if local else None
     if folder is not None:
         return {s: read_local_split(task, folder, s) for s in splits}
     if task.sources.hub is not None:
@@ -43,7 +43,7 @@ def load_splits(task: TaskSpec, data_dir: str | None, splits=("train", "dev")) -
                     f"ADAPTERBENCH_DATA_DIR to a folder holding {local.dir}/")
 
 
-def _local_folder(task: TaskSpec, root: Path | None) -> Path | None:
+def local_folder(task: TaskSpec, root: Path | None) -> Path | None:
     rel = Path(task.sources.local.dir)
     candidates = [rel] if rel.is_absolute() else []
     if not rel.is_absolute():
@@ -78,7 +78,7 @@ def read_local_split(task: TaskSpec, folder: Path, split: str) -> list[dict]:
 def data_files(task: TaskSpec, data_dir: str | None) -> list[Path]:
     """The local files a task reads (empty when it reads from the Hub)."""
     local = task.sources.local
-    folder = _local_folder(task, resolve_data_dir(data_dir)) if local else None
+    folder = local_folder(task, resolve_data_dir(data_dir)) if local else None
     if folder is None:
         return []
     return sorted({folder / _file_spec(v).path for v in local.files.values()})

@@ -182,12 +182,15 @@ class Report:
 
 def majority_baseline(task_name: str, metric: str | None) -> tuple[float | None, str | None]:
     """(score, metric name) of predicting the training set's majority class (regression: its
-    mean, a constant) for every dev example; (None, None) when the task or its data is not at hand."""
+    mean, a constant) for every dev example; (None, None) when the task or a local copy of its
+    data is not at hand (a report never waits on the Hub for this row)."""
     from . import metrics as M
-    from .data import load_splits
+    from .data import local_folder, load_splits, resolve_data_dir
     from .tasks import load_task
     try:
         task = load_task(task_name)
+        if task.sources.local is None or local_folder(task, resolve_data_dir(None)) is None:
+            return None, None
         splits = load_splits(task, None, ("train", "dev"))
     except UserError:
         return None, None
@@ -286,12 +289,89 @@ def legend(rep: Report) -> str:
     return text
 
 
+def run_config(where: str, m: dict) -> dict:
+    """A finished run's resolved config: an archive line carries it, a run folder has config.yaml."""
+    if isinstance(m.get("config"), dict):
+        return m["config"]
+    try:
+        import yaml
+        config = yaml.safe_load((Path(where) / "config.yaml").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _training_data(train: dict) -> str:
+    """What a run trained on, in words: every example, a cap, or k per class."""
+    if train.get("shots"):
+        return f"{train['shots']}/class"
+    return f"≤ {train['limit']:,}" if train.get("limit") else "all"
+
+
+def _epochs(train: dict) -> str:
+    """The epoch budget: a fixed count, or a cap when early stopping (patience) may end it sooner."""
+    if train.get("max_steps"):
+        return f"{train['max_steps']} steps"
+    n = train.get("epochs", "?")
+    return f"≤ {n} (patience {train['patience']})" if train.get("patience") else str(n)
+
+
+SETTINGS_HEADER = ["row", "method", "lr", "epochs", "epochs run", "best epoch", "warm-up", "batch",
+                   "training data", "precision", "pooling", "runs"]
+
+
+def settings_rows(root: Path, only: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """The budget and settings of every row (the paper-table footnote): learning rate, epoch
+    budget, epochs actually run and the best (dev-chosen) epoch, 1-based means over the row's
+    runs, warm-up, batch size, training data, precision and pooling, from each run's resolved
+    config. A setting that differs between a row's runs shows every value."""
+    from fnmatch import fnmatch
+    by_label: dict[str, list[tuple[dict, dict]]] = {}
+    for where, m in records(root):
+        if m.get("status") != "ok" or m.get("main_value") is None:
+            continue
+        label = m.get("label") or m.get("method")
+        if only and not any(fnmatch(label, pat) for pat in only):
+            continue
+        by_label.setdefault(label, []).append((m, run_config(where, m)))
+    body = []
+    for label in sorted(by_label, key=lambda x: (split_k(x)[1], x)):
+        runs = by_label[label]
+        trains = [c.get("train", {}) for _, c in runs]
+
+        def each(values) -> str:
+            return " / ".join(sorted({str(v) for v in values}))
+        run_epochs = [m["epochs_run"] for m, _ in runs if m.get("epochs_run") is not None]
+        best = [m["best_epoch"] + 1 for m, _ in runs if m.get("best_epoch") is not None]
+        body.append([label, each(m.get("method", "?") for m, _ in runs),
+                     each(f"{t['lr']:g}" for t in trains if "lr" in t),
+                     each(map(_epochs, trains)),
+                     f"{np.mean(run_epochs):.1f}" if run_epochs else "–",
+                     f"{np.mean(best):.1f}" if best else "–",
+                     each(f"{t.get('warmup_ratio', 0):.0%}" for t in trains),
+                     each(t.get("batch_size", "?") for t in trains),
+                     each(map(_training_data, trains)),
+                     each(t.get("precision", "?") for t in trains),
+                     each(m.get("pooling") or c.get("model", {}).get("pooling", "?") for m, c in runs),
+                     str(len(runs))])
+    return SETTINGS_HEADER, body
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body]) + "\n"
+
+
+SETTINGS_LEGEND = ("Settings: each row's learning rate, epoch budget (≤ N: best epoch on dev, stopped after "
+                   "`patience` epochs without a better one), epochs run and best epoch (means over the row's runs, "
+                   "1-based), warm-up share of the steps, batch size, training examples per task (all, a seeded "
+                   "cap, or k per class), precision (bf16: autocast) and the pooling the head reads.")
+
+
 def render(rep: Report, fmt: str) -> str:
     header, body = table_rows(rep)
     if fmt == "md":
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(r) + " |" for r in body]
-        return "\n".join(lines) + "\n\n" + legend(rep) + "\n"
+        return markdown_table(header, body) + "\n" + legend(rep) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")

@@ -152,3 +152,57 @@ def test_shipped_claims_files_parse_and_name_study_rows():
         for c in spec["claims"]:
             for row in (c.a, c.b):
                 assert row.split(" k=")[0] in labels, (f.name, row)
+
+
+def test_settings_table_states_each_rows_budget(tmp_path):
+    """--settings: lr, epoch budget, epochs run / best epoch (1-based means), warm-up, data and
+    precision from each run's resolved config; values that differ within a row are all shown."""
+    root = tmp_path / "runs"
+    for seed, (lr, best, run) in enumerate([(1e-4, 1, 4), (1e-4, 3, 6), (3e-4, 2, 5)], start=1):
+        fake_run(root, "pfeiffer", "rte", seed, 60.0 + seed)
+        d = root / "pfeiffer" / "rte" / f"s{seed}"
+        m = json.loads((d / "metrics.json").read_text())
+        (d / "metrics.json").write_text(json.dumps({**m, "best_epoch": best, "epochs_run": run, "pooling": "mean"}))
+        (d / "config.yaml").write_text(
+            f"train: {{lr: {lr}, epochs: 10, patience: 3, warmup_ratio: 0.1, batch_size: 32, limit: 20000, "
+            f"precision: bf16}}\n")
+    fake_run(root, "adapter k=32", "rte", 1, 55.0)
+    (root / "adapter_k=32" / "rte" / "s1" / "config.yaml").write_text(
+        "train: {lr: 0.001, epochs: 10, patience: 0, warmup_ratio: 0.0, batch_size: 8, shots: 32, precision: fp32}\n")
+    r = runner.invoke(app, ["report", str(root), "--settings", "--no-plot", "--no-majority"])
+    assert r.exit_code == 0, r.output
+    assert ("| pfeiffer | pfeiffer | 0.0001 / 0.0003 | ≤ 10 (patience 3) | 5.0 | 3.0 | 10% | 32 | ≤ 20,000 | "
+            "bf16 | mean | 3 |") in r.output
+    assert "| adapter k=32 | adapter k=32 | 0.001 | 10 | – | – | 0% | 8 | 32/class | fp32 | ? | 1 |" in r.output
+    bad = runner.invoke(app, ["report", str(root), "--settings", "--format", "csv"])
+    assert bad.exit_code == 2 and "use it with --format md" in bad.output
+
+
+def test_claims_table_from_another_archive_with_settings(runs, tmp_path):
+    """A claims table can read its own runs (`runs:`, e.g. a learning-rate sweep's archive) and
+    show its rows' settings (`settings: true`); the document's other tables keep the main runs."""
+    sweep = tmp_path / "sweep.jsonl"
+    lines = [{"status": "ok", "label": f"head lr={lr}", "method": "head", "task": "rte", "seed": 1,
+              "main_value": v, "best_epoch": 0, "epochs_run": 4, "config": {"train": {"lr": float(lr), "epochs": 10}}}
+             for lr, v in (("1e-3", 51.0), ("3e-3", 57.5))]
+    sweep.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    spec = tmp_path / "claims.yaml"
+    spec.write_text(f"tables:\n  - {{id: main, rows: full}}\n"
+                    f"  - {{id: sweep, rows: 'head *', runs: {sweep}, settings: true}}\n")
+    out = tmp_path / "results.md"
+    r = runner.invoke(app, ["report", str(runs), "--claims", str(spec), "--out", str(out), "--no-plot"])
+    assert r.exit_code == 0, r.output
+    main, swept = out.read_text().split("## sweep")
+    assert "| full | 81.00 ± 1.00 (3) | 62.00 ± 2.00 (3) |" in main and "head lr" not in main
+    assert "| head lr=3e-3 | 57.50 ± 0.00 (1) |" in swept
+    assert "| head lr=1e-3 | head | 0.001 | 10 | 4.0 | 1.0 |" in swept and "| full |" not in swept
+
+
+def test_majority_row_never_waits_on_the_hub(tmp_path, monkeypatch):
+    """Without a local copy of the task's data the majority-class row is left out; the Hub is not tried."""
+    from adapterbench import data, report
+    def no_hub(*a, **k):
+        raise AssertionError("the report tried the Hub")
+    monkeypatch.setattr(data, "read_hub_split", no_hub)
+    monkeypatch.setenv("ADAPTERBENCH_DATA_DIR", str(tmp_path))
+    assert report.majority_baseline("rte", None) == (None, None)
