@@ -48,8 +48,9 @@ def _check_layout(model_type: str) -> None:
 
 
 @staged
-def export(src: str | Path, out: Path, name: str | None = None, force: bool = False) -> Path:
-    """Write an extract run's (or adapter folder's) adapter and head in AdapterHub's format."""
+def export(src: str | Path, out: Path, name: str | None = None, force: bool = False, with_head: bool = True) -> Path:
+    """Write an extract run's (or adapter folder's) adapter, and unless `with_head` is False its
+    head, in AdapterHub's format (a source for the library's fusion needs no head)."""
     from .artifacts import adapter_folder
     folder = adapter_folder(str(src))
     meta = read_json(folder / "adapter_config.json")
@@ -75,6 +76,8 @@ def export(src: str | Path, out: Path, name: str | None = None, force: bool = Fa
               "model_name": meta["base_model"], "model_type": meta["model_type"], "name": name, "version": VERSION}
     save_tensors(out / "adapter.safetensors", state, {"format": "pt"})
     write_json(out / "adapter_config.json", {"config": config, **common})
+    if not with_head:
+        return out
     if (folder / "head_config.json").is_file() and read_json(folder / "head_config.json").get("pooling", "cls") != "cls":
         raise UserError(f"{folder}: its head mean-pools the tokens or reads the pretrained pooler, which "
                         f"AdapterHub's 2-layer classification head cannot represent (it reads the first token "

@@ -206,6 +206,8 @@ def export_cmd(run_dir: Path = typer.Argument(..., help="An extract run folder o
                fmt: str = typer.Option("adapterhub", "--format", help="adapterhub (pfeiffer, houlsby, fusion) or peft (lora)."),
                out: Path = typer.Option(..., "--out", help="Folder to write."),
                name: Optional[str] = typer.Option(None, "--name", help="Adapter name (default: the task)."),
+               head: bool = typer.Option(True, "--head/--no-head", help="adapterhub: also write the head (--no-head: "
+                                                                        "the adapter alone, e.g. a fusion source)."),
                force: bool = ForceOpt, debug: bool = DebugOpt):
     """Write an adapter (and its head) in AdapterHub's format (the `adapters` library) or peft's (LoRA)."""
     def go():
@@ -218,7 +220,7 @@ def export_cmd(run_dir: Path = typer.Argument(..., help="An extract run folder o
         elif (run_dir / "fusion" / "fusion_config.json").is_file():
             console.print(f"exported fusion: {export_fusion(run_dir, out, force)}")
         else:
-            console.print(f"exported: {export(run_dir, out, name, force)}")
+            console.print(f"exported: {export(run_dir, out, name, force, with_head=head)}")
     guarded(debug, go)
 
 

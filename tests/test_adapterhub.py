@@ -111,6 +111,12 @@ def test_export_refuses_a_head_adapterhub_cannot_represent(tiny_bert_dir, task_y
     run = next(p for p in (tmp_path / "runs").glob("extract/*/*/*") if p.is_dir())
     r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "hub")])
     assert r.exit_code == 2 and "mean-pools" in r.output and not (tmp_path / "hub").exists()
+    # the adapter alone (a fusion source for the library) exports, with no head files
+    r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "hub"), "--no-head"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    state = load_tensors(tmp_path / "hub" / "adapter.safetensors")
+    assert len(state) == 4 * 2 and all(".adapters.toy.adapter_" in k for k in state)
 
 
 def test_import_of_an_adapterhub_fusion_gives_the_peer_logits(tmp_path):
