@@ -11,7 +11,8 @@ Verdicts (alpha 0.05; the test pairs the two rows' runs by (task, seed)):
   (`testable: false` with `why`).
 The human discussion (likely reasons) is text in the claims file, printed beside the verdict.
 A table may read other runs than the document's (`runs: docs/results/lr_sweep.jsonl`, a folder or
-archive, relative to where the command runs) and add its rows' budgets (`settings: true`).
+archive, relative to where the command runs), add its rows' budgets (`settings: true`) and what
+their runs recorded beyond scores (`extras: true`: multi-task shares, merge alignment).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import numpy as np
 
 from .config import load_yaml
 from .errors import UserError
-from .report import (ALPHA, SETTINGS_LEGEND, Report, build_report, collect, markdown_table, render,
+from .report import (ALPHA, SETTINGS_LEGEND, Report, build_report, collect, extras_rows, markdown_table, render,
                      settings_rows, split_labels)
 
-TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "text", "runs", "settings"}
+TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "text", "runs", "settings", "extras"}
 CLAIM_KEYS = {"id", "title", "paper", "claim", "a", "b", "tasks", "kind", "margin", "paper_delta", "metric",
               "testable", "why", "discussion"}
 TOP_KEYS = {"title", "intro", "tables", "claims", "closing"}
@@ -198,6 +199,10 @@ def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool
         parts += [render(rep, "md").rstrip(), ""]
         if t.get("settings"):
             parts += [markdown_table(*settings_rows(source, rows)), SETTINGS_LEGEND, ""]
+        if t.get("extras"):
+            header, body = extras_rows(source, rows)
+            if body:
+                parts += [markdown_table(header, body), ""]
         if plot:
             png = assets / f"{t['id']}.png"
             metric_bars(rep, png)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import load_yaml
 from .errors import UserError
-from .runs import iter_runs
+from .runs import archive_record, iter_runs
 
 BASELINES = ("full", "mtl")  # rows that deltas are taken against, when present
 ALPHA = 0.05
@@ -52,8 +52,9 @@ class Row:
 
 
 def records(root: Path):
-    """(where, metrics) of every finished run: run folders under `root`, or the lines of a
-    results archive (`adapterbench archive`, a .jsonl file)."""
+    """(where, record) of every finished run: run folders under `root`, or the lines of a results
+    archive (`adapterbench archive`, a .jsonl file); a record is the run's metrics.json with its
+    resolved `config` (and, for a run that started from a merge, the merge's record)."""
     root = Path(root)
     if root.is_file() and root.suffix == ".jsonl":
         for i, line in enumerate(root.read_text().splitlines(), start=1):
@@ -67,10 +68,9 @@ def records(root: Path):
         raise UserError(f"runs folder {root} does not exist: pass the folder a study or stage wrote, "
                         f"or a results archive (.jsonl)")
     for folder in iter_runs(root):
-        try:
-            yield str(folder), json.loads((folder / "metrics.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
+        record = archive_record(folder)    # what an archive line would hold: metrics, config, merge record
+        if record is not None:
+            yield str(folder), record
 
 
 def collect(root: Path, metric: str | None = None) -> dict[str, Row]:
@@ -289,18 +289,6 @@ def legend(rep: Report) -> str:
     return text
 
 
-def run_config(where: str, m: dict) -> dict:
-    """A finished run's resolved config: an archive line carries it, a run folder has config.yaml."""
-    if isinstance(m.get("config"), dict):
-        return m["config"]
-    try:
-        import yaml
-        config = yaml.safe_load((Path(where) / "config.yaml").read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
 def _training_data(train: dict) -> str:
     """What a run trained on, in words: every example, a cap, or k per class."""
     if train.get("shots"):
@@ -327,13 +315,13 @@ def settings_rows(root: Path, only: list[str] | None = None) -> tuple[list[str],
     config. A setting that differs between a row's runs shows every value."""
     from fnmatch import fnmatch
     by_label: dict[str, list[tuple[dict, dict]]] = {}
-    for where, m in records(root):
+    for _, m in records(root):
         if m.get("status") != "ok" or m.get("main_value") is None:
             continue
         label = m.get("label") or m.get("method")
         if only and not any(fnmatch(label, pat) for pat in only):
             continue
-        by_label.setdefault(label, []).append((m, run_config(where, m)))
+        by_label.setdefault(label, []).append((m, m.get("config") or {}))
     body = []
     for label in sorted(by_label, key=lambda x: (split_k(x)[1], x)):
         runs = by_label[label]
@@ -355,6 +343,44 @@ def settings_rows(root: Path, only: list[str] | None = None) -> tuple[list[str],
                      each(m.get("pooling") or c.get("model", {}).get("pooling", "?") for m, c in runs),
                      str(len(runs))])
     return SETTINGS_HEADER, body
+
+
+def extras_rows(root: Path, only: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """What runs record beyond their scores, one line per run: a multi-task run's share of the
+    training examples per task (MT-Uncertainty's choices, Pilault et al. 2021 Sec. 3.2) and the
+    share of each task's training set it used; a run started from a merge (He et al. 2023), its
+    strategy and per source the share of bottleneck units the alignment moved (mean over sites)
+    and how far the source moved from its initialisation, ||theta - theta_0|| / ||theta_0||."""
+    from fnmatch import fnmatch
+    body = []
+    for _, m in records(root):
+        label = m.get("label") or m.get("method")
+        if m.get("status") != "ok" or (only and not any(fnmatch(label, pat) for pat in only)):
+            continue
+        what = []
+        if m.get("share_of_examples"):
+            what.append("share of examples: " + ", ".join(f"{t} {v:.1%}" for t, v in sorted(m["share_of_examples"].items())))
+        if m.get("fraction_used_per_task"):
+            what.append("of each training set used: " + ", ".join(
+                f"{t} {v:.0%}" for t, v in sorted(m["fraction_used_per_task"].items())))
+        if m.get("merge"):
+            what.append(_merge_words(m["merge"]))
+        if what:
+            task = ",".join(sorted(m["tasks"])) if len(m.get("tasks") or {}) > 1 else str(m.get("task"))
+            body.append([label, task, str(m.get("seed")), "; ".join(what)])
+    body.sort(key=lambda r: (r[0], r[1], int(r[2]) if r[2].isdigit() else 0))
+    return ["row", "task", "seed", "recorded"], body
+
+
+def _merge_words(merge: dict) -> str:
+    parts = []
+    for src in merge.get("sources", []):
+        moved = src.get("units_moved")
+        bits = [f"units moved {float(np.mean(list(moved.values()))):.0%}"] if moved else []
+        if src.get("relative_change") is not None:
+            bits.append(f"‖θ−θ₀‖/‖θ₀‖ {src['relative_change']:.2f}")
+        parts.append(f"{src.get('task')}" + (f" ({', '.join(bits)})" if bits else ""))
+    return f"{merge.get('strategy')} of " + ", ".join(parts) + (f" [{merge['kind']}]" if merge.get("kind") else "")
 
 
 def markdown_table(header: list[str], body: list[list[str]]) -> str:

@@ -312,11 +312,15 @@ def archive_record(folder: Path) -> dict | None:
     merge's record (sources, relative change, units moved)."""
     try:
         m = json.loads((folder / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(m, dict) or m.get("status") != "ok" or m.get("main_value") is None:
+        return None
+    try:   # a folder without a readable config.yaml still reports its scores
         config = yaml.safe_load((folder / "config.yaml").read_text())
-    except (OSError, json.JSONDecodeError, yaml.YAMLError):
-        return None
-    if m.get("status") != "ok" or m.get("main_value") is None:
-        return None
+    except (OSError, yaml.YAMLError):
+        config = None
+    config = config if isinstance(config, dict) else {}
     out = {"run": folder.name, "config_hash": folder.name.rsplit("-", 1)[-1], **m, "config": config}
     init = config.get("init_from")
     if init and (Path(init) / "adapter_config.json").is_file():

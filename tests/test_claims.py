@@ -206,3 +206,27 @@ def test_majority_row_never_waits_on_the_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "read_hub_split", no_hub)
     monkeypatch.setenv("ADAPTERBENCH_DATA_DIR", str(tmp_path))
     assert report.majority_baseline("rte", None) == (None, None)
+
+
+def test_extras_table_shows_sampling_shares_and_merge_alignment(tmp_path):
+    """extras: a multi-task run's share of examples per task, a merged start's units moved (mean
+    over sites) and relative change per source; runs with nothing extra are left out."""
+    lines = [
+        {"status": "ok", "label": "camtl", "method": "camtl", "task": "rte", "seed": 2, "main_value": 60.0,
+         "tasks": {"rte": {"main_value": 55.0}, "mrpc": {"main_value": 65.0}},
+         "share_of_examples": {"rte": 0.873, "mrpc": 0.127}, "fraction_used_per_task": {"rte": 1.0, "mrpc": 0.24}},
+        {"status": "ok", "label": "merge-track-align k=32", "method": "pfeiffer", "task": "rte", "seed": 1,
+         "main_value": 55.0, "merge": {"strategy": "align", "kind": "merge", "sources": [
+             {"task": "sick", "units_moved": {"0.ffn": 0.0, "1.ffn": 0.0}, "relative_change": 1.5},
+             {"task": "cb", "units_moved": {"0.ffn": 0.5, "1.ffn": 0.25}, "relative_change": 0.25}]}},
+        {"status": "ok", "label": "full", "method": "full", "task": "rte", "seed": 1, "main_value": 61.0}]
+    archive = tmp_path / "runs.jsonl"
+    archive.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    from adapterbench.report import extras_rows
+    header, body = extras_rows(archive)
+    assert [r[0] for r in body] == ["camtl", "merge-track-align k=32"]
+    assert body[0][1:3] == ["mrpc,rte", "2"] and "share of examples: mrpc 12.7%, rte 87.3%" in body[0][3]
+    assert "of each training set used: mrpc 24%, rte 100%" in body[0][3]
+    assert body[1][3] == ("align of sick (units moved 0%, ‖θ−θ₀‖/‖θ₀‖ 1.50), cb (units moved 38%, "
+                          "‖θ−θ₀‖/‖θ₀‖ 0.25) [merge]")
+    assert extras_rows(archive, ["full"])[1] == []
