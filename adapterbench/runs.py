@@ -323,8 +323,11 @@ def archive_record(folder: Path) -> dict | None:
     config = config if isinstance(config, dict) else {}
     out = {"run": folder.name, "config_hash": folder.name.rsplit("-", 1)[-1], **m, "config": config}
     init = config.get("init_from")
-    if init and (Path(init) / "adapter_config.json").is_file():
-        out["merge"] = json.loads((Path(init) / "adapter_config.json").read_text()).get("merge")
+    # a relative init_from is relative to where the study ran, which need not be here: look upward too
+    found = next((base / init / "adapter_config.json" for base in (Path.cwd(), *folder.resolve().parents)
+                  if init and (base / init / "adapter_config.json").is_file()), None)
+    if found is not None:
+        out["merge"] = json.loads(found.read_text()).get("merge")
     return out
 
 

@@ -428,3 +428,22 @@ def test_submitit_local_launcher_runs_the_same_workers(tmp_path, task_yamls, dat
     logs = list(Path(launch["log_folder"]).glob("*_log.out"))
     started = [line for lg in logs for line in lg.read_text().splitlines() if line.endswith(": start")]
     assert len(started) == 5
+
+
+def test_archive_finds_a_merge_record_from_another_folder(tmp_path, monkeypatch):
+    """A study's relative init_from (runs/<study>/merge/...) is relative to where it ran; archiving
+    from elsewhere still finds the merge's record (by looking up from the run folder)."""
+    from adapterbench.runs import archive_record
+    base = tmp_path / "studies"
+    run = base / "runs" / "s" / "extract" / "pfeiffer" / "rte" / "minilm-l6-s1-abc"
+    merged = base / "runs" / "s" / "merge" / "m1"
+    run.mkdir(parents=True)
+    merged.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"status": "ok", "main_value": 55.0, "label": "m k=32"}))
+    (run / "config.yaml").write_text("init_from: runs/s/merge/m1\n")
+    (merged / "adapter_config.json").write_text(json.dumps({"merge": {"strategy": "align", "sources": []}}))
+    monkeypatch.chdir(tmp_path)
+    rec = archive_record(run)
+    assert rec["merge"] == {"strategy": "align", "sources": []} and rec["config_hash"] == "abc"
+    (run / "config.yaml").write_text("init_from: runs/s/merge/missing\n")
+    assert "merge" not in archive_record(run)
