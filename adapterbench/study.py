@@ -111,9 +111,11 @@ def plan(study: Study) -> list[Node]:
         """(dependencies, adapter folders) of a fusion or merge entry on target `task`."""
         label = entry.label or entry.name
         own = entry.include_target if entry.include_target is not None else not entry.merge
+        track = load_task(task).track if entry.merge and merge_spec(entry.merge, label)["same_track"] else None
+        keep = lambda t: (own or t != task) and (track is None or load_task(t).track == track)  # noqa: E731
         if entry.adapters:
             found = expand_adapters(entry.adapters, label)
-            return [], [str(p) for p, t in found if own or t != task]
+            return [], [str(p) for p, t in found if keep(t)]
         src_entry = entries.get(entry.source_method)
         if src_entry is entry or (src_entry is not None and (src_entry.merge or takes_sources(get_method(src_entry.name)))):
             raise UserError(f"{entry.name} entry '{label}': source_method '{entry.source_method}' must name an entry "
@@ -122,7 +124,10 @@ def plan(study: Study) -> list[Node]:
         if src_entry is None:
             raise UserError(f"{entry.name} entry '{label}': source_method '{entry.source_method}' is not "
                             f"a method label of the study ({', '.join(entries)})")
-        wanted = [t for t in (entry.sources or study.tasks) if own or t != task]
+        wanted = [t for t in (entry.sources or study.tasks) if keep(t)]   # a same-track merge trains only its track
+        if entry.merge and not wanted:
+            raise UserError(f"merge entry '{label}': no source task is in track '{track}' of {task} (sources: "
+                            f"{', '.join(entry.sources or study.tasks)}): add one, or drop merge.same_track")
         if get_method(src_entry.name).STAGE == "multitask":   # Fusion w/ MT-A: the adapters one run exported
             mt = add(src_entry, ",".join(study.tasks), seed, model, 0)
             root = by_index[mt].folder.resolve() / "multitask" / "adapters"
@@ -143,7 +148,7 @@ def plan(study: Study) -> list[Node]:
         if entry.merge:  # merge the sources first; the run starts from the merged adapter
             deps, paths = sources(entry, task, seed, model)
             how = merge_spec(entry.merge, label)
-            if merged_count(entry, task, how, paths) == 1:   # one source: nothing is merged, it is transfer
+            if len(paths) == 1:   # one source: nothing is merged, it is transfer
                 label = layer["label"] = f"{label} (transfer)"
             digest = hashlib.sha256(json.dumps({"sources": paths, "target": task, **how},
                                                sort_keys=True).encode()).hexdigest()[:8]
@@ -159,14 +164,6 @@ def plan(study: Study) -> list[Node]:
         folder = planned_folder(stage, resolve(user, stage))
         shown = f"{label} k={layer['train']['shots']}" if layer["train"].get("shots") else label
         return node(stage, shown, task, seed, model, user, folder, deps)
-
-    def merged_count(entry: MethodEntry, task: str, how: dict, paths: list[str]) -> int:
-        """How many sources a merge entry merges on `task` (its same-track ones, if asked)."""
-        if entry.adapters or not how.get("same_track"):
-            return len(paths)
-        own = entry.include_target if entry.include_target is not None else False
-        track = load_task(task).track
-        return sum(load_task(t).track == track for t in (entry.sources or study.tasks) if own or t != task)
 
     all_seeds = list(dict.fromkeys([*study.seeds, *(s for e in study.methods for s in e.seeds)]))
     for model in study.models:

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from adapterbench import study as S
+from adapterbench.errors import UserError
 from adapterbench.cli import app
 from adapterbench.report import build_report, paired_p, render, Cell
 
@@ -252,7 +253,8 @@ methods:
     assert len(merges) == 2                                   # one per entry, shared by k = 2 and 4
     sources = [n for n in nodes if n.label.startswith("src")]  # toy2, toyreg (full data) + src k=2/4 on toy
     assert sorted(n.config["train"].get("shots", 0) for n in sources) == [0, 0, 2, 4]
-    assert all(len(m.config["adapters"]) == 2 for m in merges)  # the target's own adapter is no source
+    # the target's own adapter is no source; a same-track merge plans only its track's sources
+    assert {m.label: len(m.config["adapters"]) for m in merges} == {"mavg": 2, "mtrack (transfer)": 1}
     r = runner.invoke(app, ["run", str(y)])
     assert r.exit_code == 0, r.output
     for m in merges:
@@ -447,3 +449,27 @@ def test_archive_finds_a_merge_record_from_another_folder(tmp_path, monkeypatch)
     assert rec["merge"] == {"strategy": "align", "sources": []} and rec["config_hash"] == "abc"
     (run / "config.yaml").write_text("init_from: runs/s/merge/missing\n")
     assert "merge" not in archive_record(run)
+
+
+def test_same_track_merge_plans_only_its_tracks_sources(tmp_path, task_yamls):
+    """A same-track merge trains only the sources in the target's track (no other task's adapter
+    is planned for it), and one with none in the track is one clear error at plan time."""
+    toy2 = tmp_path / "toy2.yaml"
+    toy2.write_text(task_yamls["toy"].read_text().replace("name: toy", "name: toy2"))
+    y = tmp_path / "m.yaml"
+    body = f"""name: m
+tasks: [{task_yamls['toy']}]
+seeds: [7]
+models: [tiny-bert]
+out_dir: {tmp_path / 'runs'}
+methods:
+  - {{name: pfeiffer, label: src, seeds: [1]}}
+  - {{name: pfeiffer, label: mt, source_method: src, sources: SOURCES, merge: {{strategy: align, same_track: true}}}}
+"""
+    y.write_text(body.replace("SOURCES", f"[{toy2}, {task_yamls['toyreg']}]"))
+    nodes = S.plan(S.load_study(y))
+    trained = sorted((Path(n.task).stem, n.seed) for n in nodes if n.stage == "extract" and n.label == "src")
+    assert ("toyreg", 7) not in trained and ("toy2", 7) in trained
+    y.write_text(body.replace("SOURCES", f"[{task_yamls['toyreg']}]"))
+    with pytest.raises(UserError, match="no source task is in track"):
+        S.plan(S.load_study(y))
