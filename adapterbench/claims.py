@@ -166,6 +166,15 @@ def claim_section(i: int, claim: Claim, v: Verdict) -> str:
     return "\n".join(out)
 
 
+def rows_or_none(runs_dir: Path, metric: str | None) -> dict:
+    """The report rows, or none while a study has finished no run yet (every claim is then not
+    testable); a runs folder or archive that does not exist is still an error."""
+    from .report import records
+    if not any(True for _ in records(runs_dir)):
+        return {}
+    return collect(runs_dir, metric)
+
+
 def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool = True) -> list[tuple[str, str]]:
     """Write the document (and its plots in a folder named after it); returns (claim id, verdict)."""
     from .plots import metric_bars
@@ -176,7 +185,7 @@ def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool
     parts = [f"# {spec.get('title', 'Results')}", ""]
     if spec.get("intro"):
         parts += [spec["intro"].strip(), ""]
-    rows_by_metric = {m: collect(runs_dir, m) for m in {c.metric for c in spec["claims"]}}   # read runs once
+    rows_by_metric = {m: rows_or_none(runs_dir, m) for m in {c.metric for c in spec["claims"]}}
     judged = [(c, judge(c, rows_by_metric[c.metric])) for c in spec["claims"]]
     if judged:
         parts += ["## Verdicts at a glance", "", "| # | claim | verdict | mean Δ | p |", "|---|---|---|---|---|"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The reproduction study (configs/studies/reproduce_minilm.yaml), then docs/results.md: its
-# tables, plots (docs/results/*.png) and a verdict per paper claim, all written by
+# The 1,000-example reproduction study (configs/studies/reproduce_minilm.yaml), then docs/results-1k.md: its
+# tables, plots (docs/results-1k/*.png) and a verdict per paper claim, all written by
 # `adapterbench report --claims configs/claims/reproduce_minilm.yaml` from the study's runs.
 # The study resumes after any interruption: run this again to go on. Several workers share it
 # on a machine with 2+ cores: WORKERS=2 (each gets OMP_NUM_THREADS=1 unless set).
@@ -22,4 +22,4 @@ if [ "$WORKERS" -gt 1 ]; then
 else
   $AB run "$STUDY" || echo "some runs failed: see the study's output; the report follows"
 fi
-$AB report runs/reproduce_minilm --claims configs/claims/reproduce_minilm.yaml --out docs/results.md
+$AB report runs/reproduce_minilm --claims configs/claims/reproduce_minilm.yaml --out docs/results-1k.md

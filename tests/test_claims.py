@@ -230,3 +230,18 @@ def test_extras_table_shows_sampling_shares_and_merge_alignment(tmp_path):
     assert body[1][3] == ("align of sick (units moved 0%, ‖θ−θ₀‖/‖θ₀‖ 1.50), cb (units moved 38%, "
                           "‖θ−θ₀‖/‖θ₀‖ 0.25) [merge]")
     assert extras_rows(archive, ["full"])[1] == []
+
+
+def test_claims_document_before_any_run_finished(tmp_path):
+    """An empty archive (a study just started) gives a document whose claims are all not testable;
+    an archive that does not exist is one clear error."""
+    spec = tmp_path / "c.yaml"
+    spec.write_text("tables:\n  - {id: main, rows: full}\nclaims:\n  - {id: x, title: X beats Y, a: x, b: y}\n")
+    empty = tmp_path / "runs.jsonl"
+    empty.write_text("")
+    out = tmp_path / "r.md"
+    r = runner.invoke(app, ["report", str(empty), "--claims", str(spec), "--out", str(out), "--no-plot"])
+    assert r.exit_code == 0 and "x: not testable here" in r.output
+    assert "_No finished runs yet for rows full._" in out.read_text()
+    r = runner.invoke(app, ["report", str(tmp_path / "nope.jsonl"), "--claims", str(spec), "--out", str(out)])
+    assert r.exit_code == 2 and "does not exist" in r.output
