@@ -289,6 +289,14 @@ def legend(rep: Report) -> str:
     return text
 
 
+def _lr(x: float) -> str:
+    """A learning rate as papers write it: 1e-4, 2.5e-5 (0.01 and up as decimals)."""
+    if x >= 0.01 or x <= 0:
+        return f"{x:g}"
+    mantissa, exponent = f"{x:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 def _training_data(train: dict) -> str:
     """What a run trained on, in words: every example, a cap, or k per class."""
     if train.get("shots"):
@@ -332,7 +340,7 @@ def settings_rows(root: Path, only: list[str] | None = None) -> tuple[list[str],
         run_epochs = [m["epochs_run"] for m, _ in runs if m.get("epochs_run") is not None]
         best = [m["best_epoch"] + 1 for m, _ in runs if m.get("best_epoch") is not None]
         body.append([label, each(m.get("method", "?") for m, _ in runs),
-                     each(f"{t['lr']:g}" for t in trains if "lr" in t),
+                     each(_lr(t["lr"]) for t in trains if "lr" in t),
                      each(map(_epochs, trains)),
                      f"{np.mean(run_epochs):.1f}" if run_epochs else "–",
                      f"{np.mean(best):.1f}" if best else "–",

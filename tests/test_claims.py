@@ -171,9 +171,9 @@ def test_settings_table_states_each_rows_budget(tmp_path):
         "train: {lr: 0.001, epochs: 10, patience: 0, warmup_ratio: 0.0, batch_size: 8, shots: 32, precision: fp32}\n")
     r = runner.invoke(app, ["report", str(root), "--settings", "--no-plot", "--no-majority"])
     assert r.exit_code == 0, r.output
-    assert ("| pfeiffer | pfeiffer | 0.0001 / 0.0003 | ≤ 10 (patience 3) | 5.0 | 3.0 | 10% | 32 | ≤ 20,000 | "
+    assert ("| pfeiffer | pfeiffer | 1e-4 / 3e-4 | ≤ 10 (patience 3) | 5.0 | 3.0 | 10% | 32 | ≤ 20,000 | "
             "bf16 | mean | 3 |") in r.output
-    assert "| adapter k=32 | adapter k=32 | 0.001 | 10 | – | – | 0% | 8 | 32/class | fp32 | ? | 1 |" in r.output
+    assert "| adapter k=32 | adapter k=32 | 1e-3 | 10 | – | – | 0% | 8 | 32/class | fp32 | ? | 1 |" in r.output
     bad = runner.invoke(app, ["report", str(root), "--settings", "--format", "csv"])
     assert bad.exit_code == 2 and "use it with --format md" in bad.output
 
@@ -195,7 +195,7 @@ def test_claims_table_from_another_archive_with_settings(runs, tmp_path):
     main, swept = out.read_text().split("## sweep")
     assert "| full | 81.00 ± 1.00 (3) | 62.00 ± 2.00 (3) |" in main and "head lr" not in main
     assert "| head lr=3e-3 | 57.50 ± 0.00 (1) |" in swept
-    assert "| head lr=1e-3 | head | 0.001 | 10 | 4.0 | 1.0 |" in swept and "| full |" not in swept
+    assert "| head lr=1e-3 | head | 1e-3 | 10 | 4.0 | 1.0 |" in swept and "| full |" not in swept
 
 
 def test_majority_row_never_waits_on_the_hub(tmp_path, monkeypatch):
