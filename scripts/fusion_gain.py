@@ -13,7 +13,7 @@ Given a finished adapterbench fusion run, this
   3. scores every epoch with adapterbench's metric code and keeps the best epoch on dev, as ours;
   4. writes OUT/fusion_gain.json and prints: the single adapter (the source trained on the task),
      our fusion, each library fusion, their gains, and the attention on the task's own adapter.
-Needs .peer-venv (bash scripts/make_peer_venv.sh). Several minutes per head on CPU for RTE.
+Needs .peer-venv (bash scripts/make_peer_venv.sh; or ADAPTERBENCH_PEER_PYTHON names its python). Several minutes per head on CPU for RTE.
   python scripts/fusion_gain.py RUN_DIR [--heads library,mean] [--out DIR] [--threads N]
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-PEER = ROOT / ".peer-venv" / "bin" / "python"
+PEER = Path(os.environ.get("ADAPTERBENCH_PEER_PYTHON") or ROOT / ".peer-venv" / "bin" / "python")
 
 
 def find(path: str, near: Path) -> Path:
@@ -64,7 +65,7 @@ def main() -> None:
     from adapterbench.tasks import load_task
 
     if not PEER.is_file():
-        sys.exit("no .peer-venv: bash scripts/make_peer_venv.sh")
+        sys.exit(f"no peer interpreter at {PEER}: bash scripts/make_peer_venv.sh (or set ADAPTERBENCH_PEER_PYTHON)")
     run = a.run.resolve()
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     ours = metrics_json(run)
