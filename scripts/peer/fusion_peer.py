@@ -4,7 +4,8 @@ default "dynamic" fusion config) over adapters exported by adapterbench (`export
 with the budget the job gives, and answers with the dev predictions and the mean fusion attention
 per layer and source after every epoch. The loop is written out (not AdapterTrainer) so that its
 budget is exactly the job's: AdamW (no decay on biases and norms), linear warm-up and decay,
-gradient clipping, the library's fusion regularisation added to the loss.
+gradient clipping, the library's fusion regularisation added to the loss; bf16 autocast for
+training when the job says so, dev scored in fp32.
 
 The head is the job's choice: `library` is the library's default classification head (first
 token, dense + tanh + dropout + output), `mean` the same two layers over the mean of the unpadded
@@ -69,12 +70,13 @@ def logits_of(model, head, enc, attentions=False):
     return logits, (out["adapter_fusion_attentions"] if attentions else None)
 
 
-def evaluate(job, model, head, fuse, tok, examples, autocast):
-    """Dev predictions and the mean attention per layer and source over the unpadded tokens."""
+def evaluate(job, model, head, fuse, tok, examples):
+    """Dev predictions and the mean attention per layer and source over the unpadded tokens, in
+    fp32 (the library turns fusion attentions into numpy arrays, which have no bfloat16)."""
     model.eval()
     head is not None and head.eval()
     preds, sums, count = [], {}, 0.0
-    with torch.no_grad(), autocast():
+    with torch.no_grad():
         for enc, _ in batches(tok, examples, 64, list(range(len(examples)))):
             logits, att = logits_of(model, head, enc, attentions=True)
             preds += logits.float().argmax(-1).tolist()
@@ -131,7 +133,7 @@ def main():
             opt.step()
             sched.step()
             losses.append(loss.item())
-        preds, attention = evaluate(job, model, head, fuse, tok, dev, autocast)
+        preds, attention = evaluate(job, model, head, fuse, tok, dev)
         history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "predictions": preds,
                         "attention": attention, "seconds": round(time.time() - start, 1)})
         print(f"epoch {epoch + 1}/{job['epochs']} loss {history[-1]['train_loss']:.4f}", flush=True)
