@@ -51,6 +51,16 @@ def own_attention(history_entry: dict, names: list[str], task: str) -> list[floa
     return [round(v[i], 3) for v in history_entry["attention"].values()]
 
 
+def our_own_attention(run: Path, best_epoch: int, index: int) -> list[float]:
+    """Our fusion's mean attention on source `index` per site at the best epoch (log.jsonl)."""
+    for line in (run / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("epoch") == best_epoch and "modules" in rec:
+            sites = sorted({k.split("/")[0] for k in rec["modules"]}, key=lambda x: int(x[4:]))
+            return [round(rec["modules"][f"{site}/attention/source_{index}"], 3) for site in sites]
+    return []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="a finished adapterbench fusion run folder")
@@ -94,7 +104,8 @@ def main() -> None:
     dev = splits["dev"]
     t = cfg["train"]
     result = {"run": str(run), "task": task.name, "seed": seed, "metric": task.main_metric,
-              "single": single["main_value"], "ours": ours["main_value"], "sources": names, "library": {}}
+              "single": single["main_value"], "ours": ours["main_value"], "sources": names, "library": {},
+              "ours_own_attention_per_layer": our_own_attention(run, ours.get("best_epoch", -1), names.index(task.name))}
     for head in a.heads.split(","):
         job = {"model": resolve_model_path(cfg["model"]["name"]), "sources": hub, "source_names": names,
                "head": head, "num_labels": len(task.labels), "seed": seed, "lr": t["lr"], "epochs": t["epochs"],
@@ -118,7 +129,8 @@ def main() -> None:
                                    "adapters_version": answer["adapters_version"]}
     (out / "fusion_gain.json").write_text(json.dumps(result, indent=1))
     print(f"{task.name} seed {seed} ({task.main_metric}, dev, best epoch): single adapter {result['single']:.2f}")
-    print(f"  ours    fusion {result['ours']:.2f}  gain {result['ours'] - result['single']:+.2f}")
+    print(f"  ours    fusion {result['ours']:.2f}  gain {result['ours'] - result['single']:+.2f}  "
+          f"(own adapter's attention per layer {result['ours_own_attention_per_layer']})")
     for head, r in result["library"].items():
         print(f"  library fusion, {head} head {r['best']:.2f}  gain {r['best'] - result['single']:+.2f}  "
               f"(own adapter's attention per layer {r['own_attention_per_layer']})")
