@@ -170,7 +170,7 @@ def rows_or_none(runs_dir: Path, metric: str | None) -> dict:
     """The report rows, or none while a study has finished no run yet (every claim is then not
     testable); a runs folder or archive that does not exist is still an error."""
     from .report import records
-    if not any(True for _ in records(runs_dir)):
+    if next(records(runs_dir), None) is None:   # stops at the first record
         return {}
     return collect(runs_dir, metric)
 

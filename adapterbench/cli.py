@@ -431,15 +431,14 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
                 console.print(f"{cid}: {word}")
             console.print(f"report: {out_file}")
             return
-        rep = build_report(runs_dir, reference, versus, split_labels(rows) if rows else None, metric,
-                           majority=majority)
+        only = split_labels(rows) if rows else None
+        rep = build_report(runs_dir, reference, versus, only, metric, majority=majority)
         text = render(rep, fmt)
         if settings:
             from .report import SETTINGS_LEGEND, markdown_table, settings_rows
             if fmt != "md":
                 raise UserError(f"--settings adds a Markdown table: use it with --format md, not {fmt}")
-            text += "\n" + markdown_table(*settings_rows(runs_dir, split_labels(rows) if rows else None)) + \
-                "\n" + SETTINGS_LEGEND + "\n"
+            text += "\n" + markdown_table(*settings_rows(runs_dir, only)) + "\n" + SETTINGS_LEGEND + "\n"
         if out_file:
             atomic_write(out_file, text)
             console.print(f"table: {out_file}")

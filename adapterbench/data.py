@@ -29,21 +29,23 @@ def resolve_data_dir(configured: str | None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def load_splits(task: TaskSpec, data_dir: str | None, splits=("train", "dev")) -> dict[str, list[dict]]:
-    """Examples per split, from the local copy if there is one, else from the Hub."""
+def load_splits(task: TaskSpec, data_dir: str | None, splits=("train", "dev"),
+                allow_hub: bool = True) -> dict[str, list[dict]]:
+    """Examples per split, from the local copy if there is one, else (unless `allow_hub` is
+    False) from the Hub."""
     root = resolve_data_dir(data_dir)
     local = task.sources.local
-    folder = local_folder(task, root) if local else None
+    folder = _local_folder(task, root) if local else None
     if folder is not None:
         return {s: read_local_split(task, folder, s) for s in splits}
-    if task.sources.hub is not None:
+    if task.sources.hub is not None and allow_hub:
         return {s: read_hub_split(task, s, root) for s in splits}
     hint = f"under {root}" if root else "(no data_dir is set)"
     raise UserError(f"task {task.name}: local files not found {hint}: set data.data_dir or "
                     f"ADAPTERBENCH_DATA_DIR to a folder holding {local.dir}/")
 
 
-def local_folder(task: TaskSpec, root: Path | None) -> Path | None:
+def _local_folder(task: TaskSpec, root: Path | None) -> Path | None:
     rel = Path(task.sources.local.dir)
     candidates = [rel] if rel.is_absolute() else []
     if not rel.is_absolute():
@@ -78,7 +80,7 @@ def read_local_split(task: TaskSpec, folder: Path, split: str) -> list[dict]:
 def data_files(task: TaskSpec, data_dir: str | None) -> list[Path]:
     """The local files a task reads (empty when it reads from the Hub)."""
     local = task.sources.local
-    folder = local_folder(task, resolve_data_dir(data_dir)) if local else None
+    folder = _local_folder(task, resolve_data_dir(data_dir)) if local else None
     if folder is None:
         return []
     return sorted({folder / _file_spec(v).path for v in local.files.values()})

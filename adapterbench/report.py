@@ -185,13 +185,11 @@ def majority_baseline(task_name: str, metric: str | None) -> tuple[float | None,
     mean, a constant) for every dev example; (None, None) when the task or a local copy of its
     data is not at hand (a report never waits on the Hub for this row)."""
     from . import metrics as M
-    from .data import local_folder, load_splits, resolve_data_dir
+    from .data import load_splits
     from .tasks import load_task
     try:
         task = load_task(task_name)
-        if task.sources.local is None or local_folder(task, resolve_data_dir(None)) is None:
-            return None, None
-        splits = load_splits(task, None, ("train", "dev"))
+        splits = load_splits(task, None, ("train", "dev"), allow_hub=False)
     except UserError:
         return None, None
     train = [e["label"] for e in splits["train"] if e["label"] is not None]
@@ -289,6 +287,16 @@ def legend(rep: Report) -> str:
     return text
 
 
+def selected(root: Path, only: list[str] | None = None):
+    """(row label, record) of every finished run whose label matches a pattern of `only` (all if None)."""
+    from fnmatch import fnmatch
+    for _, m in records(root):
+        label = m.get("label") or m.get("method")
+        if m.get("status") == "ok" and m.get("main_value") is not None and \
+                (not only or any(fnmatch(label, pat) for pat in only)):
+            yield label, m
+
+
 def _lr(x: float) -> str:
     """A learning rate as papers write it: 1e-4, 2.5e-5 (0.01 and up as decimals)."""
     if x >= 0.01 or x <= 0:
@@ -321,14 +329,8 @@ def settings_rows(root: Path, only: list[str] | None = None) -> tuple[list[str],
     budget, epochs actually run and the best (dev-chosen) epoch, 1-based means over the row's
     runs, warm-up, batch size, training data, precision and pooling, from each run's resolved
     config. A setting that differs between a row's runs shows every value."""
-    from fnmatch import fnmatch
     by_label: dict[str, list[tuple[dict, dict]]] = {}
-    for _, m in records(root):
-        if m.get("status") != "ok" or m.get("main_value") is None:
-            continue
-        label = m.get("label") or m.get("method")
-        if only and not any(fnmatch(label, pat) for pat in only):
-            continue
+    for label, m in selected(root, only):
         by_label.setdefault(label, []).append((m, m.get("config") or {}))
     body = []
     for label in sorted(by_label, key=lambda x: (split_k(x)[1], x)):
@@ -359,12 +361,8 @@ def extras_rows(root: Path, only: list[str] | None = None) -> tuple[list[str], l
     share of each task's training set it used; a run started from a merge (He et al. 2023), its
     strategy and per source the share of bottleneck units the alignment moved (mean over sites)
     and how far the source moved from its initialisation, ||theta - theta_0|| / ||theta_0||."""
-    from fnmatch import fnmatch
     body = []
-    for _, m in records(root):
-        label = m.get("label") or m.get("method")
-        if m.get("status") != "ok" or (only and not any(fnmatch(label, pat) for pat in only)):
-            continue
+    for label, m in selected(root, only):
         what = []
         if m.get("share_of_examples"):
             what.append("share of examples: " + ", ".join(f"{t} {v:.1%}" for t, v in sorted(m["share_of_examples"].items())))

@@ -322,13 +322,17 @@ def archive_record(folder: Path) -> dict | None:
         config = None
     config = config if isinstance(config, dict) else {}
     out = {"run": folder.name, "config_hash": folder.name.rsplit("-", 1)[-1], **m, "config": config}
-    init = config.get("init_from")
-    # a relative init_from is relative to where the study ran, which need not be here: look upward too
-    found = next((base / init / "adapter_config.json" for base in (Path.cwd(), *folder.resolve().parents)
-                  if init and (base / init / "adapter_config.json").is_file()), None)
-    if found is not None:
-        out["merge"] = json.loads(found.read_text()).get("merge")
+    merged = find_from(config["init_from"], folder) if config.get("init_from") else None
+    if merged is not None and (merged / "adapter_config.json").is_file():
+        out["merge"] = json.loads((merged / "adapter_config.json").read_text()).get("merge")
     return out
+
+
+def find_from(path: str | Path, folder: Path) -> Path | None:
+    """A folder a run's config names: absolute, from here, or (a relative path is relative to
+    where the study ran, which need not be here) from a folder above the run `folder`."""
+    return next((base / path for base in (Path.cwd(), *Path(folder).resolve().parents)
+                 if (base / path).is_dir()), None)
 
 
 def write_archive(root: Path, out: Path) -> int:

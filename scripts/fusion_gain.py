@@ -32,13 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER = Path(os.environ.get("ADAPTERBENCH_PEER_PYTHON") or ROOT / ".peer-venv" / "bin" / "python")
 
 
-def find(path: str, near: Path) -> Path:
-    """A source folder as the run's config names it: absolute, from here, or from where the study ran."""
-    p = Path(path)
-    for base in [Path.cwd(), *near.parents]:
-        if (base / p).is_dir():
-            return (base / p).resolve()
-    sys.exit(f"{path}: source adapter folder not found from here or above {near}")
+def find(path: str, run: Path) -> Path:
+    """A source folder as the run's config names it (absolute, from here, or from where the study ran)."""
+    from adapterbench.runs import find_from
+    found = find_from(path, run)
+    if found is None:
+        sys.exit(f"{path}: source adapter folder not found from here or above {run}")
+    return found.resolve()
 
 
 def metrics_json(folder: Path) -> dict:
@@ -103,7 +103,7 @@ def main() -> None:
     train = subsample(splits["train"], cfg["train"].get("limit", 0), data_seed)
     dev = splits["dev"]
     t = cfg["train"]
-    result = {"run": str(run), "task": task.name, "seed": seed, "metric": task.main_metric,
+    result = {"run": os.path.relpath(run), "task": task.name, "seed": seed, "metric": task.main_metric,
               "single": single["main_value"], "ours": ours["main_value"], "sources": names, "library": {},
               "ours_own_attention_per_layer": our_own_attention(run, ours.get("best_epoch", -1), names.index(task.name))}
     for head in a.heads.split(","):
