@@ -369,6 +369,11 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
         console.print(t)
         counts = Counter(r["state"] for r in rows)
         console.print(", ".join(f"{k} {counts[k]}" for k in ("done", "running", "queued", "failed", "blocked")))
+        left = S.remaining(rows)
+        if left["estimated"] or left["unknown"]:
+            console.print(f"still to run: ≈ {left['seconds'] / 3600:.1f} run-hours for {left['estimated']} runs "
+                          f"(median time of the same row and task's finished runs; divide by the workers)"
+                          + (f"; {left['unknown']} runs have no finished run to go by" if left["unknown"] else ""))
         launch = Path(st.out_dir) / "launch.json"
         if launch.is_file():
             from .runs import read_json

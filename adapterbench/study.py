@@ -375,6 +375,48 @@ def status_table(nodes: list[Node]) -> list[dict]:
     return out
 
 
+def run_seconds(folder: Path) -> float | None:
+    """How long a finished run took: the larger of its wall clock and its training time (a resumed
+    run's wall clock counts only its last leg; training time leaves out loading and dev scoring)."""
+    from .runs import read_json
+    try:
+        m = read_json(Path(folder) / "metrics.json")
+        return max(float(m.get("wall_seconds") or 0), float(m.get("train_seconds") or 0)) or None
+    except Exception:
+        return None
+
+
+def remaining(rows: list[dict], now: float | None = None) -> dict:
+    """What the unfinished runs of a plan (status_table rows) still need, in run-seconds: each
+    queued or running run is estimated by the median time of the finished runs of the same row,
+    stage and task (other seeds), less what a running run has spent in its current leg. Returns
+    {"seconds", "estimated": runs estimated, "unknown": runs with no finished run to go by}."""
+    import statistics
+    now = time.time() if now is None else now
+    taken: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["state"] == "done" and (s := run_seconds(r["folder"])):
+            taken.setdefault((r["label"], r["stage"], r["task"]), []).append(s)
+    seconds, estimated, unknown = 0.0, 0, 0
+    for r in rows:
+        if r["state"] not in ("queued", "running"):
+            continue
+        peers = taken.get((r["label"], r["stage"], r["task"]))
+        if not peers:
+            unknown += 1
+            continue
+        need = statistics.median(peers)
+        if r["state"] == "running":
+            from .runs import read_json
+            try:
+                need -= now - float(read_json(Path(r["folder"]) / "metrics.json").get("started", now))
+            except Exception:
+                pass
+        seconds += max(need, 0.0)
+        estimated += 1
+    return {"seconds": seconds, "estimated": estimated, "unknown": unknown}
+
+
 def selected(nodes: list[Node], patterns: list[str]) -> set[int]:
     """Indices of the nodes whose row label ('fusion', 'adapter k=32') matches one of the shell
     patterns, with every run they depend on."""

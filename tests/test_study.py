@@ -473,3 +473,29 @@ methods:
     y.write_text(body.replace("SOURCES", f"[{task_yamls['toyreg']}]"))
     with pytest.raises(UserError, match="no source task is in track"):
         S.plan(S.load_study(y))
+
+
+def test_remaining_time_from_finished_runs_of_the_same_row_and_task(tmp_path):
+    """status's estimate: median of the same (row, stage, task)'s finished runs; a running run
+    less its current leg; a resumed run counted by its training time; no peer -> unknown."""
+    def folder(name, **metrics):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        return str(d)
+
+    def row(label, task, state, f):
+        return {"label": label, "stage": "extract", "task": task, "state": state, "folder": f}
+
+    rows = [row("pfeiffer", "rte", "done", folder("a", status="ok", wall_seconds=100, train_seconds=90)),
+            row("pfeiffer", "rte", "done", folder("b", status="ok", wall_seconds=50, train_seconds=300)),  # resumed
+            row("pfeiffer", "rte", "done", folder("c", status="ok", wall_seconds=200, train_seconds=150)),
+            row("pfeiffer", "rte", "queued", folder("d")),
+            row("pfeiffer", "rte", "running", folder("e", status="running", started=1000.0)),
+            row("pfeiffer", "mrpc", "queued", folder("f")),            # no finished mrpc run
+            row("full", "rte", "queued", folder("g")),                 # nor a finished 'full' run
+            row("pfeiffer", "rte", "failed", folder("h", status="failed"))]
+    left = S.remaining(rows, now=1150.0)
+    # median of 100, 300, 200 = 200: the queued run 200, the running one 200 - 150 = 50
+    assert left == {"seconds": 250.0, "estimated": 2, "unknown": 2}
+    assert S.remaining(rows, now=5000.0)["seconds"] == 200.0        # overdue: never negative
