@@ -8,7 +8,8 @@ Verdicts (alpha 0.05; the test pairs the two rows' runs by (task, seed)):
 - `parity` claims (A within `margin` points of B): a non-inferiority test, one-sided t-test of
   (A - B + margin) > 0 over the same pairs; confirmed when p < alpha.
 - not testable here: a row is missing, fewer than 2 seeds are shared, or the file says so
-  (`testable: false` with `why`).
+  (`testable: false` with `why`). While a study is under way the claim's table still shows the
+  runs so far (per task, over the seeds both rows have), without a mean, p or verdict.
 The human discussion (likely reasons) is text in the claims file, printed beside the verdict.
 A table may read other runs than the document's (`runs: docs/results/lr_sweep.jsonl`, a folder or
 archive, relative to where the command runs), add its rows' budgets (`settings: true`) and what
@@ -102,17 +103,23 @@ def judge(claim: Claim, rows: dict) -> Verdict:
         return Verdict("not testable here", note=f"no finished runs for row '{missing[0]}'")
     a, b = rows[claim.a], rows[claim.b]
     tasks = claim.tasks or sorted(set(a.cells) & set(b.cells))
-    diffs, per_task = [], []
+    diffs, per_task, lacking = [], [], None
     for t in tasks:
         if t not in a.cells or t not in b.cells:
-            return Verdict("not testable here", note=f"task {t} lacks runs of '{claim.a}' or '{claim.b}'")
+            lacking = lacking or f"task {t} lacks runs of '{claim.a}' or '{claim.b}'"
+            continue
         seeds = sorted(set(a.cells[t].by_seed) & set(b.cells[t].by_seed))   # both means over the same seeds
         if len(seeds) < 2:
-            return Verdict("not testable here", note=f"fewer than 2 seeds shared by both rows on {t}")
+            lacking = lacking or f"fewer than 2 seeds shared by both rows on {t}"
+        if not seeds:
+            continue
         am = float(np.mean([a.cells[t].by_seed[s] for s in seeds]))
         bm = float(np.mean([b.cells[t].by_seed[s] for s in seeds]))
         diffs += [a.cells[t].by_seed[s] - b.cells[t].by_seed[s] for s in seeds]
         per_task.append((t, am, bm, am - bm, paired_p(a.cells[t], b.cells[t]), len(seeds)))
+    if lacking:   # no verdict on part of the data; what there is so far is still shown
+        return Verdict("not testable here", per_task=per_task,
+                       note=lacking + (" (the table shows the runs so far, no verdict)" if per_task else ""))
     if not per_task:
         return Verdict("not testable here", note="the two rows share no task")
     delta = float(np.mean([p[3] for p in per_task]))

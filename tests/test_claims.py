@@ -76,6 +76,20 @@ def test_not_testable_cases(runs):
     assert v.n == 4 and ("rte", 51.0, 61.0, -10.0) == v.per_task[1][:4]   # means over the seeds both have
 
 
+def test_a_claim_without_enough_seeds_shows_the_runs_so_far_without_a_verdict(runs):
+    """A study under way: one task with a single shared seed, another missing from row a. No
+    verdict, no mean, no p; the per-task table holds what exists so far."""
+    fake_run(runs, "partial", "rte", 1, 70.0)
+    rows = collect(runs)
+    v = judge(Claim(id="p", title="p", a="partial", b="full", tasks=["rte", "mrpc"]), rows)
+    assert v.word == "not testable here" and v.delta is None and v.p is None
+    assert "rte" in v.note and "no verdict" in v.note
+    assert v.per_task == [("rte", 70.0, 60.0, 10.0, None, 1)]
+    from adapterbench.claims import claim_section
+    text = claim_section(1, Claim(id="p", title="p", a="partial", b="full"), v)
+    assert "| rte | 70.00 | 60.00 | +10.00 | – | 1 |" in text and "**mean**" not in text
+
+
 def test_metric_option_scores_by_accuracy(runs):
     assert collect(runs, "accuracy")["full"].cells["rte"].by_seed[1] == 50.0
     assert collect(runs)["full"].cells["rte"].by_seed[1] == 60.0
