@@ -18,7 +18,9 @@ the same batches.
   (`sampling.uncertainty_proxy`, STS-B -> MRPC by default as in the reference), one to one;
   a regression task without a proxy gets the highest score of the step for its examples, so it
   is never starved (documented choice: the paper gives no rule).
-An epoch is sum_t n_t / b steps for every multi-task scheme.
+An epoch is sum_t n_t / b steps for every multi-task scheme, so every scheme trains on as many
+examples as plain MTL. (The reference's MT-Uncertainty epoch is longer: T * max_t n_t / b steps
+times its `percent_of_max_data_size`; a deliberate difference, for equal budgets.)
 """
 
 from __future__ import annotations
