@@ -350,7 +350,10 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
 
 @app.command()
 def status(study: Path = typer.Argument(..., help="A study YAML or a shipped study's name."),
-           out: Optional[str] = OutOpt, debug: bool = DebugOpt):
+           out: Optional[str] = OutOpt,
+           by_row: bool = typer.Option(False, "--by-row", help="One line per row (label): runs in each state "
+                                                                 "and the run-hours left, instead of every run."),
+           debug: bool = DebugOpt):
     """Every run of a study: done / running (host, job, heartbeat age) / queued / failed / blocked."""
     def go():
         from collections import Counter
@@ -361,14 +364,24 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
         if out:
             st.out_dir = out
         rows = S.status_table(S.plan(st))
-        t = Table("#", "stage", "row", "task", "seed", "state", "detail", title=f"study {st.name} ({st.out_dir})")
-        colour = {"done": "green", "running": "cyan", "failed": "red", "blocked": "red", "queued": "white"}
-        for r in rows:
-            t.add_row(str(r["index"]), r["stage"], r["label"], Path(r["task"]).stem if "/" in r["task"] else r["task"],
-                      str(r["seed"]), f"[{colour[r['state']]}]{r['state']}[/]", r["detail"])
+        states = ("done", "running", "queued", "failed", "blocked")
+        if by_row:
+            t = Table("row", "runs", *states, "run-hours left", title=f"study {st.name} ({st.out_dir})")
+            for label in dict.fromkeys(r["label"] for r in rows):
+                mine = [r for r in rows if r["label"] == label]
+                n, left = Counter(r["state"] for r in mine), S.remaining(mine)
+                hours = f"{left['seconds'] / 3600:.1f}" + (f" (+{left['unknown']} runs ?)" if left["unknown"] else "")
+                t.add_row(label, str(len(mine)), *(str(n[k]) for k in states),
+                          hours if left["estimated"] or left["unknown"] else "0")
+        else:
+            t = Table("#", "stage", "row", "task", "seed", "state", "detail", title=f"study {st.name} ({st.out_dir})")
+            colour = {"done": "green", "running": "cyan", "failed": "red", "blocked": "red", "queued": "white"}
+            for r in rows:
+                t.add_row(str(r["index"]), r["stage"], r["label"], Path(r["task"]).stem if "/" in r["task"] else r["task"],
+                          str(r["seed"]), f"[{colour[r['state']]}]{r['state']}[/]", r["detail"])
         console.print(t)
         counts = Counter(r["state"] for r in rows)
-        console.print(", ".join(f"{k} {counts[k]}" for k in ("done", "running", "queued", "failed", "blocked")))
+        console.print(", ".join(f"{k} {counts[k]}" for k in states))
         left = S.remaining(rows)
         if left["estimated"] or left["unknown"]:
             console.print(f"still to run: ≈ {left['seconds'] / 3600:.1f} run-hours for {left['estimated']} runs "

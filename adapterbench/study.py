@@ -377,11 +377,12 @@ def status_table(nodes: list[Node]) -> list[dict]:
 
 def run_seconds(folder: Path) -> float | None:
     """How long a finished run took: the larger of its wall clock and its training time (a resumed
-    run's wall clock counts only its last leg; training time leaves out loading and dev scoring)."""
+    run's wall clock counts only its last leg; training time leaves out loading and dev scoring);
+    0 for a step that records neither (a merge takes seconds); None when unreadable."""
     from .runs import read_json
     try:
         m = read_json(Path(folder) / "metrics.json")
-        return max(float(m.get("wall_seconds") or 0), float(m.get("train_seconds") or 0)) or None
+        return max(float(m.get("wall_seconds") or 0), float(m.get("train_seconds") or 0))
     except Exception:
         return None
 
@@ -395,7 +396,7 @@ def remaining(rows: list[dict], now: float | None = None) -> dict:
     now = time.time() if now is None else now
     taken: dict[tuple, list[float]] = {}
     for r in rows:
-        if r["state"] == "done" and (s := run_seconds(r["folder"])):
+        if r["state"] == "done" and (s := run_seconds(r["folder"])) is not None:
             taken.setdefault((r["label"], r["stage"], r["task"]), []).append(s)
     seconds, estimated, unknown = 0.0, 0, 0
     for r in rows:

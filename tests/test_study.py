@@ -108,6 +108,12 @@ def test_only_runs_the_named_rows_and_what_they_need(tmp_path, task_yamls, data_
     assert "3 ran, 0 already done, 0 failed" in r.output
     labels = sorted(json.loads(p.read_text())["label"] for p in (tmp_path / "runs").glob("**/metrics.json"))
     assert labels == ["fusion", "pfeiffer", "pfeiffer"]
+    r = runner.invoke(app, ["status", str(y), "--by-row"], env={"COLUMNS": "200"})
+    lines = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]]
+             for ln in r.output.splitlines() if ln.count("│") > 3}
+    assert lines["pfeiffer"][:3] == ["2", "2", "0"] and lines["fusion"][:2] == ["1", "1"]   # runs, done, running
+    assert lines["full"][:4] == ["1", "0", "0", "1"] and lines["full"][-1] == "0.0 (+1 runs ?)"   # queued, no peer
+    assert lines["pfeiffer"][-1] == "0"
     r = runner.invoke(app, ["run", str(y), "--only", "nothing-*"])
     assert r.exit_code == 2 and "matches no run" in r.output and "pfeiffer-rf64" in r.output
 
@@ -494,8 +500,10 @@ def test_remaining_time_from_finished_runs_of_the_same_row_and_task(tmp_path):
             row("pfeiffer", "rte", "running", folder("e", status="running", started=1000.0)),
             row("pfeiffer", "mrpc", "queued", folder("f")),            # no finished mrpc run
             row("full", "rte", "queued", folder("g")),                 # nor a finished 'full' run
-            row("pfeiffer", "rte", "failed", folder("h", status="failed"))]
+            row("pfeiffer", "rte", "failed", folder("h", status="failed")),
+            row("merge", "rte", "done", folder("m", status="ok")),      # a merge records no times: 0 s
+            row("merge", "rte", "queued", folder("n"))]
     left = S.remaining(rows, now=1150.0)
-    # median of 100, 300, 200 = 200: the queued run 200, the running one 200 - 150 = 50
-    assert left == {"seconds": 250.0, "estimated": 2, "unknown": 2}
+    # median of 100, 300, 200 = 200: the queued run 200, the running one 200 - 150 = 50, the merge 0
+    assert left == {"seconds": 250.0, "estimated": 3, "unknown": 2}
     assert S.remaining(rows, now=5000.0)["seconds"] == 200.0        # overdue: never negative
