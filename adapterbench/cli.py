@@ -365,21 +365,8 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
             st.out_dir = out
         rows = S.status_table(S.plan(st))
         states = ("done", "running", "queued", "failed", "blocked")
-        if by_row:
-            t = Table("row", "runs", *states, "run-hours left", title=f"study {st.name} ({st.out_dir})")
-            for label in dict.fromkeys(r["label"] for r in rows):
-                mine = [r for r in rows if r["label"] == label]
-                n, left = Counter(r["state"] for r in mine), S.remaining(mine)
-                hours = f"{left['seconds'] / 3600:.1f}" + (f" (+{left['unknown']} runs ?)" if left["unknown"] else "")
-                t.add_row(label, str(len(mine)), *(str(n[k]) for k in states),
-                          hours if left["estimated"] or left["unknown"] else "0")
-        else:
-            t = Table("#", "stage", "row", "task", "seed", "state", "detail", title=f"study {st.name} ({st.out_dir})")
-            colour = {"done": "green", "running": "cyan", "failed": "red", "blocked": "red", "queued": "white"}
-            for r in rows:
-                t.add_row(str(r["index"]), r["stage"], r["label"], Path(r["task"]).stem if "/" in r["task"] else r["task"],
-                          str(r["seed"]), f"[{colour[r['state']]}]{r['state']}[/]", r["detail"])
-        console.print(t)
+        title = f"study {st.name} ({st.out_dir})"
+        console.print(_status_by_row(rows, states, title, S) if by_row else _status_by_run(rows, title))
         counts = Counter(r["state"] for r in rows)
         console.print(", ".join(f"{k} {counts[k]}" for k in states))
         left = S.remaining(rows)
@@ -394,6 +381,27 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
             console.print(f"last launch: {rec['launcher']} jobs {', '.join(rec['jobs'])} ({rec['submitted']}); "
                           f"logs {rec['log_folder']}")
     guarded(debug, go)
+
+
+def _status_by_run(rows: list[dict], title: str) -> Table:
+    t = Table("#", "stage", "row", "task", "seed", "state", "detail", title=title)
+    colour = {"done": "green", "running": "cyan", "failed": "red", "blocked": "red", "queued": "white"}
+    for r in rows:
+        t.add_row(str(r["index"]), r["stage"], r["label"], Path(r["task"]).stem if "/" in r["task"] else r["task"],
+                  str(r["seed"]), f"[{colour[r['state']]}]{r['state']}[/]", r["detail"])
+    return t
+
+
+def _status_by_row(rows: list[dict], states: tuple, title: str, S) -> Table:
+    """One line per row label: its runs in each state and the run-hours left (S.remaining)."""
+    from collections import Counter
+    t = Table("row", "runs", *states, "run-hours left", title=title)
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = [r for r in rows if r["label"] == label]
+        n, left = Counter(r["state"] for r in mine), S.remaining(mine)
+        hours = f"{left['seconds'] / 3600:.1f}" + (f" (+{left['unknown']} runs ?)" if left["unknown"] else "")
+        t.add_row(label, str(len(mine)), *(str(n[k]) for k in states), hours)
+    return t
 
 
 def _shard(text: str) -> tuple[int, int]:

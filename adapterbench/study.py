@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .config import build, deep_merge, load_yaml
 from .errors import UserError
-from .runs import RunExists, slug, status_of, write_json
+from .runs import RunExists, read_json, slug, status_of, write_json
 
 
 
@@ -379,11 +379,10 @@ def run_seconds(folder: Path) -> float | None:
     """How long a finished run took: the larger of its wall clock and its training time (a resumed
     run's wall clock counts only its last leg; training time leaves out loading and dev scoring);
     0 for a step that records neither (a merge takes seconds); None when unreadable."""
-    from .runs import read_json
     try:
         m = read_json(Path(folder) / "metrics.json")
         return max(float(m.get("wall_seconds") or 0), float(m.get("train_seconds") or 0))
-    except Exception:
+    except (UserError, OSError, TypeError, ValueError):
         return None
 
 
@@ -408,11 +407,10 @@ def remaining(rows: list[dict], now: float | None = None) -> dict:
             continue
         need = statistics.median(peers)
         if r["state"] == "running":
-            from .runs import read_json
             try:
                 need -= now - float(read_json(Path(r["folder"]) / "metrics.json").get("started", now))
-            except Exception:
-                pass
+            except (UserError, OSError, TypeError, ValueError):
+                pass                                   # no start time yet: count the whole run
         seconds += max(need, 0.0)
         estimated += 1
     return {"seconds": seconds, "estimated": estimated, "unknown": unknown}

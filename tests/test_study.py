@@ -113,7 +113,7 @@ def test_only_runs_the_named_rows_and_what_they_need(tmp_path, task_yamls, data_
              for ln in r.output.splitlines() if ln.count("│") > 3}
     assert lines["pfeiffer"][:3] == ["2", "2", "0"] and lines["fusion"][:2] == ["1", "1"]   # runs, done, running
     assert lines["full"][:4] == ["1", "0", "0", "1"] and lines["full"][-1] == "0.0 (+1 runs ?)"   # queued, no peer
-    assert lines["pfeiffer"][-1] == "0"
+    assert lines["pfeiffer"][-1] == "0.0"
     r = runner.invoke(app, ["run", str(y), "--only", "nothing-*"])
     assert r.exit_code == 2 and "matches no run" in r.output and "pfeiffer-rf64" in r.output
 
