@@ -361,6 +361,9 @@ def test_archive_reports_like_the_run_folders(tmp_path, task_yamls, data_dir):
     lines = [json.loads(x) for x in archive.read_text().splitlines()]
     assert len(lines) == 10 and all({"label", "seed", "config_hash", "config", "tasks", "history"} <= set(x)
                                     for x in lines)
+    assert str(tmp_path) not in archive.read_text()          # no machine path: relative to the study's parent
+    fusion = next(x for x in lines if x["label"] == "fusion")
+    assert all(p.startswith("runs/extract/pfeiffer/") for p in fusion["config"]["method"]["adapters"])
     from_folders = runner.invoke(app, ["report", str(tmp_path / "runs"), "--no-plot"])
     from_archive = runner.invoke(app, ["report", str(archive), "--no-plot"])
     assert from_folders.exit_code == from_archive.exit_code == 0
