@@ -366,10 +366,13 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
         rows = S.status_table(S.plan(st))
         states = ("done", "running", "queued", "failed", "blocked")
         title = f"study {st.name} ({st.out_dir})"
-        console.print(_status_by_row(rows, states, title, S) if by_row else _status_by_run(rows, title))
+        # remaining() groups by row, so the study's total is the sum over its rows (each run read once)
+        by_label = {label: S.remaining([r for r in rows if r["label"] == label])
+                    for label in dict.fromkeys(r["label"] for r in rows)}
+        console.print(_status_by_row(rows, states, title, by_label) if by_row else _status_by_run(rows, title))
         counts = Counter(r["state"] for r in rows)
         console.print(", ".join(f"{k} {counts[k]}" for k in states))
-        left = S.remaining(rows)
+        left = {k: sum(x[k] for x in by_label.values()) for k in ("seconds", "estimated", "unknown")}
         if left["estimated"] or left["unknown"]:
             console.print(f"still to run: ≈ {left['seconds'] / 3600:.1f} run-hours for {left['estimated']} runs "
                           f"(median time of the same row and task's finished runs; divide by the workers)"
@@ -392,13 +395,13 @@ def _status_by_run(rows: list[dict], title: str) -> Table:
     return t
 
 
-def _status_by_row(rows: list[dict], states: tuple, title: str, S) -> Table:
-    """One line per row label: its runs in each state and the run-hours left (S.remaining)."""
+def _status_by_row(rows: list[dict], states: tuple, title: str, left_by_label: dict[str, dict]) -> Table:
+    """One line per row label: its runs in each state and the run-hours left (study.remaining)."""
     from collections import Counter
     t = Table("row", "runs", *states, "run-hours left", title=title)
-    for label in dict.fromkeys(r["label"] for r in rows):
+    for label, left in left_by_label.items():
         mine = [r for r in rows if r["label"] == label]
-        n, left = Counter(r["state"] for r in mine), S.remaining(mine)
+        n = Counter(r["state"] for r in mine)
         hours = f"{left['seconds'] / 3600:.1f}" + (f" (+{left['unknown']} runs ?)" if left["unknown"] else "")
         t.add_row(label, str(len(mine)), *(str(n[k]) for k in states), hours)
     return t

@@ -287,7 +287,7 @@ def legend(rep: Report) -> str:
     return text
 
 
-def selected(root: Path, only: list[str] | None = None):
+def selected_records(root: Path, only: list[str] | None = None):
     """(row label, record) of every finished run whose label matches a pattern of `only` (all if None)."""
     from fnmatch import fnmatch
     for _, m in records(root):
@@ -330,7 +330,7 @@ def settings_rows(root: Path, only: list[str] | None = None) -> tuple[list[str],
     runs, warm-up, batch size, training data, precision and pooling, from each run's resolved
     config. A setting that differs between a row's runs shows every value."""
     by_label: dict[str, list[tuple[dict, dict]]] = {}
-    for label, m in selected(root, only):
+    for label, m in selected_records(root, only):
         by_label.setdefault(label, []).append((m, m.get("config") or {}))
     body = []
     for label in sorted(by_label, key=lambda x: (split_k(x)[1], x)):
@@ -362,7 +362,7 @@ def extras_rows(root: Path, only: list[str] | None = None) -> tuple[list[str], l
     strategy and per source the share of bottleneck units the alignment moved (mean over sites)
     and how far the source moved from its initialisation, ||theta - theta_0|| / ||theta_0||."""
     body = []
-    for label, m in selected(root, only):
+    for label, m in selected_records(root, only):
         what = []
         if m.get("share_of_examples"):
             what.append("share of examples: " + ", ".join(f"{t} {v:.1%}" for t, v in sorted(m["share_of_examples"].items())))

@@ -335,26 +335,25 @@ def find_from(path: str | Path, folder: Path) -> Path | None:
                  if (base / path).is_dir()), None)
 
 
-def relative_to(value, base: Path):
-    """`value` (a record: dicts, lists, strings) with every absolute path inside `base` written
-    relative to it, so that an archive names no machine's folders; `find_from` still finds them
-    from any run folder below `base`."""
+def relative_to(value, bases: tuple[Path, ...]):
+    """`value` (a record: dicts, lists, strings) with every absolute path inside one of `bases`
+    written relative to it, so that an archive names no machine's folders; `find_from` still
+    finds them from any run folder below the base."""
     if isinstance(value, dict):
-        return {k: relative_to(v, base) for k, v in value.items()}
+        return {k: relative_to(v, bases) for k, v in value.items()}
     if isinstance(value, list):
-        return [relative_to(v, base) for v in value]
-    if isinstance(value, str) and value.startswith(f"{base}{os.sep}"):
-        return value[len(str(base)) + 1:]
+        return [relative_to(v, bases) for v in value]
+    if isinstance(value, str):
+        base = next((str(b) for b in bases if value.startswith(f"{b}{os.sep}")), None)
+        return value[len(base) + 1:] if base else value
     return value
 
 
 def write_archive(root: Path, out: Path) -> int:
     """Every finished run under `root` as one JSON line each, in a stable order; returns the count.
     Paths inside the study are written relative to the folder above `root` ('reproduce_full/...')."""
-    bases = {Path(root).absolute().parent, Path(root).resolve().parent}   # as configs wrote it, or resolved
-    records = [r for r in map(archive_record, iter_runs(root)) if r]
-    for base in bases:
-        records = [relative_to(r, base) for r in records]
-    lines = [json.dumps(r, sort_keys=True, default=str) for r in records]
+    bases = (Path(root).absolute().parent, Path(root).resolve().parent)   # as configs wrote it, or resolved
+    lines = [json.dumps(relative_to(r, bases), sort_keys=True, default=str)
+             for r in map(archive_record, iter_runs(root)) if r]
     atomic_write(out, "".join(line + "\n" for line in sorted(lines)))
     return len(lines)
