@@ -69,6 +69,16 @@ def set_sub(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(get_sub(root, parent) if parent else root, leaf, module)
 
 
+@torch.no_grad()
+def bert_init(*layers: nn.Module) -> None:
+    """BERT's initialisation (initializer_range 0.02), which the CA-MTL and AdapterFusion
+    reference codes give their new layers: weights N(0, 0.02), biases zero, in the order given."""
+    for layer in layers:
+        nn.init.normal_(layer.weight, std=0.02)
+        if getattr(layer, "bias", None) is not None:
+            nn.init.zeros_(layer.bias)
+
+
 def resolve_model_path(name: str) -> str:
     """An alias, a local folder, or a hub id (returned as is)."""
     if name == TINY:

@@ -47,3 +47,36 @@ def test_include_deep_merges_a_variant():
     assert mm.sources.local.files["dev"] == "dev_mismatched.tsv"
     assert mm.sources.local.files["train"] == "train.tsv" and mm.sources.local.columns == {"label": "gold_label"}
     assert mm.labels == load_task("mnli").labels
+
+
+@pytest.mark.skipif(not os.environ.get("ADAPTERBENCH_DATA_DIR"), reason="run identities include the data's content")
+def test_committed_archive_is_the_shipped_study(tmp_path):
+    """Every run in docs/results/runs.jsonl is a run of configs/studies/reproduce_full.yaml as
+    shipped: the same resolved config (source folders relative to the study, as the archive
+    writes them) and, for runs that name no other folder, the same identity (config + data
+    content). An edited budget, rate or data file makes this fail until the study is re-run."""
+    import json
+    from pathlib import Path
+
+    from adapterbench import study as S
+    from adapterbench.config import config_hash, to_dict
+    from adapterbench.runs import relative_to
+    from adapterbench.stages import resolve
+
+    archive = Path(__file__).parent.parent / "docs" / "results" / "runs.jsonl"
+    records = [json.loads(line) for line in archive.read_text().splitlines()]
+    st = S.load_study(configs_dir() / "studies" / "reproduce_full.yaml")
+    st.out_dir = str(tmp_path / st.name)
+    plan = {}
+    for node in S.plan(st):
+        if node.stage != "merge":
+            cfg = relative_to(to_dict(resolve(node.config, node.stage)), (tmp_path,))
+            plan[(cfg["label"], cfg["task"], cfg["seed"])] = (node, cfg)
+    # a merged start's folder is named by a digest of its sources' absolute paths: compare its place only
+    merged_start = lambda c: {**c, "init_from": c["init_from"] and str(Path(c["init_from"]).parent)}  # noqa: E731
+    assert len(records) >= 50
+    for r in records:
+        node, cfg = plan[(r["config"]["label"], r["config"]["task"], r["config"]["seed"])]
+        assert config_hash(merged_start(r["config"])) == config_hash(merged_start(cfg)), (r["label"], r["task"], r["seed"])
+        if not cfg["init_from"] and not cfg["method"].get("adapters"):
+            assert node.folder.name == r["run"], (r["label"], r["task"], r["seed"])

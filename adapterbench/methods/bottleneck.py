@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import arch_of, get_sub, set_sub
+from ..models import arch_of, bert_init, get_sub, set_sub
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU,
                "tanh": nn.Tanh, "leakyrelu": nn.LeakyReLU, "identity": nn.Identity}
@@ -68,12 +68,12 @@ class BottleneckAdapter(nn.Module):
 
     @torch.no_grad()
     def reset(self, init: str) -> None:
-        for lin in (self.down, self.up):
-            nn.init.zeros_(lin.bias)
-            if init == "houlsby":  # Houlsby et al. 2019 Sec. 3.6: truncated at two std
+        if init == "houlsby":  # Houlsby et al. 2019 Sec. 3.6: N(0, 0.01) truncated at two std
+            for lin in (self.down, self.up):
                 nn.init.trunc_normal_(lin.weight, std=1e-2, a=-2e-2, b=2e-2)
-            else:
-                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
+        else:
+            bert_init(self.down, self.up)
         if init == "zero":
             nn.init.zeros_(self.up.weight)
 

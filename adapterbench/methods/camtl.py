@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import arch_of, get_sub, set_sub
+from ..models import arch_of, bert_init, get_sub, set_sub
 from .bottleneck import NormSite
 from .contract import Artifact
 from .full import load_state, trainable_state  # noqa: F401  (the whole encoder is saved)
@@ -58,9 +58,7 @@ class TaskContext(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(n_tasks, dim)
         self.transform = nn.Linear(dim, dim)
-        for w in (self.embedding.weight, self.transform.weight):   # BERT's init, as the reference
-            nn.init.normal_(w, std=0.02)
-        nn.init.zeros_(self.transform.bias)
+        bert_init(self.embedding, self.transform)   # as the reference
         self.task_ids: torch.Tensor | None = None  # set by the model before each forward
 
     def z(self) -> torch.Tensor:
@@ -76,10 +74,9 @@ class FiLM(nn.Module):
         super().__init__()
         self.ctx = [ctx]  # a list: shared, not a submodule of every FiLM
         self.map = nn.Linear(task_dim, 2 * dim)
-        nn.init.normal_(self.map.weight, std=0.02)
+        bert_init(self.map)
         if init == "identity":
             nn.init.zeros_(self.map.weight)
-        nn.init.zeros_(self.map.bias)
 
     def gamma_beta(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.map(self.ctx[0].z()).chunk(2, dim=-1)              # (B, dim) each
@@ -149,9 +146,7 @@ class CondAdapter(nn.Module):
         self.film = film
         self.down = nn.Linear(hidden, bottleneck)
         self.up = nn.Linear(bottleneck, hidden)
-        for lin in (self.down, self.up):
-            nn.init.normal_(lin.weight, std=0.02)
-            nn.init.zeros_(lin.bias)
+        bert_init(self.down, self.up)
         nn.init.zeros_(self.up.weight)  # starts as the identity
 
     def forward(self, x):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..models import bert_init
 from .bottleneck import BottleneckAdapter, _Site, add_adapter, load_adapter_state
 from .contract import Artifact
 
@@ -56,9 +57,7 @@ class FusionMixer(nn.Module):
         self.cfg = cfg
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
-        for lin in (self.query, self.key):
-            nn.init.normal_(lin.weight, std=0.02)
-            nn.init.zeros_(lin.bias)
+        bert_init(self.query, self.key)
         self.value = None
         if cfg.variant == "dynamic":
             self.value = nn.Linear(hidden, hidden, bias=False)
