@@ -12,8 +12,10 @@ Verdicts (alpha 0.05; the test pairs the two rows' runs by (task, seed)):
   runs so far (per task, over the seeds both rows have), without a mean, p or verdict.
 The human discussion (likely reasons) is text in the claims file, printed beside the verdict.
 A table may read other runs than the document's (`runs: docs/results/lr_sweep.jsonl`, a folder or
-archive, relative to where the command runs), add its rows' budgets (`settings: true`) and what
-their runs recorded beyond scores (`extras: true`: multi-task shares, merge alignment).
+archive, relative to where the command runs), keep only some seeds (`seeds: [2, 3, 4]`: a
+study's reported seeds, when some rows trained extra seeds for another row's sake), add its rows'
+budgets (`settings: true`) and what their runs recorded beyond scores (`extras: true`: multi-task
+shares, merge alignment).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from .errors import UserError
 from .report import (ALPHA, SETTINGS_LEGEND, Report, build_report, collect, extras_rows, markdown_table, render,
                      settings_rows, split_labels)
 
-TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "text", "runs", "settings", "extras"}
+TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "seeds", "text", "runs", "settings",
+              "extras"}
 CLAIM_KEYS = {"id", "title", "paper", "claim", "a", "b", "tasks", "kind", "margin", "paper_delta", "metric",
               "testable", "why", "discussion"}
 TOP_KEYS = {"title", "intro", "tables", "claims", "closing"}
@@ -77,6 +80,8 @@ def load_claims(path: Path) -> dict:
         _check_keys(t, TABLE_KEYS, f"{path}: tables[{i}]")
         if "id" not in t or "rows" not in t:
             raise UserError(f"{path}: tables[{i}] needs 'id' and 'rows'")
+        if "seeds" in t and not (isinstance(t["seeds"], list) and all(type(x) is int for x in t["seeds"])):
+            raise UserError(f"{path}: tables[{i}].seeds = {t['seeds']!r} must be a list of seeds, e.g. [2, 3, 4]")
     claims = []
     for i, c in enumerate(spec.get("claims", [])):
         _check_keys(c, CLAIM_KEYS, f"{path}: claims[{i}]")
@@ -208,15 +213,15 @@ def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool
         source = Path(t["runs"]) if t.get("runs") else runs_dir
         try:
             rep: Report = build_report(source, t.get("reference"), t.get("versus", "full"), rows,
-                                       t.get("metric"), t.get("tasks"))
+                                       t.get("metric"), t.get("tasks"), seeds=t.get("seeds"))
         except UserError:   # a study still running: say so instead of failing the whole document
             parts += [f"_No finished runs yet for rows {', '.join(rows)}._", ""]
             continue
         parts += [render(rep, "md").rstrip(), ""]
         if t.get("settings"):
-            parts += [markdown_table(*settings_rows(source, rows)), SETTINGS_LEGEND, ""]
+            parts += [markdown_table(*settings_rows(source, rows, t.get("seeds"))), SETTINGS_LEGEND, ""]
         if t.get("extras"):
-            header, body = extras_rows(source, rows)
+            header, body = extras_rows(source, rows, t.get("seeds"))
             if body:
                 parts += [markdown_table(header, body), ""]
         if plot:

@@ -440,6 +440,8 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
            metric: Optional[str] = typer.Option(None, "--metric", help="Score tasks by this metric where they report "
                                                                        "it (e.g. accuracy, as AdapterFusion does); "
                                                                        "default: each task's main metric."),
+           seeds: Optional[str] = typer.Option(None, "--seeds", help="Only runs of these seeds, comma-separated "
+                                                                      "(e.g. a study's reported seeds: 2,3,4)."),
            settings: bool = typer.Option(False, "--settings", help="Also a table of each row's budget and "
                                                                     "settings (lr, epochs, warm-up, batch, data, "
                                                                     "precision, pooling); Markdown only."),
@@ -461,13 +463,14 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
             console.print(f"report: {out_file}")
             return
         only = split_labels(rows) if rows else None
-        rep = build_report(runs_dir, reference, versus, only, metric, majority=majority)
+        keep = _seed_list(seeds) if seeds else None
+        rep = build_report(runs_dir, reference, versus, only, metric, majority=majority, seeds=keep)
         text = render(rep, fmt)
         if settings:
             from .report import SETTINGS_LEGEND, markdown_table, settings_rows
             if fmt != "md":
                 raise UserError(f"--settings adds a Markdown table: use it with --format md, not {fmt}")
-            text += "\n" + markdown_table(*settings_rows(runs_dir, only)) + "\n" + SETTINGS_LEGEND + "\n"
+            text += "\n" + markdown_table(*settings_rows(runs_dir, only, keep)) + "\n" + SETTINGS_LEGEND + "\n"
         if out_file:
             atomic_write(out_file, text)
             console.print(f"table: {out_file}")
@@ -481,6 +484,14 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
         if runs_dir.is_dir():
             console.print(f"run folders: {runs_dir} (one per run: config.yaml, metrics.json, log.jsonl, weights)")
     guarded(debug, go)
+
+
+def _seed_list(value: str) -> list[int]:
+    """'2,3,4' -> [2, 3, 4]; anything else is one line naming the value."""
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds '{value}' must be seeds separated by commas, e.g. --seeds 2,3,4") from None
 
 
 @app.command()

@@ -51,10 +51,15 @@ class Row:
     train_seconds: list[float] = field(default_factory=list)
 
 
-def records(root: Path):
+def records(root: Path, seeds: list[int] | None = None):
     """(where, record) of every finished run: run folders under `root`, or the lines of a results
     archive (`adapterbench archive`, a .jsonl file); a record is the run's metrics.json with its
-    resolved `config` (and, for a run that started from a merge, the merge's record)."""
+    resolved `config` (and, for a run that started from a merge, the merge's record). `seeds`:
+    only runs of these seeds (e.g. a study's reported seeds, leaving out extra seeds that only
+    some rows trained)."""
+    if seeds is not None:
+        yield from ((w, m) for w, m in records(root) if m.get("seed") in seeds)
+        return
     root = Path(root)
     if root.is_file() and root.suffix == ".jsonl":
         for i, line in enumerate(root.read_text().splitlines(), start=1):
@@ -73,13 +78,13 @@ def records(root: Path):
             yield str(folder), record
 
 
-def collect(root: Path, metric: str | None = None) -> dict[str, Row]:
+def collect(root: Path, metric: str | None = None, seeds: list[int] | None = None) -> dict[str, Row]:
     """Rows keyed by label from every finished run under `root` (run folders or an archive).
     Cells hold each task's main metric, or `metric` (e.g. accuracy) on the tasks that report
     it. With runs of several models, a row is a (label, model) pair; two runs that would fill
     one cell (same row, task and seed) are an error, never one silently replacing the other."""
     from .runs import task_results
-    found = [(w, m) for w, m in records(root) if m.get("status") == "ok" and m.get("main_value") is not None]
+    found = [(w, m) for w, m in records(root, seeds) if m.get("status") == "ok" and m.get("main_value") is not None]
     models = {m.get("model") for _, m in found}
     rows: dict[str, Row] = {}
     filled: dict[tuple, str] = {}
@@ -98,7 +103,8 @@ def collect(root: Path, metric: str | None = None) -> dict[str, Row]:
         row.params_pct.append(float(m.get("trainable_percent", 0.0)))
         row.train_seconds.append(float(m.get("train_seconds", 0.0)))
     if not rows:
-        raise UserError(f"no finished runs (metrics.json with status ok) under {root}")
+        raise UserError(f"no finished runs (metrics.json with status ok) under {root}"
+                        + (f" with seeds {', '.join(map(str, seeds))}" if seeds is not None else ""))
     return rows
 
 
@@ -203,8 +209,8 @@ def majority_baseline(task_name: str, metric: str | None) -> tuple[float | None,
 
 def build_report(root: Path, reference: str | None = None, versus: str = "full",
                  only: list[str] | None = None, metric: str | None = None,
-                 tasks: list[str] | None = None, majority: bool = True) -> Report:
-    rows = collect(root, metric)
+                 tasks: list[str] | None = None, majority: bool = True, seeds: list[int] | None = None) -> Report:
+    rows = collect(root, metric, seeds)
     if only:  # row labels or shell patterns ('merge-*'), kept in the order of the report
         from fnmatch import fnmatch
         rows = {k: r for k, r in rows.items() if any(fnmatch(k, pat) for pat in only)}
@@ -287,10 +293,11 @@ def legend(rep: Report) -> str:
     return text
 
 
-def selected_records(root: Path, only: list[str] | None = None):
-    """(row label, record) of every finished run whose label matches a pattern of `only` (all if None)."""
+def selected_records(root: Path, only: list[str] | None = None, seeds: list[int] | None = None):
+    """(row label, record) of every finished run whose label matches a pattern of `only` (all if
+    None), of the given seeds (all if None)."""
     from fnmatch import fnmatch
-    for _, m in records(root):
+    for _, m in records(root, seeds):
         label = m.get("label") or m.get("method")
         if m.get("status") == "ok" and m.get("main_value") is not None and \
                 (not only or any(fnmatch(label, pat) for pat in only)):
@@ -324,13 +331,14 @@ SETTINGS_HEADER = ["row", "method", "lr", "epochs", "epochs run", "best epoch", 
                    "training data", "precision", "pooling", "runs"]
 
 
-def settings_rows(root: Path, only: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+def settings_rows(root: Path, only: list[str] | None = None,
+                  seeds: list[int] | None = None) -> tuple[list[str], list[list[str]]]:
     """The budget and settings of every row (the paper-table footnote): learning rate, epoch
     budget, epochs actually run and the best (dev-chosen) epoch, 1-based means over the row's
     runs, warm-up, batch size, training data, precision and pooling, from each run's resolved
     config. A setting that differs between a row's runs shows every value."""
     by_label: dict[str, list[tuple[dict, dict]]] = {}
-    for label, m in selected_records(root, only):
+    for label, m in selected_records(root, only, seeds):
         by_label.setdefault(label, []).append((m, m.get("config") or {}))
     body = []
     for label in sorted(by_label, key=lambda x: (split_k(x)[1], x)):
@@ -355,14 +363,15 @@ def settings_rows(root: Path, only: list[str] | None = None) -> tuple[list[str],
     return SETTINGS_HEADER, body
 
 
-def extras_rows(root: Path, only: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+def extras_rows(root: Path, only: list[str] | None = None,
+                seeds: list[int] | None = None) -> tuple[list[str], list[list[str]]]:
     """What runs record beyond their scores, one line per run: a multi-task run's share of the
     training examples per task (MT-Uncertainty's choices, Pilault et al. 2021 Sec. 3.2) and the
     share of each task's training set it used; a run started from a merge (He et al. 2023), its
     strategy and per source the share of bottleneck units the alignment moved (mean over sites)
     and how far the source moved from its initialisation, ||theta - theta_0|| / ||theta_0||."""
     body = []
-    for label, m in selected_records(root, only):
+    for label, m in selected_records(root, only, seeds):
         what = []
         if m.get("share_of_examples"):
             what.append("share of examples: " + ", ".join(f"{t} {v:.1%}" for t, v in sorted(m["share_of_examples"].items())))

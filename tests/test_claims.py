@@ -259,3 +259,25 @@ def test_claims_document_before_any_run_finished(tmp_path):
     assert "_No finished runs yet for rows full._" in out.read_text()
     r = runner.invoke(app, ["report", str(tmp_path / "nope.jsonl"), "--claims", str(spec), "--out", str(out)])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_seeds_keep_a_tables_cells_to_the_reported_seeds(runs, tmp_path):
+    """`seeds:` in a claims table (and `report --seeds`) leave out runs of other seeds, e.g. the
+    extra seeds a study trained for another row's sake; the claims still pair over shared seeds."""
+    fake_run(runs, "fusion", "rte", 4, 90.0)   # an extra seed that only fusion has
+    spec = tmp_path / "claims.yaml"
+    spec.write_text("tables:\n  - {id: all, rows: fusion}\n  - {id: reported, rows: fusion, seeds: [1, 2, 3]}\n"
+                    "claims:\n  - {id: f, title: f, a: fusion, b: full}\n")
+    out = tmp_path / "results.md"
+    r = runner.invoke(app, ["report", str(runs), "--claims", str(spec), "--out", str(out), "--no-plot"])
+    assert r.exit_code == 0, r.output
+    everything, reported = out.read_text().split("## reported")
+    assert "| fusion | 85.17 ± 1.04 (3) | 73.38 ± 11.21 (4) |" in everything
+    assert "| fusion | 85.17 ± 1.04 (3) | 67.83 ± 2.02 (3) |" in reported
+    cli = runner.invoke(app, ["report", str(runs), "--rows", "fusion", "--seeds", "1,2,3", "--no-plot", "--no-majority"])
+    assert cli.exit_code == 0 and "| fusion | 85.17 ± 1.04 (3) | 67.83 ± 2.02 (3) |" in cli.output, cli.output
+    bad = runner.invoke(app, ["report", str(runs), "--seeds", "two"])
+    assert bad.exit_code == 2 and "--seeds 'two'" in bad.output
+    spec.write_text("tables:\n  - {id: t, rows: fusion, seeds: 2}\n")
+    with pytest.raises(UserError, match=r"tables\[0\].seeds = 2 must be a list"):
+        load_claims(spec)
