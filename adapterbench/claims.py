@@ -169,7 +169,8 @@ def claim_section(i: int, claim: Claim, v: Verdict) -> str:
         out.append("")
     line = f"**Verdict: {v.word}.**"
     if v.delta is not None:
-        line += f" Mean Δ {v.delta:+.2f} points; {v.test}: p = {_fmt_p(v.p)} (alpha {ALPHA})."
+        p = _fmt_p(v.p)
+        line += f" Mean Δ {v.delta:+.2f} points; {v.test}: p {p if p.startswith('<') else f'= {p}'} (alpha {ALPHA})."
     if v.note:
         line += f" {v.note}."
     out += [line, ""]

@@ -281,3 +281,12 @@ def test_seeds_keep_a_tables_cells_to_the_reported_seeds(runs, tmp_path):
     spec.write_text("tables:\n  - {id: t, rows: fusion, seeds: 2}\n")
     with pytest.raises(UserError, match=r"tables\[0\].seeds = 2 must be a list"):
         load_claims(spec)
+
+
+def test_verdict_line_reads_p_below_a_thousandth(runs):
+    from adapterbench.claims import claim_section
+    c = Claim(id="f", title="f", a="fusion", b="full")
+    v = judge(c, collect(runs))
+    assert v.p < 0.001
+    text = claim_section(1, c, v)
+    assert "two-sided: p < 0.001 (alpha 0.05)." in text and "p = <" not in text
