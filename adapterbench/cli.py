@@ -287,6 +287,10 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
         only: Optional[str] = typer.Option(None, "--only", help="Only these rows (labels or patterns, comma-"
                                                                 "separated, e.g. 'full,fusion,adapter k=*') and "
                                                                 "the runs they need."),
+        wait_others: bool = typer.Option(True, "--wait-others/--no-wait-others",
+                                         help="Wait for runs other workers hold (taking over any whose worker "
+                                              "died), or leave them to those workers and return once nothing "
+                                              "else can start (a queue of --only phases then moves on)."),
         out: Optional[str] = OutOpt, data_dir: Optional[str] = DataOpt,
         launcher: str = typer.Option("local", "--launcher", help="local (this process), submitit-local, or "
                                                                  "slurm (a job array of workers through submitit)."),
@@ -340,9 +344,12 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
                                                   f"{node.task} s{node.seed}: {what}", highlight=False)
         from .report import split_labels
         keep = S.selected(nodes, split_labels(only)) if only else None
-        res = S.execute(st, nodes, retry_failed=retry_failed, shard=(i, n), on_event=events, only=keep)
+        res = S.execute(st, nodes, retry_failed=retry_failed, shard=(i, n), on_event=events, only=keep,
+                        wait_for_others=wait_others)
         console.print(f"study {st.name}: {len(res['ran'])} ran, {len(res['done'])} already done, "
-                      f"{len(res['failed'])} failed, {len(res['blocked'])} blocked; runs in {st.out_dir}")
+                      f"{len(res['failed'])} failed, {len(res['blocked'])} blocked"
+                      + (f", {len(res['left'])} left to other workers" if res["left"] else "")
+                      + f"; runs in {st.out_dir}")
         if res["failed"] or res["blocked"]:
             raise typer.Exit(1)
     guarded(debug, go)

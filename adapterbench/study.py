@@ -434,12 +434,17 @@ def selected(nodes: list[Node], patterns: list[str]) -> set[int]:
 
 
 def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: tuple[int, int] = (0, 1),
-            poll: float = 10.0, on_event=lambda node, what: None, only: set[int] | None = None) -> dict[str, list[int]]:
-    """Run every runnable node this worker may take (in `only`, when given); returns indices by outcome."""
+            poll: float = 10.0, on_event=lambda node, what: None, only: set[int] | None = None,
+            wait_for_others: bool = True) -> dict[str, list[int]]:
+    """Run every runnable node this worker may take (in `only`, when given); returns indices by outcome.
+    Runs that other workers hold, and runs that need them, are waited for (and a holder that died
+    is taken over once its lock goes stale); with `wait_for_others=False` they are left to those
+    workers ("left") as soon as nothing else can start, so a queue of phases moves on instead of
+    idling through another worker's last run."""
     from .stages import resolve, train_stage
     i, n = shard
     mine = [nd for nd in nodes if nd.index % n == i and (only is None or nd.index in only)]
-    outcome = {"done": [], "ran": [], "failed": [], "blocked": []}
+    outcome = {"done": [], "ran": [], "failed": [], "blocked": [], "left": []}
     retried: set[int] = set()
     while True:
         waiting = False
@@ -495,6 +500,10 @@ def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: 
         if not waiting:
             return outcome
         if not progressed:
+            if not wait_for_others:
+                finished = {x for k in ("done", "ran", "failed", "blocked") for x in outcome[k]}
+                outcome["left"] = [nd.index for nd in mine if nd.index not in finished]
+                return outcome
             time.sleep(poll)
 
 

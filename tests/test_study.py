@@ -510,3 +510,28 @@ def test_remaining_time_from_finished_runs_of_the_same_row_and_task(tmp_path):
     # median of 100, 300, 200 = 200: the queued run 200, the running one 200 - 150 = 50, the merge 0
     assert left == {"seconds": 250.0, "estimated": 3, "unknown": 2}
     assert S.remaining(rows, now=5000.0)["seconds"] == 200.0        # overdue: never negative
+
+
+def test_no_wait_leaves_runs_held_by_another_worker_to_it(tmp_path, task_yamls, data_dir):
+    """wait_for_others=False (run --no-wait-others): a run another live worker holds, and the
+    fusion that needs it, are left to that worker; everything else runs, and the call returns
+    instead of polling until the other worker finishes."""
+    st = S.load_study(write_study(tmp_path, task_yamls, data_dir, seeds=(1,)))
+    nodes = S.plan(st)
+    held = next(n for n in nodes if n.label == "pfeiffer" and n.task == str(task_yamls["toyreg"]))
+    fusion = next(n for n in nodes if n.stage == "fuse")
+    other = subprocess.Popen(["sleep", "120"])            # the other worker: alive on this host
+    try:
+        S.lock_path(held).parent.mkdir(parents=True, exist_ok=True)
+        S.lock_path(held).write_text(json.dumps({**S.lock_record(), "pid": other.pid}))
+        assert S.state(held) == "running"
+        t0 = time.time()
+        res = S.execute(st, nodes, poll=30.0, wait_for_others=False)
+        assert time.time() - t0 < 25     # returned without one 30-second poll
+        assert sorted(res["left"]) == sorted([held.index, fusion.index])
+        assert len(res["ran"]) == len(nodes) - 2 and not res["failed"]
+        assert S.state(held) == "running" and S.state(fusion) == "pending"
+    finally:
+        other.kill()
+        other.wait()
+    assert S.state(held) == "pending"    # its holder died: the next worker takes it over
