@@ -470,14 +470,14 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
             console.print(f"report: {out_file}")
             return
         only = split_labels(rows) if rows else None
-        keep = _seed_list(seeds) if seeds else None
-        rep = build_report(runs_dir, reference, versus, only, metric, majority=majority, seeds=keep)
+        only_seeds = _seed_list(seeds) if seeds else None
+        rep = build_report(runs_dir, reference, versus, only, metric, majority=majority, seeds=only_seeds)
         text = render(rep, fmt)
         if settings:
             from .report import SETTINGS_LEGEND, markdown_table, settings_rows
             if fmt != "md":
                 raise UserError(f"--settings adds a Markdown table: use it with --format md, not {fmt}")
-            text += "\n" + markdown_table(*settings_rows(runs_dir, only, keep)) + "\n" + SETTINGS_LEGEND + "\n"
+            text += "\n" + markdown_table(*settings_rows(runs_dir, only, only_seeds)) + "\n" + SETTINGS_LEGEND + "\n"
         if out_file:
             atomic_write(out_file, text)
             console.print(f"table: {out_file}")
