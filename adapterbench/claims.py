@@ -151,7 +151,7 @@ def claim_section(i: int, claim: Claim, v: Verdict) -> str:
     out = [f"### {i}. {claim.title}", ""]
     if claim.claim:
         out += [f"**Paper** ({claim.paper}): {claim.claim}" if claim.paper else f"**Paper**: {claim.claim}", ""]
-    what = claim.metric or "main metric"
+    what = f"{claim.metric} where a task reports it, else its main metric" if claim.metric else "main metric"
     out += [f"**Here**: `{claim.a}` against `{claim.b}` ({what}, dev; means over the seeds both rows have), "
             f"Δ = {claim.a} − {claim.b}.", ""]
     if v.per_task:

@@ -290,3 +290,15 @@ def test_verdict_line_reads_p_below_a_thousandth(runs):
     assert v.p < 0.001
     text = claim_section(1, c, v)
     assert "two-sided: p < 0.001 (alpha 0.05)." in text and "p = <" not in text
+
+
+def test_a_claim_by_accuracy_says_what_tasks_without_it_use(runs):
+    from adapterbench.claims import claim_section
+    fake_run(runs, "fusion", "stsb", 1, 80.0)
+    fake_run(runs, "fusion", "stsb", 2, 81.0)
+    fake_run(runs, "full", "stsb", 1, 79.0)
+    fake_run(runs, "full", "stsb", 2, 79.5)
+    c = Claim(id="f", title="f", a="fusion", b="full", metric="accuracy")
+    v = judge(c, collect(runs, "accuracy"))
+    assert ("stsb", 80.5, 79.25) == v.per_task[-1][:3]        # no accuracy: its main metric
+    assert "(accuracy where a task reports it, else its main metric, dev;" in claim_section(1, c, v)
