@@ -373,10 +373,12 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
         rows = S.status_table(S.plan(st))
         states = ("done", "running", "queued", "failed", "blocked")
         title = f"study {st.name} ({st.out_dir})"
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            groups.setdefault(r["label"], []).append(r)
         # remaining() groups by row, so the study's total is the sum over its rows (each run read once)
-        by_label = {label: S.remaining([r for r in rows if r["label"] == label])
-                    for label in dict.fromkeys(r["label"] for r in rows)}
-        console.print(_status_by_row(rows, states, title, by_label) if by_row else _status_by_run(rows, title))
+        by_label = {label: S.remaining(mine) for label, mine in groups.items()}
+        console.print(_status_by_row(groups, states, title, by_label) if by_row else _status_by_run(rows, title))
         counts = Counter(r["state"] for r in rows)
         console.print(", ".join(f"{k} {counts[k]}" for k in states))
         left = {k: sum(x[k] for x in by_label.values()) for k in ("seconds", "estimated", "unknown")}
@@ -402,12 +404,12 @@ def _status_by_run(rows: list[dict], title: str) -> Table:
     return t
 
 
-def _status_by_row(rows: list[dict], states: tuple, title: str, left_by_label: dict[str, dict]) -> Table:
+def _status_by_row(groups: dict[str, list[dict]], states: tuple, title: str, left_by_label: dict[str, dict]) -> Table:
     """One line per row label: its runs in each state and the run-hours left (study.remaining)."""
     from collections import Counter
     t = Table("row", "runs", *states, "run-hours left", title=title)
     for label, left in left_by_label.items():
-        mine = [r for r in rows if r["label"] == label]
+        mine = groups[label]
         n = Counter(r["state"] for r in mine)
         hours = f"{left['seconds'] / 3600:.1f}" + (f" (+{left['unknown']} runs ?)" if left["unknown"] else "")
         t.add_row(label, str(len(mine)), *(str(n[k]) for k in states), hours)
@@ -495,8 +497,9 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
 
 def _seed_list(value: str) -> list[int]:
     """'2,3,4' -> [2, 3, 4]; anything else is one line naming the value."""
+    from .report import split_labels
     try:
-        return [int(x) for x in value.split(",") if x.strip()]
+        return [int(x) for x in split_labels(value) if x]
     except ValueError:
         raise UserError(f"--seeds '{value}' must be seeds separated by commas, e.g. --seeds 2,3,4") from None
 

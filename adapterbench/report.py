@@ -57,10 +57,12 @@ def records(root: Path, seeds: list[int] | None = None):
     resolved `config` (and, for a run that started from a merge, the merge's record). `seeds`:
     only runs of these seeds (e.g. a study's reported seeds, leaving out extra seeds that only
     some rows trained)."""
-    if seeds is not None:
-        yield from ((w, m) for w, m in records(root) if m.get("seed") in seeds)
-        return
-    root = Path(root)
+    for where, record in _all_records(Path(root)):
+        if seeds is None or record.get("seed") in seeds:
+            yield where, record
+
+
+def _all_records(root: Path):
     if root.is_file() and root.suffix == ".jsonl":
         for i, line in enumerate(root.read_text().splitlines(), start=1):
             if line.strip():
