@@ -15,7 +15,8 @@ A table may read other runs than the document's (`runs: docs/results/lr_sweep.js
 archive, relative to where the command runs), keep only some seeds (`seeds: [2, 3, 4]`: a
 study's reported seeds, when some rows trained extra seeds for another row's sake), add its rows'
 budgets (`settings: true`) and what their runs recorded beyond scores (`extras: true`: multi-task
-shares, merge alignment).
+shares, merge alignment, fusion attention), and draw fusion rows' attention as target x source
+heatmaps instead of score bars (`plot: attention`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .report import (ALPHA, SETTINGS_LEGEND, Report, build_report, collect, extr
                      settings_rows, split_labels)
 
 TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "seeds", "text", "runs", "settings",
-              "extras"}
+              "extras", "plot"}
 CLAIM_KEYS = {"id", "title", "paper", "claim", "a", "b", "tasks", "kind", "margin", "paper_delta", "metric",
               "testable", "why", "discussion"}
 TOP_KEYS = {"title", "intro", "tables", "claims", "closing"}
@@ -80,6 +81,9 @@ def load_claims(path: Path) -> dict:
         _check_keys(t, TABLE_KEYS, f"{path}: tables[{i}]")
         if "id" not in t or "rows" not in t:
             raise UserError(f"{path}: tables[{i}] needs 'id' and 'rows'")
+        if t.get("plot", "bars") not in ("bars", "attention"):
+            raise UserError(f"{path}: tables[{i}].plot = {t['plot']!r} must be bars (scores) or attention "
+                            "(fusion rows: target x source heatmap)")
         if "seeds" in t and not (isinstance(t["seeds"], list) and all(type(x) is int for x in t["seeds"])):
             raise UserError(f"{path}: tables[{i}].seeds = {t['seeds']!r} must be a list of seeds, e.g. [2, 3, 4]")
     claims = []
@@ -188,6 +192,23 @@ def rows_or_none(runs_dir: Path, metric: str | None) -> dict:
     return collect(runs_dir, metric)
 
 
+def attention_plots(table: dict, source: Path, rows: list[str], assets: Path) -> list[str]:
+    """`plot: attention`: per fusion row of the table, a target x source heatmap of the attention
+    (mean over layers and the table's seeds), as the paper draws it; Markdown image lines."""
+    from .plots import attention_heatmap
+    from .report import attention_matrix, selected_records
+    from .runs import slug
+    labels = sorted({lab for lab, m in selected_records(source, rows, table.get("seeds")) if m.get("fusion_attention")})
+    lines = []
+    for label in labels:
+        targets, sources, matrix = attention_matrix(source, label, table.get("seeds"), table.get("tasks"))
+        png = assets / f"{table['id']}-{slug(label)}.png"
+        attention_heatmap(matrix, sources, png, title=f"{label}: attention per target (mean over layers and seeds)",
+                          row_names=targets)
+        lines += [f"![{label}: attention per target]({assets.name}/{png.name})", ""]
+    return lines
+
+
 def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool = True) -> list[tuple[str, str]]:
     """Write the document (and its plots in a folder named after it); returns (claim id, verdict)."""
     from .plots import metric_bars
@@ -225,7 +246,9 @@ def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool
             header, body = extras_rows(source, rows, t.get("seeds"))
             if body:
                 parts += [markdown_table(header, body), ""]
-        if plot:
+        if plot and t.get("plot") == "attention":
+            parts += attention_plots(t, source, rows, assets)
+        elif plot:
             png = assets / f"{t['id']}.png"
             metric_bars(rep, png)
             parts += [f"![{t.get('title', t['id'])}]({assets.name}/{png.name})", ""]

@@ -7,8 +7,9 @@ from pathlib import Path
 from .runs import atomic_write
 
 
-def attention_heatmap(rows: list[list[float]], names: list[str], path: Path, title: str = "") -> None:
-    """Layers (rows) x source adapters (columns), mean attention in each cell."""
+def attention_heatmap(rows: list[list[float]], names: list[str], path: Path, title: str = "",
+                      row_names: list[str] | None = None) -> None:
+    """Layers (rows; or `row_names`, e.g. target tasks) x source adapters (columns), mean attention in each cell."""
     import io
 
     import matplotlib
@@ -17,7 +18,7 @@ def attention_heatmap(rows: list[list[float]], names: list[str], path: Path, tit
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * max(len(names), 1), 1.2 + 0.45 * max(len(rows), 1)))
     im = ax.imshow(rows, cmap="viridis", vmin=0.0, vmax=max(max(r) for r in rows) if rows else 1.0, aspect="auto")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), [f"layer {i}" for i in range(len(rows))])
+    ax.set_yticks(range(len(rows)), row_names or [f"layer {i}" for i in range(len(rows))])
     for i, row in enumerate(rows):
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.5 else "black", fontsize=8)

@@ -371,7 +371,8 @@ def extras_rows(root: Path, only: list[str] | None = None,
     training examples per task (MT-Uncertainty's choices, Pilault et al. 2021 Sec. 3.2) and the
     share of each task's training set it used; a run started from a merge (He et al. 2023), its
     strategy and per source the share of bottleneck units the alignment moved (mean over sites)
-    and how far the source moved from its initialisation, ||theta - theta_0|| / ||theta_0||."""
+    and how far the source moved from its initialisation, ||theta - theta_0|| / ||theta_0||; a
+    fusion run, its attention over the source adapters (what the heatmaps of Pfeiffer et al. 2021 show)."""
     body = []
     for label, m in selected_records(root, only, seeds):
         what = []
@@ -382,11 +383,44 @@ def extras_rows(root: Path, only: list[str] | None = None,
                 f"{t} {v:.0%}" for t, v in sorted(m["fraction_used_per_task"].items())))
         if m.get("merge"):
             what.append(_merge_words(m["merge"]))
+        if m.get("fusion_attention"):
+            what.append(_attention_words(m["fusion_attention"], m.get("task")))
         if what:
             task = ",".join(sorted(m["tasks"])) if len(m.get("tasks") or {}) > 1 else str(m.get("task"))
             body.append([label, task, str(m.get("seed")), "; ".join(what)])
     body.sort(key=lambda r: (r[0], r[1], int(r[2]) if r[2].isdigit() else 0))
     return ["row", "task", "seed", "recorded"], body
+
+
+def attention_matrix(root: Path, label: str, seeds: list[int] | None = None,
+                     tasks: list[str] | None = None) -> tuple[list[str], list[str], list[list[float]]]:
+    """Target x source attention of one fusion row (Pfeiffer et al. 2021's heatmaps): per target
+    task, each source's weight averaged over layers and over the row's runs (the given seeds);
+    targets in `tasks` order (else sorted), sources the targets first (so each target's own
+    adapter is on the diagonal), then the others sorted."""
+    per_target: dict[str, list[dict]] = {}
+    for lab, m in selected_records(root, None, seeds):
+        if lab == label and m.get("fusion_attention") and (not tasks or m.get("task") in tasks):
+            per_target.setdefault(m["task"], []).append(m["fusion_attention"])
+    if not per_target:
+        return [], [], []
+    targets = [t for t in (tasks or sorted(per_target)) if t in per_target]
+    names = {src for runs in per_target.values() for a in runs for src in a}
+    sources = [t for t in targets if t in names] + sorted(names - set(targets))   # own adapters on the diagonal
+    matrix = [[float(np.mean([np.mean(a[src]) for a in per_target[t] if src in a] or [np.nan]))
+               for src in sources] for t in targets]
+    return targets, sources, matrix
+
+
+def _attention_words(attention: dict[str, list[float]], target: str | None) -> str:
+    """A fusion run's attention over its source adapters, mean over layers, largest first; the
+    target's own adapter is starred and the largest single-layer weight named."""
+    means = {src: float(np.mean(w)) for src, w in attention.items() if w}
+    peak_src, peak = max(((s, max(w)) for s, w in attention.items() if w), key=lambda x: x[1])
+    layer = attention[peak_src].index(peak)
+    words = ", ".join(f"{s}{'*' if s == target else ''} {v:.0%}" for s, v in
+                      sorted(means.items(), key=lambda x: (-x[1], x[0])))
+    return f"attention (mean over layers): {words}; peak {peak_src} {peak:.0%} at layer {layer}"
 
 
 def _merge_words(merge: dict) -> str:

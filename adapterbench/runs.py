@@ -7,6 +7,7 @@ written atomically (temp file + rename), so a file is either complete or absent.
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -308,8 +309,9 @@ def iter_runs(root: Path):
 def archive_record(folder: Path) -> dict | None:
     """One line of a results archive: a finished run's metrics.json (label, task, model, seed,
     per-task dev metrics, history, best epoch, timing, parameters, method extras), its folder's
-    config hash and resolved config, and for a run that started from a merged adapter the
-    merge's record (sources, relative change, units moved)."""
+    config hash and resolved config, for a run that started from a merged adapter the
+    merge's record (sources, relative change, units moved), and for a fusion run that wrote
+    attention.csv its attention per source and layer."""
     try:
         m = json.loads((folder / "metrics.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -325,7 +327,22 @@ def archive_record(folder: Path) -> dict | None:
     merged = find_from(config["init_from"], folder) if config.get("init_from") else None
     if merged is not None and (merged / "adapter_config.json").is_file():
         out["merge"] = json.loads((merged / "adapter_config.json").read_text()).get("merge")
+    attention = fusion_attention(folder / "attention.csv")
+    if attention:
+        out["fusion_attention"] = attention
     return out
+
+
+def fusion_attention(path: Path) -> dict | None:
+    """A fusion run's attention.csv (a row per layer, a column per source adapter: the dev-set
+    mean of each source's softmax weight) as {source: [weight per layer]}; None without one."""
+    try:
+        rows = list(csv.reader(path.read_text().splitlines()))
+    except OSError:
+        return None
+    if len(rows) < 2 or rows[0][:1] != ["layer"]:
+        return None
+    return {name: [float(r[j]) for r in rows[1:]] for j, name in enumerate(rows[0]) if j > 0}
 
 
 def find_from(path: str | Path, folder: Path) -> Path | None:

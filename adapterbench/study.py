@@ -481,7 +481,8 @@ def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: 
                     if nd.stage == "merge":
                         run_merge(nd)
                     else:
-                        train_stage(nd.stage, resolve(nd.config, nd.stage), force=False, show_progress=True)
+                        train_stage(nd.stage, resolve(nd.config, nd.stage), force=False, show_progress=True,
+                                    save_attention=nd.stage == "fuse")   # the paper's attention figure
                 outcome["ran"].append(nd.index)
                 on_event(nd, "ok")
             except RunExists:

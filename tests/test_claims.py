@@ -4,6 +4,7 @@ the --metric choice, the written document, and bad claims files."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scipy.stats import ttest_1samp
 from typer.testing import CliRunner
@@ -139,6 +140,7 @@ claims:
     ("claims:\n  - {id: a, title: t, a: x}\n", "needs 'b'"),
     ("tables:\n  - {title: t}\n", "needs 'id' and 'rows'"),
     ("verdicts: []\n", "unknown key 'verdicts'"),
+    ("tables:\n  - {id: f, rows: fusion, plot: heatmap}\n", "plot = 'heatmap' must be bars .scores. or attention"),
 ])
 def test_bad_claims_files(tmp_path, content, needle):
     f = tmp_path / "c.yaml"
@@ -224,7 +226,8 @@ def test_majority_row_never_waits_on_the_hub(tmp_path, monkeypatch):
 
 def test_extras_table_shows_sampling_shares_and_merge_alignment(tmp_path):
     """extras: a multi-task run's share of examples per task, a merged start's units moved (mean
-    over sites) and relative change per source; runs with nothing extra are left out."""
+    over sites) and relative change per source, a fusion run's attention per source (the target's
+    own starred); runs with nothing extra are left out."""
     lines = [
         {"status": "ok", "label": "camtl", "method": "camtl", "task": "rte", "seed": 2, "main_value": 60.0,
          "tasks": {"rte": {"main_value": 55.0}, "mrpc": {"main_value": 65.0}},
@@ -233,12 +236,16 @@ def test_extras_table_shows_sampling_shares_and_merge_alignment(tmp_path):
          "main_value": 55.0, "merge": {"strategy": "align", "kind": "merge", "sources": [
              {"task": "sick", "units_moved": {"0.ffn": 0.0, "1.ffn": 0.0}, "relative_change": 1.5},
              {"task": "cb", "units_moved": {"0.ffn": 0.5, "1.ffn": 0.25}, "relative_change": 0.25}]}},
-        {"status": "ok", "label": "full", "method": "full", "task": "rte", "seed": 1, "main_value": 61.0}]
+        {"status": "ok", "label": "full", "method": "full", "task": "rte", "seed": 1, "main_value": 61.0},
+        {"status": "ok", "label": "fusion", "method": "fusion", "task": "rte", "seed": 2, "main_value": 59.0,
+         "fusion_attention": {"rte": [0.2, 0.1], "sick": [0.5, 0.8], "cb": [0.3, 0.1]}}]
     archive = tmp_path / "runs.jsonl"
     archive.write_text("".join(json.dumps(x) + "\n" for x in lines))
     from adapterbench.report import extras_rows
     header, body = extras_rows(archive)
-    assert [r[0] for r in body] == ["camtl", "merge-track-align k=32"]
+    assert [r[0] for r in body] == ["camtl", "fusion", "merge-track-align k=32"]
+    assert body[1][3] == "attention (mean over layers): sick 65%, cb 20%, rte* 15%; peak sick 80% at layer 1"
+    body = [body[0], body[2]]
     assert body[0][1:3] == ["mrpc,rte", "2"] and "share of examples: mrpc 12.7%, rte 87.3%" in body[0][3]
     assert "of each training set used: mrpc 24%, rte 100%" in body[0][3]
     assert body[1][3] == ("align of sick (units moved 0%, ‖θ−θ₀‖/‖θ₀‖ 1.50), cb (units moved 38%, "
@@ -302,3 +309,29 @@ def test_a_claim_by_accuracy_says_what_tasks_without_it_use(runs):
     v = judge(c, collect(runs, "accuracy"))
     assert ("stsb", 80.5, 79.25) == v.per_task[-1][:3]        # no accuracy: its main metric
     assert "(accuracy where a task reports it, else its main metric, dev;" in claim_section(1, c, v)
+
+
+def test_attention_plot_averages_each_targets_runs(tmp_path):
+    """`plot: attention`: a fusion row's target x source matrix, each cell the mean over layers and
+    the table's seeds, the targets' own adapters on the diagonal; drawn as one heatmap per row."""
+    def rec(task, seed, att):
+        return {"status": "ok", "label": "fusion", "method": "fusion", "task": task, "seed": seed,
+                "main_value": 60.0, "fusion_attention": att}
+    lines = [rec("rte", 2, {"sick": [0.6, 0.4], "rte": [0.4, 0.6]}), rec("rte", 3, {"sick": [0.2, 0.2], "rte": [0.8, 0.8]}),
+             rec("rte", 9, {"sick": [1.0, 1.0], "rte": [0.0, 0.0]}),      # a seed the table leaves out
+             rec("mrpc", 2, {"sick": [0.1, 0.1], "rte": [0.0, 0.0], "mrpc": [0.9, 0.9]})]
+    archive = tmp_path / "runs.jsonl"
+    archive.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    from adapterbench.report import attention_matrix
+    targets, sources, matrix = attention_matrix(archive, "fusion", [2, 3], ["mrpc", "rte"])
+    assert targets == ["mrpc", "rte"] and sources == ["mrpc", "rte", "sick"]
+    assert np.allclose(matrix[1][1:], [0.65, 0.35]) and np.isnan(matrix[1][0])   # rte: no mrpc source
+    assert np.allclose(matrix[0], [0.9, 0.0, 0.1])
+    spec = tmp_path / "c.yaml"
+    spec.write_text("tables:\n  - {id: att, rows: fusion, seeds: [2, 3], extras: true, plot: attention}\n")
+    out = tmp_path / "docs" / "r.md"
+    r = runner.invoke(app, ["report", str(archive), "--claims", str(spec), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "![fusion: attention per target](r/att-fusion.png)" in out.read_text()
+    assert (tmp_path / "docs" / "r" / "att-fusion.png").stat().st_size > 1000
+    assert not (tmp_path / "docs" / "r" / "att.png").exists()

@@ -108,6 +108,12 @@ def test_only_runs_the_named_rows_and_what_they_need(tmp_path, task_yamls, data_
     assert "3 ran, 0 already done, 0 failed" in r.output
     labels = sorted(json.loads(p.read_text())["label"] for p in (tmp_path / "runs").glob("**/metrics.json"))
     assert labels == ["fusion", "pfeiffer", "pfeiffer"]
+    # a study's fusion run writes its attention, and the archive carries it per source and layer
+    from adapterbench.runs import archive_record
+    fus = next(p.parent for p in (tmp_path / "runs").glob("fuse/**/metrics.json"))
+    attention = archive_record(fus)["fusion_attention"]
+    assert sorted(attention) == ["toy", "toyreg"] and len(attention["toy"]) == 2     # two layers
+    assert all(abs(a + b - 1) < 1e-4 for a, b in zip(attention["toy"], attention["toyreg"]))
     r = runner.invoke(app, ["status", str(y), "--by-row"], env={"COLUMNS": "200"})
     lines = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]]
              for ln in r.output.splitlines() if ln.count("│") > 3}
