@@ -15,8 +15,9 @@ def attention_heatmap(rows: list[list[float]], names: list[str], path: Path, tit
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * max(len(names), 1), 1.2 + 0.45 * max(len(rows), 1)))
-    im = ax.imshow(rows, cmap="viridis", vmin=0.0, vmax=max(max(r) for r in rows) if rows else 1.0, aspect="auto")
+    im = ax.imshow(rows, cmap="viridis", vmin=0.0, vmax=float(np.nanmax(rows)) if rows else 1.0, aspect="auto")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), row_names or [f"layer {i}" for i in range(len(rows))])
     for i, row in enumerate(rows):
