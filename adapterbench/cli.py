@@ -361,7 +361,7 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
            by_row: bool = typer.Option(False, "--by-row", help="One line per row (label): runs in each state "
                                                                  "and the run-hours left, instead of every run."),
            debug: bool = DebugOpt):
-    """Every run of a study: done / running (host, job, heartbeat age) / queued / failed / blocked."""
+    """Every run of a study: done / running (host, job, heartbeat age, progress) / queued / failed / blocked."""
     def go():
         from collections import Counter
 

@@ -349,7 +349,7 @@ def state(node: Node) -> str:
 
 
 def status_table(nodes: list[Node]) -> list[dict]:
-    """Every run of a plan: done / running (host, job, heartbeat age) / queued / failed /
+    """Every run of a plan: done / running (host, job, heartbeat age, progress) / queued / failed /
     blocked (a run it needs failed)."""
     states = {nd.index: state(nd) for nd in nodes}
     out = []
@@ -359,6 +359,7 @@ def status_table(nodes: list[Node]) -> list[dict]:
             info = read_lock(lock_path(nd)) or {}
             age = time.time() - float(info.get("heartbeat", time.time()))
             detail = f"{info.get('host')} pid {info.get('pid')} job {info.get('job') or '-'}, heartbeat {age:.0f}s ago"
+            detail += progress(nd)
         elif st == "pending":
             st = "blocked" if any(states[d] in ("failed", "blocked") for d in nd.deps) else "queued"
             if (nd.folder / "checkpoint" / "latest.json").is_file():
@@ -373,6 +374,36 @@ def status_table(nodes: list[Node]) -> list[dict]:
         out.append({"index": nd.index, "stage": nd.stage, "label": nd.label, "task": nd.task, "seed": nd.seed,
                     "state": st, "detail": detail, "folder": str(nd.folder)})
     return out
+
+
+def progress(node: Node) -> str:
+    """Where a running run is, from the last step its log.jsonl recorded: '; epoch 2/3, step 1800,
+    9.3 samples/s' ('' before its first logged step)."""
+    try:
+        with open(node.folder / "log.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(tail):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue                      # a line cut by the seek, or one being written
+        if isinstance(rec, dict) and "step" in rec and "samples_per_s" in rec:
+            epochs = _resolved_epochs(node)
+            return (f"; epoch {int(rec.get('epoch', 0)) + 1}/{epochs or '?'}, step {rec['step']}, "
+                    f"{float(rec['samples_per_s']):.1f} samples/s")
+    return ""
+
+
+def _resolved_epochs(node: Node):
+    """The epoch budget the run folder's resolved config.yaml names (method defaults included)."""
+    try:
+        cfg = load_yaml(node.folder / "config.yaml")
+    except (UserError, OSError):
+        return None
+    return (cfg.get("train") or {}).get("epochs") if isinstance(cfg, dict) else None
 
 
 def run_seconds(folder: Path) -> float | None:

@@ -412,7 +412,8 @@ def test_majority_baseline_row_from_the_tasks_data(tmp_path, monkeypatch, task_y
 
 def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, task_yamls, data_dir):
     """A lock whose heartbeat is older than the timeout is taken over from any host; a lock
-    with a fresh heartbeat on another host is respected; status shows who holds a run."""
+    with a fresh heartbeat on another host is respected; status shows who holds a run and where
+    it is (its last logged step)."""
     y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
     nodes = S.plan(S.load_study(y))
     nd = nodes[0]
@@ -423,6 +424,14 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
     assert not S.try_lock(nd) and S.state(nd) == "running"
     row = S.status_table(nodes)[0]
     assert row["state"] == "running" and "node-17" in row["detail"] and "4242_3" in row["detail"]
+    assert "epoch" not in row["detail"]                          # nothing logged yet
+    nd.folder.mkdir(parents=True, exist_ok=True)
+    (nd.folder / "config.yaml").write_text("train: {epochs: 3}\n")
+    (nd.folder / "log.jsonl").write_text(
+        '{"step": 30, "epoch": 1, "loss": 0.5, "samples_per_s": 11.0}\n{"epoch": 1, "step": 32, "dev": {}}\n'
+        '{"step": 40, "epoch": 1, "loss": 0.4, "samples_per_s": 12.54}\n{"step": 5')   # a line being written
+    row = S.status_table(nodes)[0]
+    assert row["detail"].endswith("; epoch 2/3, step 40, 12.5 samples/s")
     lock.write_text(json.dumps({**fresh, "heartbeat": time.time() - S.LOCK_TIMEOUT - 5}))
     assert S.state(nd) == "pending" and S.try_lock(nd)
     mine = json.loads(lock.read_text())
