@@ -1,6 +1,6 @@
 """Reports: every finished run under a folder -> one row per method, one column per task.
 
-Each cell is the task's main metric as mean ± std over seeds (n); deltas are against the
+Each cell is the task's main metric as mean ± std over seeds (n; one seed: no std); deltas are against the
 full fine-tuning and multi-task baselines; a cell is marked when a paired t-test over the
 seeds both runs share (scipy.stats.ttest_rel, two-sided) gives p < 0.05 against full
 fine-tuning (or the row `--versus LABEL`). Few-shot rows ('adapter k=16') are compared with
@@ -256,7 +256,8 @@ def table_rows(rep: Report) -> tuple[list[str], list[list[str]]]:
         cells = []
         for t in rep.tasks:
             c = row.cells.get(t)
-            cells.append("–" if c is None else f"{c.mean:.2f} ± {c.std:.2f} ({c.n}){rep.mark(row, t)}")
+            spread = f" ± {c.std:.2f}" if c is not None and c.n > 1 else ""   # one seed has no std
+            cells.append("–" if c is None else f"{c.mean:.2f}{spread} ({c.n}){rep.mark(row, t)}")
         body.append([row.label, *cells, _fmt(rep.row_mean(row)),
                      *(_fmt(rep.mean_delta(row, b), True) if rep.base_row(row, b) is not row else ""
                        for b in rep.baselines),
@@ -281,7 +282,7 @@ def table_rows(rep: Report) -> tuple[list[str], list[list[str]]]:
 
 def legend(rep: Report) -> str:
     what = f"{rep.metric} where the task reports it, else the main metric" if rep.metric else "main metric"
-    text = (f"Cells: {what} (dev) mean ± std over seeds (n). † = paired t-test over shared seeds "
+    text = (f"Cells: {what} (dev) mean ± std over seeds (n; one seed: the mean alone). † = paired t-test over shared seeds "
             f"(two-sided, scipy ttest_rel) p < {ALPHA} against the '{rep.versus}' row. Δ columns: mean over "
             "tasks of the difference to the baseline row; '>+0.3' counts tasks improved by more than 0.3 points "
             "(AdapterFusion Table 2). Rows ending in 'k=N' are few-shot (N examples per class) and are "
@@ -460,7 +461,7 @@ def render(rep: Report, fmt: str) -> str:
                 bases = [rep.base_row(row, b) for b in rep.baselines]
                 ps = [paired_p(c, b.cells[t]) if b is not None and b is not row and t in b.cells else None
                       for b in bases]
-                w.writerow([row.label, t, f"{c.mean:.4f}", f"{c.std:.4f}", c.n,
+                w.writerow([row.label, t, f"{c.mean:.4f}", f"{c.std:.4f}" if c.n > 1 else "", c.n,
                             *("" if d is None else f"{d:.4f}" for d in deltas),
                             *("" if p is None else f"{p:.4g}" for p in ps)])
         return buf.getvalue()
