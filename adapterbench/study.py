@@ -381,7 +381,8 @@ def progress(node: Node) -> str:
     9.3 samples/s' ('' before its first logged step)."""
     try:
         with open(node.folder / "log.jsonl", "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 4096))                # the last records are enough
             tail = f.read().decode("utf-8", "replace").splitlines()
     except OSError:
         return ""
