@@ -506,15 +506,20 @@ def _seed_list(value: str) -> list[int]:
 
 @app.command()
 def archive(runs_dir: Path = typer.Argument(..., help="Folder holding run folders (a study's)."),
-            out: Path = typer.Option(..., "--out", help="The archive to write, e.g. docs/results/runs.jsonl."),
+            out: Path = typer.Option(..., "--out", help="The archive to write or update, e.g. docs/results/runs.jsonl."),
+            replace: bool = typer.Option(False, "--replace", help="Write only RUNS_DIR's runs, dropping the "
+                                                                   "archive's lines for runs it does not hold."),
             debug: bool = DebugOpt):
     """Write every finished run as one JSON line (metrics, config, extras): results as data,
-    which `report` and `report --claims` read like run folders."""
+    which `report` and `report --claims` read like run folders. An existing archive is updated:
+    runs it holds that RUNS_DIR does not are kept (a lost study folder loses no results)."""
     def go():
         from .runs import write_archive
         if not runs_dir.is_dir():
             raise UserError(f"runs folder {runs_dir} does not exist: pass the folder a study wrote")
-        console.print(f"{write_archive(runs_dir, out)} finished runs written to {out}")
+        fresh, kept = write_archive(runs_dir, out, replace)
+        console.print(f"{fresh + kept} finished runs written to {out}: {fresh} from {runs_dir}"
+                      + (f", {kept} kept from the archive" if kept else ""))
     guarded(debug, go)
 
 

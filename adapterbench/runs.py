@@ -366,11 +366,43 @@ def relative_to(value, bases: tuple[Path, ...]):
     return value
 
 
-def write_archive(root: Path, out: Path) -> int:
-    """Every finished run under `root` as one JSON line each, in a stable order; returns the count.
-    Paths inside the study are written relative to the folder above `root` ('reproduce_full/...')."""
+def write_archive(root: Path, out: Path, replace: bool = False) -> tuple[int, int]:
+    """Every finished run under `root` as one JSON line each, in a stable order. An existing
+    archive at `out` is updated, not overwritten: its lines for runs `root` does not hold (a
+    study folder that was lost or moved, runs archived from another machine) are kept, and a run
+    in both is written from `root`. `replace` writes `root`'s runs alone. Returns (runs from
+    `root`, lines kept). Paths inside the study are written relative to the folder above `root`
+    ('reproduce_full/...')."""
     bases = (Path(root).absolute().parent, Path(root).resolve().parent)   # as configs wrote it, or resolved
-    lines = [json.dumps(relative_to(r, bases), sort_keys=True, default=str)
-             for r in map(archive_record, iter_runs(root)) if r]
-    atomic_write(out, "".join(line + "\n" for line in sorted(lines)))
-    return len(lines)
+    fresh = {archive_key(r): json.dumps(relative_to(r, bases), sort_keys=True, default=str)
+             for r in map(archive_record, iter_runs(root)) if r}
+    kept = {} if replace else {k: line for k, line in read_archive_lines(out).items() if k not in fresh}
+    atomic_write(out, "".join(line + "\n" for line in sorted([*fresh.values(), *kept.values()])))
+    return len(fresh), len(kept)
+
+
+def archive_key(record: dict) -> tuple:
+    """What makes two archive lines the same run: its row label and its folder name (model,
+    seed and config hash)."""
+    return record.get("label") or record.get("method"), record.get("run")
+
+
+def read_archive_lines(path: Path) -> dict[tuple, str]:
+    """An archive's lines by `archive_key` (none when the file does not exist yet)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    out = {}
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {i}: not valid JSON ({e.msg}): mend or delete that line, or pass "
+                            f"--replace to write only this folder's runs") from None
+        if not isinstance(record, dict) or "run" not in record:
+            raise UserError(f"{path} line {i}: not an archive record (no 'run'): is {path} an archive? "
+                            f"Pass another --out, or --replace to overwrite it")
+        out[archive_key(record)] = line
+    return out

@@ -3,6 +3,7 @@ report numbers from hand-written metrics.json files."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -375,6 +376,36 @@ def test_archive_reports_like_the_run_folders(tmp_path, task_yamls, data_dir):
     assert from_folders.exit_code == from_archive.exit_code == 0
     table = lambda out: out.split("run folders:")[0]
     assert table(from_folders.output) == table(from_archive.output)
+
+
+def test_archive_updates_an_archive_and_keeps_runs_the_folder_lost(tmp_path):
+    """A study folder that was lost (or holds only the newer runs) must not erase archived
+    results: archiving it again keeps the archive's other lines, rewrites the runs it holds, and
+    --replace writes the folder's runs alone. A damaged archive is named, never overwritten."""
+    fake_run(tmp_path / "runs", "full", "rte", 1, 60.0)
+    fake_run(tmp_path / "runs", "full", "rte", 2, 62.0)
+    archive = tmp_path / "runs.jsonl"
+    assert runner.invoke(app, ["archive", str(tmp_path / "runs"), "--out", str(archive)]).exit_code == 0
+    shutil.rmtree(tmp_path / "runs")                         # the folder is lost ...
+    fake_run(tmp_path / "runs", "full", "rte", 3, 64.0)      # ... and a new one holds seed 3 alone
+    r = runner.invoke(app, ["archive", str(tmp_path / "runs"), "--out", str(archive)])
+    said = " ".join(r.output.split())                        # rich wraps long lines
+    assert r.exit_code == 0 and "3 finished runs" in said and ": 1 from" in said and "2 kept from the archive" in said
+    seeds = lambda: sorted(json.loads(x)["seed"] for x in archive.read_text().splitlines())
+    assert seeds() == [1, 2, 3]
+    metrics = next((tmp_path / "runs").rglob("metrics.json"))          # a rerun of seed 3 replaces its line
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "main_value": 66.0}))
+    assert runner.invoke(app, ["archive", str(tmp_path / "runs"), "--out", str(archive)]).exit_code == 0
+    lines = [json.loads(x) for x in archive.read_text().splitlines()]
+    assert sorted(x["seed"] for x in lines) == [1, 2, 3] and next(x for x in lines if x["seed"] == 3)["main_value"] == 66.0
+    r = runner.invoke(app, ["archive", str(tmp_path / "runs"), "--out", str(archive), "--replace"])
+    assert r.exit_code == 0 and seeds() == [3]
+    archive.write_text(archive.read_text() + "{not json\n")
+    before = archive.read_text()
+    r = runner.invoke(app, ["archive", str(tmp_path / "runs"), "--out", str(archive)])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "line 2: not valid JSON" in said and "--replace" in said
+    assert archive.read_text() == before
 
 
 def test_report_refuses_two_runs_in_one_cell_and_splits_models(tmp_path):
