@@ -198,10 +198,11 @@ def attention_plots(table: dict, source: Path, rows: list[str], assets: Path) ->
     from .plots import attention_heatmap
     from .report import attention_matrix, selected_records
     from .runs import slug
-    labels = sorted({lab for lab, m in selected_records(source, rows, table.get("seeds")) if m.get("fusion_attention")})
+    found = list(selected_records(source, rows, table.get("seeds")))     # read once, used per row
+    labels = sorted({lab for lab, m in found if m.get("fusion_attention")})
     lines = []
     for label in labels:
-        targets, sources, matrix = attention_matrix(source, label, table.get("seeds"), table.get("tasks"))
+        targets, sources, matrix = attention_matrix(found, label, table.get("tasks"))
         png = assets / f"{table['id']}-{slug(label)}.png"
         attention_heatmap(matrix, sources, png, title=f"{label}: attention per target (mean over layers and seeds)",
                           row_names=targets)

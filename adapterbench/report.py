@@ -393,14 +393,14 @@ def extras_rows(root: Path, only: list[str] | None = None,
     return ["row", "task", "seed", "recorded"], body
 
 
-def attention_matrix(root: Path, label: str, seeds: list[int] | None = None,
-                     tasks: list[str] | None = None) -> tuple[list[str], list[str], list[list[float]]]:
+def attention_matrix(found, label: str, tasks: list[str] | None = None) -> tuple[list[str], list[str], list[list[float]]]:
     """Target x source attention of one fusion row (Pfeiffer et al. 2021's heatmaps): per target
-    task, each source's weight averaged over layers and over the row's runs (the given seeds);
-    targets in `tasks` order (else sorted), sources the targets first (so each target's own
-    adapter is on the diagonal), then the others sorted."""
+    task, each source's weight averaged over layers and over the row's runs in `found` ((label,
+    record) pairs, e.g. `selected_records` of the table's seeds); targets in `tasks` order (else
+    sorted), sources the targets first (so each target's own adapter is on the diagonal), then
+    the others sorted."""
     per_target: dict[str, list[dict]] = {}
-    for lab, m in selected_records(root, None, seeds):
+    for lab, m in found:
         if lab == label and m.get("fusion_attention") and (not tasks or m.get("task") in tasks):
             per_target.setdefault(m["task"], []).append(m["fusion_attention"])
     if not per_target:

@@ -322,8 +322,8 @@ def test_attention_plot_averages_each_targets_runs(tmp_path):
              rec("mrpc", 2, {"sick": [0.1, 0.1], "rte": [0.0, 0.0], "mrpc": [0.9, 0.9]})]
     archive = tmp_path / "runs.jsonl"
     archive.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    from adapterbench.report import attention_matrix
-    targets, sources, matrix = attention_matrix(archive, "fusion", [2, 3], ["mrpc", "rte"])
+    from adapterbench.report import attention_matrix, selected_records
+    targets, sources, matrix = attention_matrix(selected_records(archive, None, [2, 3]), "fusion", ["mrpc", "rte"])
     assert targets == ["mrpc", "rte"] and sources == ["mrpc", "rte", "sick"]
     assert np.allclose(matrix[1][1:], [0.65, 0.35]) and np.isnan(matrix[1][0])   # rte: no mrpc source
     assert np.allclose(matrix[0], [0.9, 0.0, 0.1])
