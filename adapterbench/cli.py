@@ -557,6 +557,11 @@ def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, f
             raise UserError("--steps 0 (one whole epoch) needs --task")
         if precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"--precision '{precision}' must be auto, fp32 or bf16")
+        import torch
+        from .train import precision_warning
+        warning = precision_warning(precision, "cuda" if torch.cuda.is_available() else "cpu")
+        if warning:
+            console.print(f"[yellow]warning:[/yellow] {warning.replace('train.precision=', '--precision ')}")
         if threads:
             os.environ["ADAPTERBENCH_BENCH_THREADS"] = str(threads)
         spec = Spec(model, batch_size, seq_len, steps, warmup, task, pad_to_max, peer_pad_to_max,

@@ -177,7 +177,8 @@ def environment() -> dict:
             versions[pkg] = None
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-            "git_commit": git_commit(), "device": device, "torch_threads": torch.get_num_threads(),
+            "git_commit": git_commit(), "device": device, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
