@@ -7,6 +7,8 @@ after every `train.eval_every`-th epoch, the best scoring kept (AdapterFusion pr
 several tasks: the mean of their main metrics), optional early-stopping patience, and
 checkpoints from which an interrupted run resumes to the same result (trainable weights,
 optimizer, scheduler, torch RNG and the batch source's position).
+A batch that mixes tasks (MT-Uncertainty's) trains as one part per task when that saves a
+quarter of the padding (`by_task`); the parts' gradients add up to the mixed batch's.
 
 Several processes (`torchrun`, `accelerate launch`): every process draws the same global batch
 from the source and takes its contiguous share; each example's loss is weighted so that the
@@ -17,6 +19,7 @@ the recipe lets only rank 0 write.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -162,6 +165,23 @@ def shard(items: list[dict], rank: int, world: int) -> tuple[list[dict], torch.T
     return items[lo:hi], w[lo:hi]
 
 
+def by_task(items: list[dict], weights: torch.Tensor) -> list[tuple[list[dict], torch.Tensor]]:
+    """A batch that mixes tasks (MT-Uncertainty's) as one part per task when that removes at
+    least a quarter of the padded tokens (its tasks' lengths differ: RTE pairs beside SST-2
+    sentences), else as it is. Every example's loss keeps its weight and the parts' gradients
+    add up, so the step is the mixed batch's step with less padding; a rule on token counts,
+    so every machine splits the same batches."""
+    groups: dict[int, list[int]] = {}
+    for j, it in enumerate(items):
+        groups.setdefault(it.get("task_id", 0), []).append(j)
+    if len(groups) < 2:
+        return [(items, weights)]
+    width = lambda rows: max(len(items[j]["input_ids"]) for j in rows)
+    if sum(len(rows) * width(rows) for rows in groups.values()) > 0.75 * len(items) * width(range(len(items))):
+        return [(items, weights)]
+    return [([items[j] for j in rows], weights[rows]) for rows in groups.values()]
+
+
 @torch.no_grad()
 def evaluate(model, dev_sets: list[list[dict]], tasks, collate, batch_size: int, precision: str = "auto"):
     """({task: metrics}, {task: predictions in item order}) of every task's split; examples go
@@ -248,9 +268,10 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
             t0 = time.perf_counter()
             for items in source.epoch(res.epoch):
                 mine, weights = shard(items, rank, world)
-                batch = {k: v.to(accelerator.device) for k, v in collate(mine).items()}
-                batch["weights"] = weights.to(accelerator.device)
-                loss, grad_norm = train_step(model, plain, batch, optimizer, scheduler, accelerator, cfg, res.steps)
+                parts = by_task(mine, weights) if not plain.aux else [(mine, weights)]   # a penalty counts once
+                batches = [{**{k: v.to(accelerator.device) for k, v in collate(its).items()},
+                            "weights": w.to(accelerator.device)} for its, w in parts]
+                loss, grad_norm = train_step(model, plain, batches, optimizer, scheduler, accelerator, cfg, res.steps)
                 res.steps += 1
                 res.train_samples += len(items)
                 elapsed = res.train_seconds + time.perf_counter() - t0
@@ -310,20 +331,26 @@ def scored_epoch(epoch: int, steps: int, cfg: TrainConfig) -> bool:
     return last or (epoch + 1) % cfg.eval_every == 0
 
 
-def train_step(model, plain, batch, optimizer, scheduler, accelerator, cfg: TrainConfig, step: int):
-    """One optimizer step; returns (this process's loss, gradient norm before clipping)."""
-    with autocast(cfg.precision, accelerator.device):
-        out = model(**batch)
-    loss = plain.loss(out, batch["labels"], batch["weights"])
-    if not math.isfinite(loss.item()):
-        raise UserError(f"loss became {loss.item()} at step {step + 1}: lower train.lr "
-                        f"(now {cfg.lr}) or check the labels")
-    accelerator.backward(loss)
+def train_step(model, plain, batches: list[dict], optimizer, scheduler, accelerator, cfg: TrainConfig, step: int):
+    """One optimizer step over this process's batch, given as one or more parts (`by_task`)
+    whose gradients add up (processes synchronise on the last part only); returns (this
+    process's loss, gradient norm before clipping)."""
+    total = 0.0
+    for j, batch in enumerate(batches):
+        with accelerator.no_sync(model) if j < len(batches) - 1 else contextlib.nullcontext():
+            with autocast(cfg.precision, accelerator.device):
+                out = model(**batch)
+            loss = plain.loss(out, batch["labels"], batch["weights"])
+            if not math.isfinite(loss.item()):
+                raise UserError(f"loss became {loss.item()} at step {step + 1}: lower train.lr "
+                                f"(now {cfg.lr}) or check the labels")
+            accelerator.backward(loss)
+        total += loss.item()
     norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item(), float(norm)
+    return total, float(norm)
 
 
 def trainable_snapshot(model) -> dict:

@@ -240,3 +240,37 @@ def test_mta_export_reproduces_the_task_path_and_fuses(tiny_bert_dir, task_yamls
     assert r.exit_code == 0, r.output
     fused = json.loads(next((tmp_path / "f").glob("fuse/**/metrics.json")).read_text())
     assert fused["status"] == "ok" and fused["model"] == str((out / "base_model").resolve())
+
+
+def test_a_mixed_task_batch_split_by_task_takes_the_same_step():
+    """MT-Uncertainty's batches mix tasks of very different lengths: `by_task` trains them as
+    one part per task (less padding) and the optimizer step equals the one over the padded
+    mixed batch (CA-MTL's per-example task conditioning included; dropout off to compare)."""
+    from adapterbench.config import TrainConfig
+    from adapterbench.models import ClassificationHead, HeadConfig, TaskModel
+    from adapterbench.train import by_task, make_accelerator, train_step
+    def build():
+        torch.manual_seed(0)
+        heads = {f"t{i}": ClassificationHead(HeadConfig(32, 2, dropout=0.0, pooling="mean")) for i in range(2)}
+        return TaskModel(camtl_encoder(n_tasks=2, init="reference"), heads, camtl.set_tasks).eval()
+    g = torch.Generator().manual_seed(1)
+    item = lambda t, n: {"input_ids": torch.randint(5, 20, (n,), generator=g).tolist(), "attention_mask": [1] * n,
+                         "labels": int(torch.randint(0, 2, (1,), generator=g)), "task_id": t}
+    items = [item(0, 14), item(1, 3), item(1, 4), item(0, 12), item(1, 2), item(1, 3), item(1, 3), item(1, 4)]
+    weights = torch.full((8,), 1 / 8)
+    parts = by_task(items, weights)
+    assert [len(p[0]) for p in parts] == [2, 6] and torch.equal(torch.cat([p[1] for p in parts]), weights)
+    assert len(by_task([item(0, 5), item(1, 5)], torch.full((2,), 0.5))) == 1     # nothing to save: one part
+    collate, acc, cfg = Collator(0), make_accelerator(True), TrainConfig(max_grad_norm=1.0)
+    after = []
+    for split in (False, True):
+        m = build()
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        batches = [{**collate(its), "weights": w} for its, w in (parts if split else [(items, weights)])]
+        loss, norm = train_step(m, m, batches, opt, sched, acc, cfg, 0)
+        after.append((loss, norm, [p.detach().clone() for p in m.parameters() if p.requires_grad]))
+    (l1, n1, p1), (l2, n2, p2) = after
+    assert l1 == pytest.approx(l2, rel=1e-5) and n1 == pytest.approx(n2, rel=1e-4) and n1 > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p1, p2))
+    assert not all(torch.equal(a, b) for a, b in zip(p1, [p for p in build().parameters() if p.requires_grad]))
