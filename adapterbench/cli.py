@@ -287,6 +287,9 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
         only: Optional[str] = typer.Option(None, "--only", help="Only these rows (labels or patterns, comma-"
                                                                 "separated, e.g. 'full,fusion,adapter k=*') and "
                                                                 "the runs they need."),
+        skip_archived: Optional[Path] = typer.Option(None, "--skip-archived", help="A results archive (.jsonl): "
+                                                     "skip the runs it holds, unless a run still to do needs "
+                                                     "their weights (a lost study folder resumes from its archive)."),
         wait_others: bool = typer.Option(True, "--wait-others/--no-wait-others",
                                          help="Wait for runs other workers hold (taking over any whose worker "
                                               "died), or leave them to those workers and return once nothing "
@@ -321,6 +324,9 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
         print_plan(nodes, S)
         if dry_run:
             return
+        if skip_archived and launcher != "local":
+            raise UserError("--skip-archived works with --launcher local only: run the workers locally, or "
+                            "drop the archived seeds from the study's seeds")
         if launcher != "local":
             from . import launch as L
             from .report import split_labels
@@ -344,6 +350,14 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
                                                   f"{node.task} s{node.seed}: {what}", highlight=False)
         from .report import split_labels
         keep = S.selected(nodes, split_labels(only)) if only else None
+        if skip_archived:
+            skip = S.archived(nodes, skip_archived, keep)
+            keep = (set(range(len(nodes))) if keep is None else keep) - skip
+            console.print(f"{len(skip)} runs skipped: {skip_archived} holds them and no run still to do needs them")
+            stale = S.stale_cells(nodes, skip_archived, keep)
+            if stale:
+                console.print(f"{stale} runs to do have a cell the archive holds under another folder name (a "
+                              f"changed config, or fusion/merge sources that were elsewhere): they run again")
         res = S.execute(st, nodes, retry_failed=retry_failed, shard=(i, n), on_event=events, only=keep,
                         wait_for_others=wait_others)
         console.print(f"study {st.name}: {len(res['ran'])} ran, {len(res['done'])} already done, "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .config import build, deep_merge, load_yaml
 from .errors import UserError
-from .runs import RunExists, read_json, slug, status_of, write_json
+from .runs import RunExists, read_archive_lines, read_json, slug, status_of, write_json
 
 
 
@@ -463,6 +463,42 @@ def selected(nodes: list[Node], patterns: list[str]) -> set[int]:
                 keep.add(d)
                 todo.append(d)
     return keep
+
+
+def archived(nodes: list[Node], archive: Path, among: set[int] | None = None) -> set[int]:
+    """Indices of the runs (of `among`, default all) that a results archive already holds (same
+    row label, same folder name: model, seed and config hash) and that no run still to do needs
+    as a dependency: a study whose folder was lost resumes from its archive, retraining only what
+    the archive lacks and the weights those runs need (Fusion w/ MT-A needs its MT-A run).
+    Runs that name other runs' folders (fusion, merges) hash those paths, so they match only
+    where the study ran in the same place; `stale_cells` counts the others."""
+    if not Path(archive).is_file():
+        raise UserError(f"archive {archive} does not exist: pass the .jsonl `adapterbench archive` wrote")
+    keys = set(read_archive_lines(archive))
+    pool = set(range(len(nodes))) if among is None else set(among)
+    have = {i for i in pool if nodes[i].stage != "merge" and (nodes[i].label, nodes[i].folder.name) in keys}
+    needed = [i for i in pool if i not in have and nodes[i].stage != "merge"]   # merges: only when a run needs one
+    keep = set(needed)
+    while needed:
+        for d in nodes[needed.pop()].deps:
+            if d not in keep:
+                keep.add(d)
+                needed.append(d)
+    return pool - keep
+
+
+def stale_cells(nodes: list[Node], archive: Path, among: set[int]) -> int:
+    """Runs of `among` whose cell (row, task, seed, model) the archive holds under another folder
+    name: a changed config, or sources that were elsewhere when it ran. They run again."""
+    import json
+
+    from .tasks import load_task
+    lines = read_archive_lines(archive)
+    cells = {(r.get("label"), tuple(sorted(r.get("tasks") or [])), r.get("seed"), r.get("model"))
+             for r in map(json.loads, lines.values())}
+    cell = lambda nd: (nd.label, tuple(sorted(load_task(t).name for t in nd.task.split(","))), nd.seed, nd.model)
+    return sum(1 for i in among if nodes[i].stage != "merge" and (nodes[i].label, nodes[i].folder.name) not in lines
+               and cell(nodes[i]) in cells)
 
 
 def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: tuple[int, int] = (0, 1),

@@ -408,6 +408,39 @@ def test_archive_updates_an_archive_and_keeps_runs_the_folder_lost(tmp_path):
     assert archive.read_text() == before
 
 
+def test_a_lost_study_folder_resumes_from_its_archive(tmp_path, task_yamls, data_dir):
+    """--skip-archived: the runs an archive holds are not trained again, except the sources a
+    run still to do needs (here seed 2's fusion, dropped from the archive, retrains its pfeiffer
+    sources and nothing else); a cell archived under another hash is counted, not skipped."""
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1, 2))
+    assert runner.invoke(app, ["run", str(y)]).exit_code == 0
+    archive = tmp_path / "runs.jsonl"
+    assert runner.invoke(app, ["archive", str(tmp_path / "runs"), "--out", str(archive)]).exit_code == 0
+    shutil.rmtree(tmp_path / "runs")
+    r = runner.invoke(app, ["run", str(y), "--skip-archived", str(archive)])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "10 runs skipped" in said and "0 ran" in said and not (tmp_path / "runs").exists()
+    lines = archive.read_text().splitlines()
+    kept = [x for x in lines if not (json.loads(x)["label"] == "fusion" and json.loads(x)["seed"] == 2)]
+    archive.write_text("".join(x + "\n" for x in kept))
+    r = runner.invoke(app, ["run", str(y), "--skip-archived", str(archive)])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "7 runs skipped" in said and "3 ran" in said, said
+    ran = sorted((m.parent.parent.parent.name, m.parent.parent.name, json.loads(m.read_text())["seed"])
+                 for m in (tmp_path / "runs").rglob("metrics.json"))
+    assert [(stage_label, s) for stage_label, _, s in ran] == [("fusion", 2), ("pfeiffer", 2), ("pfeiffer", 2)]
+    moved = [json.dumps({**json.loads(x), "run": "tiny-bert-s1-00000000"}) if json.loads(x)["label"] == "full"
+             and json.loads(x)["seed"] == 1 else x for x in kept]            # seed 1's full under another hash
+    archive.write_text("".join(x + "\n" for x in moved))
+    shutil.rmtree(tmp_path / "runs")
+    r = runner.invoke(app, ["run", str(y), "--skip-archived", str(archive), "--dry-run"])
+    assert r.exit_code == 0
+    nodes = S.plan(S.load_study(y))
+    todo = set(range(len(nodes))) - S.archived(nodes, archive)
+    assert S.stale_cells(nodes, archive, todo) == 1
+    assert runner.invoke(app, ["run", str(y), "--skip-archived", str(tmp_path / "none.jsonl")]).exit_code == 2
+
+
 def test_report_refuses_two_runs_in_one_cell_and_splits_models(tmp_path):
     fake_run(tmp_path / "a", "full", "rte", 1, 60.0)
     fake_run(tmp_path / "b", "full", "rte", 1, 70.0)       # another config, same label/task/seed
