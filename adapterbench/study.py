@@ -490,8 +490,6 @@ def archived(nodes: list[Node], archive: Path, among: set[int] | None = None) ->
 def stale_cells(nodes: list[Node], archive: Path, among: set[int]) -> int:
     """Runs of `among` whose cell (row, task, seed, model) the archive holds under another folder
     name: a changed config, or sources that were elsewhere when it ran. They run again."""
-    import json
-
     from .tasks import load_task
     lines = read_archive_lines(archive)
     cells = {(r.get("label"), tuple(sorted(r.get("tasks") or [])), r.get("seed"), r.get("model"))
