@@ -456,7 +456,12 @@ def selected(nodes: list[Node], patterns: list[str]) -> set[int]:
     if not keep:
         labels = sorted({nd.label for nd in nodes})
         raise UserError(f"--only {','.join(patterns)} matches no run of the study (rows: {', '.join(labels)})")
-    todo = list(keep)
+    return with_deps(nodes, keep)
+
+
+def with_deps(nodes: list[Node], start: set[int]) -> set[int]:
+    """`start` and every run they depend on, directly or not."""
+    keep, todo = set(start), list(start)
     while todo:
         for d in nodes[todo.pop()].deps:
             if d not in keep:
@@ -477,14 +482,8 @@ def archived(nodes: list[Node], archive: Path, among: set[int] | None = None) ->
     keys = set(read_archive_lines(archive))
     pool = set(range(len(nodes))) if among is None else set(among)
     have = {i for i in pool if nodes[i].stage != "merge" and (nodes[i].label, nodes[i].folder.name) in keys}
-    needed = [i for i in pool if i not in have and nodes[i].stage != "merge"]   # merges: only when a run needs one
-    keep = set(needed)
-    while needed:
-        for d in nodes[needed.pop()].deps:
-            if d not in keep:
-                keep.add(d)
-                needed.append(d)
-    return pool - keep
+    needed = {i for i in pool if i not in have and nodes[i].stage != "merge"}   # merges: only when a run needs one
+    return pool - with_deps(nodes, needed)
 
 
 def stale_cells(nodes: list[Node], archive: Path, among: set[int]) -> int:
