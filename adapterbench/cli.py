@@ -351,10 +351,9 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
         from .report import split_labels
         keep = S.selected(nodes, split_labels(only)) if only else None
         if skip_archived:
-            skip = S.archived(nodes, skip_archived, keep)
+            skip, stale = S.archived(nodes, skip_archived, keep)
             keep = (set(range(len(nodes))) if keep is None else keep) - skip
             console.print(f"{len(skip)} runs skipped: {skip_archived} holds them and no run still to do needs them")
-            stale = S.stale_cells(nodes, skip_archived, keep)
             if stale:
                 console.print(f"{stale} runs to do have a cell the archive holds under another folder name (a "
                               f"changed config, or fusion/merge sources that were elsewhere): they run again")
@@ -573,9 +572,9 @@ def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, f
             raise UserError(f"--precision '{precision}' must be auto, fp32 or bf16")
         import torch
         from .train import precision_warning
-        warning = precision_warning(precision, "cuda" if torch.cuda.is_available() else "cpu")
+        warning = precision_warning(precision, "cuda" if torch.cuda.is_available() else "cpu", key="--precision ")
         if warning:
-            console.print(f"[yellow]warning:[/yellow] {warning.replace('train.precision=', '--precision ')}")
+            console.print(f"[yellow]warning:[/yellow] {warning}")
         if threads:
             os.environ["ADAPTERBENCH_BENCH_THREADS"] = str(threads)
         spec = Spec(model, batch_size, seq_len, steps, warmup, task, pad_to_max, peer_pad_to_max,

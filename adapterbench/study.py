@@ -470,32 +470,27 @@ def with_deps(nodes: list[Node], start: set[int]) -> set[int]:
     return keep
 
 
-def archived(nodes: list[Node], archive: Path, among: set[int] | None = None) -> set[int]:
-    """Indices of the runs (of `among`, default all) that a results archive already holds (same
-    row label, same folder name: model, seed and config hash) and that no run still to do needs
-    as a dependency: a study whose folder was lost resumes from its archive, retraining only what
-    the archive lacks and the weights those runs need (Fusion w/ MT-A needs its MT-A run).
-    Runs that name other runs' folders (fusion, merges) hash those paths, so they match only
-    where the study ran in the same place; `stale_cells` counts the others."""
+def archived(nodes: list[Node], archive: Path, among: set[int] | None = None) -> tuple[set[int], int]:
+    """(runs to skip, stale count) for a study resuming from a results archive, read once.
+    Skipped: the runs (of `among`, default all) the archive holds (same row label, same folder
+    name: model, seed and config hash) that no run still to do needs as a dependency, so a study
+    whose folder was lost retrains only what the archive lacks and the weights those runs need
+    (Fusion w/ MT-A needs its MT-A run). Stale: runs still to do whose cell (row, tasks, seed,
+    model) the archive holds under another folder name (a changed config, or, since fusion and
+    merge runs hash their sources' paths, sources that were elsewhere when it ran); they run again."""
+    from .tasks import load_task
     if not Path(archive).is_file():
         raise UserError(f"archive {archive} does not exist: pass the .jsonl `adapterbench archive` wrote")
-    keys = set(read_archive_lines(archive))
-    pool = set(range(len(nodes))) if among is None else set(among)
-    have = {i for i in pool if nodes[i].stage != "merge" and (nodes[i].label, nodes[i].folder.name) in keys}
-    needed = {i for i in pool if i not in have and nodes[i].stage != "merge"}   # merges: only when a run needs one
-    return pool - with_deps(nodes, needed)
-
-
-def stale_cells(nodes: list[Node], archive: Path, among: set[int]) -> int:
-    """Runs of `among` whose cell (row, task, seed, model) the archive holds under another folder
-    name: a changed config, or sources that were elsewhere when it ran. They run again."""
-    from .tasks import load_task
     lines = read_archive_lines(archive)
+    pool = set(range(len(nodes))) if among is None else set(among)
+    runs = {i for i in pool if nodes[i].stage != "merge"}         # merges: only when a run needs one
+    have = {i for i in runs if (nodes[i].label, nodes[i].folder.name) in lines}
+    skip = pool - with_deps(nodes, runs - have)
     cells = {(r.get("label"), tuple(sorted(r.get("tasks") or [])), r.get("seed"), r.get("model"))
              for r in map(json.loads, lines.values())}
     cell = lambda nd: (nd.label, tuple(sorted(load_task(t).name for t in nd.task.split(","))), nd.seed, nd.model)
-    return sum(1 for i in among if nodes[i].stage != "merge" and (nodes[i].label, nodes[i].folder.name) not in lines
-               and cell(nodes[i]) in cells)
+    stale = sum(1 for i in runs - have if cell(nodes[i]) in cells)
+    return skip, stale
 
 
 def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: tuple[int, int] = (0, 1),

@@ -114,13 +114,14 @@ def native_bf16_cpu() -> bool:
     return any(bool(check()) for check in checks if check)
 
 
-def precision_warning(precision: str, device) -> str | None:
+def precision_warning(precision: str, device, key: str = "train.precision=") -> str | None:
     """One line for a run that asked for bf16 on a CPU that has to emulate it, naming the fix
-    (the run goes on as asked: its config, and so its identity, says bf16)."""
+    as `key` spells the setting (the run goes on as asked: its config, and so its identity,
+    says bf16)."""
     if precision != "bf16" or torch.device(device).type != "cpu" or native_bf16_cpu():
         return None
-    return (f"train.precision=bf16 on a CPU without AVX512-BF16 or AMX ({torch.backends.cpu.get_cpu_capability()}): "
-            f"bf16 is emulated here, many times slower than fp32; use train.precision=fp32 (or auto) on this machine")
+    return (f"{key}bf16 on a CPU without AVX512-BF16 or AMX ({torch.backends.cpu.get_cpu_capability()}): "
+            f"bf16 is emulated here, many times slower than fp32; use {key}fp32 (or auto) on this machine")
 
 
 def seed_everything(seed: int) -> None:
