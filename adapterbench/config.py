@@ -272,10 +272,34 @@ HASH_NEUTRAL = {("sampling", "uncertainty_proxy"): {}, ("init_from",): None, ("t
                 ("model", "pooling"): "cls"}
 
 
-def config_hash(resolved: dict) -> str:
-    """Short hash of what determines a run's result (output root and report label left out)."""
+# Keys that name other runs' folders: a fusion's adapters, the adapter a run starts from.
+RUN_PATHS = (("init_from",), ("method", "adapters"))
+
+
+def portable(path: str, out_dir: str | Path) -> str:
+    """`path` as a run's identity names it: relative to the output root when it lies inside
+    (so a study folder keeps its runs' identities when it moves, or is planned from another
+    working directory); a folder elsewhere (the user's own adapters) keeps its full path."""
+    try:
+        return "<out_dir>/" + Path(path).resolve().relative_to(Path(out_dir).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def config_hash(resolved: dict, portable_paths: bool = True) -> str:
+    """Short hash of what determines a run's result (output root and report label left out).
+    Other runs' folders enter it relative to the output root (`portable`); with
+    `portable_paths=False`, as full paths, the way earlier versions named run folders."""
     keep = {k: v for k, v in resolved.items() if k not in ("out_dir", "label")}
     keep = json.loads(json.dumps(keep, default=str))
+    for *parents, key in RUN_PATHS if portable_paths else ():
+        node = keep
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key):
+            value = node[key]
+            node[key] = ([portable(v, resolved.get("out_dir") or ".") for v in value] if isinstance(value, list)
+                         else portable(value, resolved.get("out_dir") or "."))
     for path, neutral in HASH_NEUTRAL.items():
         node = keep
         for k in path[:-1]:

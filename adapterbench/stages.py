@@ -51,7 +51,7 @@ def resolve(user: dict, stage: str) -> RunConfig:
         raise UserError(f"method '{method['name']}' is {'a multi-task' if multi else 'a single-task'} "
                         f"method: use `adapterbench {'multitask --tasks' if multi else 'extract'} ...`")
     cfg.method = method_config(cfg.method)
-    if getattr(cfg.method, "adapters", None):   # fusion sources by absolute path: one identity from any folder
+    if getattr(cfg.method, "adapters", None):   # one folder, whatever directory named it
         cfg.method.adapters = [str(Path(p).resolve()) if Path(p).exists() else p for p in cfg.method.adapters]
     if cfg.model.pooling == "auto":
         cfg.model.pooling = default_pooling(cfg.model.name)
@@ -83,16 +83,21 @@ def run_identity(cfg: RunConfig, tasks: list[TaskSpec]) -> dict:
 
 def planned_folder(stage: str, cfg: RunConfig, tasks: list[TaskSpec] | None = None) -> Path:
     """The run folder a config trains into (known before anything runs): named by the hash of
-    its identity. A finished folder named the way adapterbench named them before tasks had an
-    identity (hash of the config alone) is still found and used when its stored task definition
-    equals the current one; its data cannot be checked (it recorded none)."""
+    its identity. Finished folders that earlier versions named otherwise are still found and
+    used: hashed with other runs' folders as full paths (before identities were portable), or
+    by the config alone (before tasks had an identity; used when its stored task definition
+    equals the current one, its data cannot be checked: it recorded none)."""
     tasks = tasks or tasks_of(cfg)
     where = lambda h: run_path(cfg.out_dir, stage, cfg.method.name, "+".join(t.name for t in tasks), cfg.model.name,
                                cfg.seed, h)
-    folder = where(config_hash(run_identity(cfg, tasks)))
-    legacy = where(config_hash(to_dict(cfg)))
-    if not folder.exists() and status_of(legacy) == "ok" and same_tasks(legacy, tasks):
-        return legacy
+    identity = run_identity(cfg, tasks)
+    folder = where(config_hash(identity))
+    if folder.exists():
+        return folder
+    for legacy in (where(config_hash(identity, portable_paths=False)),
+                   where(config_hash(to_dict(cfg), portable_paths=False))):
+        if status_of(legacy) == "ok" and same_tasks(legacy, tasks):
+            return legacy
     return folder
 
 

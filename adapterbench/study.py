@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import build, deep_merge, load_yaml
+from .config import build, deep_merge, load_yaml, portable
 from .errors import UserError
 from .runs import RunExists, read_archive_lines, read_json, slug, status_of, write_json
 
@@ -150,11 +150,12 @@ def plan(study: Study) -> list[Node]:
             how = merge_spec(entry.merge, label)
             if len(paths) == 1:   # one source: nothing is merged, it is transfer
                 label = layer["label"] = f"{label} (transfer)"
-            digest = hashlib.sha256(json.dumps({"sources": paths, "target": task, **how},
-                                               sort_keys=True).encode()).hexdigest()[:8]
             spec = {"adapters": paths, "target": task, **how}
-            folder = (Path(study.out_dir) / "merge" / slug(label) / load_task(task).name /
-                      f"{slug(model)}-{digest}").resolve()
+            where = lambda named: (Path(study.out_dir) / "merge" / slug(label) / load_task(task).name /  # noqa: E731
+                                   f"{slug(model)}-{merge_digest(named, task, how)}").resolve()
+            folder = where([portable(p, study.out_dir) for p in paths])
+            if not folder.exists() and status_of(where(paths)) == "ok":   # named by full paths (earlier versions)
+                folder = where(paths)
             deps = [node("merge", label, task, seed, model, spec, folder, deps)]
             layer["init_from"] = str(folder)
         elif takes_sources(method):
@@ -181,6 +182,12 @@ def plan(study: Study) -> list[Node]:
 
 
 MERGE_KEYS = {"strategy": "avg", "same_track": False, "weights": None, "align_on": None}
+
+
+def merge_digest(sources: list[str], target: str, how: dict) -> str:
+    """The short hash naming a merged adapter's folder: its sources, target and merge settings."""
+    return hashlib.sha256(json.dumps({"sources": sources, "target": target, **how},
+                                     sort_keys=True).encode()).hexdigest()[:8]
 
 
 def merge_spec(spec: dict, label: str) -> dict:
@@ -476,8 +483,8 @@ def archived(nodes: list[Node], archive: Path, among: set[int] | None = None) ->
     name: model, seed and config hash) that no run still to do needs as a dependency, so a study
     whose folder was lost retrains only what the archive lacks and the weights those runs need
     (Fusion w/ MT-A needs its MT-A run). Stale: runs still to do whose cell (row, tasks, seed,
-    model) the archive holds under another folder name (a changed config, or, since fusion and
-    merge runs hash their sources' paths, sources that were elsewhere when it ran); they run again."""
+    model) the archive holds under another folder name (a changed config, or a fusion or merge
+    run archived before identities were portable, named by its sources' full paths); they run again."""
     from .tasks import load_task
     if not Path(archive).is_file():
         raise UserError(f"archive {archive} does not exist: pass the .jsonl `adapterbench archive` wrote")

@@ -72,7 +72,8 @@ def test_committed_archive_is_the_shipped_study(tmp_path):
         if node.stage != "merge":
             cfg = relative_to(to_dict(resolve(node.config, node.stage)), (tmp_path,))
             plan[(cfg["label"], cfg["task"], cfg["seed"])] = (node, cfg)
-    # a merged start's folder is named by a digest of its sources' absolute paths: compare its place only
+    # the archived merged starts were named by their sources' full paths (before identities were
+    # portable): compare their place only
     merged_start = lambda c: {**c, "init_from": c["init_from"] and str(Path(c["init_from"]).parent)}  # noqa: E731
     assert len(records) >= 50
     for r in records:

@@ -294,6 +294,63 @@ methods:
     assert rep.base_row(rep.by_label["mavg k=4"], "src").label == "src k=4"
 
 
+def test_a_moved_study_folder_keeps_its_fusion_and_merge_runs(tmp_path, task_yamls, data_dir, monkeypatch):
+    """Runs that use other runs' folders (fusion sources, a merged start) name them relative to
+    the study folder: moved, or planned from another directory, the study finds every run done;
+    folders that earlier versions named by full paths are still found where they were."""
+    from adapterbench.config import config_hash, to_dict
+    from adapterbench.stages import resolve, run_identity, tasks_of
+    toy2 = tmp_path / "toy2.yaml"
+    toy2.write_text(task_yamls["toy"].read_text().replace("name: toy", "name: toy2"))
+    y = tmp_path / "mv.yaml"
+    y.write_text(f"""name: mv
+tasks: [{task_yamls['toy']}]
+seeds: [1]
+models: [tiny-bert]
+out_dir: runs/mv
+defaults:
+  data: {{data_dir: {data_dir}}}
+  train: {{epochs: 1, batch_size: 4, limit: 8}}
+methods:
+  - {{name: pfeiffer, label: src}}
+  - {{name: pfeiffer, label: mavg, source_method: src, sources: [{toy2}, {task_yamls['toyreg']}], merge: {{strategy: avg}}}}
+  - {{name: fusion, label: fus, source_method: src, sources: [{toy2}, {task_yamls['toyreg']}]}}
+""")
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    r = runner.invoke(app, ["run", str(y)])
+    assert r.exit_code == 0, r.output
+    before = S.plan(S.load_study(y))
+    names = lambda nodes: [nd.folder.resolve().relative_to(Path("runs/mv").resolve()) for nd in nodes]  # noqa: E731
+    assert {nd.stage for nd in before} == {"extract", "merge", "fuse"}
+    where_before = names(before)
+    (tmp_path / "b").mkdir()
+    shutil.move(tmp_path / "a" / "runs", tmp_path / "b" / "runs")
+    monkeypatch.chdir(tmp_path / "b")
+    after = S.plan(S.load_study(y))
+    assert names(after) == where_before
+    assert all(S.status_of(nd.folder) == "ok" for nd in after)
+    r = runner.invoke(app, ["run", str(y)])
+    assert r.exit_code == 0 and "0 ran, 6 already done" in r.output, r.output
+    # as an earlier version named them: the merged adapter by its sources' full paths, the
+    # runs that use other folders by a hash of those full paths; found, not retrained
+    fus, merged = next(nd for nd in after if nd.stage == "fuse"), next(nd for nd in after if nd.stage == "merge")
+    start = next(nd for nd in after if nd.label == "mavg" and nd.stage == "extract")
+    how = {k: v for k, v in merged.config.items() if k not in ("adapters", "target")}
+    old_merge = merged.folder.with_name(f"tiny-bert-{S.merge_digest(merged.config['adapters'], merged.config['target'], how)}")
+    merged.folder.rename(old_merge)
+    for nd, config in ((fus, fus.config), (start, {**start.config, "init_from": str(old_merge)})):
+        cfg = resolve(config, nd.stage)
+        old = nd.folder.with_name(nd.folder.name.rsplit("-", 1)[0] + "-" +
+                                  config_hash(run_identity(cfg, tasks_of(cfg)), portable_paths=False))
+        assert old != nd.folder
+        nd.folder.rename(old)
+    legacy = S.plan(S.load_study(y))
+    assert {nd.folder for nd in legacy if nd.stage in ("merge", "fuse") or nd.label == "mavg"} >= {old_merge}
+    assert all(S.status_of(nd.folder) == "ok" for nd in legacy)
+    assert not fus.folder.exists() and not start.folder.exists()
+
+
 def test_explicit_adapter_globs(tmp_path, task_yamls, data_dir):
     y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
     y.write_text(y.read_text().replace("  - {name: fusion", "  - {name: fusion, adapters: [" +
