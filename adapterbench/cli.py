@@ -351,12 +351,12 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
         from .report import split_labels
         keep = S.selected(nodes, split_labels(only)) if only else None
         if skip_archived:
-            skip, stale = S.archived(nodes, skip_archived, keep)
+            skip, stale = S.archived(nodes, S.archive_lines(skip_archived), keep)
             keep = (set(range(len(nodes))) if keep is None else keep) - skip
             console.print(f"{len(skip)} runs skipped: {skip_archived} holds them and no run still to do needs them")
             if stale:
-                console.print(f"{stale} runs to do have a cell the archive holds under another folder name (a "
-                              f"changed config, or fusion/merge sources that were elsewhere): they run again")
+                console.print(f"{stale} runs to do have a cell the archive holds under another folder name "
+                              f"({S.STALE_WHY}): they run again")
         res = S.execute(st, nodes, retry_failed=retry_failed, shard=(i, n), on_event=events, only=keep,
                         wait_for_others=wait_others)
         console.print(f"study {st.name}: {len(res['ran'])} ran, {len(res['done'])} already done, "
@@ -373,8 +373,12 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
            out: Optional[str] = OutOpt,
            by_row: bool = typer.Option(False, "--by-row", help="One line per row (label): runs in each state "
                                                                  "and the run-hours left, instead of every run."),
+           archive: Optional[Path] = typer.Option(None, "--archive", help="A results archive (.jsonl): the runs "
+                                                  "`run --skip-archived` would skip show as archived, and their "
+                                                  "recorded times estimate what is left."),
            debug: bool = DebugOpt):
-    """Every run of a study: done / running (host, job, heartbeat age, progress) / queued / failed / blocked."""
+    """Every run of a study: done / running (host, job, heartbeat age, progress) / queued / failed / blocked
+    (/ archived, with --archive)."""
     def go():
         from collections import Counter
 
@@ -383,8 +387,12 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
         st = S.load_study(shipped("studies", study))
         if out:
             st.out_dir = out
-        rows = S.status_table(S.plan(st))
+        nodes = S.plan(st)
+        rows = S.status_table(nodes)
         states = ("done", "running", "queued", "failed", "blocked")
+        if archive:
+            stale = S.mark_archived(rows, nodes, archive)
+            states = ("done", "archived", *states[1:])
         title = f"study {st.name} ({st.out_dir})"
         groups: dict[str, list[dict]] = {}
         for r in rows:
@@ -397,8 +405,12 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
         left = {k: sum(x[k] for x in by_label.values()) for k in ("seconds", "estimated", "unknown")}
         if left["estimated"] or left["unknown"]:
             console.print(f"still to run: ≈ {left['seconds'] / 3600:.1f} run-hours for {left['estimated']} runs "
-                          f"(median time of the same row and task's finished runs; divide by the workers)"
+                          f"({'the time the archive recorded for its cell, else ' if archive else ''}the median "
+                          f"time of the same row and task's finished runs; divide by the workers)"
                           + (f"; {left['unknown']} runs have no finished run to go by" if left["unknown"] else ""))
+        if archive and stale:
+            console.print(f"{stale} runs to do have a cell (row, tasks, seed, model) that {archive} holds under "
+                          f"another folder name ({S.STALE_WHY}): they are counted as queued")
         launch = Path(st.out_dir) / "launch.json"
         if launch.is_file():
             from .runs import read_json
@@ -410,7 +422,8 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
 
 def _status_by_run(rows: list[dict], title: str) -> Table:
     t = Table("#", "stage", "row", "task", "seed", "state", "detail", title=title)
-    colour = {"done": "green", "running": "cyan", "failed": "red", "blocked": "red", "queued": "white"}
+    colour = {"done": "green", "archived": "green", "running": "cyan", "failed": "red", "blocked": "red",
+              "queued": "white"}
     for r in rows:
         t.add_row(str(r["index"]), r["stage"], r["label"], Path(r["task"]).stem if "/" in r["task"] else r["task"],
                   str(r["seed"]), f"[{colour[r['state']]}]{r['state']}[/]", r["detail"])

@@ -419,32 +419,41 @@ def run_seconds(folder: Path) -> float | None:
     run's wall clock counts only its last leg; training time leaves out loading and dev scoring);
     0 for a step that records neither (a merge takes seconds); None when unreadable."""
     try:
-        m = read_json(Path(folder) / "metrics.json")
-        return max(float(m.get("wall_seconds") or 0), float(m.get("train_seconds") or 0))
+        return recorded_seconds(read_json(Path(folder) / "metrics.json"))
     except (UserError, OSError, TypeError, ValueError):
         return None
 
 
+def recorded_seconds(metrics: dict) -> float:
+    """A finished run's time from its metrics (a folder's metrics.json or an archive line), as `run_seconds`."""
+    return max(float(metrics.get("wall_seconds") or 0), float(metrics.get("train_seconds") or 0))
+
+
 def remaining(rows: list[dict], now: float | None = None) -> dict:
     """What the unfinished runs of a plan (status_table rows) still need, in run-seconds: each
-    queued or running run is estimated by the median time of the finished runs of the same row,
-    stage and task (other seeds), less what a running run has spent in its current leg. Returns
+    queued or running run is estimated by what the archive recorded for its cell (`mark_archived`)
+    or else by the median time of the finished (or archived) runs of the same row, stage and task
+    (other seeds), less what a running run has spent in its current leg. Returns
     {"seconds", "estimated": runs estimated, "unknown": runs with no finished run to go by}."""
     import statistics
     now = time.time() if now is None else now
     taken: dict[tuple, list[float]] = {}
     for r in rows:
-        if r["state"] == "done" and (s := run_seconds(r["folder"])) is not None:
+        s = r["seconds"] if r["state"] == "archived" else run_seconds(r["folder"]) if r["state"] == "done" else None
+        if s is not None:
             taken.setdefault((r["label"], r["stage"], r["task"]), []).append(s)
     seconds, estimated, unknown = 0.0, 0, 0
     for r in rows:
         if r["state"] not in ("queued", "running"):
             continue
         peers = taken.get((r["label"], r["stage"], r["task"]))
-        if not peers:
+        if r["stage"] == "merge":        # a merge takes seconds
+            estimated += 1
+            continue
+        if r.get("expect") is None and not peers:
             unknown += 1
             continue
-        need = statistics.median(peers)
+        need = r["expect"] if r.get("expect") is not None else statistics.median(peers)
         if r["state"] == "running":
             try:
                 need -= now - float(read_json(Path(r["folder"]) / "metrics.json").get("started", now))
@@ -477,27 +486,63 @@ def with_deps(nodes: list[Node], start: set[int]) -> set[int]:
     return keep
 
 
-def archived(nodes: list[Node], archive: Path, among: set[int] | None = None) -> tuple[set[int], int]:
-    """(runs to skip, stale count) for a study resuming from a results archive, read once.
+def archived(nodes: list[Node], lines: dict[tuple, str], among: set[int] | None = None) -> tuple[set[int], int]:
+    """(runs to skip, stale count) for a study resuming from a results archive (its `archive_lines`).
     Skipped: the runs (of `among`, default all) the archive holds (same row label, same folder
     name: model, seed and config hash) that no run still to do needs as a dependency, so a study
     whose folder was lost retrains only what the archive lacks and the weights those runs need
     (Fusion w/ MT-A needs its MT-A run). Stale: runs still to do whose cell (row, tasks, seed,
     model) the archive holds under another folder name (a changed config, or a fusion or merge
     run archived before identities were portable, named by its sources' full paths); they run again."""
-    from .tasks import load_task
-    if not Path(archive).is_file():
-        raise UserError(f"archive {archive} does not exist: pass the .jsonl `adapterbench archive` wrote")
-    lines = read_archive_lines(archive)
     pool = set(range(len(nodes))) if among is None else set(among)
     runs = {i for i in pool if nodes[i].stage != "merge"}         # merges: only when a run needs one
     have = {i for i in runs if (nodes[i].label, nodes[i].folder.name) in lines}
     skip = pool - with_deps(nodes, runs - have)
-    cells = {(r.get("label"), tuple(sorted(r.get("tasks") or [])), r.get("seed"), r.get("model"))
-             for r in map(json.loads, lines.values())}
-    cell = lambda nd: (nd.label, tuple(sorted(load_task(t).name for t in nd.task.split(","))), nd.seed, nd.model)
-    stale = sum(1 for i in runs - have if cell(nodes[i]) in cells)
+    cells = {record_cell(r) for r in map(json.loads, lines.values())}
+    stale = sum(1 for i in runs - have if node_cell(nodes[i]) in cells)
     return skip, stale
+
+
+def node_cell(node: Node) -> tuple:
+    """A planned run's cell of a results table: (row label, task names, seed, model)."""
+    from .tasks import load_task
+    return node.label, tuple(sorted(load_task(t).name for t in node.task.split(","))), node.seed, node.model
+
+
+def record_cell(record: dict) -> tuple:
+    """An archived run's cell, as `node_cell`."""
+    return record.get("label"), tuple(sorted(record.get("tasks") or [])), record.get("seed"), record.get("model")
+
+
+# Why a run still to do can have a cell the archive holds under another folder name.
+STALE_WHY = "a changed config, or a fusion or merge run that an earlier version named by its sources' full paths"
+
+
+def archive_lines(archive: Path) -> dict[tuple, str]:
+    """A results archive's lines by (row label, run folder name); one clear line when it is missing."""
+    if not Path(archive).is_file():
+        raise UserError(f"archive {archive} does not exist: pass the .jsonl `adapterbench archive` wrote")
+    return read_archive_lines(archive)
+
+
+def mark_archived(rows: list[dict], nodes: list[Node], archive: Path) -> int:
+    """Status rows (status_table) of a study resuming from a results archive: the queued runs that
+    `run --skip-archived` would skip become 'archived', with the time the archive recorded for
+    them (so `remaining` estimates from them). Returns the stale count (see `archived`)."""
+    lines = archive_lines(archive)
+    skip, stale = archived(nodes, lines)
+    took = {key: recorded_seconds(json.loads(line)) for key, line in lines.items()}
+    took_in_cell = {record_cell(json.loads(line)): took[key] for key, line in lines.items()}
+    for r in rows:
+        nd = nodes[r["index"]]
+        if r["state"] != "queued":
+            continue
+        own = took.get((nd.label, nd.folder.name))
+        if r["index"] in skip:       # (a merge no run to do needs is skipped too; merges are not archived)
+            r["state"], r["detail"], r["seconds"] = "archived", "", own or 0.0
+        elif nd.stage != "merge":    # to be rerun: expect what this run, or its cell, took before
+            r["expect"] = own if own is not None else took_in_cell.get(node_cell(nd))
+    return stale
 
 
 def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: tuple[int, int] = (0, 1),

@@ -493,9 +493,20 @@ def test_a_lost_study_folder_resumes_from_its_archive(tmp_path, task_yamls, data
     r = runner.invoke(app, ["run", str(y), "--skip-archived", str(archive), "--dry-run"])
     assert r.exit_code == 0
     nodes = S.plan(S.load_study(y))
-    skip, stale = S.archived(nodes, archive)
+    skip, stale = S.archived(nodes, S.archive_lines(archive))
     assert stale == 1
     assert runner.invoke(app, ["run", str(y), "--skip-archived", str(tmp_path / "none.jsonl")]).exit_code == 2
+    # status --archive: what --skip-archived skips shows as archived; what is left is estimated by
+    # the times the archive recorded (the run's own, its cell's, else its row's median)
+    r = runner.invoke(app, ["status", str(y), "--archive", str(archive)])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "archived 6, running 0, queued 4" in said and "1 runs to do have a cell" in said, said
+    took = {(x["label"], x["seed"], x["task"]): S.recorded_seconds(x) for x in map(json.loads, moved)}
+    rows = S.status_table(nodes)
+    S.mark_archived(rows, nodes, archive)
+    want = (took[("full", 1, "toy")] + took[("pfeiffer", 2, "toy")] + took[("pfeiffer", 2, "toyreg")] +
+            took[("fusion", 1, "toy")])                 # seed 2's fusion: its row's one archived run
+    assert S.remaining(rows) == {"seconds": pytest.approx(want), "estimated": 4, "unknown": 0}
 
 
 def test_report_refuses_two_runs_in_one_cell_and_splits_models(tmp_path):
