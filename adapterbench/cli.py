@@ -351,12 +351,15 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
         from .report import split_labels
         keep = S.selected(nodes, split_labels(only)) if only else None
         if skip_archived:
-            skip, stale = S.archived(nodes, S.archive_lines(skip_archived), keep)
+            skip, stale = S.archived(nodes, S.archive_records(skip_archived), keep)
             keep = (set(range(len(nodes))) if keep is None else keep) - skip
             console.print(f"{len(skip)} runs skipped: {skip_archived} holds them and no run still to do needs them")
             if stale:
                 console.print(f"{stale} runs to do have a cell the archive holds under another folder name "
                               f"({S.STALE_WHY}): they run again")
+        todo = {j for j in (keep if keep is not None else range(len(nodes))) if S.state(nodes[j]) != "done"}
+        if notice := S.bf16_notice(nodes, todo):
+            console.print(notice)
         res = S.execute(st, nodes, retry_failed=retry_failed, shard=(i, n), on_event=events, only=keep,
                         wait_for_others=wait_others)
         console.print(f"study {st.name}: {len(res['ran'])} ran, {len(res['done'])} already done, "
@@ -411,6 +414,8 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
         if archive and stale:
             console.print(f"{stale} runs to do have a cell (row, tasks, seed, model) that {archive} holds under "
                           f"another folder name ({S.STALE_WHY}): they are counted as queued")
+        if notice := S.bf16_notice(nodes, {r["index"] for r in rows if r["state"] in ("queued", "running")}):
+            console.print(notice)
         launch = Path(st.out_dir) / "launch.json"
         if launch.is_file():
             from .runs import read_json

@@ -446,10 +446,10 @@ def remaining(rows: list[dict], now: float | None = None) -> dict:
     for r in rows:
         if r["state"] not in ("queued", "running"):
             continue
-        peers = taken.get((r["label"], r["stage"], r["task"]))
         if r["stage"] == "merge":        # a merge takes seconds
             estimated += 1
             continue
+        peers = taken.get((r["label"], r["stage"], r["task"]))
         if r.get("expect") is None and not peers:
             unknown += 1
             continue
@@ -486,8 +486,8 @@ def with_deps(nodes: list[Node], start: set[int]) -> set[int]:
     return keep
 
 
-def archived(nodes: list[Node], lines: dict[tuple, str], among: set[int] | None = None) -> tuple[set[int], int]:
-    """(runs to skip, stale count) for a study resuming from a results archive (its `archive_lines`).
+def archived(nodes: list[Node], records: dict[tuple, dict], among: set[int] | None = None) -> tuple[set[int], int]:
+    """(runs to skip, stale count) for a study resuming from a results archive (its `archive_records`).
     Skipped: the runs (of `among`, default all) the archive holds (same row label, same folder
     name: model, seed and config hash) that no run still to do needs as a dependency, so a study
     whose folder was lost retrains only what the archive lacks and the weights those runs need
@@ -496,9 +496,9 @@ def archived(nodes: list[Node], lines: dict[tuple, str], among: set[int] | None 
     run archived before identities were portable, named by its sources' full paths); they run again."""
     pool = set(range(len(nodes))) if among is None else set(among)
     runs = {i for i in pool if nodes[i].stage != "merge"}         # merges: only when a run needs one
-    have = {i for i in runs if (nodes[i].label, nodes[i].folder.name) in lines}
+    have = {i for i in runs if (nodes[i].label, nodes[i].folder.name) in records}
     skip = pool - with_deps(nodes, runs - have)
-    cells = {record_cell(r) for r in map(json.loads, lines.values())}
+    cells = {record_cell(r) for r in records.values()}
     stale = sum(1 for i in runs - have if node_cell(nodes[i]) in cells)
     return skip, stale
 
@@ -518,21 +518,21 @@ def record_cell(record: dict) -> tuple:
 STALE_WHY = "a changed config, or a fusion or merge run that an earlier version named by its sources' full paths"
 
 
-def archive_lines(archive: Path) -> dict[tuple, str]:
-    """A results archive's lines by (row label, run folder name); one clear line when it is missing."""
+def archive_records(archive: Path) -> dict[tuple, dict]:
+    """A results archive's records by (row label, run folder name); one clear line when it is missing."""
     if not Path(archive).is_file():
         raise UserError(f"archive {archive} does not exist: pass the .jsonl `adapterbench archive` wrote")
-    return read_archive_lines(archive)
+    return {key: json.loads(line) for key, line in read_archive_lines(archive).items()}
 
 
 def mark_archived(rows: list[dict], nodes: list[Node], archive: Path) -> int:
     """Status rows (status_table) of a study resuming from a results archive: the queued runs that
     `run --skip-archived` would skip become 'archived', with the time the archive recorded for
     them (so `remaining` estimates from them). Returns the stale count (see `archived`)."""
-    lines = archive_lines(archive)
-    skip, stale = archived(nodes, lines)
-    took = {key: recorded_seconds(json.loads(line)) for key, line in lines.items()}
-    took_in_cell = {record_cell(json.loads(line)): took[key] for key, line in lines.items()}
+    records = archive_records(archive)
+    skip, stale = archived(nodes, records)
+    took = {key: recorded_seconds(record) for key, record in records.items()}
+    took_in_cell = {record_cell(record): took[key] for key, record in records.items()}
     for r in rows:
         nd = nodes[r["index"]]
         if r["state"] != "queued":
@@ -543,6 +543,22 @@ def mark_archived(rows: list[dict], nodes: list[Node], archive: Path) -> int:
         elif nd.stage != "merge":    # to be rerun: expect what this run, or its cell, took before
             r["expect"] = own if own is not None else took_in_cell.get(node_cell(nd))
     return stale
+
+
+def bf16_notice(nodes: list[Node], todo: set[int]) -> str | None:
+    """One line when runs still to do ask for bf16 and this machine would emulate it (a CPU
+    without AVX512-BF16 or AMX, no GPU): they would train many times slower here. The study is
+    left as it is: another precision would make them other runs."""
+    import torch
+
+    from . import train
+    n = sum(1 for i in todo if (nodes[i].config.get("train") or {}).get("precision") == "bf16")
+    if not n or torch.cuda.is_available() or train.native_bf16_cpu():
+        return None
+    return (f"{n} runs still to do ask for train.precision=bf16, which this machine emulates (CPU "
+            f"{torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX, no GPU): here they train many "
+            f"times slower than where bf16 is native; run them on such a machine (another precision "
+            f"would make them other runs)")
 
 
 def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: tuple[int, int] = (0, 1),
