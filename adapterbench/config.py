@@ -269,7 +269,7 @@ HASH_NEUTRAL = {("sampling", "uncertainty_proxy"): {}, ("init_from",): None, ("t
                 ("sampling",): {"scheme": "proportional", "temperature": 2.0},
                 ("train", "group_by_length"): False, ("train", "eval_every"): 1,
                 ("model", "dropout"): None, ("train", "precision"): "auto",
-                ("model", "pooling"): "cls"}
+                ("model", "pooling"): "cls", ("method", "freeze_layers"): None}
 
 
 # Keys that name other runs' folders: a fusion's adapters, the adapter a run starts from.

@@ -31,6 +31,7 @@ from ..models import arch_of, bert_init, get_sub, set_sub
 from .bottleneck import NormSite
 from .contract import Artifact
 from .full import load_state, trainable_state  # noqa: F401  (the whole encoder is saved)
+from .mtl import frozen_layers
 
 KIND = "multitask"
 STAGE = "multitask"
@@ -172,9 +173,7 @@ def apply(encoder, cfg: Config, tasks: list[str], sources=()) -> None:
     d = encoder.config.hidden_size
     layers = get_sub(encoder, arch.layers)
     n = len(layers)
-    freeze = n // 2 if cfg.freeze_layers < 0 else cfg.freeze_layers
-    if not 0 <= freeze <= n:
-        raise UserError(f"method.freeze_layers {cfg.freeze_layers} must be between 0 and {n} (or -1)")
+    freeze = frozen_layers(cfg.freeze_layers, n)
     ctx = TaskContext(len(tasks), d)
     encoder.camtl_context = ctx
     align = FiLM(ctx, d, d, cfg.init)
