@@ -50,6 +50,29 @@ def test_camtl_starts_as_the_base_model_and_then_depends_on_the_task():
     assert torch.allclose(mixed[0], a[0], atol=1e-5) and torch.allclose(mixed[1], b[1], atol=1e-5)
 
 
+def test_mtl_freeze_layers_freezes_what_camtl_freezes():
+    """mtl's method.freeze_layers (the control for CA-MTL's freezing): unset, everything trains;
+    -1, the embeddings and the lower half of the layers are frozen, as in camtl; out of range is
+    one line naming the key."""
+    from adapterbench.errors import UserError
+    from adapterbench.methods import mtl
+
+    def frozen(cfg, module=mtl):
+        enc = tiny_encoder("bert")
+        module.apply(enc, method_config(cfg), ["a", "b"])
+        return {name.split(".")[0] + ("." + name.split(".")[2] if name.startswith("encoder.layer") else "")
+                for name, p in enc.named_parameters() if not p.requires_grad}
+
+    n = tiny_encoder("bert").config.num_hidden_layers
+    assert n >= 2 and frozen({"name": "mtl"}) == set()
+    lower = {"embeddings", *(f"encoder.{i}" for i in range(n // 2))}
+    assert frozen({"name": "mtl", "freeze_layers": -1}) == lower
+    assert lower <= frozen({"name": "camtl", "max_length": 16}, camtl)       # camtl freezes the same part
+    assert frozen({"name": "mtl", "freeze_layers": 1}) == {"embeddings", "encoder.0"}
+    with pytest.raises(UserError, match="method.freeze_layers 9"):
+        frozen({"name": "mtl", "freeze_layers": 9})
+
+
 def test_camtl_reference_init_scale_and_closeness_to_the_base_model():
     """As the reference code (BERT init): the task vector's norm is ~0.02^2 d^1.5, not the
     N(0, 1) embedding's ~sqrt(d) scale, and the model starts close to the base model."""
