@@ -292,14 +292,14 @@ def config_hash(resolved: dict, portable_paths: bool = True) -> str:
     `portable_paths=False`, as full paths, the way earlier versions named run folders."""
     keep = {k: v for k, v in resolved.items() if k not in ("out_dir", "label")}
     keep = json.loads(json.dumps(keep, default=str))
+    root = resolved.get("out_dir") or "."
     for *parents, key in RUN_PATHS if portable_paths else ():
         node = keep
         for k in parents:
             node = node.get(k) if isinstance(node, dict) else None
         if isinstance(node, dict) and node.get(key):
             value = node[key]
-            node[key] = ([portable(v, resolved.get("out_dir") or ".") for v in value] if isinstance(value, list)
-                         else portable(value, resolved.get("out_dir") or "."))
+            node[key] = [portable(v, root) for v in value] if isinstance(value, list) else portable(value, root)
     for path, neutral in HASH_NEUTRAL.items():
         node = keep
         for k in path[:-1]:

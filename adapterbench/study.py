@@ -151,11 +151,12 @@ def plan(study: Study) -> list[Node]:
             if len(paths) == 1:   # one source: nothing is merged, it is transfer
                 label = layer["label"] = f"{label} (transfer)"
             spec = {"adapters": paths, "target": task, **how}
-            where = lambda named: (Path(study.out_dir) / "merge" / slug(label) / load_task(task).name /  # noqa: E731
-                                   f"{slug(model)}-{merge_digest(named, task, how)}").resolve()
-            folder = where([portable(p, study.out_dir) for p in paths])
-            if not folder.exists() and status_of(where(paths)) == "ok":   # named by full paths (earlier versions)
-                folder = where(paths)
+            here = Path(study.out_dir) / "merge" / slug(label) / load_task(task).name
+            named = [portable(p, study.out_dir) for p in paths]
+            folder = (here / f"{slug(model)}-{merge_digest(named, task, how)}").resolve()
+            earlier = (here / f"{slug(model)}-{merge_digest(paths, task, how)}").resolve()   # by full paths
+            if not folder.exists() and status_of(earlier) == "ok":
+                folder = earlier
             deps = [node("merge", label, task, seed, model, spec, folder, deps)]
             layer["init_from"] = str(folder)
         elif takes_sources(method):
