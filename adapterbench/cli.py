@@ -357,8 +357,7 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
             if stale:
                 console.print(f"{stale} runs to do have a cell the archive holds under another folder name "
                               f"({S.STALE_WHY}): they run again")
-        todo = {j for j in (keep if keep is not None else range(len(nodes))) if S.state(nodes[j]) != "done"}
-        if notice := S.bf16_notice(nodes, todo):
+        if notice := S.bf16_notice(nodes, keep if keep is not None else range(len(nodes))):
             console.print(notice)
         res = S.execute(st, nodes, retry_failed=retry_failed, shard=(i, n), on_event=events, only=keep,
                         wait_for_others=wait_others)

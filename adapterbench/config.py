@@ -286,6 +286,14 @@ def portable(path: str, out_dir: str | Path) -> str:
         return str(path)
 
 
+def _holder(tree: dict, path: tuple) -> dict | None:
+    """The dict inside `tree` that holds the key path[-1] (None where the path leaves the dicts)."""
+    node = tree
+    for k in path[:-1]:
+        node = node.get(k) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
+
+
 def config_hash(resolved: dict, portable_paths: bool = True) -> str:
     """Short hash of what determines a run's result (output root and report label left out).
     Other runs' folders enter it relative to the output root (`portable`); with
@@ -293,18 +301,14 @@ def config_hash(resolved: dict, portable_paths: bool = True) -> str:
     keep = {k: v for k, v in resolved.items() if k not in ("out_dir", "label")}
     keep = json.loads(json.dumps(keep, default=str))
     root = resolved.get("out_dir") or "."
-    for *parents, key in RUN_PATHS if portable_paths else ():
-        node = keep
-        for k in parents:
-            node = node.get(k) if isinstance(node, dict) else None
-        if isinstance(node, dict) and node.get(key):
-            value = node[key]
-            node[key] = [portable(v, root) for v in value] if isinstance(value, list) else portable(value, root)
+    for path in RUN_PATHS if portable_paths else ():
+        node = _holder(keep, path)
+        if node is not None and node.get(path[-1]):
+            value = node[path[-1]]
+            node[path[-1]] = [portable(v, root) for v in value] if isinstance(value, list) else portable(value, root)
     for path, neutral in HASH_NEUTRAL.items():
-        node = keep
-        for k in path[:-1]:
-            node = node.get(k, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict) and path[-1] in node and (neutral is ANY or node[path[-1]] == neutral):
+        node = _holder(keep, path)
+        if node is not None and path[-1] in node and (neutral is ANY or node[path[-1]] == neutral):
             del node[path[-1]]
     blob = json.dumps(keep, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]

@@ -96,7 +96,7 @@ def planned_folder(stage: str, cfg: RunConfig, tasks: list[TaskSpec] | None = No
         return folder
     for legacy in (where(config_hash(identity, portable_paths=False)),
                    where(config_hash(to_dict(cfg), portable_paths=False))):
-        if status_of(legacy) == "ok" and same_tasks(legacy, tasks):
+        if legacy != folder and status_of(legacy) == "ok" and same_tasks(legacy, tasks):
             return legacy
     return folder
 

@@ -546,15 +546,19 @@ def mark_archived(rows: list[dict], nodes: list[Node], archive: Path) -> int:
     return stale
 
 
-def bf16_notice(nodes: list[Node], todo: set[int]) -> str | None:
-    """One line when runs still to do ask for bf16 and this machine would emulate it (a CPU
-    without AVX512-BF16 or AMX, no GPU): they would train many times slower here. The study is
-    left as it is: another precision would make them other runs."""
+def bf16_notice(nodes: list[Node], among) -> str | None:
+    """One line when runs of `among` not yet finished ask for bf16 and this machine would emulate
+    it (`train.precision_warning`: a CPU without AVX512-BF16 or AMX, no GPU): they would train many
+    times slower here. The study is left as it is: another precision would make them other runs.
+    The machine is asked first, so a machine with native bf16 reads no run folder."""
     import torch
 
     from . import train
-    n = sum(1 for i in todo if (nodes[i].config.get("train") or {}).get("precision") == "bf16")
-    if not n or torch.cuda.is_available() or train.native_bf16_cpu():
+    if train.precision_warning("bf16", "cuda" if torch.cuda.is_available() else "cpu") is None:
+        return None
+    n = sum(1 for i in among if (nodes[i].config.get("train") or {}).get("precision") == "bf16"
+            and status_of(nodes[i].folder) != "ok")
+    if not n:
         return None
     return (f"{n} runs still to do ask for train.precision=bf16, which this machine emulates (CPU "
             f"{torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX, no GPU): here they train many "
