@@ -321,15 +321,26 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
             st.defaults = {**st.defaults, "data": {**st.defaults.get("data", {}), "data_dir": data_dir}}
         i, n = _shard(shard)
         nodes = S.plan(st)
-        print_plan(nodes, S)
-        if dry_run:
-            return
         if skip_archived and launcher != "local":
             raise UserError("--skip-archived works with --launcher local only: run the workers locally, or "
                             "drop the archived seeds from the study's seeds")
+        from .report import split_labels
+        keep = S.selected(nodes, split_labels(only)) if only else None
+        if skip_archived:
+            skip, stale = S.archived(nodes, S.archive_records(skip_archived), keep)
+            keep = (set(range(len(nodes))) if keep is None else keep) - skip
+        print_plan(nodes, S, keep)
+        if skip_archived:
+            console.print(f"{len(skip)} runs skipped: {skip_archived} holds them and no run still to do needs them")
+            if stale:
+                console.print(f"{stale} runs to do have a cell the archive holds under another folder name "
+                              f"({S.STALE_WHY}): they run again")
+        if launcher == "local" and (notice := S.bf16_notice(nodes, keep if keep is not None else range(len(nodes)))):
+            console.print(notice)                   # (SLURM workers run elsewhere: their CPUs decide)
+        if dry_run:
+            return
         if launcher != "local":
             from . import launch as L
-            from .report import split_labels
             res = L.Resources(workers, array_parallelism, partition, time_min, cpus, gpus, mem_gb,
                               L.parse_params(slurm_param or []))
             worker = L.StudyWorker(str(study_path.resolve()), str(Path(st.out_dir).resolve()), data_dir, retry_failed,
@@ -348,17 +359,6 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
             return
         events = lambda node, what: console.print(f"[bold]#{node.index}[/bold] {node.stage} {node.label} "
                                                   f"{node.task} s{node.seed}: {what}", highlight=False)
-        from .report import split_labels
-        keep = S.selected(nodes, split_labels(only)) if only else None
-        if skip_archived:
-            skip, stale = S.archived(nodes, S.archive_records(skip_archived), keep)
-            keep = (set(range(len(nodes))) if keep is None else keep) - skip
-            console.print(f"{len(skip)} runs skipped: {skip_archived} holds them and no run still to do needs them")
-            if stale:
-                console.print(f"{stale} runs to do have a cell the archive holds under another folder name "
-                              f"({S.STALE_WHY}): they run again")
-        if notice := S.bf16_notice(nodes, keep if keep is not None else range(len(nodes))):
-            console.print(notice)
         res = S.execute(st, nodes, retry_failed=retry_failed, shard=(i, n), on_event=events, only=keep,
                         wait_for_others=wait_others)
         console.print(f"study {st.name}: {len(res['ran'])} ran, {len(res['done'])} already done, "
@@ -455,12 +455,19 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def print_plan(nodes, S) -> None:
+def print_plan(nodes, S, shown=None) -> None:
+    """The plan as a table: every run, or only `shown` (what --only and --skip-archived leave), each
+    numbered as in the whole study so that `needs` names the same runs either way."""
     t = Table("#", "stage", "method", "task", "seed", "model", "status", "needs")
     for nd in nodes:
+        if shown is not None and nd.index not in shown:
+            continue
         t.add_row(str(nd.index), nd.stage, nd.label, nd.task, str(nd.seed), nd.model, S.state(nd),
                   ",".join(f"#{d}" for d in nd.deps))
     console.print(t)
+    if shown is not None and len(shown) < len(nodes):
+        console.print(f"{len(shown)} of the study's {len(nodes)} runs: the others are not in --only's rows "
+                      f"(nor needed by them) or are skipped as archived")
 
 
 @app.command()

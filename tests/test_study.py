@@ -3,6 +3,7 @@ report numbers from hand-written metrics.json files."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +39,24 @@ methods:
   - {{name: fusion, source_method: pfeiffer, sources: [{task_yamls['toy']}, {task_yamls['toyreg']}]}}
 {extra_methods}""")
     return y
+
+
+def plan_numbers(output: str) -> set[int]:
+    """The run numbers (first column) of the plan table `run` printed."""
+    return {int(m.group(1)) for m in re.finditer(r"^│ (\d+) ", output, re.M)}
+
+
+def test_dry_run_shows_the_runs_only_selects(tmp_path, task_yamls, data_dir):
+    """--only narrows the printed plan to its rows and the runs they need, numbered as in the whole
+    study (so `needs` still names them), and says how many of the study's runs are left out."""
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
+    r = runner.invoke(app, ["run", str(y), "--dry-run"])
+    assert r.exit_code == 0 and plan_numbers(r.output) == {0, 1, 2, 3, 4} and "of the study's" not in r.output
+    r = runner.invoke(app, ["run", str(y), "--dry-run", "--only", "fusion"])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and plan_numbers(r.output) == {1, 3, 4}, r.output   # fusion and its two sources
+    assert "3 of the study's 5 runs" in said and "#1,#3" in r.output
+    assert not (tmp_path / "runs").exists()
 
 
 def test_plan_dependencies_dedup_and_hashes(tmp_path, task_yamls, data_dir):
@@ -495,6 +514,7 @@ def test_a_lost_study_folder_resumes_from_its_archive(tmp_path, task_yamls, data
     nodes = S.plan(S.load_study(y))
     skip, stale = S.archived(nodes, S.archive_records(archive))
     assert stale == 1
+    assert plan_numbers(r.output) == set(range(len(nodes))) - skip     # the plan shows what is left to run
     assert runner.invoke(app, ["run", str(y), "--skip-archived", str(tmp_path / "none.jsonl")]).exit_code == 2
     # status --archive: what --skip-archived skips shows as archived; what is left is estimated by
     # the times the archive recorded (the run's own, its cell's, else its row's median)
