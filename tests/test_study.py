@@ -370,6 +370,57 @@ methods:
     assert not fus.folder.exists() and not start.folder.exists()
 
 
+def test_an_archive_from_before_portable_identities_still_skips_its_fusion_and_merge_runs(
+        tmp_path, task_yamls, data_dir, monkeypatch):
+    """Fusion runs and runs that start from a merged adapter, archived when their folder names
+    hashed their sources' full paths, are matched by config (sources compared inside the study
+    folder, a merged start by its merge record), so --skip-archived retrains none of them; a
+    record whose config differs is stale and its run trains again, with the sources it needs."""
+    toy2 = tmp_path / "toy2.yaml"
+    toy2.write_text(task_yamls["toy"].read_text().replace("name: toy", "name: toy2"))
+    y = tmp_path / "old.yaml"
+    y.write_text(f"""name: old
+tasks: [{task_yamls['toy']}]
+seeds: [1]
+models: [tiny-bert]
+out_dir: runs/old
+defaults:
+  data: {{data_dir: {data_dir}}}
+  train: {{epochs: 1, batch_size: 4, limit: 8}}
+methods:
+  - {{name: pfeiffer, label: src}}
+  - {{name: pfeiffer, label: mavg, source_method: src, sources: [{toy2}, {task_yamls['toyreg']}], merge: {{strategy: avg}}}}
+  - {{name: fusion, label: fus, source_method: src, sources: [{toy2}, {task_yamls['toyreg']}]}}
+""")
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(app, ["run", str(y)]).exit_code == 0
+    archive = tmp_path / "runs.jsonl"
+    assert runner.invoke(app, ["archive", "runs/old", "--out", str(archive)]).exit_code == 0
+    shutil.rmtree(tmp_path / "runs")
+    records = [json.loads(x) for x in archive.read_text().splitlines()]
+    for r in records:     # as an earlier version named them: other hashes, another merged folder
+        if r["label"] in ("fus", "mavg"):
+            r["run"] = r["run"].rsplit("-", 1)[0] + "-0000000" + str(len(r["label"]))
+        if r["label"] == "mavg":
+            r["config"]["init_from"] = "old/merge/mavg/toy/tiny-bert-00000000"
+    write = lambda rs: archive.write_text("".join(json.dumps(r) + "\n" for r in rs))  # noqa: E731
+    write(records)
+    r = runner.invoke(app, ["run", str(y), "--skip-archived", str(archive)])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "6 runs skipped" in said and "0 ran" in said and "cell" not in said, said
+    nodes = S.plan(S.load_study(y))
+    assert len(S.archive_matches(nodes, S.archive_records(archive), range(len(nodes)))) == 5   # merges: not archived
+    fus = next(r for r in records if r["label"] == "fus")
+    fus["config"]["train"]["lr"] = 0.5
+    merged = next(r for r in records if r["label"] == "mavg")
+    merged["merge"]["strategy"] = "align"
+    write(records)
+    r = runner.invoke(app, ["run", str(y), "--skip-archived", str(archive)])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "1 runs skipped" in said and "2 runs to do have a cell" in said, said
+    assert "5 ran" in said            # fus, the merge, the run that starts from it, and the 2 sources
+
+
 def test_explicit_adapter_globs(tmp_path, task_yamls, data_dir):
     y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
     y.write_text(y.read_text().replace("  - {name: fusion", "  - {name: fusion, adapters: [" +
