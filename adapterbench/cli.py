@@ -311,6 +311,8 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
     """Run a study: every run of its grid, each once, dependencies first; resumable. With
     --launcher slurm the same workers run as a SLURM job array (see `adapterbench status`)."""
     def go():
+        from . import progress as P
+        from . import resume as R
         from . import study as S
         from .tasks import shipped
         study_path = shipped("studies", study)
@@ -327,15 +329,15 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
         from .report import split_labels
         keep = S.selected(nodes, split_labels(only)) if only else None
         if skip_archived:
-            skip, stale = S.archived(nodes, S.archive_records(skip_archived), keep)
+            skip, stale = R.archived(nodes, R.archive_records(skip_archived), keep)
             keep = (set(range(len(nodes))) if keep is None else keep) - skip
         print_plan(nodes, S, keep)
         if skip_archived:
             console.print(f"{len(skip)} runs skipped: {skip_archived} holds them and no run still to do needs them")
             if stale:
                 console.print(f"{stale} runs to do have a cell the archive holds under another folder name "
-                              f"({S.STALE_WHY}): they run again")
-        if launcher == "local" and (notice := S.bf16_notice(nodes, keep if keep is not None else range(len(nodes)))):
+                              f"({R.STALE_WHY}): they run again")
+        if launcher == "local" and (notice := P.bf16_notice(nodes, keep if keep is not None else range(len(nodes)))):
             console.print(notice)                   # (SLURM workers run elsewhere: their CPUs decide)
         if dry_run:
             return
@@ -352,7 +354,7 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
             if wait:
                 results = L.wait(jobs)
                 console.print(f"workers done: {results}")
-                left = [r for r in S.status_table(nodes) if r["state"] != "done"]
+                left = [r for r in P.status_table(nodes) if r["state"] != "done"]
                 if left:
                     console.print(f"{len(left)} runs not done (see adapterbench status)")
                     raise typer.Exit(1)
@@ -384,23 +386,25 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
     def go():
         from collections import Counter
 
+        from . import progress as P
+        from . import resume as R
         from . import study as S
         from .tasks import shipped
         st = S.load_study(shipped("studies", study))
         if out:
             st.out_dir = out
         nodes = S.plan(st)
-        rows = S.status_table(nodes)
+        rows = P.status_table(nodes)
         states = ("done", "running", "queued", "failed", "blocked")
         if archive:
-            stale = S.mark_archived(rows, nodes, archive)
+            stale = R.mark_archived(rows, nodes, archive)
             states = ("done", "archived", *states[1:])
         title = f"study {st.name} ({st.out_dir})"
         groups: dict[str, list[dict]] = {}
         for r in rows:
             groups.setdefault(r["label"], []).append(r)
         # remaining() groups by row, so the study's total is the sum over its rows (each run read once)
-        by_label = {label: S.remaining(mine) for label, mine in groups.items()}
+        by_label = {label: P.remaining(mine) for label, mine in groups.items()}
         console.print(_status_by_row(groups, states, title, by_label) if by_row else _status_by_run(rows, title))
         counts = Counter(r["state"] for r in rows)
         console.print(", ".join(f"{k} {counts[k]}" for k in states))
@@ -412,8 +416,8 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
                           + (f"; {left['unknown']} runs have no finished run to go by" if left["unknown"] else ""))
         if archive and stale:
             console.print(f"{stale} runs to do have a cell (row, tasks, seed, model) that {archive} holds under "
-                          f"another folder name ({S.STALE_WHY}): they are counted as queued")
-        if notice := S.bf16_notice(nodes, {r["index"] for r in rows if r["state"] in ("queued", "running")}):
+                          f"another folder name ({R.STALE_WHY}): they are counted as queued")
+        if notice := P.bf16_notice(nodes, {r["index"] for r in rows if r["state"] in ("queued", "running")}):
             console.print(notice)
         launch = Path(st.out_dir) / "launch.json"
         if launch.is_file():

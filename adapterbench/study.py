@@ -5,8 +5,8 @@ becomes one run. A fusion entry depends on the adapters of its source tasks (tra
 another entry, `source_method`), which are planned once however many fusions need them.
 A run is identified by its folder (stage/method/task/model-seed-confighash), so a finished
 run with the same resolved config is never trained twice, and a restarted study goes on
-where it stopped. Workers (processes or machines sharing the folder) claim a run by
-creating `<run folder>.lock` exclusively; a lock whose process is gone is taken over.
+where it stopped. Workers (processes or machines sharing the folder) claim a run by its lock
+(locks.py). Where a study stands: progress.py; resuming from a results archive: resume.py.
 """
 
 from __future__ import annotations
@@ -14,15 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import build, deep_merge, load_yaml, portable
 from .errors import UserError
-from .runs import RunExists, read_archive_lines, read_json, slug, status_of, write_json
-
+from .locks import Heartbeat, locked, try_lock, unlock
+from .runs import RunExists, slug, status_of, write_json
 
 
 def takes_sources(method) -> bool:
@@ -226,123 +225,6 @@ def run_merge(node: Node) -> None:
                                               "task": c["target"], "main_value": None, "sources": c["adapters"]})
 
 
-# --- locks ---------------------------------------------------------------------------------
-
-def lock_path(node: Node) -> Path:
-    return node.folder.with_name(node.folder.name + ".lock")
-
-
-LOCK_TIMEOUT = float(os.environ.get("ADAPTERBENCH_LOCK_TIMEOUT", 300))   # seconds without a heartbeat
-HEARTBEAT_EVERY = float(os.environ.get("ADAPTERBENCH_HEARTBEAT", 30))
-
-
-def lock_record() -> dict:
-    """Who holds a lock: host, pid, the SLURM job (array job_task when in an array), heartbeat."""
-    job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job else os.environ.get("SLURM_JOB_ID")
-    now = time.time()
-    return {"pid": os.getpid(), "host": socket.gethostname(), "job": job, "started": now, "heartbeat": now}
-
-
-def try_lock(node: Node) -> bool:
-    """Claim a run by creating its lock exclusively; a stale lock (its process gone on this
-    host, or no heartbeat for LOCK_TIMEOUT seconds from any host) is taken over."""
-    path = lock_path(node)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            seen = read_lock(path)
-            if not _stale(path, seen) or not _take_over(path, seen):
-                return False
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(lock_record(), f)
-        return True
-    return False
-
-
-def read_lock(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _take_over(path: Path, seen: dict | None) -> bool:
-    """Move a stale lock aside; if what was moved is not the lock judged stale (another worker
-    took it over meanwhile), put it back."""
-    grave = path.with_name(f"{path.name}.stale-{socket.gethostname()}-{os.getpid()}")
-    try:
-        os.rename(path, grave)
-    except FileNotFoundError:
-        return True                      # gone already: try to create it
-    if read_lock(grave) != seen:
-        try:
-            os.link(grave, path)         # put the fresh lock back (fails if a new one exists)
-        except FileExistsError:
-            pass
-        grave.unlink(missing_ok=True)
-        return False
-    grave.unlink(missing_ok=True)
-    return True
-
-
-def _stale(path: Path, info: dict | None = None) -> bool:
-    info = info if info is not None else read_lock(path)
-    if info is None:
-        return time.time() - path.stat().st_mtime > 60 if path.exists() else True
-    if time.time() - float(info.get("heartbeat", info.get("time", 0))) > LOCK_TIMEOUT:
-        return True                      # no heartbeat for too long: dead, on whatever host
-    if info.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(info["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError, KeyError):
-        return False
-    return False
-
-
-class Heartbeat:
-    """While a run trains, rewrite its lock's heartbeat every HEARTBEAT_EVERY seconds (a thread)."""
-
-    def __init__(self, node: Node):
-        import threading
-        self.path, self.stop = lock_path(node), threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        from .runs import write_json
-        while not self.stop.wait(HEARTBEAT_EVERY):
-            info = read_lock(self.path)
-            if info is None or info.get("pid") != os.getpid():
-                return                   # no longer ours
-            info["heartbeat"] = time.time()
-            try:
-                write_json(self.path, info)
-            except Exception:
-                return
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=5)
-
-
-def unlock(node: Node) -> None:
-    lock_path(node).unlink(missing_ok=True)
-
-
-def locked(node: Node) -> bool:
-    return lock_path(node).exists() and not _stale(lock_path(node))
-
-
 # --- running -------------------------------------------------------------------------------
 
 def state(node: Node) -> str:
@@ -354,115 +236,6 @@ def state(node: Node) -> str:
     if st in ("failed",):
         return "failed"
     return "pending"
-
-
-def status_table(nodes: list[Node]) -> list[dict]:
-    """Every run of a plan: done / running (host, job, heartbeat age, progress) / queued / failed /
-    blocked (a run it needs failed)."""
-    states = {nd.index: state(nd) for nd in nodes}
-    out = []
-    for nd in nodes:
-        st, detail = states[nd.index], ""
-        if st == "running":
-            info = read_lock(lock_path(nd)) or {}
-            age = time.time() - float(info.get("heartbeat", time.time()))
-            detail = f"{info.get('host')} pid {info.get('pid')} job {info.get('job') or '-'}, heartbeat {age:.0f}s ago"
-            detail += progress(nd)
-        elif st == "pending":
-            st = "blocked" if any(states[d] in ("failed", "blocked") for d in nd.deps) else "queued"
-            if (nd.folder / "checkpoint" / "latest.json").is_file():
-                detail = "has a checkpoint: resumes"
-        elif st == "failed":
-            from .runs import read_json
-            try:
-                detail = str(read_json(nd.folder / "metrics.json").get("error", ""))[:100]
-            except Exception:
-                detail = ""
-        states[nd.index] = st if st != "pending" else states[nd.index]
-        out.append({"index": nd.index, "stage": nd.stage, "label": nd.label, "task": nd.task, "seed": nd.seed,
-                    "state": st, "detail": detail, "folder": str(nd.folder)})
-    return out
-
-
-def progress(node: Node) -> str:
-    """Where a running run is, from the last step its log.jsonl recorded: '; epoch 2/3, step 1800,
-    9.3 samples/s' ('' before its first logged step)."""
-    try:
-        with open(node.folder / "log.jsonl", "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - 4096))                # the last records are enough
-            tail = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return ""
-    for line in reversed(tail):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue                      # a line cut by the seek, or one being written
-        if isinstance(rec, dict) and "step" in rec and "samples_per_s" in rec:
-            epochs = _resolved_epochs(node)
-            return (f"; epoch {int(rec.get('epoch', 0)) + 1}/{epochs or '?'}, step {rec['step']}, "
-                    f"{float(rec['samples_per_s']):.1f} samples/s")
-    return ""
-
-
-def _resolved_epochs(node: Node):
-    """The epoch budget the run folder's resolved config.yaml names (method defaults included)."""
-    try:
-        cfg = load_yaml(node.folder / "config.yaml")
-    except (UserError, OSError):
-        return None
-    return (cfg.get("train") or {}).get("epochs") if isinstance(cfg, dict) else None
-
-
-def run_seconds(folder: Path) -> float | None:
-    """How long a finished run took: the larger of its wall clock and its training time (a resumed
-    run's wall clock counts only its last leg; training time leaves out loading and dev scoring);
-    0 for a step that records neither (a merge takes seconds); None when unreadable."""
-    try:
-        return recorded_seconds(read_json(Path(folder) / "metrics.json"))
-    except (UserError, OSError, TypeError, ValueError):
-        return None
-
-
-def recorded_seconds(metrics: dict) -> float:
-    """A finished run's time from its metrics (a folder's metrics.json or an archive line), as `run_seconds`."""
-    return max(float(metrics.get("wall_seconds") or 0), float(metrics.get("train_seconds") or 0))
-
-
-def remaining(rows: list[dict], now: float | None = None) -> dict:
-    """What the unfinished runs of a plan (status_table rows) still need, in run-seconds: each
-    queued or running run is estimated by what the archive recorded for its cell (`mark_archived`)
-    or else by the median time of the finished (or archived) runs of the same row, stage and task
-    (other seeds), less what a running run has spent in its current leg. Returns
-    {"seconds", "estimated": runs estimated, "unknown": runs with no finished run to go by}."""
-    import statistics
-    now = time.time() if now is None else now
-    taken: dict[tuple, list[float]] = {}
-    for r in rows:
-        s = r["seconds"] if r["state"] == "archived" else run_seconds(r["folder"]) if r["state"] == "done" else None
-        if s is not None:
-            taken.setdefault((r["label"], r["stage"], r["task"]), []).append(s)
-    seconds, estimated, unknown = 0.0, 0, 0
-    for r in rows:
-        if r["state"] not in ("queued", "running"):
-            continue
-        if r["stage"] == "merge":        # a merge takes seconds
-            estimated += 1
-            continue
-        peers = taken.get((r["label"], r["stage"], r["task"]))
-        if r.get("expect") is None and not peers:
-            unknown += 1
-            continue
-        need = r["expect"] if r.get("expect") is not None else statistics.median(peers)
-        if r["state"] == "running":
-            try:
-                need -= now - float(read_json(Path(r["folder"]) / "metrics.json").get("started", now))
-            except (UserError, OSError, TypeError, ValueError):
-                pass                                   # no start time yet: count the whole run
-        seconds += max(need, 0.0)
-        estimated += 1
-    return {"seconds": seconds, "estimated": estimated, "unknown": unknown}
 
 
 def selected(nodes: list[Node], patterns: list[str]) -> set[int]:
@@ -485,152 +258,6 @@ def with_deps(nodes: list[Node], start: set[int]) -> set[int]:
                 keep.add(d)
                 todo.append(d)
     return keep
-
-
-def archived(nodes: list[Node], records: dict[tuple, dict], among: set[int] | None = None) -> tuple[set[int], int]:
-    """(runs to skip, stale count) for a study resuming from a results archive (its `archive_records`).
-    Skipped: the runs (of `among`, default all) the archive holds (`archive_matches`) that no run
-    still to do needs as a dependency, so a study whose folder was lost retrains only what the
-    archive lacks and the weights those runs need (Fusion w/ MT-A needs its MT-A run). Stale: runs
-    still to do whose cell (row, tasks, seed, model) the archive holds under another config; they
-    run again."""
-    pool = set(range(len(nodes))) if among is None else set(among)
-    runs = {i for i in pool if nodes[i].stage != "merge"}         # merges: only when a run needs one
-    have = set(archive_matches(nodes, records, runs))
-    skip = pool - with_deps(nodes, runs - have)
-    cells = {record_cell(r) for r in records.values()}
-    stale = sum(1 for i in runs - have if node_cell(nodes[i]) in cells)
-    return skip, stale
-
-
-def archive_matches(nodes: list[Node], records: dict[tuple, dict], among) -> dict[int, tuple]:
-    """The archive key of each run of `among` the archive holds: the record with its row label and
-    folder name, else, for a run that names other runs' folders (a fusion's sources, a merged
-    start), a record of its cell that an earlier version named by those folders' full paths
-    (before identities were portable) with the same config once they are compared inside the
-    output root (`inside_root`). As with other runs archived before tasks had an identity, such a
-    match is by config alone: the archive records no data content."""
-    out, by_cell = {}, {}
-    for key, record in records.items():
-        by_cell.setdefault(record_cell(record), []).append(key)
-    for i in among:
-        nd = nodes[i]
-        if (nd.label, nd.folder.name) in records:
-            out[i] = (nd.label, nd.folder.name)
-        elif names_other_runs(nd) and (mine := inside_root(nd, nodes)) is not None:
-            out.update({i: key for key in by_cell.get(node_cell(nd), ()) if archived_inside_root(records[key]) == mine})
-    return out
-
-
-def names_other_runs(node: Node) -> bool:
-    """A run whose config names other runs' folders: a fusion's sources, a merged start."""
-    return bool(node.config.get("init_from") or (node.config.get("method") or {}).get("adapters"))
-
-
-def inside_root(node: Node, nodes: list[Node]) -> str | None:
-    """A planned run's config hash with the folders it names written inside the output root
-    (`_hash_inside`), to compare with `archived_inside_root`."""
-    from .config import to_dict
-    from .stages import resolve
-    cfg = to_dict(resolve(node.config, node.stage))
-    inside = lambda p: q if (q := portable(p, cfg["out_dir"])).startswith("<out_dir>/") else None  # noqa: E731
-    spec = next((nodes[d].config for d in node.deps if nodes[d].stage == "merge"), None)
-    return _hash_inside(cfg, inside, spec and (spec["adapters"], spec))
-
-
-def archived_inside_root(record: dict) -> str | None:
-    """An archived run's config hash as `inside_root` makes it. `adapterbench archive` writes the
-    folders a config names relative to the folder above the study's ('<study>/extract/...'); a
-    merged start is read from the merge's record, whose sources are adapter folders ('.../adapter')."""
-    inside = lambda p: "<out_dir>/" + p.split("/", 1)[1] if "/" in p and not p.startswith("/") else None  # noqa: E731
-    merge = record.get("merge")
-    sources = merge and [s["path"].removesuffix("/adapter") for s in merge.get("sources") or []]
-    return _hash_inside(json.loads(json.dumps(record.get("config") or {})), inside, merge and (sources, merge))
-
-
-def _hash_inside(cfg: dict, inside, merged: tuple | None) -> str | None:
-    """config_hash of `cfg` with a fusion's sources written by `inside` (None: outside the root)
-    and a merged start (`init_from`) replaced by what decides it, `merged` = (source folders,
-    merge settings): sources, target, strategy, same_track, align_on and weights (None meaning
-    equal weights, as `merge` records them). None where a folder lies outside the root or a start
-    has no merge to describe it."""
-    from .config import config_hash
-    method = cfg.get("method") or {}
-    if method.get("adapters"):
-        method["adapters"] = [inside(p) for p in method["adapters"]]
-    if cfg.get("init_from"):
-        if not merged:
-            return None
-        paths, how = merged
-        cfg["init_from"] = {"sources": [inside(p) for p in paths], "target": how.get("target"),
-                            "strategy": how.get("strategy"), "same_track": how.get("same_track"),
-                            "align_on": how.get("align_on"),
-                            "weights": [float(w) for w in how.get("weights") or [1.0] * len(paths)]}
-    named = [*(method.get("adapters") or []), *((cfg.get("init_from") or {}).get("sources") or [])]
-    return None if not cfg or None in named else config_hash(cfg, portable_paths=False)
-
-
-def node_cell(node: Node) -> tuple:
-    """A planned run's cell of a results table: (row label, task names, seed, model)."""
-    from .tasks import load_task
-    return node.label, tuple(sorted(load_task(t).name for t in node.task.split(","))), node.seed, node.model
-
-
-def record_cell(record: dict) -> tuple:
-    """An archived run's cell, as `node_cell`."""
-    return record.get("label"), tuple(sorted(record.get("tasks") or [])), record.get("seed"), record.get("model")
-
-
-# Why a run still to do can have a cell the archive holds under another folder name.
-STALE_WHY = "a setting, a default, or a source run it uses has changed since"
-
-
-def archive_records(archive: Path) -> dict[tuple, dict]:
-    """A results archive's records by (row label, run folder name); one clear line when it is missing."""
-    if not Path(archive).is_file():
-        raise UserError(f"archive {archive} does not exist: pass the .jsonl `adapterbench archive` wrote")
-    return {key: json.loads(line) for key, line in read_archive_lines(archive).items()}
-
-
-def mark_archived(rows: list[dict], nodes: list[Node], archive: Path) -> int:
-    """Status rows (status_table) of a study resuming from a results archive: the queued runs that
-    `run --skip-archived` would skip become 'archived', with the time the archive recorded for
-    them (so `remaining` estimates from them). Returns the stale count (see `archived`)."""
-    records = archive_records(archive)
-    skip, stale = archived(nodes, records)
-    matches = archive_matches(nodes, records, [r["index"] for r in rows if r["state"] == "queued"])
-    took = {key: recorded_seconds(record) for key, record in records.items()}
-    took_in_cell = {record_cell(record): took[key] for key, record in records.items()}
-    for r in rows:
-        nd = nodes[r["index"]]
-        if r["state"] != "queued":
-            continue
-        own = took.get(matches.get(r["index"]))
-        if r["index"] in skip:       # (a merge no run to do needs is skipped too; merges are not archived)
-            r["state"], r["detail"], r["seconds"] = "archived", "", own or 0.0
-        elif nd.stage != "merge":    # to be rerun: expect what this run, or its cell, took before
-            r["expect"] = own if own is not None else took_in_cell.get(node_cell(nd))
-    return stale
-
-
-def bf16_notice(nodes: list[Node], among) -> str | None:
-    """One line when runs of `among` not yet finished ask for bf16 and this machine would emulate
-    it (`train.precision_warning`: a CPU without AVX512-BF16 or AMX, no GPU): they would train many
-    times slower here. The study is left as it is: another precision would make them other runs.
-    The machine is asked first, so a machine with native bf16 reads no run folder."""
-    import torch
-
-    from . import train
-    if train.precision_warning("bf16", "cuda" if torch.cuda.is_available() else "cpu") is None:
-        return None
-    n = sum(1 for i in among if (nodes[i].config.get("train") or {}).get("precision") == "bf16"
-            and status_of(nodes[i].folder) != "ok")
-    if not n:
-        return None
-    return (f"{n} runs still to do ask for train.precision=bf16, which this machine emulates (CPU "
-            f"{torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX, no GPU): here they train many "
-            f"times slower than where bf16 is native; run them on such a machine (another precision "
-            f"would make them other runs)")
 
 
 def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: tuple[int, int] = (0, 1),

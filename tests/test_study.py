@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from adapterbench import locks as L
+from adapterbench import progress as P
+from adapterbench import resume as R
 from adapterbench import study as S
 from adapterbench.errors import UserError
 from adapterbench.cli import app
@@ -317,7 +320,7 @@ def test_a_moved_study_folder_keeps_its_fusion_and_merge_runs(tmp_path, task_yam
     """Runs that use other runs' folders (fusion sources, a merged start) name them relative to
     the study folder: moved, or planned from another directory, the study finds every run done;
     folders that earlier versions named by full paths are still found where they were."""
-    from adapterbench.config import config_hash, to_dict
+    from adapterbench.config import config_hash
     from adapterbench.stages import resolve, run_identity, tasks_of
     toy2 = tmp_path / "toy2.yaml"
     toy2.write_text(task_yamls["toy"].read_text().replace("name: toy", "name: toy2"))
@@ -409,7 +412,7 @@ methods:
     said = " ".join(r.output.split())
     assert r.exit_code == 0 and "6 runs skipped" in said and "0 ran" in said and "cell" not in said, said
     nodes = S.plan(S.load_study(y))
-    assert len(S.archive_matches(nodes, S.archive_records(archive), range(len(nodes)))) == 5   # merges: not archived
+    assert len(R.archive_matches(nodes, R.archive_records(archive), range(len(nodes)))) == 5   # merges: not archived
     fus = next(r for r in records if r["label"] == "fus")
     fus["config"]["train"]["lr"] = 0.5
     merged = next(r for r in records if r["label"] == "mavg")
@@ -563,7 +566,7 @@ def test_a_lost_study_folder_resumes_from_its_archive(tmp_path, task_yamls, data
     r = runner.invoke(app, ["run", str(y), "--skip-archived", str(archive), "--dry-run"])
     assert r.exit_code == 0
     nodes = S.plan(S.load_study(y))
-    skip, stale = S.archived(nodes, S.archive_records(archive))
+    skip, stale = R.archived(nodes, R.archive_records(archive))
     assert stale == 1
     assert plan_numbers(r.output) == set(range(len(nodes))) - skip     # the plan shows what is left to run
     assert runner.invoke(app, ["run", str(y), "--skip-archived", str(tmp_path / "none.jsonl")]).exit_code == 2
@@ -572,12 +575,12 @@ def test_a_lost_study_folder_resumes_from_its_archive(tmp_path, task_yamls, data
     r = runner.invoke(app, ["status", str(y), "--archive", str(archive)])
     said = " ".join(r.output.split())
     assert r.exit_code == 0 and "archived 6, running 0, queued 4" in said and "1 runs to do have a cell" in said, said
-    took = {(x["label"], x["seed"], x["task"]): S.recorded_seconds(x) for x in map(json.loads, moved)}
-    rows = S.status_table(nodes)
-    S.mark_archived(rows, nodes, archive)
+    took = {(x["label"], x["seed"], x["task"]): P.recorded_seconds(x) for x in map(json.loads, moved)}
+    rows = P.status_table(nodes)
+    R.mark_archived(rows, nodes, archive)
     want = (took[("full", 1, "toy")] + took[("pfeiffer", 2, "toy")] + took[("pfeiffer", 2, "toyreg")] +
             took[("fusion", 1, "toy")])                 # seed 2's fusion: its row's one archived run
-    assert S.remaining(rows) == {"seconds": pytest.approx(want), "estimated": 4, "unknown": 0}
+    assert P.remaining(rows) == {"seconds": pytest.approx(want), "estimated": 4, "unknown": 0}
 
 
 def test_status_says_when_this_machine_would_emulate_the_studys_bf16(tmp_path, task_yamls, data_dir, monkeypatch):
@@ -642,12 +645,12 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
     y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
     nodes = S.plan(S.load_study(y))
     nd = nodes[0]
-    lock = S.lock_path(nd)
+    lock = L.lock_path(nd)
     lock.parent.mkdir(parents=True, exist_ok=True)
     fresh = {"pid": 1, "host": "node-17", "job": "4242_3", "started": time.time(), "heartbeat": time.time()}
     lock.write_text(json.dumps(fresh))
-    assert not S.try_lock(nd) and S.state(nd) == "running"
-    row = S.status_table(nodes)[0]
+    assert not L.try_lock(nd) and S.state(nd) == "running"
+    row = P.status_table(nodes)[0]
     assert row["state"] == "running" and "node-17" in row["detail"] and "4242_3" in row["detail"]
     assert "epoch" not in row["detail"]                          # nothing logged yet
     nd.folder.mkdir(parents=True, exist_ok=True)
@@ -655,13 +658,13 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
     (nd.folder / "log.jsonl").write_text(
         '{"step": 30, "epoch": 1, "loss": 0.5, "samples_per_s": 11.0}\n{"epoch": 1, "step": 32, "dev": {}}\n'
         '{"step": 40, "epoch": 1, "loss": 0.4, "samples_per_s": 12.54}\n{"step": 5')   # a line being written
-    row = S.status_table(nodes)[0]
+    row = P.status_table(nodes)[0]
     assert row["detail"].endswith("; epoch 2/3, step 40, 12.5 samples/s")
-    lock.write_text(json.dumps({**fresh, "heartbeat": time.time() - S.LOCK_TIMEOUT - 5}))
-    assert S.state(nd) == "pending" and S.try_lock(nd)
+    lock.write_text(json.dumps({**fresh, "heartbeat": time.time() - L.LOCK_TIMEOUT - 5}))
+    assert S.state(nd) == "pending" and L.try_lock(nd)
     mine = json.loads(lock.read_text())
     assert mine["pid"] == os.getpid() and mine["host"] != "node-17" and "heartbeat" in mine
-    S.unlock(nd)
+    L.unlock(nd)
 
 
 @pytest.mark.slow
@@ -746,10 +749,10 @@ def test_remaining_time_from_finished_runs_of_the_same_row_and_task(tmp_path):
             row("pfeiffer", "rte", "failed", folder("h", status="failed")),
             row("merge", "rte", "done", folder("m", status="ok")),      # a merge records no times: 0 s
             row("merge", "rte", "queued", folder("n"))]
-    left = S.remaining(rows, now=1150.0)
+    left = P.remaining(rows, now=1150.0)
     # median of 100, 300, 200 = 200: the queued run 200, the running one 200 - 150 = 50, the merge 0
     assert left == {"seconds": 250.0, "estimated": 3, "unknown": 2}
-    assert S.remaining(rows, now=5000.0)["seconds"] == 200.0        # overdue: never negative
+    assert P.remaining(rows, now=5000.0)["seconds"] == 200.0        # overdue: never negative
 
 
 def test_no_wait_leaves_runs_held_by_another_worker_to_it(tmp_path, task_yamls, data_dir):
@@ -762,8 +765,8 @@ def test_no_wait_leaves_runs_held_by_another_worker_to_it(tmp_path, task_yamls, 
     fusion = next(n for n in nodes if n.stage == "fuse")
     other = subprocess.Popen(["sleep", "120"])            # the other worker: alive on this host
     try:
-        S.lock_path(held).parent.mkdir(parents=True, exist_ok=True)
-        S.lock_path(held).write_text(json.dumps({**S.lock_record(), "pid": other.pid}))
+        L.lock_path(held).parent.mkdir(parents=True, exist_ok=True)
+        L.lock_path(held).write_text(json.dumps({**L.lock_record(), "pid": other.pid}))
         assert S.state(held) == "running"
         t0 = time.time()
         res = S.execute(st, nodes, poll=30.0, wait_for_others=False)

@@ -1,0 +1,143 @@
+"""Where a study stands: each run's state and progress (`adapterbench status`), the run-hours
+left, and whether the runs still to do would train in emulated bf16 on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .config import load_yaml
+from .errors import UserError
+from .locks import lock_path, read_lock
+from .runs import read_json, status_of
+from .study import Node, state
+
+
+def status_table(nodes: list[Node]) -> list[dict]:
+    """Every run of a plan: done / running (host, job, heartbeat age, progress) / queued / failed /
+    blocked (a run it needs failed)."""
+    states = {nd.index: state(nd) for nd in nodes}
+    out = []
+    for nd in nodes:
+        st, detail = states[nd.index], ""
+        if st == "running":
+            info = read_lock(lock_path(nd)) or {}
+            age = time.time() - float(info.get("heartbeat", time.time()))
+            detail = f"{info.get('host')} pid {info.get('pid')} job {info.get('job') or '-'}, heartbeat {age:.0f}s ago"
+            detail += progress(nd)
+        elif st == "pending":
+            st = "blocked" if any(states[d] in ("failed", "blocked") for d in nd.deps) else "queued"
+            if (nd.folder / "checkpoint" / "latest.json").is_file():
+                detail = "has a checkpoint: resumes"
+        elif st == "failed":
+            try:
+                detail = str(read_json(nd.folder / "metrics.json").get("error", ""))[:100]
+            except Exception:
+                detail = ""
+        states[nd.index] = st if st != "pending" else states[nd.index]
+        out.append({"index": nd.index, "stage": nd.stage, "label": nd.label, "task": nd.task, "seed": nd.seed,
+                    "state": st, "detail": detail, "folder": str(nd.folder)})
+    return out
+
+
+def progress(node: Node) -> str:
+    """Where a running run is, from the last step its log.jsonl recorded: '; epoch 2/3, step 1800,
+    9.3 samples/s' ('' before its first logged step)."""
+    try:
+        with open(node.folder / "log.jsonl", "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 4096))                # the last records are enough
+            tail = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(tail):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue                      # a line cut by the seek, or one being written
+        if isinstance(rec, dict) and "step" in rec and "samples_per_s" in rec:
+            epochs = _resolved_epochs(node)
+            return (f"; epoch {int(rec.get('epoch', 0)) + 1}/{epochs or '?'}, step {rec['step']}, "
+                    f"{float(rec['samples_per_s']):.1f} samples/s")
+    return ""
+
+
+def _resolved_epochs(node: Node):
+    """The epoch budget the run folder's resolved config.yaml names (method defaults included)."""
+    try:
+        cfg = load_yaml(node.folder / "config.yaml")
+    except (UserError, OSError):
+        return None
+    return (cfg.get("train") or {}).get("epochs") if isinstance(cfg, dict) else None
+
+
+def run_seconds(folder: Path) -> float | None:
+    """How long a finished run took: the larger of its wall clock and its training time (a resumed
+    run's wall clock counts only its last leg; training time leaves out loading and dev scoring);
+    0 for a step that records neither (a merge takes seconds); None when unreadable."""
+    try:
+        return recorded_seconds(read_json(Path(folder) / "metrics.json"))
+    except (UserError, OSError, TypeError, ValueError):
+        return None
+
+
+def recorded_seconds(metrics: dict) -> float:
+    """A finished run's time from its metrics (a folder's metrics.json or an archive line), as `run_seconds`."""
+    return max(float(metrics.get("wall_seconds") or 0), float(metrics.get("train_seconds") or 0))
+
+
+def remaining(rows: list[dict], now: float | None = None) -> dict:
+    """What the unfinished runs of a plan (status_table rows) still need, in run-seconds: each
+    queued or running run is estimated by what the archive recorded for its cell (`mark_archived`)
+    or else by the median time of the finished (or archived) runs of the same row, stage and task
+    (other seeds), less what a running run has spent in its current leg. Returns
+    {"seconds", "estimated": runs estimated, "unknown": runs with no finished run to go by}."""
+    import statistics
+    now = time.time() if now is None else now
+    taken: dict[tuple, list[float]] = {}
+    for r in rows:
+        s = r["seconds"] if r["state"] == "archived" else run_seconds(r["folder"]) if r["state"] == "done" else None
+        if s is not None:
+            taken.setdefault((r["label"], r["stage"], r["task"]), []).append(s)
+    seconds, estimated, unknown = 0.0, 0, 0
+    for r in rows:
+        if r["state"] not in ("queued", "running"):
+            continue
+        if r["stage"] == "merge":        # a merge takes seconds
+            estimated += 1
+            continue
+        peers = taken.get((r["label"], r["stage"], r["task"]))
+        if r.get("expect") is None and not peers:
+            unknown += 1
+            continue
+        need = r["expect"] if r.get("expect") is not None else statistics.median(peers)
+        if r["state"] == "running":
+            try:
+                need -= now - float(read_json(Path(r["folder"]) / "metrics.json").get("started", now))
+            except (UserError, OSError, TypeError, ValueError):
+                pass                                   # no start time yet: count the whole run
+        seconds += max(need, 0.0)
+        estimated += 1
+    return {"seconds": seconds, "estimated": estimated, "unknown": unknown}
+
+
+def bf16_notice(nodes: list[Node], among) -> str | None:
+    """One line when runs of `among` not yet finished ask for bf16 and this machine would emulate
+    it (`train.precision_warning`: a CPU without AVX512-BF16 or AMX, no GPU): they would train many
+    times slower here. The study is left as it is: another precision would make them other runs.
+    The machine is asked first, so a machine with native bf16 reads no run folder."""
+    import torch
+
+    from . import train
+    if train.precision_warning("bf16", "cuda" if torch.cuda.is_available() else "cpu") is None:
+        return None
+    n = sum(1 for i in among if (nodes[i].config.get("train") or {}).get("precision") == "bf16"
+            and status_of(nodes[i].folder) != "ok")
+    if not n:
+        return None
+    return (f"{n} runs still to do ask for train.precision=bf16, which this machine emulates (CPU "
+            f"{torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX, no GPU): here they train many "
+            f"times slower than where bf16 is native; run them on such a machine (another precision "
+            f"would make them other runs)")
