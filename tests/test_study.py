@@ -316,20 +316,18 @@ methods:
     assert rep.base_row(rep.by_label["mavg k=4"], "src").label == "src k=4"
 
 
-def test_a_moved_study_folder_keeps_its_fusion_and_merge_runs(tmp_path, task_yamls, data_dir, monkeypatch):
-    """Runs that use other runs' folders (fusion sources, a merged start) name them relative to
-    the study folder: moved, or planned from another directory, the study finds every run done;
-    folders that earlier versions named by full paths are still found where they were."""
-    from adapterbench.config import config_hash
-    from adapterbench.stages import resolve, run_identity, tasks_of
+def write_merge_fusion_study(tmp_path, task_yamls, data_dir, name):
+    """A study whose runs name other runs' folders: pfeiffer sources (`src`) on toy2 and toyreg, a
+    run on toy that starts from their average (`mavg`, a merge node before it), and their fusion
+    on toy (`fus`); out_dir runs/<name>, relative to where it is run."""
     toy2 = tmp_path / "toy2.yaml"
     toy2.write_text(task_yamls["toy"].read_text().replace("name: toy", "name: toy2"))
-    y = tmp_path / "mv.yaml"
-    y.write_text(f"""name: mv
+    y = tmp_path / f"{name}.yaml"
+    y.write_text(f"""name: {name}
 tasks: [{task_yamls['toy']}]
 seeds: [1]
 models: [tiny-bert]
-out_dir: runs/mv
+out_dir: runs/{name}
 defaults:
   data: {{data_dir: {data_dir}}}
   train: {{epochs: 1, batch_size: 4, limit: 8}}
@@ -338,6 +336,16 @@ methods:
   - {{name: pfeiffer, label: mavg, source_method: src, sources: [{toy2}, {task_yamls['toyreg']}], merge: {{strategy: avg}}}}
   - {{name: fusion, label: fus, source_method: src, sources: [{toy2}, {task_yamls['toyreg']}]}}
 """)
+    return y
+
+
+def test_a_moved_study_folder_keeps_its_fusion_and_merge_runs(tmp_path, task_yamls, data_dir, monkeypatch):
+    """Runs that use other runs' folders (fusion sources, a merged start) name them relative to
+    the study folder: moved, or planned from another directory, the study finds every run done;
+    folders that earlier versions named by full paths are still found where they were."""
+    from adapterbench.config import config_hash
+    from adapterbench.stages import resolve, run_identity, tasks_of
+    y = write_merge_fusion_study(tmp_path, task_yamls, data_dir, "mv")
     (tmp_path / "a").mkdir()
     monkeypatch.chdir(tmp_path / "a")
     r = runner.invoke(app, ["run", str(y)])
@@ -379,22 +387,7 @@ def test_an_archive_from_before_portable_identities_still_skips_its_fusion_and_m
     hashed their sources' full paths, are matched by config (sources compared inside the study
     folder, a merged start by its merge record), so --skip-archived retrains none of them; a
     record whose config differs is stale and its run trains again, with the sources it needs."""
-    toy2 = tmp_path / "toy2.yaml"
-    toy2.write_text(task_yamls["toy"].read_text().replace("name: toy", "name: toy2"))
-    y = tmp_path / "old.yaml"
-    y.write_text(f"""name: old
-tasks: [{task_yamls['toy']}]
-seeds: [1]
-models: [tiny-bert]
-out_dir: runs/old
-defaults:
-  data: {{data_dir: {data_dir}}}
-  train: {{epochs: 1, batch_size: 4, limit: 8}}
-methods:
-  - {{name: pfeiffer, label: src}}
-  - {{name: pfeiffer, label: mavg, source_method: src, sources: [{toy2}, {task_yamls['toyreg']}], merge: {{strategy: avg}}}}
-  - {{name: fusion, label: fus, source_method: src, sources: [{toy2}, {task_yamls['toyreg']}]}}
-""")
+    y = write_merge_fusion_study(tmp_path, task_yamls, data_dir, "old")
     monkeypatch.chdir(tmp_path)
     assert runner.invoke(app, ["run", str(y)]).exit_code == 0
     archive = tmp_path / "runs.jsonl"
