@@ -10,10 +10,12 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .study import Node
+
+class Node(Protocol):
+    """What a lock needs of a run: its folder (a study's `study.Node` is one)."""
+    folder: Path
 
 
 def lock_path(node: Node) -> Path:
