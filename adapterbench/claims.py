@@ -16,7 +16,8 @@ archive, relative to where the command runs), keep only some seeds (`seeds: [2, 
 study's reported seeds, when some rows trained extra seeds for another row's sake), add its rows'
 budgets (`settings: true`) and what their runs recorded beyond scores (`extras: true`: multi-task
 shares, merge alignment, fusion attention), and draw fusion rows' attention as target x source
-heatmaps instead of score bars (`plot: attention`).
+heatmaps instead of score bars (`plot: attention`). A table that names its seeds says below it
+which of its rows' runs have not finished (`still_to_come`).
 """
 
 from __future__ import annotations
@@ -192,6 +193,29 @@ def rows_or_none(runs_dir: Path, metric: str | None) -> dict:
     return collect(runs_dir, metric)
 
 
+def still_to_come(rep: Report, rows: list[str], tasks: list[str] | None, seeds: list[int] | None) -> str | None:
+    """One line naming what a table with `seeds` still lacks, so a partial table does not pass for
+    a finished one: each row it names (patterns left out) with no run, or with a (task, seed) it
+    has no run for. None when every named row has every seed on every task."""
+    if not seeds:
+        return None
+    have, tasks = {r.label: r for r in rep.rows}, tasks or rep.tasks
+    parts = []
+    for label in (x for x in rows if not any(c in x for c in "*?[")):
+        if label not in have:
+            parts.append(f"{label} (no run yet)")
+            continue
+        gaps = {t: [s for s in seeds if s not in (have[label].cells[t].by_seed if t in have[label].cells else {})]
+                for t in tasks}
+        gaps = {t: g for t, g in gaps.items() if g}
+        seed_list = lambda g: ("seed " if len(g) == 1 else "seeds ") + ", ".join(map(str, g))  # noqa: E731
+        if gaps and len(gaps) == len(tasks) and len({tuple(g) for g in gaps.values()}) == 1:
+            parts.append(f"{label} ({seed_list(next(iter(gaps.values())))})")
+        elif gaps:
+            parts.append(f"{label} ({'; '.join(f'{t}: {seed_list(g)}' for t, g in gaps.items())})")
+    return f"_Still to come (runs this table names that have not finished): {', '.join(parts)}._" if parts else None
+
+
 def attention_plots(table: dict, source: Path, rows: list[str], assets: Path) -> list[str]:
     """`plot: attention`: per fusion row of the table, a target x source heatmap of the attention
     (mean over layers and the table's seeds), as the paper draws it; Markdown image lines."""
@@ -241,6 +265,8 @@ def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool
             parts += [f"_No finished runs yet for rows {', '.join(rows)}._", ""]
             continue
         parts += [render(rep, "md").rstrip(), ""]
+        if todo := still_to_come(rep, rows, t.get("tasks"), t.get("seeds")):
+            parts += [todo, ""]
         if t.get("settings"):
             parts += [markdown_table(*settings_rows(source, rows, t.get("seeds"))), SETTINGS_LEGEND, ""]
         if t.get("extras"):

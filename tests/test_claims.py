@@ -335,3 +335,21 @@ def test_attention_plot_averages_each_targets_runs(tmp_path):
     assert "![fusion: attention per target](r/att-fusion.png)" in out.read_text()
     assert (tmp_path / "docs" / "r" / "att-fusion.png").stat().st_size > 1000
     assert not (tmp_path / "docs" / "r" / "att.png").exists()
+
+
+def test_a_table_with_seeds_says_which_runs_are_still_to_come(runs, tmp_path):
+    """A table that names its seeds lists, below it, each named row with no run and each row's
+    missing seeds (per task where tasks differ), so a table from a study under way does not pass
+    for a finished one; a complete table, or one without seeds, gets no such line."""
+    spec = tmp_path / "claims.yaml"
+    spec.write_text("tables:\n"
+                    "  - {id: part, rows: 'full,camtl,lonely,head,hou*', tasks: [rte, mrpc], seeds: [1, 2, 3]}\n"
+                    "  - {id: whole, rows: 'full,houlsby', seeds: [1, 2, 3]}\n"
+                    "  - {id: unsaid, rows: 'full,camtl'}\n")
+    out = tmp_path / "results.md"
+    r = runner.invoke(app, ["report", str(runs), "--claims", str(spec), "--out", str(out), "--no-plot"])
+    assert r.exit_code == 0, r.output
+    part, whole, unsaid = out.read_text().split("## ")[1:]
+    assert ("_Still to come (runs this table names that have not finished): camtl (seed 3), "
+            "lonely (rte: seeds 2, 3; mrpc: seeds 1, 2, 3), head (no run yet)._") in part
+    assert "Still to come" not in whole and "Still to come" not in unsaid
