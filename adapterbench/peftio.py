@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import __version__
 from .errors import UserError
 from .runs import load_tensors, read_json, save_tensors, staged, write_json
 
@@ -70,7 +69,6 @@ def _model_path(name: str) -> str:
 def import_lora(src: Path, out: Path, base_model: str | None = None, force: bool = False) -> Path:
     """Read a peft LoRA folder into an adapterbench adapter folder (method lora)."""
     from .adapterhub import _load_weights
-    from .models import ARCHITECTURES
     from .runs import prepare_out
     src = Path(src)
     cfg = read_json(src / "adapter_config.json")
