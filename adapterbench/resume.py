@@ -14,16 +14,17 @@ from .runs import read_archive_lines
 from .study import Node, with_deps
 
 
-def archived(nodes: list[Node], records: dict[tuple, dict], among: set[int] | None = None) -> tuple[set[int], int]:
+def archived(nodes: list[Node], records: dict[tuple, dict], among: set[int] | None = None,
+             matches: dict[int, tuple] | None = None) -> tuple[set[int], int]:
     """(runs to skip, stale count) for a study resuming from a results archive (its `archive_records`).
     Skipped: the runs (of `among`, default all) the archive holds (`archive_matches`) that no run
     still to do needs as a dependency, so a study whose folder was lost retrains only what the
     archive lacks and the weights those runs need (Fusion w/ MT-A needs its MT-A run). Stale: runs
     still to do whose cell (row, tasks, seed, model) the archive holds under another config; they
-    run again."""
+    run again. `matches`: `archive_matches` already computed for these runs (or more)."""
     pool = set(range(len(nodes))) if among is None else set(among)
     runs = {i for i in pool if nodes[i].stage != "merge"}         # merges: only when a run needs one
-    have = set(archive_matches(nodes, records, runs))
+    have = runs & set(archive_matches(nodes, records, runs) if matches is None else matches)
     skip = pool - with_deps(nodes, runs - have)
     cells = {record_cell(r) for r in records.values()}
     stale = sum(1 for i in runs - have if node_cell(nodes[i]) in cells)
@@ -124,8 +125,8 @@ def mark_archived(rows: list[dict], nodes: list[Node], archive: Path) -> int:
     `run --skip-archived` would skip become 'archived', with the time the archive recorded for
     them (so `remaining` estimates from them). Returns the stale count (see `archived`)."""
     records = archive_records(archive)
-    skip, stale = archived(nodes, records)
-    matches = archive_matches(nodes, records, [r["index"] for r in rows if r["state"] == "queued"])
+    matches = archive_matches(nodes, records, [nd.index for nd in nodes if nd.stage != "merge"])
+    skip, stale = archived(nodes, records, matches=matches)          # matched once, used twice
     took = {key: recorded_seconds(record) for key, record in records.items()}
     took_in_cell = {record_cell(record): took[key] for key, record in records.items()}
     for r in rows:
