@@ -178,7 +178,7 @@ def measure(config: str, mode: str, spec: Spec) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5) if train and params else None
     runner = torch.compile(model) if spec.compile else model
-    from .train import autocast as make_autocast
+    from .precision import autocast as make_autocast
     autocast = make_autocast(spec.precision, device)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":

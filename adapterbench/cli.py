@@ -337,8 +337,6 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
             if stale:
                 console.print(f"{stale} runs to do have a cell the archive holds under another folder name "
                               f"({R.STALE_WHY}): they run again")
-        if launcher == "local" and (notice := P.bf16_notice(nodes, keep if keep is not None else range(len(nodes)))):
-            console.print(notice)                   # (SLURM workers run elsewhere: their CPUs decide)
         if dry_run:
             return
         if launcher != "local":
@@ -417,8 +415,6 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
         if archive and stale:
             console.print(f"{stale} runs to do have a cell (row, tasks, seed, model) that {archive} holds under "
                           f"another folder name ({R.STALE_WHY}): they are counted as queued")
-        if notice := P.bf16_notice(nodes, {r["index"] for r in rows if r["state"] in ("queued", "running")}):
-            console.print(notice)
         launch = Path(st.out_dir) / "launch.json"
         if launch.is_file():
             from .runs import read_json
@@ -598,11 +594,6 @@ def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, f
             raise UserError("--steps 0 (one whole epoch) needs --task")
         if precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"--precision '{precision}' must be auto, fp32 or bf16")
-        import torch
-        from .train import precision_warning
-        warning = precision_warning(precision, "cuda" if torch.cuda.is_available() else "cpu", key="--precision ")
-        if warning:
-            console.print(f"[yellow]warning:[/yellow] {warning}")
         if threads:
             os.environ["ADAPTERBENCH_BENCH_THREADS"] = str(threads)
         spec = Spec(model, batch_size, seq_len, steps, warmup, task, pad_to_max, peer_pad_to_max,

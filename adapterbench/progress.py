@@ -1,5 +1,5 @@
-"""Where a study stands: each run's state and progress (`adapterbench status`), the run-hours
-left, and whether the runs still to do would train in emulated bf16 on this machine."""
+"""Where a study stands: each run's state and progress (`adapterbench status`) and the
+run-hours left."""
 
 from __future__ import annotations
 
@@ -121,23 +121,3 @@ def remaining(rows: list[dict], now: float | None = None) -> dict:
         seconds += max(need, 0.0)
         estimated += 1
     return {"seconds": seconds, "estimated": estimated, "unknown": unknown}
-
-
-def bf16_notice(nodes: list[Node], among) -> str | None:
-    """One line when runs of `among` not yet finished ask for bf16 and this machine would emulate
-    it (`train.precision_warning`: a CPU without AVX512-BF16 or AMX, no GPU): they would train many
-    times slower here. The study is left as it is: another precision would make them other runs.
-    The machine is asked first, so a machine with native bf16 reads no run folder."""
-    import torch
-
-    from . import train
-    if train.precision_warning("bf16", "cuda" if torch.cuda.is_available() else "cpu") is None:
-        return None
-    n = sum(1 for i in among if (nodes[i].config.get("train") or {}).get("precision") == "bf16"
-            and status_of(nodes[i].folder) != "ok")
-    if not n:
-        return None
-    return (f"{n} runs still to do ask for train.precision=bf16, which this machine emulates (CPU "
-            f"{torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX, no GPU): here they train many "
-            f"times slower than where bf16 is native; run them on such a machine (another precision "
-            f"would make them other runs)")

@@ -23,7 +23,8 @@ from .models import ClassificationHead, HeadConfig, TaskModel, count_params, def
 from .runs import Run, RunExists, atomic_write, load_tensors, read_json, run_path, save_tensors, status_of, write_json
 from .sampling import DEFAULT_PROXIES, SCHEMES, Shuffled, TaskMixture, Uncertainty
 from .tasks import TaskSpec, load_task, parse_task
-from .train import autocast, evaluate, seed_everything, train
+from .precision import autocast, bf16_matmul
+from .train import evaluate, seed_everything, train
 
 STAGE_DEFAULT_METHOD = {"extract": "pfeiffer", "finetune": "full", "fuse": "fusion", "multitask": "mtl"}
 
@@ -278,6 +279,8 @@ def run_metrics(stage, cfg: RunConfig, tasks, model, res, dev, train_items, dev_
         "wall_seconds": round(time.time() - started, 3), "adapterbench_version": __version__,
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
     }
+    if how := bf16_matmul(cfg.train.precision, next(model.parameters()).device):
+        out["bf16_matmul"] = how
     if not single:
         seen = [sum(ep[i] for ep in source.picks) for i in range(len(tasks))]
         used = [len(u) for u in source.used]

@@ -24,7 +24,6 @@ import io
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,9 +35,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from . import metrics as M
 from .config import TrainConfig
 from .errors import UserError
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
+from .precision import autocast, bf16_matmul
 
 @dataclass
 class TrainResult:
@@ -93,35 +90,6 @@ def scalars(record: dict, prefix: str = "") -> dict:
         elif isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
             out[f"{prefix}{k}"] = float(v)
     return out
-
-
-def autocast(precision: str, device):
-    """train.precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = bf16 autocast on
-    either (fast on CPUs with avx512_bf16/AMX); fp32 = no autocast. Weights stay fp32."""
-    if precision not in PRECISIONS:
-        raise UserError(f"train.precision '{precision}' must be one of {', '.join(PRECISIONS)}")
-    device = torch.device(device)
-    on = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 matrix products in hardware (AVX512-BF16 or AMX). Without
-    either, PyTorch emulates them: measured 24x slower than fp32 on an AVX2-only EPYC."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if not any(checks):      # a torch without these probes: no claim either way, so no warning
-        return True
-    return any(bool(check()) for check in checks if check)
-
-
-def precision_warning(precision: str, device, key: str = "train.precision=") -> str | None:
-    """One line for a run that asked for bf16 on a CPU that has to emulate it, naming the fix
-    as `key` spells the setting (the run goes on as asked: its config, and so its identity,
-    says bf16)."""
-    if precision != "bf16" or torch.device(device).type != "cpu" or native_bf16_cpu():
-        return None
-    return (f"{key}bf16 on a CPU without AVX512-BF16 or AMX ({torch.backends.cpu.get_cpu_capability()}): "
-            f"bf16 is emulated here, many times slower than fp32; use {key}fp32 (or auto) on this machine")
 
 
 def seed_everything(seed: int) -> None:
@@ -235,11 +203,8 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
         if track_dir is not None and accelerator.log_with and "step" in record:
             accelerator.log(scalars(record), step=record["step"])
     world, rank = accelerator.num_processes, accelerator.process_index
-    warning = precision_warning(cfg.precision, accelerator.device)
-    if warning:
-        log({"warning": warning})
-        if accelerator.is_main_process:
-            print(f"warning: {warning}", file=sys.stderr)
+    if bf16_matmul(cfg.precision, accelerator.device):
+        log({"bf16_matmul": bf16_matmul(cfg.precision, accelerator.device)})
     if cfg.batch_size % world:
         raise UserError(f"train.batch_size={cfg.batch_size} is not a multiple of the {world} processes: "
                         f"each batch is split across them; choose a multiple")

@@ -165,24 +165,26 @@ def test_bf16_precision_on_cpu_trains_and_reproduces(tmp_path, task_yamls, data_
     assert r.exit_code == 2 and "train.precision" in r.output and "auto, fp32 or bf16" in r.output
 
 
-def test_bf16_on_a_cpu_that_emulates_it_warns_with_the_fix(tmp_path, task_yamls, data_dir, monkeypatch):
-    """bf16 on a CPU without AVX512-BF16/AMX is emulated (measured 24x slower than fp32 on an
-    AVX2 EPYC): the run goes on as configured, and says so once on stderr and in its log;
-    fp32 and auto never warn, nor does a CPU with native bf16."""
-    from adapterbench import train as T
-    monkeypatch.setattr(T, "native_bf16_cpu", lambda: False)
-    assert "use train.precision=fp32" in T.precision_warning("bf16", "cpu")
-    assert T.precision_warning("fp32", "cpu") is None and T.precision_warning("auto", "cpu") is None
+def test_a_bf16_run_records_how_this_machine_computed_its_products(tmp_path, task_yamls, data_dir, monkeypatch):
+    """bf16 on a CPU without AVX512-BF16/AMX runs its matrix products as fp32 GEMMs of
+    bf16-rounded operands (`precision.Bf16ByFp32`); metrics.json and the log say so, a CPU with
+    native bf16 says "native", and an fp32 run records nothing."""
+    from adapterbench import precision as PR
     args = ["extract", "--task", str(task_yamls["toy"]), "--model", "tiny-bert", "--data-dir", str(data_dir),
-            "--out", str(tmp_path), "train.epochs=1", "train.limit=16", "train.batch_size=8", "train.precision=bf16"]
-    r = runner.invoke(app, args)
-    assert r.exit_code == 0, r.output
-    run = next(tmp_path.glob("extract/pfeiffer/toy/*"))
-    logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-    assert sum("warning" in x for x in logged) == 1 and "bf16 is emulated" in next(x["warning"] for x in logged if "warning" in x)
-    assert json.loads((run / "env.json").read_text())["cpu_capability"]
-    monkeypatch.setattr(T, "native_bf16_cpu", lambda: True)
-    assert T.precision_warning("bf16", "cpu") is None
+            "train.epochs=1", "train.limit=16", "train.batch_size=8"]
+    said = {}
+    for native, precision in ((False, "bf16"), (True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(PR, "native_bf16_cpu", lambda native=native: native)
+        out = tmp_path / f"{precision}-{native}"
+        r = runner.invoke(app, [*args, "--out", str(out), f"train.precision={precision}"])
+        assert r.exit_code == 0, r.output
+        run = next(out.glob("extract/pfeiffer/toy/*"))
+        logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+        said[precision, native] = (json.loads((run / "metrics.json").read_text()).get("bf16_matmul"),
+                                   [x["bf16_matmul"] for x in logged if "bf16_matmul" in x])
+    assert said["bf16", False] == ("fp32 GEMM of bf16-rounded operands", ["fp32 GEMM of bf16-rounded operands"])
+    assert said["bf16", True] == ("native", ["native"])
+    assert said["fp32", False] == (None, [])
 
 
 def test_pooler_pooling_uses_the_pretrained_pooler_frozen(tiny_bert_dir, task_yamls, data_dir, tmp_path):

@@ -576,28 +576,6 @@ def test_a_lost_study_folder_resumes_from_its_archive(tmp_path, task_yamls, data
     assert P.remaining(rows) == {"seconds": pytest.approx(want), "estimated": 4, "unknown": 0}
 
 
-def test_status_says_when_this_machine_would_emulate_the_studys_bf16(tmp_path, task_yamls, data_dir, monkeypatch):
-    """Runs still to do that ask for bf16, on a CPU that emulates it (and no GPU): status says how
-    many, once; not on a machine with native bf16, nor for runs that are done or ask for fp32."""
-    import torch
-    from adapterbench import train as T
-    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
-    y.write_text(y.read_text().replace("  - {name: full}", "  - {name: full, train: {precision: bf16}}")
-                 .replace("  - {name: pfeiffer}", "  - {name: pfeiffer, train: {precision: bf16}}"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(T, "native_bf16_cpu", lambda: False)
-    said = lambda: " ".join(runner.invoke(app, ["status", str(y)]).output.split())  # noqa: E731
-    # full + pfeiffer on toy, and pfeiffer on toyreg as a fusion source (the entry's settings)
-    assert said().count("ask for train.precision=bf16") == 1 and "3 runs still to do ask for" in said()
-    nodes = S.plan(S.load_study(y))
-    full = next(nd for nd in nodes if nd.label == "full")
-    full.folder.mkdir(parents=True)
-    (full.folder / "metrics.json").write_text(json.dumps({"status": "ok"}))     # done: not counted
-    assert "2 runs still to do ask for" in said()
-    monkeypatch.setattr(T, "native_bf16_cpu", lambda: True)
-    assert "precision=bf16" not in said()
-
-
 def test_report_refuses_two_runs_in_one_cell_and_splits_models(tmp_path):
     fake_run(tmp_path / "a", "full", "rte", 1, 60.0)
     fake_run(tmp_path / "b", "full", "rte", 1, 70.0)       # another config, same label/task/seed
