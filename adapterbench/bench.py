@@ -18,7 +18,7 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -178,7 +178,7 @@ def measure(config: str, mode: str, spec: Spec) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5) if train and params else None
     runner = torch.compile(model) if spec.compile else model
-    from .precision import autocast as make_autocast
+    from .precision import autocast as make_autocast, bf16_matmul
     autocast = make_autocast(spec.precision, device)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
@@ -214,7 +214,8 @@ def measure(config: str, mode: str, spec: Spec) -> dict:
     return {"side": "ours", "config": config, "mode": mode, "samples_per_s": samples / dt,
             "tokens_per_s": tokens / dt, "padded_tokens_per_s": padded / dt, "seconds_per_step": dt / len(timed),
             "peak_mib": peak, "peak_over_loaded_mib": None if device.type == "cuda" else (peak - base_rss / 1024),
-            "trainable": sum(p.numel() for p in params), "device": str(device)}
+            "trainable": sum(p.numel() for p in params), "device": str(device),
+            "bf16_matmul": bf16_matmul(spec.precision, device)}
 
 
 def sync(device) -> None:
@@ -253,9 +254,11 @@ def check_peer() -> None:
 
 
 def run_bench(spec: Spec, configs: list[str], modes: list[str], peer: bool, on_row=lambda row: None,
-              repeat: int = 1) -> list[dict]:
-    """Every measurement `repeat` times, ours and the peer's interleaved so that drifts of a
-    shared machine hit both alike; each row keeps the median (samples/s) run and all of them."""
+              repeat: int = 1, precisions: list[str] | None = None) -> list[dict]:
+    """Every measurement `repeat` times, ours (at each of `precisions`, default the spec's) and
+    the peer's interleaved so that drifts of a shared machine hit all alike; each row keeps the
+    median (samples/s) run and all of them."""
+    precisions = precisions or [spec.precision]
     configs = list(CONFIGS) if configs == ["all"] else configs
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
@@ -268,9 +271,11 @@ def run_bench(spec: Spec, configs: list[str], modes: list[str], peer: bool, on_r
             for mode in modes:
                 if config == "bare" and mode == "train":
                     continue
-                for side in ("ours", "peer") if peer and config in PEER_CONFIGS else ("ours",):
-                    row = run_one(config, mode, spec, peer=side == "peer")
-                    runs.setdefault((side, config, mode), []).append(row)
+                sides = [("ours", p) for p in precisions] + ([("peer", "fp32")] if peer and config in PEER_CONFIGS else [])
+                for side, precision in sides:
+                    row = run_one(config, mode, replace(spec, precision=precision), peer=side == "peer")
+                    row["precision"] = precision
+                    runs.setdefault((side, config, mode, precision), []).append(row)
                     on_row(row)
     rows = []
     for key, found in runs.items():
@@ -288,6 +293,22 @@ def ratio(a, b) -> str:
 
 
 def markdown(rows: list[dict], spec: Spec) -> str:
+    """One table per precision measured (the peer's rows beside the first), and with several
+    precisions a line of their training-throughput ratios, measured side by side."""
+    precisions = list(dict.fromkeys(r.get("precision", spec.precision) for r in rows if r["side"] == "ours"))
+    if len(precisions) <= 1:
+        return table(rows, spec)
+    parts = [table([r for r in rows if r.get("precision") == p or (r["side"] == "peer" and p == precisions[0])],
+                   replace(spec, precision=p)) for p in precisions]
+    speed = {(r["config"], r["precision"]): r["samples_per_s"] for r in rows if r["side"] == "ours" and r["mode"] == "train"}
+    first, configs = precisions[0], list(dict.fromkeys(c for c, _ in speed))
+    ratios = [f"{p} / {first}: " + ", ".join(f"{c} {ratio(speed.get((c, p)), speed.get((c, first)))}x" for c in configs)
+              for p in precisions[1:]]
+    return "\n".join(parts) + ("\nTraining samples/s, " + "; ".join(ratios) + " (side by side in this run).\n"
+                               if configs else "")
+
+
+def table(rows: list[dict], spec: Spec) -> str:
     get = {(r["side"], r["config"], r["mode"]): r for r in rows}
     bare = get.get(("ours", "bare", "infer"))
     single = get.get(("ours", "pfeiffer", "train"))

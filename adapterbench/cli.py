@@ -575,7 +575,8 @@ def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, f
           peer_pad_to_max: bool = typer.Option(False, "--peer-pad-to-max",
                                                help="Peer pads to --seq-len (its GLUE script's default)."),
           compile_model: bool = typer.Option(False, "--compile", help="torch.compile our model first."),
-          precision: str = typer.Option("auto", "--precision", help="Ours: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16."),
+          precision: str = typer.Option("auto", "--precision", help="Ours: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, "
+                                                                   "or several side by side: fp32,bf16."),
           group_by_length: bool = typer.Option(False, "--group-by-length", help="Real batches in length-grouped order."),
           repeat: int = typer.Option(1, "--repeat", help="Measure everything N times, interleaved; keep the median."),
           threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads per measurement."),
@@ -592,16 +593,18 @@ def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, f
                 raise UserError(f"{name} {value} is out of range: use {low} or more")
         if steps == 0 and not task:
             raise UserError("--steps 0 (one whole epoch) needs --task")
-        if precision not in ("auto", "fp32", "bf16"):
-            raise UserError(f"--precision '{precision}' must be auto, fp32 or bf16")
+        precisions = list(dict.fromkeys(p.strip() for p in precision.split(",") if p.strip()))
+        for p in precisions or [""]:
+            if p not in ("auto", "fp32", "bf16"):
+                raise UserError(f"--precision '{p}' must be auto, fp32 or bf16 (several: fp32,bf16)")
         if threads:
             os.environ["ADAPTERBENCH_BENCH_THREADS"] = str(threads)
         spec = Spec(model, batch_size, seq_len, steps, warmup, task, pad_to_max, peer_pad_to_max,
-                    precision=precision, group_by_length=group_by_length, compile=compile_model, data_dir=data_dir)
-        show = lambda r: console.print(f"{r['side']:4s} {r['config']:9s} {r['mode']:5s} "
+                    precision=precisions[0], group_by_length=group_by_length, compile=compile_model, data_dir=data_dir)
+        show = lambda r: console.print(f"{r['side']:4s} {r['config']:9s} {r['mode']:5s} {r['precision']:4s} "
                                        f"{r['samples_per_s']:8.2f} samples/s  peak {r['peak_mib']:7.0f} MiB")
         rows = run_bench(spec, [c.strip() for c in configs.split(",") if c.strip()],
-                         [m.strip() for m in modes.split(",") if m.strip()], peer, show, repeat)
+                         [m.strip() for m in modes.split(",") if m.strip()], peer, show, repeat, precisions)
         text = markdown(rows, spec)
         from dataclasses import asdict
         atomic_write(out / "bench.json", _json.dumps({"spec": asdict(spec), "rows": rows}, indent=2))

@@ -40,6 +40,23 @@ def test_bench_real_batches_are_dynamically_padded(tmp_path, task_yamls, data_di
     assert row["tokens_per_s"] <= row["padded_tokens_per_s"] < row["samples_per_s"] * 128
 
 
+@pytest.mark.slow
+def test_bench_measures_precisions_side_by_side(tmp_path):
+    """--precision fp32,bf16: every configuration at both, interleaved in one run; a table per
+    precision and their throughput ratio; the bf16 rows say how this machine computed them."""
+    r = runner.invoke(app, ["bench", *TINY, "--seq-len", "8", "--configs", "pfeiffer", "--modes", "train",
+                            "--precision", "fp32,bf16", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert sorted((row["precision"], row["bf16_matmul"] is None) for row in rows) == [("bf16", False), ("fp32", True)]
+    md = (tmp_path / "bench.md").read_text()
+    assert md.count("| pfeiffer |") == 2 and "precision fp32" in md and "precision bf16" in md
+    fp32, bf16 = (next(row["samples_per_s"] for row in rows if row["precision"] == p) for p in ("fp32", "bf16"))
+    assert f"bf16 / fp32: pfeiffer {bf16 / fp32:.2f}x" in md
+    r = runner.invoke(app, ["bench", *TINY, "--precision", "fp32,fp16", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--precision 'fp16' must be auto, fp32 or bf16" in r.output
+
+
 def test_bench_bad_input(tmp_path, monkeypatch):
     r = runner.invoke(app, ["bench", *TINY, "--configs", "pfeiffer,nope", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "unknown 'nope'" in r.output
