@@ -334,6 +334,13 @@ SETTINGS_HEADER = ["row", "method", "lr", "epochs", "epochs run", "best epoch", 
                    "training data", "precision", "pooling", "runs"]
 
 
+def _gemm_note(records: list[dict]) -> str:
+    """How many of a row's bf16 runs computed their products as fp32 GEMMs of bf16-rounded
+    operands (a CPU without native bf16; `precision.bf16_matmul`), when any did."""
+    n = sum(1 for m in records if m.get("bf16_matmul", "native") != "native")
+    return f" ({n} of {len(records)} runs: fp32 GEMMs)" if n else ""
+
+
 def settings_rows(root: Path, only: list[str] | None = None,
                   seeds: list[int] | None = None) -> tuple[list[str], list[list[str]]]:
     """The budget and settings of every row (the paper-table footnote): learning rate, epoch
@@ -360,7 +367,7 @@ def settings_rows(root: Path, only: list[str] | None = None,
                      each(f"{t.get('warmup_ratio', 0):.0%}" for t in trains),
                      each(t.get("batch_size", "?") for t in trains),
                      each(map(_training_data, trains)),
-                     each(t.get("precision", "?") for t in trains),
+                     each(t.get("precision", "?") for t in trains) + _gemm_note([m for m, _ in runs]),
                      each(m.get("pooling") or c.get("model", {}).get("pooling", "?") for m, c in runs),
                      str(len(runs))])
     return SETTINGS_HEADER, body
@@ -443,7 +450,8 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
 SETTINGS_LEGEND = ("Settings: each row's learning rate, epoch budget (≤ N: best epoch on dev, stopped after "
                    "`patience` epochs without a better one), epochs run and best epoch (means over the row's runs, "
                    "1-based), warm-up share of the steps, batch size, training examples per task (all, a seeded "
-                   "cap, or k per class), precision (bf16: autocast) and the pooling the head reads.")
+                   "cap, or k per class), precision (bf16: autocast; \"fp32 GEMMs\": runs whose bf16 products ran as fp32 GEMMs "
+                   "of bf16-rounded operands, on a CPU without native bf16) and the pooling the head reads.")
 
 
 def render(rep: Report, fmt: str) -> str:
