@@ -14,8 +14,6 @@ metrics.json says which way its products ran (`bf16_matmul`).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -59,20 +57,34 @@ def bf16_matmul(precision: str, device) -> str | None:
     return "fp32 GEMM of bf16-rounded operands" if emulated else "native"
 
 
-def autocast(precision: str, device, emulate: bool | None = None):
-    """The context a forward pass runs in. `emulate`: compute bf16 products as `Bf16ByFp32`
-    does; None = where this CPU has no native bf16 (`bf16_matmul`)."""
+def autocast(precision: str, device, emulate: bool | None = None) -> Autocast:
+    """The context a forward pass runs in (reusable: `with` it as often as needed). `emulate`:
+    compute bf16 products as `Bf16ByFp32` does; None = where this CPU has no native bf16."""
     device = torch.device(device)
     on = uses_bf16(precision, device)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
     if emulate is None:
         emulate = bf16_matmul(precision, device) == "fp32 GEMM of bf16-rounded operands"
-    if not (on and emulate):
-        return ctx
-    stack = contextlib.ExitStack()
-    stack.enter_context(ctx)
-    stack.enter_context(Bf16ByFp32())
-    return stack
+    return Autocast(torch.autocast(device.type, dtype=torch.bfloat16, enabled=on), on and emulate)
+
+
+class Autocast:
+    """torch.autocast, and `Bf16ByFp32` inside it when `emulate`; entered anew by each `with`."""
+
+    def __init__(self, ctx: torch.autocast, emulate: bool):
+        self.ctx, self.emulate, self.stack = ctx, emulate, []
+
+    def __enter__(self):
+        self.ctx.__enter__()
+        self.stack.append(Bf16ByFp32() if self.emulate else None)
+        if self.stack[-1] is not None:
+            self.stack[-1].__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        mode = self.stack.pop()
+        if mode is not None:
+            mode.__exit__(*exc)
+        return self.ctx.__exit__(*exc)
 
 
 def _bf16_rounded(x):

@@ -58,6 +58,18 @@ def test_products_outside_autocast_and_other_ops_are_untouched():
     assert F.scaled_dot_product_attention not in PRODUCTS       # PyTorch's bf16 attention, as autocast runs it
 
 
+def test_one_context_object_emulates_at_every_with():
+    """bench builds the context once and enters it for every step: each `with` emulates, and
+    nothing stays emulated (or autocast) outside it."""
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(8, 16, generator=gen), torch.randn(4, 16, generator=gen)
+    ctx = autocast("bf16", "cpu", emulate=True)
+    for _ in range(3):
+        with ctx:
+            assert torch.equal(F.linear(x, w), exact(F.linear, x, w))
+        assert F.linear(x, w).dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
 def test_gradients_round_where_pytorchs_bf16_backward_rounds():
     gen = torch.Generator().manual_seed(2)
     x0, w0, b0 = torch.randn(6, 32, generator=gen), torch.randn(12, 32, generator=gen), torch.randn(12, generator=gen)
