@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import load_yaml
 from .errors import UserError
 from .locks import lock_path, read_lock
-from .runs import read_json, status_of
+from .runs import read_json
 from .study import Node, state
 
 

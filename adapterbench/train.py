@@ -203,8 +203,8 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
         if track_dir is not None and accelerator.log_with and "step" in record:
             accelerator.log(scalars(record), step=record["step"])
     world, rank = accelerator.num_processes, accelerator.process_index
-    if bf16_matmul(cfg.precision, accelerator.device):
-        log({"bf16_matmul": bf16_matmul(cfg.precision, accelerator.device)})
+    if how := bf16_matmul(cfg.precision, accelerator.device):
+        log({"bf16_matmul": how})
     if cfg.batch_size % world:
         raise UserError(f"train.batch_size={cfg.batch_size} is not a multiple of the {world} processes: "
                         f"each batch is split across them; choose a multiple")
