@@ -409,7 +409,8 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
         left = {k: sum(x[k] for x in by_label.values()) for k in ("seconds", "estimated", "unknown")}
         if left["estimated"] or left["unknown"]:
             console.print(f"still to run: ≈ {left['seconds'] / 3600:.1f} run-hours for {left['estimated']} runs "
-                          f"({'the time the archive recorded for its cell, else ' if archive else ''}the median "
+                          f"(a running run: its steps left at its own pace; else "
+                          f"{'the time the archive recorded for its cell, else ' if archive else ''}the median "
                           f"time of the same row and task's finished runs; divide by the workers)"
                           + (f"; {left['unknown']} runs have no finished run to go by" if left["unknown"] else ""))
         if archive and stale:

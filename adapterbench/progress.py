@@ -43,34 +43,57 @@ def status_table(nodes: list[Node]) -> list[dict]:
 
 
 def progress(node: Node) -> str:
-    """Where a running run is, from the last step its log.jsonl recorded: '; epoch 2/3, step 1800,
-    9.3 samples/s' ('' before its first logged step)."""
+    """Where a running run is, from the last step its log.jsonl recorded: '; epoch 2/3, step
+    1800/3792, 9.3 samples/s' ('' before its first logged step)."""
+    rec = last_step(node.folder)
+    if rec is None:
+        return ""
+    epochs = (_resolved_train(node.folder) or {}).get("epochs")
+    of = f"/{rec['steps_total']}" if rec.get("steps_total") else ""
+    return (f"; epoch {int(rec.get('epoch', 0)) + 1}/{epochs or '?'}, step {rec['step']}{of}, "
+            f"{float(rec['samples_per_s']):.1f} samples/s")
+
+
+def last_step(folder) -> dict | None:
+    """The last training-step record of a run's log.jsonl (step, epoch, samples_per_s and, since
+    they are logged, steps_total), or None before the first."""
     try:
-        with open(node.folder / "log.jsonl", "rb") as f:
+        with open(Path(folder) / "log.jsonl", "rb") as f:
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - 4096))                # the last records are enough
             tail = f.read().decode("utf-8", "replace").splitlines()
     except OSError:
-        return ""
+        return None
     for line in reversed(tail):
         try:
             rec = json.loads(line)
         except ValueError:
             continue                      # a line cut by the seek, or one being written
         if isinstance(rec, dict) and "step" in rec and "samples_per_s" in rec:
-            epochs = _resolved_epochs(node)
-            return (f"; epoch {int(rec.get('epoch', 0)) + 1}/{epochs or '?'}, step {rec['step']}, "
-                    f"{float(rec['samples_per_s']):.1f} samples/s")
-    return ""
+            return rec
+    return None
 
 
-def _resolved_epochs(node: Node):
-    """The epoch budget the run folder's resolved config.yaml names (method defaults included)."""
+def own_pace_seconds(folder) -> float | None:
+    """A running run's training time still to go at its own measured pace: the steps its log
+    says are left times its batch over its samples/s (at most: early stopping may end it sooner;
+    dev scoring comes on top). None when its log does not say (an older run, or no step yet)."""
+    rec, train = last_step(folder), _resolved_train(folder) or {}
     try:
-        cfg = load_yaml(node.folder / "config.yaml")
+        left, pace = int(rec["steps_total"]) - int(rec["step"]), float(rec["samples_per_s"])
+        return max(left, 0) * int(train["batch_size"]) / pace if pace > 0 else None
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def _resolved_train(folder):
+    """The `train` section of a run folder's resolved config.yaml (method defaults included)."""
+    try:
+        cfg = load_yaml(Path(folder) / "config.yaml")
     except (UserError, OSError):
         return None
-    return (cfg.get("train") or {}).get("epochs") if isinstance(cfg, dict) else None
+    train = cfg.get("train") if isinstance(cfg, dict) else None
+    return train if isinstance(train, dict) else None
 
 
 def run_seconds(folder: Path) -> float | None:
@@ -89,8 +112,9 @@ def recorded_seconds(metrics: dict) -> float:
 
 
 def remaining(rows: list[dict], now: float | None = None) -> dict:
-    """What the unfinished runs of a plan (status_table rows) still need, in run-seconds: each
-    queued or running run is estimated by what the archive recorded for its cell (`mark_archived`)
+    """What the unfinished runs of a plan (status_table rows) still need, in run-seconds: a
+    running run whose log says how many steps it has left, at its own pace (`own_pace_seconds`);
+    any other queued or running run by what the archive recorded for its cell (`mark_archived`)
     or else by the median time of the finished (or archived) runs of the same row, stage and task
     (other seeds), less what a running run has spent in its current leg. Returns
     {"seconds", "estimated": runs estimated, "unknown": runs with no finished run to go by}."""
@@ -106,6 +130,11 @@ def remaining(rows: list[dict], now: float | None = None) -> dict:
         if r["state"] not in ("queued", "running"):
             continue
         if r["stage"] == "merge":        # a merge takes seconds
+            estimated += 1
+            continue
+        pace = own_pace_seconds(r["folder"]) if r["state"] == "running" else None
+        if pace is not None:                 # a running run's own pace: this machine's, not the peers'
+            seconds += pace
             estimated += 1
             continue
         peers = taken.get((r["label"], r["stage"], r["task"]))

@@ -87,7 +87,7 @@ def scalars(record: dict, prefix: str = "") -> dict:
     for k, v in record.items():
         if isinstance(v, dict):
             out.update(scalars(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch", "steps_total"):
             out[f"{prefix}{k}"] = float(v)
     return out
 
@@ -248,7 +248,8 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
                                 info=f"loss {loss:.4f}  {res.train_samples / max(elapsed, 1e-9):.1f} samples/s")
                 if res.steps % cfg.log_every == 0:
                     log({"step": res.steps, "epoch": res.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                         "grad_norm": grad_norm, "samples_per_s": round(res.train_samples / max(elapsed, 1e-9), 3)})
+                         "grad_norm": grad_norm, "samples_per_s": round(res.train_samples / max(elapsed, 1e-9), 3),
+                         "steps_total": total})
                 if cfg.max_steps and res.steps >= cfg.max_steps:
                     break
                 if checkpoint_dir is not None and cfg.checkpoint_every and res.steps % cfg.checkpoint_every == 0:

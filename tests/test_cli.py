@@ -39,6 +39,8 @@ def test_train_then_evaluate_reproduces(stage, method, tiny_bert_dir, task_yamls
     assert 0 < m["trainable_params"] <= m["total_params"] and m["train_seconds"] > 0
     for f in ("config.yaml", "task.yaml", "env.json", "log.jsonl"):
         assert (run / f).is_file()
+    steps = [x for x in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "samples_per_s" in x]
+    assert steps and all(x["steps_total"] == m["steps"] for x in steps)     # status's time left reads it
     wdir = run / ("model" if method == "full" else "adapter")
     assert (wdir / "head.safetensors").is_file()
     assert (wdir / ("model_config.json" if method == "full" else "adapter_config.json")).is_file()

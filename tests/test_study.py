@@ -625,12 +625,19 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
     assert row["state"] == "running" and "node-17" in row["detail"] and "4242_3" in row["detail"]
     assert "epoch" not in row["detail"]                          # nothing logged yet
     nd.folder.mkdir(parents=True, exist_ok=True)
-    (nd.folder / "config.yaml").write_text("train: {epochs: 3}\n")
+    (nd.folder / "config.yaml").write_text("train: {epochs: 3, batch_size: 8}\n")
     (nd.folder / "log.jsonl").write_text(
         '{"step": 30, "epoch": 1, "loss": 0.5, "samples_per_s": 11.0}\n{"epoch": 1, "step": 32, "dev": {}}\n'
         '{"step": 40, "epoch": 1, "loss": 0.4, "samples_per_s": 12.54}\n{"step": 5')   # a line being written
     row = P.status_table(nodes)[0]
     assert row["detail"].endswith("; epoch 2/3, step 40, 12.5 samples/s")
+    assert P.own_pace_seconds(nd.folder) is None                 # a log from before steps_total
+    (nd.folder / "log.jsonl").write_text('{"step": 40, "epoch": 1, "samples_per_s": 12.5, "steps_total": 120}\n')
+    row = P.status_table(nodes)[0]
+    assert row["detail"].endswith("; epoch 2/3, step 40/120, 12.5 samples/s")
+    # the time left at its own pace: 80 steps x 8 examples / 12.5 per second, whatever its peers took
+    assert P.own_pace_seconds(nd.folder) == pytest.approx(51.2)
+    assert P.remaining([{**row, "expect": 9999.0}]) == {"seconds": pytest.approx(51.2), "estimated": 1, "unknown": 0}
     lock.write_text(json.dumps({**fresh, "heartbeat": time.time() - L.LOCK_TIMEOUT - 5}))
     assert S.state(nd) == "pending" and L.try_lock(nd)
     mine = json.loads(lock.read_text())
