@@ -595,8 +595,9 @@ def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, f
         if steps == 0 and not task:
             raise UserError("--steps 0 (one whole epoch) needs --task")
         precisions = list(dict.fromkeys(p.strip() for p in precision.split(",") if p.strip()))
+        from .precision import PRECISIONS
         for p in precisions or [""]:
-            if p not in ("auto", "fp32", "bf16"):
+            if p not in PRECISIONS:
                 raise UserError(f"--precision '{p}' must be auto, fp32 or bf16 (several: fp32,bf16)")
         if threads:
             os.environ["ADAPTERBENCH_BENCH_THREADS"] = str(threads)

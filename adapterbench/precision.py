@@ -14,6 +14,8 @@ metrics.json says which way its products ran (`bf16_matmul`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -32,8 +34,10 @@ PRODUCTS = frozenset({
 })
 
 
+@functools.cache
 def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 matrix products in hardware (AVX512-BF16 or AMX)."""
+    """Whether this CPU computes bf16 matrix products in hardware (AVX512-BF16 or AMX); asked
+    once per process (`autocast` is built for every training step)."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if not any(checks):      # a torch without these probes: no claim either way, so PyTorch's kernels
         return True

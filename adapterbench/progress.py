@@ -21,12 +21,14 @@ def status_table(nodes: list[Node]) -> list[dict]:
     states = {nd.index: state(nd) for nd in nodes}
     out = []
     for nd in nodes:
-        st, detail = states[nd.index], ""
+        st, detail, pace = states[nd.index], "", None
         if st == "running":
             info = read_lock(lock_path(nd)) or {}
             age = time.time() - float(info.get("heartbeat", time.time()))
             detail = f"{info.get('host')} pid {info.get('pid')} job {info.get('job') or '-'}, heartbeat {age:.0f}s ago"
-            detail += progress(nd)
+            rec, train = last_step(nd.folder), _resolved_train(nd.folder)    # its log and config, read once
+            detail += progress(rec, train)
+            pace = _pace(rec, train)
         elif st == "pending":
             st = "blocked" if any(states[d] in ("failed", "blocked") for d in nd.deps) else "queued"
             if (nd.folder / "checkpoint" / "latest.json").is_file():
@@ -38,17 +40,17 @@ def status_table(nodes: list[Node]) -> list[dict]:
                 detail = ""
         states[nd.index] = st if st != "pending" else states[nd.index]
         out.append({"index": nd.index, "stage": nd.stage, "label": nd.label, "task": nd.task, "seed": nd.seed,
-                    "state": st, "detail": detail, "folder": str(nd.folder)})
+                    "state": st, "detail": detail, "folder": str(nd.folder), "pace_seconds": pace})
     return out
 
 
-def progress(node: Node) -> str:
-    """Where a running run is, from the last step its log.jsonl recorded: '; epoch 2/3, step
-    1800/3792, 9.3 samples/s' ('' before its first logged step)."""
-    rec = last_step(node.folder)
+def progress(rec: dict | None, train: dict | None) -> str:
+    """Where a running run is, from the last step its log.jsonl recorded (`last_step`) and its
+    resolved `train` config: '; epoch 2/3, step 1800/3792, 9.3 samples/s' ('' before its first
+    logged step)."""
     if rec is None:
         return ""
-    epochs = (_resolved_train(node.folder) or {}).get("epochs")
+    epochs = (train or {}).get("epochs")
     of = f"/{rec['steps_total']}" if rec.get("steps_total") else ""
     return (f"; epoch {int(rec.get('epoch', 0)) + 1}/{epochs or '?'}, step {rec['step']}{of}, "
             f"{float(rec['samples_per_s']):.1f} samples/s")
@@ -78,7 +80,11 @@ def own_pace_seconds(folder) -> float | None:
     """A running run's training time still to go at its own measured pace: the steps its log
     says are left times its batch over its samples/s (at most: early stopping may end it sooner;
     dev scoring comes on top). None when its log does not say (an older run, or no step yet)."""
-    rec, train = last_step(folder), _resolved_train(folder) or {}
+    return _pace(last_step(folder), _resolved_train(folder))
+
+
+def _pace(rec: dict | None, train: dict | None) -> float | None:
+    train = train or {}
     try:
         left, pace = int(rec["steps_total"]) - int(rec["step"]), float(rec["samples_per_s"])
         return max(left, 0) * int(train["batch_size"]) / pace if pace > 0 else None
@@ -113,7 +119,8 @@ def recorded_seconds(metrics: dict) -> float:
 
 def remaining(rows: list[dict], now: float | None = None) -> dict:
     """What the unfinished runs of a plan (status_table rows) still need, in run-seconds: a
-    running run whose log says how many steps it has left, at its own pace (`own_pace_seconds`);
+    running run whose log says how many steps it has left, at its own pace (`pace_seconds`, as
+    `status_table` read it: `own_pace_seconds`);
     any other queued or running run by what the archive recorded for its cell (`mark_archived`)
     or else by the median time of the finished (or archived) runs of the same row, stage and task
     (other seeds), less what a running run has spent in its current leg. Returns
@@ -132,7 +139,7 @@ def remaining(rows: list[dict], now: float | None = None) -> dict:
         if r["stage"] == "merge":        # a merge takes seconds
             estimated += 1
             continue
-        pace = own_pace_seconds(r["folder"]) if r["state"] == "running" else None
+        pace = r.get("pace_seconds") if r["state"] == "running" else None
         if pace is not None:                 # a running run's own pace: this machine's, not the peers'
             seconds += pace
             estimated += 1
