@@ -49,6 +49,7 @@ class TrainConfig:
     save_model: bool = False         # `full`: also write the whole model's weights
     shots: int = 0                   # few-shot: k training examples per class (k in all for regression); 0 = all
     checkpoint_every: int = 0        # also checkpoint every N steps (one is always written after each epoch)
+    checkpoint_minutes: float = 0.0  # also checkpoint every M minutes of training (and on SIGUSR1, always)
     group_by_length: bool = False    # batches of similar length: less padding, a different batch order (single-task runs)
     eval_every: int = 1              # score dev after every N-th epoch and the last (best epoch among those)
     precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16 (also on CPU)
@@ -238,6 +239,7 @@ def check_ranges(cfg: RunConfig) -> None:
         (min(t.patience, t.limit, t.eval_limit, t.max_steps, t.shots, t.checkpoint_every) >= 0,
          "train.patience/limit/eval_limit/max_steps/shots/checkpoint_every",
          "negative", "0 or more"),
+        (t.checkpoint_minutes >= 0, "train.checkpoint_minutes", t.checkpoint_minutes, "0 (off) or more"),
         (t.log_every >= 1, "train.log_every", t.log_every, "at least 1"),
         (t.eval_every >= 1, "train.eval_every", t.eval_every, "at least 1"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "auto, fp32 or bf16"),
@@ -265,7 +267,7 @@ def to_dict(cfg) -> dict:
 ANY = object()
 # Order matters: a nested key is dropped before its parent is compared.
 HASH_NEUTRAL = {("sampling", "uncertainty_proxy"): {}, ("init_from",): None, ("train", "shots"): 0, ("data", "data_seed"): None,
-                ("train", "checkpoint_every"): ANY, ("train", "log_with"): ANY,
+                ("train", "checkpoint_every"): ANY, ("train", "checkpoint_minutes"): ANY, ("train", "log_with"): ANY,
                 ("sampling",): {"scheme": "proportional", "temperature": 2.0},
                 ("train", "group_by_length"): False, ("train", "eval_every"): 1,
                 ("model", "dropout"): None, ("train", "precision"): "auto",

@@ -27,7 +27,7 @@ def status_table(nodes: list[Node]) -> list[dict]:
             age = time.time() - float(info.get("heartbeat", time.time()))
             detail = f"{info.get('host')} pid {info.get('pid')} job {info.get('job') or '-'}, heartbeat {age:.0f}s ago"
             rec, train = last_step(nd.folder), _resolved_train(nd.folder)    # its log and config, read once
-            detail += progress(rec, train)
+            detail += progress(rec, train) + checkpointed(nd.folder)
             pace = _pace(rec, train)
         elif st == "pending":
             st = "blocked" if any(states[d] in ("failed", "blocked") for d in nd.deps) else "queued"
@@ -74,6 +74,16 @@ def last_step(folder) -> dict | None:
         if isinstance(rec, dict) and "step" in rec and "samples_per_s" in rec:
             return rec
     return None
+
+
+def checkpointed(folder) -> str:
+    """'; checkpoint at step 400' for a run folder with a complete checkpoint (what a restart
+    keeps), else ''."""
+    try:
+        name = json.loads((Path(folder) / "checkpoint" / "latest.json").read_text())["checkpoint"]
+        return f"; checkpoint at step {int(name.split('-')[1])}"
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return ""
 
 
 def own_pace_seconds(folder) -> float | None:

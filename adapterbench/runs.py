@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from .config import config_hash
 from .errors import UserError
 
 
@@ -285,14 +286,16 @@ def task_results(metrics: dict) -> dict:
 
 
 def resumable(folder: Path, resolved: dict) -> bool:
-    """An unfinished run of the same resolved config with a complete checkpoint."""
+    """An unfinished run with a complete checkpoint whose config computes the same run: the same
+    config hash, so keys that never change a result (checkpoint_every/_minutes, log_with) may
+    differ and keys added since it started may be missing (its config.yaml stays as written)."""
     if not (folder / "checkpoint" / "latest.json").is_file():
         return False
     try:
         stored = yaml.safe_load((folder / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return False
-    return json.dumps(stored, sort_keys=True, default=str) == json.dumps(resolved, sort_keys=True, default=str)
+    return isinstance(stored, dict) and config_hash(stored) == config_hash(resolved)
 
 
 class RunExists(Exception):

@@ -6,7 +6,9 @@ several). The loop is plain: AdamW, linear warm-up and decay, gradient clipping,
 after every `train.eval_every`-th epoch, the best scoring kept (AdapterFusion protocol;
 several tasks: the mean of their main metrics), optional early-stopping patience, and
 checkpoints from which an interrupted run resumes to the same result (trainable weights,
-optimizer, scheduler, torch RNG and the batch source's position).
+optimizer, scheduler, torch RNG and the batch source's position): after every epoch, every
+`train.checkpoint_every` steps, every `train.checkpoint_minutes` minutes, and at the next step
+after the process gets SIGUSR1 (`kill -USR1 PID`: before a machine or a job's time ends).
 A batch that mixes tasks (MT-Uncertainty's) trains as one part per task when that saves a
 quarter of the padding (`by_task`); the parts' gradients add up to the mixed batch's.
 
@@ -24,6 +26,8 @@ import io
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +40,7 @@ from . import metrics as M
 from .config import TrainConfig
 from .errors import UserError
 from .precision import autocast, bf16_matmul
+
 
 @dataclass
 class TrainResult:
@@ -184,6 +189,43 @@ def main_value(dev: dict, tasks) -> float:
     return float(np.mean([dev[t.name][t.main_metric] for t in tasks]))
 
 
+class CheckpointRequests:
+    """When the loop owes a mid-epoch checkpoint: every `every` steps, every `minutes` minutes
+    since the last checkpoint, or once after SIGUSR1 (caught while the loop runs, in the main
+    thread of a process that has the signal; the previous handler comes back afterwards).
+    `due(step)` says why, or ''."""
+
+    def __init__(self, every: int = 0, minutes: float = 0.0):
+        self.every, self.minutes = every, minutes
+        self.last = time.monotonic()
+        self.signalled = False
+        self.previous = None
+
+    def __enter__(self):
+        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGUSR1, self._ask)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGUSR1, self.previous)
+            self.previous = None
+
+    def _ask(self, signum, frame):
+        self.signalled = True
+
+    def due(self, step: int) -> str:
+        why = ("SIGUSR1" if self.signalled else
+               f"every {self.every} steps" if self.every and step % self.every == 0 else
+               f"every {self.minutes:g} min" if self.minutes and time.monotonic() - self.last >= 60 * self.minutes
+               else "")
+        return why
+
+    def reset(self) -> None:
+        """A checkpoint was written (mid-epoch or at an epoch's end): count from now."""
+        self.signalled, self.last = False, time.monotonic()
+
+
 def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda record: None,
           show_progress: bool = True, checkpoint_dir: Path | None = None, track_dir: Path | None = None) -> TrainResult:
     """Train `model` (only parameters with requires_grad) on `source`'s batches and leave it at
@@ -226,11 +268,13 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
     def checkpoint():
         save_checkpoint(checkpoint_dir, accelerator, plain, optimizer, scheduler, asdict(res), best_state,
                         {"source": json.dumps(source.state())})
+        requests.reset()
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         disable=not (show_progress and accelerator.is_main_process))
-    with progress:
+    requests = CheckpointRequests(cfg.checkpoint_every, cfg.checkpoint_minutes)
+    with progress, requests:
         bar = progress.add_task("train", total=total, completed=res.steps, info="")
         while res.epoch < cfg.epochs and not (cfg.max_steps and res.steps >= cfg.max_steps):
             model.train()
@@ -252,10 +296,11 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
                          "steps_total": total})
                 if cfg.max_steps and res.steps >= cfg.max_steps:
                     break
-                if checkpoint_dir is not None and cfg.checkpoint_every and res.steps % cfg.checkpoint_every == 0:
+                if checkpoint_dir is not None and (why := requests.due(res.steps)):
                     res.train_seconds += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     checkpoint()
+                    log({"checkpoint": res.steps, "epoch": res.epoch, "why": why})
             res.train_seconds += time.perf_counter() - t0
             if scored_epoch(res.epoch, res.steps, cfg):
                 best_state = score_epoch(plain, dev_sets, tasks, collate, cfg, res, best_state, higher, log)

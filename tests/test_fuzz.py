@@ -26,7 +26,7 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.flo
                     st.text(string.printable, max_size=12), st.lists(st.integers(-3, 3), max_size=3))
 KEYS = {
     "train": ["lr", "epochs", "batch_size", "eval_batch_size", "warmup_ratio", "weight_decay", "max_grad_norm",
-              "patience", "limit", "eval_limit", "max_steps", "log_every", "shots", "checkpoint_every",
+              "patience", "limit", "eval_limit", "max_steps", "log_every", "shots", "checkpoint_every", "checkpoint_minutes",
               "group_by_length", "eval_every", "precision", "log_with", "bogus"],
     "model": ["name", "max_length", "trust_remote_code", "dropout", "pooling", "nope"],
     "data": ["data_dir", "shuffle_seed", "data_seed"],

@@ -3,8 +3,11 @@ checkpoint (weights, optimizer, scheduler, RNG, sampler position) and ends with 
 metrics and weights as an uninterrupted run."""
 
 import json
+import os
+import signal
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from adapterbench import train as T
@@ -65,11 +68,69 @@ def test_changed_config_does_not_resume(tiny_bert_dir, task_yamls, data_dir, tmp
                         else real_step(*a))
     assert runner.invoke(app, cmd).exit_code == 130
     run = next(tmp_path.glob("*/*/toy/*"))
-    import yaml
     cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert resumable(run, cfg)
+    assert "checkpoint_minutes" in cfg["train"]
+    # keys that never change a result may differ, and a key added since the run started may be missing
+    same = {**cfg, "train": {**cfg["train"], "checkpoint_every": 50, "checkpoint_minutes": 10, "log_with": []}}
+    assert resumable(run, same)
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "train": {k: v for k, v in cfg["train"].items()
+                                                                       if k != "checkpoint_minutes"}}))
     assert resumable(run, cfg)
     cfg["train"]["lr"] = 0.5
     assert not resumable(run, cfg)
+
+
+def test_sigusr1_writes_a_checkpoint_and_training_goes_on(tiny_bert_dir, task_yamls, data_dir, tmp_path, monkeypatch):
+    """`kill -USR1 PID` mid-epoch: a checkpoint at the next step, logged with its reason, the run
+    goes on; killed later, it resumes from that checkpoint to the uninterrupted run's result; the
+    process's own SIGUSR1 handler is back after training."""
+    base = [a for a in command(tiny_bert_dir, task_yamls, data_dir, tmp_path / "ref", "pfeiffer")
+            if not a.startswith("train.checkpoint_every")]
+    ref = runner.invoke(app, base)
+    assert ref.exit_code == 0, ref.output
+    real_step = T.train_step
+
+    def signalled(*args):
+        if args[-1] == 7:                       # the 8th step (epoch 2 of 3, 6 steps each)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        if args[-1] == 10:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(T, "train_step", signalled)
+    cmd = [a if a != str(tmp_path / "ref") else str(tmp_path / "run") for a in base]
+    assert runner.invoke(app, cmd).exit_code == 130
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    run = next((tmp_path / "run").glob("*/*/toy/*"))
+    assert json.loads((run / "checkpoint" / "latest.json").read_text())["checkpoint"] == "step-8-e1"
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert {"checkpoint": 8, "epoch": 1, "why": "SIGUSR1"} in records
+    assert sum("checkpoint" in r for r in records) == 1             # the epoch-end ones are not logged
+    monkeypatch.setattr(T, "train_step", real_step)
+    assert runner.invoke(app, cmd).exit_code == 0
+    got, want = (json.loads((p / "metrics.json").read_text())
+                 for p in (run, next((tmp_path / "ref").glob("*/*/toy/*"))))
+    assert got["history"] == want["history"] and got["tasks"] == want["tasks"] and got["steps"] == 18
+
+
+def test_checkpoint_requests_by_steps_minutes_and_signal(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(T.time, "monotonic", lambda: clock[0])
+    req = T.CheckpointRequests(every=4, minutes=1.5)
+    with req:
+        assert req.due(3) == "" and req.due(4) == "every 4 steps"
+        clock[0] += 89
+        assert req.due(5) == ""
+        clock[0] += 1
+        assert req.due(5) == "every 1.5 min"
+        req.reset()                             # a checkpoint was written: the minutes count anew
+        assert req.due(6) == ""
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert req.due(6) == "SIGUSR1"
+        req.reset()
+        assert req.due(7) == ""
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 
 def test_multitask_resume_gives_the_same_result(tiny_bert_dir, task_yamls, data_dir, tmp_path, monkeypatch):

@@ -635,6 +635,9 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
     (nd.folder / "log.jsonl").write_text('{"step": 40, "epoch": 1, "samples_per_s": 12.5, "steps_total": 120}\n')
     row = P.status_table(nodes)[0]
     assert row["detail"].endswith("; epoch 2/3, step 40/120, 12.5 samples/s")
+    (nd.folder / "checkpoint").mkdir()                           # what a restart would keep
+    (nd.folder / "checkpoint" / "latest.json").write_text('{"checkpoint": "step-32-e1"}')
+    assert P.status_table(nodes)[0]["detail"].endswith("; epoch 2/3, step 40/120, 12.5 samples/s; checkpoint at step 32")
     # the time left at its own pace: 80 steps x 8 examples / 12.5 per second, whatever its peers took
     assert P.own_pace_seconds(nd.folder) == pytest.approx(51.2)
     assert P.remaining([{**row, "expect": 9999.0}]) == {"seconds": pytest.approx(51.2), "estimated": 1, "unknown": 0}
