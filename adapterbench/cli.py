@@ -671,6 +671,7 @@ def validate(config: Path = typer.Argument(..., help="A run config, task YAML, s
 
 def main():  # pragma: no cover
     ok = False
+    keep_alive_on_checkpoint_signal()
     try:
         app()
         ok = True
@@ -679,6 +680,19 @@ def main():  # pragma: no cover
         raise
     finally:
         close_process_group(wait=ok)
+
+
+def keep_alive_on_checkpoint_signal() -> None:
+    """SIGUSR1 asks a training loop for a checkpoint (train.CheckpointRequests); outside
+    training (loading data, between a study's runs) it does nothing instead of ending the
+    process, as it would by default."""
+    import signal
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, _no_checkpoint_to_write)
+
+
+def _no_checkpoint_to_write(signum, frame) -> None:
+    pass
 
 
 def close_process_group(wait: bool) -> None:

@@ -114,6 +114,23 @@ def test_sigusr1_writes_a_checkpoint_and_training_goes_on(tiny_bert_dir, task_ya
     assert got["history"] == want["history"] and got["tasks"] == want["tasks"] and got["steps"] == 18
 
 
+def test_checkpoint_signal_outside_training_leaves_the_process_alive():
+    """The CLI's entry point makes SIGUSR1 harmless outside a training loop (by default it
+    ends a process); a training loop takes it over and gives it back."""
+    from adapterbench.cli import keep_alive_on_checkpoint_signal
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        keep_alive_on_checkpoint_signal()
+        quiet = signal.getsignal(signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)            # would end pytest with the default action
+        with T.CheckpointRequests() as req:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert req.due(1) == "SIGUSR1"
+        assert signal.getsignal(signal.SIGUSR1) is quiet
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
 def test_checkpoint_requests_by_steps_minutes_and_signal(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(T.time, "monotonic", lambda: clock[0])
