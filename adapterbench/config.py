@@ -49,7 +49,7 @@ class TrainConfig:
     save_model: bool = False         # `full`: also write the whole model's weights
     shots: int = 0                   # few-shot: k training examples per class (k in all for regression); 0 = all
     checkpoint_every: int = 0        # also checkpoint every N steps (one is always written after each epoch)
-    checkpoint_minutes: float = 0.0  # also checkpoint every M minutes of training (and on SIGUSR1, always)
+    checkpoint_minutes: float = 0.0  # also checkpoint M minutes after the last one (and after SIGUSR1, always)
     group_by_length: bool = False    # batches of similar length: less padding, a different batch order (single-task runs)
     eval_every: int = 1              # score dev after every N-th epoch and the last (best epoch among those)
     precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16 (also on CPU)

@@ -215,11 +215,10 @@ class CheckpointRequests:
         self.signalled = True
 
     def due(self, step: int) -> str:
-        why = ("SIGUSR1" if self.signalled else
-               f"every {self.every} steps" if self.every and step % self.every == 0 else
-               f"every {self.minutes:g} min" if self.minutes and time.monotonic() - self.last >= 60 * self.minutes
-               else "")
-        return why
+        return ("SIGUSR1" if self.signalled else
+                f"every {self.every} steps" if self.every and step % self.every == 0 else
+                f"every {self.minutes:g} min" if self.minutes and time.monotonic() - self.last >= 60 * self.minutes
+                else "")
 
     def reset(self) -> None:
         """A checkpoint was written (mid-epoch or at an epoch's end): count from now."""
