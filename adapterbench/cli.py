@@ -50,8 +50,8 @@ def guarded(debug: bool, fn, *args, **kwargs):
             raise
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/yellow]")
+    except KeyboardInterrupt as e:
+        err.print(f"[yellow]interrupted[/yellow]{': ' + str(e) if str(e) else ''}", highlight=False)
         raise typer.Exit(130)
 
 

@@ -8,7 +8,8 @@ several tasks: the mean of their main metrics), optional early-stopping patience
 checkpoints from which an interrupted run resumes to the same result (trainable weights,
 optimizer, scheduler, torch RNG and the batch source's position): after every epoch, every
 `train.checkpoint_every` steps, every `train.checkpoint_minutes` minutes, and at the next step
-after the process gets SIGUSR1 (`kill -USR1 PID`: before a machine or a job's time ends).
+after the process gets SIGUSR1 (`kill -USR1 PID`: before a machine or a job's time ends) or
+SIGTERM (`kill PID`, `scancel`: then it stops, resumable).
 A batch that mixes tasks (MT-Uncertainty's) trains as one part per task when that saves a
 quarter of the padding (`by_task`); the parts' gradients add up to the mixed batch's.
 
@@ -189,33 +190,47 @@ def main_value(dev: dict, tasks) -> float:
     return float(np.mean([dev[t.name][t.main_metric] for t in tasks]))
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM stopped training at a step boundary, after a checkpoint: the run is interrupted
+    (resumable), not failed."""
+
+
 class CheckpointRequests:
     """When the loop owes a mid-epoch checkpoint: every `every` steps, every `minutes` minutes
-    since the last checkpoint, or once after SIGUSR1 (caught while the loop runs, in the main
-    thread of a process that has the signal; the previous handler comes back afterwards).
-    `due(step)` says why, or ''."""
+    since the last checkpoint, or once after SIGUSR1; and whether SIGTERM asked it to stop
+    (`stopping`: checkpoint at the next step boundary, then stop; a second SIGTERM ends the
+    process at once). Signals are caught while the loop runs, in the main thread; SIGTERM only
+    when nothing else handles it (submitit, for one, does). The previous handlers come back
+    afterwards. `due(step)` says why a checkpoint is owed, or ''."""
 
     def __init__(self, every: int = 0, minutes: float = 0.0):
         self.every, self.minutes = every, minutes
         self.last = time.monotonic()
-        self.signalled = False
-        self.previous = None
+        self.signalled = self.stopping = False
+        self.previous: dict = {}
 
     def __enter__(self):
-        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGUSR1, self._ask)
+        if threading.current_thread() is threading.main_thread():
+            if hasattr(signal, "SIGUSR1"):
+                self.previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._ask)
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._stop)
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGUSR1, self.previous)
-            self.previous = None
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
     def _ask(self, signum, frame):
         self.signalled = True
 
+    def _stop(self, signum, frame):
+        self.stopping = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     def due(self, step: int) -> str:
-        return ("SIGUSR1" if self.signalled else
+        return ("SIGTERM" if self.stopping else "SIGUSR1" if self.signalled else
                 f"every {self.every} steps" if self.every and step % self.every == 0 else
                 f"every {self.minutes:g} min" if self.minutes and time.monotonic() - self.last >= 60 * self.minutes
                 else "")
@@ -300,6 +315,9 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
                     t0 = time.perf_counter()
                     checkpoint()
                     log({"checkpoint": res.steps, "epoch": res.epoch, "why": why})
+                if requests.stopping:
+                    raise Stopped(f"SIGTERM: stopped after step {res.steps}" +
+                                  (", checkpointed; the same command resumes" if checkpoint_dir is not None else ""))
             res.train_seconds += time.perf_counter() - t0
             if scored_epoch(res.epoch, res.steps, cfg):
                 best_state = score_epoch(plain, dev_sets, tasks, collate, cfg, res, best_state, higher, log)
@@ -312,6 +330,9 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
                 break
             if checkpoint_dir is not None:
                 checkpoint()
+            if requests.stopping:       # SIGTERM during the epoch's dev scoring
+                raise Stopped(f"SIGTERM: stopped after epoch {res.epoch}" +
+                              (", checkpointed; the same command resumes" if checkpoint_dir is not None else ""))
     restore(plain, best_state)
     if track_dir is not None and accelerator.log_with:
         for tracker in accelerator.trackers:   # not end_training(): it would end the process group too,

@@ -114,6 +114,50 @@ def test_sigusr1_writes_a_checkpoint_and_training_goes_on(tiny_bert_dir, task_ya
     assert got["history"] == want["history"] and got["tasks"] == want["tasks"] and got["steps"] == 18
 
 
+def test_sigterm_checkpoints_then_stops_and_the_run_resumes(tiny_bert_dir, task_yamls, data_dir, tmp_path,
+                                                           monkeypatch):
+    """`kill PID` (or scancel) mid-epoch: the step finishes, a checkpoint is written, the run stops
+    as interrupted with one line saying so; the same command resumes to the uninterrupted result."""
+    base = [a for a in command(tiny_bert_dir, task_yamls, data_dir, tmp_path / "ref", "pfeiffer", "train.log_every=1")
+            if not a.startswith("train.checkpoint_every")]
+    assert runner.invoke(app, base).exit_code == 0
+    real_step = T.train_step
+
+    def terminated(*args):
+        if args[-1] == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args)
+
+    monkeypatch.setattr(T, "train_step", terminated)
+    cmd = [a if a != str(tmp_path / "ref") else str(tmp_path / "run") for a in base]
+    r = runner.invoke(app, cmd)
+    assert r.exit_code == 130 and "SIGTERM: stopped after step 8, checkpointed" in r.output
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    run = next((tmp_path / "run").glob("*/*/toy/*"))
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+    assert json.loads((run / "checkpoint" / "latest.json").read_text())["checkpoint"] == "step-8-e1"
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert {"checkpoint": 8, "epoch": 1, "why": "SIGTERM"} in records
+    assert max(r.get("step", 0) for r in records) == 8                 # nothing trained after it
+    monkeypatch.setattr(T, "train_step", real_step)
+    assert runner.invoke(app, cmd).exit_code == 0
+    got, want = (json.loads((p / "metrics.json").read_text())
+                 for p in (run, next((tmp_path / "ref").glob("*/*/toy/*"))))
+    assert got["history"] == want["history"] and got["tasks"] == want["tasks"] and got["steps"] == 18
+
+
+def test_sigterm_handled_by_someone_else_is_left_to_them():
+    """A process whose SIGTERM already has a handler (submitit's job, for one) keeps it."""
+    seen = []
+    before = signal.signal(signal.SIGTERM, lambda *a: seen.append(a[0]))
+    try:
+        with T.CheckpointRequests() as req:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert not req.stopping and req.due(1) == "" and seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_checkpoint_signal_outside_training_leaves_the_process_alive():
     """The CLI's entry point makes SIGUSR1 harmless outside a training loop (by default it
     ends a process); a training loop takes it over and gives it back."""
