@@ -200,11 +200,12 @@ class CheckpointRequests:
     since the last checkpoint, or once after SIGUSR1; and whether SIGTERM asked it to stop
     (`stopping`: checkpoint at the next step boundary, then stop; a second SIGTERM ends the
     process at once). Signals are caught while the loop runs, in the main thread; SIGTERM only
-    when nothing else handles it (submitit, for one, does). The previous handlers come back
-    afterwards. `due(step)` says why a checkpoint is owed, or ''."""
+    in a one-process run (`catch_term`: ranks that stop one by one would leave the others
+    waiting in a collective) and only when nothing else handles it (submitit, for one, does).
+    The previous handlers come back afterwards. `due(step)` says why a checkpoint is owed, or ''."""
 
-    def __init__(self, every: int = 0, minutes: float = 0.0):
-        self.every, self.minutes = every, minutes
+    def __init__(self, every: int = 0, minutes: float = 0.0, catch_term: bool = True):
+        self.every, self.minutes, self.catch_term = every, minutes, catch_term
         self.last = time.monotonic()
         self.signalled = self.stopping = False
         self.previous: dict = {}
@@ -213,7 +214,7 @@ class CheckpointRequests:
         if threading.current_thread() is threading.main_thread():
             if hasattr(signal, "SIGUSR1"):
                 self.previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._ask)
-            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            if self.catch_term and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
                 self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._stop)
         return self
 
@@ -287,7 +288,7 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         disable=not (show_progress and accelerator.is_main_process))
-    requests = CheckpointRequests(cfg.checkpoint_every, cfg.checkpoint_minutes)
+    requests = CheckpointRequests(cfg.checkpoint_every, cfg.checkpoint_minutes, catch_term=world == 1)
     with progress, requests:
         bar = progress.add_task("train", total=total, completed=res.steps, info="")
         while res.epoch < cfg.epochs and not (cfg.max_steps and res.steps >= cfg.max_steps):

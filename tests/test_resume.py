@@ -147,13 +147,20 @@ def test_sigterm_checkpoints_then_stops_and_the_run_resumes(tiny_bert_dir, task_
 
 
 def test_sigterm_handled_by_someone_else_is_left_to_them():
-    """A process whose SIGTERM already has a handler (submitit's job, for one) keeps it."""
+    """A process whose SIGTERM already has a handler (submitit's job, for one) keeps it; so
+    does a rank of a multi-process run (catch_term=False)."""
     seen = []
     before = signal.signal(signal.SIGTERM, lambda *a: seen.append(a[0]))
     try:
         with T.CheckpointRequests() as req:
             os.kill(os.getpid(), signal.SIGTERM)
             assert not req.stopping and req.due(1) == "" and seen == [signal.SIGTERM]
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with T.CheckpointRequests(catch_term=False):
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        with T.CheckpointRequests():
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, before)
 
