@@ -78,7 +78,7 @@ def last_step(folder) -> dict | None:
 
 def checkpointed(folder) -> str:
     """'; checkpoint at step 400' for a run folder with a complete checkpoint (what a restart
-    keeps), else ''."""
+    keeps), else ''. latest.json names it as train.save_checkpoint does: step-<steps>-e<epoch>."""
     try:
         name = json.loads((Path(folder) / "checkpoint" / "latest.json").read_text())["checkpoint"]
         return f"; checkpoint at step {int(name.split('-')[1])}"

@@ -194,6 +194,11 @@ class Stopped(KeyboardInterrupt):
     """SIGTERM stopped training at a step boundary, after a checkpoint: the run is interrupted
     (resumable), not failed."""
 
+    @classmethod
+    def after(cls, where: str, checkpointed: bool) -> "Stopped":
+        return cls(f"SIGTERM: stopped after {where}" + (", checkpointed; the same command resumes"
+                                                         if checkpointed else ""))
+
 
 class CheckpointRequests:
     """When the loop owes a mid-epoch checkpoint: every `every` steps, every `minutes` minutes
@@ -317,8 +322,7 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
                     checkpoint()
                     log({"checkpoint": res.steps, "epoch": res.epoch, "why": why})
                 if requests.stopping:
-                    raise Stopped(f"SIGTERM: stopped after step {res.steps}" +
-                                  (", checkpointed; the same command resumes" if checkpoint_dir is not None else ""))
+                    raise Stopped.after(f"step {res.steps}", checkpoint_dir is not None)
             res.train_seconds += time.perf_counter() - t0
             if scored_epoch(res.epoch, res.steps, cfg):
                 best_state = score_epoch(plain, dev_sets, tasks, collate, cfg, res, best_state, higher, log)
@@ -332,8 +336,7 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
             if checkpoint_dir is not None:
                 checkpoint()
             if requests.stopping:       # SIGTERM during the epoch's dev scoring
-                raise Stopped(f"SIGTERM: stopped after epoch {res.epoch}" +
-                              (", checkpointed; the same command resumes" if checkpoint_dir is not None else ""))
+                raise Stopped.after(f"epoch {res.epoch}", checkpoint_dir is not None)
     restore(plain, best_state)
     if track_dir is not None and accelerator.log_with:
         for tracker in accelerator.trackers:   # not end_training(): it would end the process group too,
