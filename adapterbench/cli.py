@@ -411,8 +411,9 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
             console.print(f"still to run: ≈ {left['seconds'] / 3600:.1f} run-hours for {left['estimated']} runs "
                           f"(a running run: its steps left at its own pace; else "
                           f"{'the time the archive recorded for its cell, else ' if archive else ''}the median "
-                          f"time of the same row and task's finished runs; divide by the workers)"
-                          + (f"; {left['unknown']} runs have no finished run to go by" if left["unknown"] else ""))
+                          f"time of the same row and task's finished runs, else a running run's whole time at "
+                          f"its pace; divide by the workers)"
+                          + (f"; {left['unknown']} runs have no finished or running run to go by" if left["unknown"] else ""))
         if archive and stale:
             console.print(f"{stale} runs to do have a cell (row, tasks, seed, model) that {archive} holds under "
                           f"another folder name ({R.STALE_WHY}): they are counted as queued")

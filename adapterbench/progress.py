@@ -21,14 +21,14 @@ def status_table(nodes: list[Node]) -> list[dict]:
     states = {nd.index: state(nd) for nd in nodes}
     out = []
     for nd in nodes:
-        st, detail, pace = states[nd.index], "", None
+        st, detail, pace, whole = states[nd.index], "", None, None
         if st == "running":
             info = read_lock(lock_path(nd)) or {}
             age = time.time() - float(info.get("heartbeat", time.time()))
             detail = f"{info.get('host')} pid {info.get('pid')} job {info.get('job') or '-'}, heartbeat {age:.0f}s ago"
             rec, train = last_step(nd.folder), _resolved_train(nd.folder)    # its log and config, read once
             detail += progress(rec, train) + checkpointed(nd.folder)
-            pace = _pace(rec, train)
+            pace, whole = _pace(rec, train), _pace(rec, train, whole=True)
         elif st == "pending":
             st = "blocked" if any(states[d] in ("failed", "blocked") for d in nd.deps) else "queued"
             if (nd.folder / "checkpoint" / "latest.json").is_file():
@@ -40,7 +40,8 @@ def status_table(nodes: list[Node]) -> list[dict]:
                 detail = ""
         states[nd.index] = st if st != "pending" else states[nd.index]
         out.append({"index": nd.index, "stage": nd.stage, "label": nd.label, "task": nd.task, "seed": nd.seed,
-                    "state": st, "detail": detail, "folder": str(nd.folder), "pace_seconds": pace})
+                    "state": st, "detail": detail, "folder": str(nd.folder), "pace_seconds": pace,
+                    "whole_seconds": whole if st == "running" else None})
     return out
 
 
@@ -93,10 +94,11 @@ def own_pace_seconds(folder) -> float | None:
     return _pace(last_step(folder), _resolved_train(folder))
 
 
-def _pace(rec: dict | None, train: dict | None) -> float | None:
+def _pace(rec: dict | None, train: dict | None, whole: bool = False) -> float | None:
+    """Training seconds still to go at the run's own pace (`whole`: for all its steps)."""
     train = train or {}
     try:
-        left, pace = int(rec["steps_total"]) - int(rec["step"]), float(rec["samples_per_s"])
+        left, pace = int(rec["steps_total"]) - (0 if whole else int(rec["step"])), float(rec["samples_per_s"])
         return max(left, 0) * int(train["batch_size"]) / pace if pace > 0 else None
     except (TypeError, KeyError, ValueError):
         return None
@@ -133,15 +135,20 @@ def remaining(rows: list[dict], now: float | None = None) -> dict:
     `status_table` read it: `own_pace_seconds`);
     any other queued or running run by what the archive recorded for its cell (`mark_archived`)
     or else by the median time of the finished (or archived) runs of the same row, stage and task
-    (other seeds), less what a running run has spent in its current leg. Returns
+    (other seeds), less what a running run has spent in its current leg; a queued run with
+    neither, by the whole time of a running run of its row, stage and task at that run's pace
+    (`whole_seconds`: a projection, counted among the estimated). Returns
     {"seconds", "estimated": runs estimated, "unknown": runs with no finished run to go by}."""
     import statistics
     now = time.time() if now is None else now
     taken: dict[tuple, list[float]] = {}
+    paced: dict[tuple, list[float]] = {}              # running runs' whole times at their own pace
     for r in rows:
         s = r["seconds"] if r["state"] == "archived" else run_seconds(r["folder"]) if r["state"] == "done" else None
         if s is not None:
             taken.setdefault((r["label"], r["stage"], r["task"]), []).append(s)
+        if r["state"] == "running" and r.get("whole_seconds"):
+            paced.setdefault((r["label"], r["stage"], r["task"]), []).append(r["whole_seconds"])
     seconds, estimated, unknown = 0.0, 0, 0
     for r in rows:
         if r["state"] not in ("queued", "running"):
@@ -156,7 +163,12 @@ def remaining(rows: list[dict], now: float | None = None) -> dict:
             continue
         peers = taken.get((r["label"], r["stage"], r["task"]))
         if r.get("expect") is None and not peers:
-            unknown += 1
+            projected = paced.get((r["label"], r["stage"], r["task"]))
+            if r["state"] == "queued" and projected:
+                seconds += statistics.median(projected)
+                estimated += 1
+            else:
+                unknown += 1
             continue
         need = r["expect"] if r.get("expect") is not None else statistics.median(peers)
         if r["state"] == "running":

@@ -641,6 +641,12 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
     # the time left at its own pace: 80 steps x 8 examples / 12.5 per second, whatever its peers took
     assert P.own_pace_seconds(nd.folder) == pytest.approx(51.2)
     assert P.remaining([{**row, "expect": 9999.0}]) == {"seconds": pytest.approx(51.2), "estimated": 1, "unknown": 0}
+    # a queued run of the same row and task with no finished run anywhere (another seed): the
+    # running run's whole time at its pace, 120 steps x 8 / 12.5 = 76.8 s; another task's: unknown
+    assert row["whole_seconds"] == pytest.approx(76.8)
+    queued = {**row, "state": "queued", "seed": 2, "pace_seconds": None, "whole_seconds": None}
+    other = {**queued, "task": "another"}
+    assert P.remaining([row, queued, other]) == {"seconds": pytest.approx(51.2 + 76.8), "estimated": 2, "unknown": 1}
     lock.write_text(json.dumps({**fresh, "heartbeat": time.time() - L.LOCK_TIMEOUT - 5}))
     assert S.state(nd) == "pending" and L.try_lock(nd)
     mine = json.loads(lock.read_text())
