@@ -41,7 +41,7 @@ def status_table(nodes: list[Node]) -> list[dict]:
         states[nd.index] = st if st != "pending" else states[nd.index]
         out.append({"index": nd.index, "stage": nd.stage, "label": nd.label, "task": nd.task, "seed": nd.seed,
                     "state": st, "detail": detail, "folder": str(nd.folder), "pace_seconds": pace,
-                    "whole_seconds": whole if st == "running" else None})
+                    "whole_seconds": whole})
     return out
 
 
@@ -138,7 +138,7 @@ def remaining(rows: list[dict], now: float | None = None) -> dict:
     (other seeds), less what a running run has spent in its current leg; a queued run with
     neither, by the whole time of a running run of its row, stage and task at that run's pace
     (`whole_seconds`: a projection, counted among the estimated). Returns
-    {"seconds", "estimated": runs estimated, "unknown": runs with no finished run to go by}."""
+    {"seconds", "estimated": runs estimated, "unknown": runs with no finished or running run to go by}."""
     import statistics
     now = time.time() if now is None else now
     taken: dict[tuple, list[float]] = {}
