@@ -169,6 +169,40 @@ def test_uncertainty_keeps_highest_entropy_examples():
     assert sorted(c["uid"] for c in chosen) == [0, 2, 6, 8]
 
 
+def test_length_chunks_sort_and_cover_the_rows():
+    from adapterbench.stages import length_chunks
+    rows, lengths = [10, 11, 12, 13, 14], [9, 3, 7, 3, 1]
+    parts = length_chunks(rows, lengths, 2)
+    assert parts == [[14, 11], [13, 12], [10]]      # by length, ties in their first order
+    assert sorted(r for p in parts for r in p) == rows
+
+
+def test_uncertainty_scores_do_not_depend_on_the_scoring_chunks(tiny_bert_dir, task_yamls, monkeypatch):
+    """Scoring a task's candidates in length-sorted chunks (each padded to its own longest)
+    gives each candidate the entropy it gets in one batch padded to the longest of all:
+    padding is masked, and every score lands on its own candidate."""
+    from adapterbench import stages
+    cfg = stages.resolve({"task": f"{task_yamls['toy']},{task_yamls['toyreg']}",
+                          "model": {"name": str(tiny_bert_dir)}, "method": {"name": "camtl"},
+                          "train": {"precision": "fp32"}}, "multitask")
+    tasks = stages.tasks_of(cfg)
+    model, _ = stages.build_model(cfg, tasks)
+    gen = torch.Generator().manual_seed(0)
+    cands = []
+    for t in (0, 1):
+        for n in torch.randint(3, 16, (7,), generator=gen).tolist():
+            cands.append({"input_ids": [2] + torch.randint(5, 20, (n - 2,), generator=gen).tolist() + [3],
+                          "attention_mask": [1] * n, "labels": 0, "task_id": t})
+    model.eval()                                    # no dropout: the two ways must agree
+    monkeypatch.setattr(stages, "SCORE_CHUNK", 100)
+    whole = uncertainty_scorer(model, tasks, cfg, 0)(cands)
+    monkeypatch.setattr(stages, "SCORE_CHUNK", 2)
+    chunked = uncertainty_scorer(model, tasks, cfg, 0)(cands)
+    assert whole[7:].isnan().all() and chunked[7:].isnan().all()      # toyreg: a regression task
+    assert torch.allclose(whole[:7], chunked[:7], atol=1e-5)
+    assert whole[:7].unique().numel() > 1               # the scores differ between candidates
+
+
 def test_uncertainty_never_starves_a_regression_task(tiny_bert_dir, task_yamls, data_dir, tmp_path):
     """A 3-task run under MT-Uncertainty (a classification task, a regression task borrowing
     its scores, a regression task without a proxy): every task is picked in every epoch, and
