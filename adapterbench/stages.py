@@ -24,7 +24,7 @@ from .runs import Run, RunExists, atomic_write, load_tensors, read_json, run_pat
 from .sampling import DEFAULT_PROXIES, SCHEMES, Shuffled, TaskMixture, Uncertainty
 from .tasks import TaskSpec, load_task, parse_task
 from .precision import autocast, bf16_matmul
-from .train import evaluate, seed_everything, train
+from .train import CPU_CHUNK, evaluate, length_chunks, seed_everything, train
 
 STAGE_DEFAULT_METHOD = {"extract": "pfeiffer", "finetune": "full", "fuse": "fusion", "multitask": "mtl"}
 
@@ -194,24 +194,13 @@ def batch_source(cfg: RunConfig, tasks: list[TaskSpec], train_items: list[list[d
     return Uncertainty(train_items, b, seed, tasks, proxies, uncertainty_scorer(model, tasks, cfg, seed))
 
 
-SCORE_CHUNK = 8
-
-
-def length_chunks(rows: list[int], lengths: list[int], size: int) -> list[list[int]]:
-    """`rows` sorted by length (stable) and cut into chunks of `size`: scored apart, each chunk
-    is padded to its own longest, not to the longest of all (a random batch of 32 SST-2
-    sentences is 3x its real tokens when padded whole, 1.4x in chunks of 8)."""
-    order = [r for _, r in sorted(zip(lengths, rows), key=lambda x: x[0])]
-    return [order[k:k + size] for k in range(0, len(order), size)]
-
-
-def uncertainty_scorer(model, tasks, cfg: RunConfig, seed: int):
+def uncertainty_scorer(model, tasks, cfg: RunConfig, seed: int, chunk: int = CPU_CHUNK):
     """candidates -> normalised prediction entropy per candidate (NaN for regression tasks).
     Train mode as the reference (dropout on), with the dropout masks drawn from a seed of their
     own (run seed, position in the stream), so every process picks the same batch, a resumed
     run picks as the uninterrupted one, and the training RNG is untouched. Each task's candidates
     are one batch on an accelerator; on a CPU, where padded tokens cost as much as real ones,
-    they are scored in length-sorted chunks of SCORE_CHUNK, each padded to its own longest:
+    they are scored in length-sorted chunks of `chunk`, each padded to its own longest:
     without dropout the same entropies as one batch (padding is masked), with it other masks
     are drawn; about a third less scoring time on the study's five tasks (docs/performance.md)."""
     import math
@@ -230,7 +219,7 @@ def uncertainty_scorer(model, tasks, cfg: RunConfig, seed: int):
             for i, rows in by_task.items():
                 if tasks[i].regression:
                     continue
-                size = SCORE_CHUNK if device.type == "cpu" else len(rows)
+                size = chunk if device.type == "cpu" else len(rows)
                 for part in length_chunks(rows, [len(cands[j]["input_ids"]) for j in rows], size):
                     batch = {k: v.to(device) for k, v in collate([cands[j] for j in part]).items()}
                     with autocast(cfg.train.precision, device):

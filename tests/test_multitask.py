@@ -170,14 +170,14 @@ def test_uncertainty_keeps_highest_entropy_examples():
 
 
 def test_length_chunks_sort_and_cover_the_rows():
-    from adapterbench.stages import length_chunks
+    from adapterbench.train import length_chunks
     rows, lengths = [10, 11, 12, 13, 14], [9, 3, 7, 3, 1]
     parts = length_chunks(rows, lengths, 2)
     assert parts == [[14, 11], [13, 12], [10]]      # by length, ties in their first order
     assert sorted(r for p in parts for r in p) == rows
 
 
-def test_uncertainty_scores_do_not_depend_on_the_scoring_chunks(tiny_bert_dir, task_yamls, monkeypatch):
+def test_uncertainty_scores_do_not_depend_on_the_scoring_chunks(tiny_bert_dir, task_yamls):
     """Scoring a task's candidates in length-sorted chunks (each padded to its own longest)
     gives each candidate the entropy it gets in one batch padded to the longest of all:
     padding is masked, and every score lands on its own candidate."""
@@ -194,10 +194,8 @@ def test_uncertainty_scores_do_not_depend_on_the_scoring_chunks(tiny_bert_dir, t
             cands.append({"input_ids": [2] + torch.randint(5, 20, (n - 2,), generator=gen).tolist() + [3],
                           "attention_mask": [1] * n, "labels": 0, "task_id": t})
     model.eval()                                    # no dropout: the two ways must agree
-    monkeypatch.setattr(stages, "SCORE_CHUNK", 100)
-    whole = uncertainty_scorer(model, tasks, cfg, 0)(cands)
-    monkeypatch.setattr(stages, "SCORE_CHUNK", 2)
-    chunked = uncertainty_scorer(model, tasks, cfg, 0)(cands)
+    whole = uncertainty_scorer(model, tasks, cfg, 0, chunk=100)(cands)
+    chunked = uncertainty_scorer(model, tasks, cfg, 0, chunk=2)(cands)
     assert whole[7:].isnan().all() and chunked[7:].isnan().all()      # toyreg: a regression task
     assert torch.allclose(whole[:7], chunked[:7], atol=1e-5)
     assert whole[:7].unique().numel() > 1               # the scores differ between candidates
@@ -301,8 +299,8 @@ def test_mta_export_reproduces_the_task_path_and_fuses(tiny_bert_dir, task_yamls
 
 def test_a_mixed_task_batch_split_by_task_takes_the_same_step():
     """MT-Uncertainty's batches mix tasks of very different lengths: `by_task` trains them as
-    one part per task (less padding) and the optimizer step equals the one over the padded
-    mixed batch (CA-MTL's per-example task conditioning included; dropout off to compare)."""
+    one part per task (less padding; on a CPU also in length-sorted chunks) and the optimizer
+    step equals the one over the padded mixed batch (CA-MTL's per-example task conditioning included; dropout off to compare)."""
     from adapterbench.config import TrainConfig
     from adapterbench.models import ClassificationHead, HeadConfig, TaskModel
     from adapterbench.train import by_task, make_accelerator, train_step
@@ -318,16 +316,20 @@ def test_a_mixed_task_batch_split_by_task_takes_the_same_step():
     parts = by_task(items, weights)
     assert [len(p[0]) for p in parts] == [2, 6] and torch.equal(torch.cat([p[1] for p in parts]), weights)
     assert len(by_task([item(0, 5), item(1, 5)], torch.full((2,), 0.5))) == 1     # nothing to save: one part
+    chunks = by_task(items, weights, chunk=4)     # a CPU's rule: per task, then length-sorted chunks of 4
+    assert [[len(it["input_ids"]) for it in p[0]] for p in chunks] == [[12, 14], [2, 3, 3, 3], [4, 4]]
+    assert len(by_task([item(0, 5), item(1, 5)], torch.full((2,), 0.5), chunk=4)) == 2
     collate, acc, cfg = Collator(0), make_accelerator(True), TrainConfig(max_grad_norm=1.0)
     after = []
-    for split in (False, True):
+    for split in ([(items, weights)], parts, chunks):
         m = build()
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        batches = [{**collate(its), "weights": w} for its, w in (parts if split else [(items, weights)])]
+        batches = [{**collate(its), "weights": w} for its, w in split]
         loss, norm = train_step(m, m, batches, opt, sched, acc, cfg, 0)
         after.append((loss, norm, [p.detach().clone() for p in m.parameters() if p.requires_grad]))
-    (l1, n1, p1), (l2, n2, p2) = after
-    assert l1 == pytest.approx(l2, rel=1e-5) and n1 == pytest.approx(n2, rel=1e-4) and n1 > 0
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p1, p2))
+    (l1, n1, p1) = after[0]
+    for l2, n2, p2 in after[1:]:
+        assert l1 == pytest.approx(l2, rel=1e-5) and n1 == pytest.approx(n2, rel=1e-4) and n1 > 0
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p1, p2))
     assert not all(torch.equal(a, b) for a, b in zip(p1, [p for p in build().parameters() if p.requires_grad]))
