@@ -10,8 +10,9 @@ optimizer, scheduler, torch RNG and the batch source's position): after every ep
 `train.checkpoint_every` steps, every `train.checkpoint_minutes` minutes, and at the next step
 after the process gets SIGUSR1 (`kill -USR1 PID`: before a machine or a job's time ends) or
 SIGTERM (`kill PID`, `scancel`: then it stops, resumable).
-A batch that mixes tasks (MT-Uncertainty's) trains as one part per task when that saves a
-quarter of the padding (`by_task`); the parts' gradients add up to the mixed batch's.
+A batch trains in parts when that saves a quarter of the padding (`split_batch`): one part
+per task where it mixes tasks (MT-Uncertainty's), on a CPU also length-sorted chunks of
+CPU_CHUNK; the parts' gradients add up to the whole batch's.
 
 Several processes (`torchrun`, `accelerate launch`): every process draws the same global batch
 from the source and takes its contiguous share; each example's loss is weighted so that the
@@ -143,8 +144,8 @@ def shard(items: list[dict], rank: int, world: int) -> tuple[list[dict], torch.T
     return items[lo:hi], w[lo:hi]
 
 
-# On a CPU padded tokens cost as much as real ones: MT-Uncertainty's mixed batches are trained,
-# and its candidates scored, in length-sorted chunks of this many examples (docs/performance.md).
+# On a CPU padded tokens cost as much as real ones: batches of mixed lengths are trained, and
+# MT-Uncertainty's candidates scored, in length-sorted chunks of this many (docs/performance.md).
 CPU_CHUNK = 8
 
 
@@ -156,25 +157,24 @@ def length_chunks(rows: list[int], lengths: list[int], size: int) -> list[list[i
     return [order[k:k + size] for k in range(0, len(order), size)]
 
 
-def by_task(items: list[dict], weights: torch.Tensor, chunk: int | None = None) -> list[tuple[list[dict], torch.Tensor]]:
-    """A batch that mixes tasks (MT-Uncertainty's) as one part per task when that removes at
-    least a quarter of the padded tokens (its tasks' lengths differ: RTE pairs beside SST-2
-    sentences), else as it is; with `chunk` (on a CPU), always per task and within a task in
-    length-sorted chunks of `chunk`. Every example's loss keeps its weight and the parts'
-    gradients add up, so the step is the mixed batch's step with less padding; a rule on token
-    counts, so every process splits the same batches."""
+def split_batch(items: list[dict], weights: torch.Tensor, chunk: int | None = None) -> list[tuple[list[dict], torch.Tensor]]:
+    """A training batch as parts, each padded to its own longest, whose gradients add up to the
+    batch's step (every example keeps its loss weight). A batch that mixes tasks
+    (MT-Uncertainty's: RTE pairs beside SST-2 sentences) goes one part per task; with `chunk`
+    (on a CPU, where padded tokens cost as much as real ones) each task's part is cut further
+    into length-sorted chunks of `chunk`, single-task batches too (a multi-task sampler's 32
+    random SST-2 sentences). The split is taken when it removes at least a quarter of the padded
+    tokens, else the batch stays whole: a rule on token counts, so every process splits alike."""
     groups: dict[int, list[int]] = {}
     for j, it in enumerate(items):
         groups.setdefault(it.get("task_id", 0), []).append(j)
-    if len(groups) < 2:
-        return [(items, weights)]
+    split = list(groups.values())
     if chunk:
-        return [([items[j] for j in part], weights[part]) for rows in groups.values()
-                for part in length_chunks(rows, [len(items[j]["input_ids"]) for j in rows], chunk)]
+        split = [part for rows in split for part in length_chunks(rows, [len(items[j]["input_ids"]) for j in rows], chunk)]
     width = lambda rows: max(len(items[j]["input_ids"]) for j in rows)
-    if sum(len(rows) * width(rows) for rows in groups.values()) > 0.75 * len(items) * width(range(len(items))):
+    if len(split) < 2 or sum(len(rows) * width(rows) for rows in split) > 0.75 * len(items) * width(range(len(items))):
         return [(items, weights)]
-    return [([items[j] for j in rows], weights[rows]) for rows in groups.values()]
+    return [([items[j] for j in rows], weights[rows]) for rows in split]
 
 
 @torch.no_grad()
@@ -319,7 +319,7 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
             for items in source.epoch(res.epoch):
                 mine, weights = shard(items, rank, world)
                 chunk = CPU_CHUNK if accelerator.device.type == "cpu" else None
-                parts = by_task(mine, weights, chunk) if not plain.aux else [(mine, weights)]   # a penalty counts once
+                parts = split_batch(mine, weights, chunk) if not plain.aux else [(mine, weights)]   # a penalty counts once
                 batches = [{**{k: v.to(accelerator.device) for k, v in collate(its).items()},
                             "weights": w.to(accelerator.device)} for its, w in parts]
                 loss, grad_norm = train_step(model, plain, batches, optimizer, scheduler, accelerator, cfg, res.steps)
@@ -389,7 +389,7 @@ def scored_epoch(epoch: int, steps: int, cfg: TrainConfig) -> bool:
 
 
 def train_step(model, plain, batches: list[dict], optimizer, scheduler, accelerator, cfg: TrainConfig, step: int):
-    """One optimizer step over this process's batch, given as one or more parts (`by_task`)
+    """One optimizer step over this process's batch, given as one or more parts (`split_batch`)
     whose gradients add up (processes synchronise on the last part only); returns (this
     process's loss, gradient norm before clipping)."""
     total = 0.0

@@ -298,12 +298,12 @@ def test_mta_export_reproduces_the_task_path_and_fuses(tiny_bert_dir, task_yamls
 
 
 def test_a_mixed_task_batch_split_by_task_takes_the_same_step():
-    """MT-Uncertainty's batches mix tasks of very different lengths: `by_task` trains them as
+    """MT-Uncertainty's batches mix tasks of very different lengths: `split_batch` trains them as
     one part per task (less padding; on a CPU also in length-sorted chunks) and the optimizer
     step equals the one over the padded mixed batch (CA-MTL's per-example task conditioning included; dropout off to compare)."""
     from adapterbench.config import TrainConfig
     from adapterbench.models import ClassificationHead, HeadConfig, TaskModel
-    from adapterbench.train import by_task, make_accelerator, train_step
+    from adapterbench.train import split_batch, make_accelerator, train_step
     def build():
         torch.manual_seed(0)
         heads = {f"t{i}": ClassificationHead(HeadConfig(32, 2, dropout=0.0, pooling="mean")) for i in range(2)}
@@ -313,12 +313,16 @@ def test_a_mixed_task_batch_split_by_task_takes_the_same_step():
                          "labels": int(torch.randint(0, 2, (1,), generator=g)), "task_id": t}
     items = [item(0, 14), item(1, 3), item(1, 4), item(0, 12), item(1, 2), item(1, 3), item(1, 3), item(1, 4)]
     weights = torch.full((8,), 1 / 8)
-    parts = by_task(items, weights)
+    parts = split_batch(items, weights)
     assert [len(p[0]) for p in parts] == [2, 6] and torch.equal(torch.cat([p[1] for p in parts]), weights)
-    assert len(by_task([item(0, 5), item(1, 5)], torch.full((2,), 0.5))) == 1     # nothing to save: one part
-    chunks = by_task(items, weights, chunk=4)     # a CPU's rule: per task, then length-sorted chunks of 4
+    assert len(split_batch([item(0, 5), item(1, 5)], torch.full((2,), 0.5))) == 1     # nothing to save: one part
+    chunks = split_batch(items, weights, chunk=4)     # a CPU's rule: per task, then length-sorted chunks of 4
     assert [[len(it["input_ids"]) for it in p[0]] for p in chunks] == [[12, 14], [2, 3, 3, 3], [4, 4]]
-    assert len(by_task([item(0, 5), item(1, 5)], torch.full((2,), 0.5), chunk=4)) == 2
+    assert len(split_batch([item(0, 5), item(1, 5)], torch.full((2,), 0.5), chunk=4)) == 1   # nothing to save
+    one_task = [item(0, n) for n in (3, 30, 4, 28, 2, 3, 31, 5)]  # a multi-task sampler's batch of one task
+    assert [[len(it["input_ids"]) for it in p[0]] for p in split_batch(one_task, weights, chunk=4)] == [[2, 3, 3, 4], [5, 28, 30, 31]]
+    assert len(split_batch(one_task, weights)) == 1    # on an accelerator a one-task batch stays whole
+    assert len(split_batch([item(0, n) for n in (9, 10, 10, 9)], torch.full((4,), 0.25), chunk=2)) == 1
     collate, acc, cfg = Collator(0), make_accelerator(True), TrainConfig(max_grad_norm=1.0)
     after = []
     for split in ([(items, weights)], parts, chunks):
