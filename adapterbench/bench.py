@@ -29,6 +29,8 @@ from .methods import supporting
 
 # every registered method that declares "bench", plus the bare encoder, a merged adapter and fusion of N
 CONFIGS = ("bare", *supporting("bench"), "merged", "fusion2", "fusion4", "fusion8", "fusion16")
+# train-split: training with each batch cut as `train.split_batch` cuts it on this device
+MODES = ("train", "infer", "train-split")
 PEER_CONFIGS = ("bare", "head", "full", "houlsby", "pfeiffer", "merged", "fusion2", "fusion4", "fusion8",
                 "fusion16")  # the peer has no multi-task baselines or CA-MTL
 PEER_SCRIPT = Path(__file__).resolve().parent / "peer" / "bench_peer.py"   # ships with the package
@@ -173,7 +175,9 @@ def measure(config: str, mode: str, spec: Spec) -> dict:
     for b in batches:
         b["task_ids"] = torch.arange(b["input_ids"].shape[0]) % len(model.heads)
         b["labels"] = b["labels"].float()
-    train = mode == "train"
+    train = mode in ("train", "train-split")
+    if mode == "train-split" and not model.aux:   # each batch in the parts a run trains it in here
+        batches = [split_parts(b, device, tok.pad_token_id or 0) for b in batches]
     model.train(train)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5) if train and params else None
@@ -185,15 +189,16 @@ def measure(config: str, mode: str, spec: Spec) -> dict:
         torch.cuda.reset_peak_memory_stats()
 
     def step(batch):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
         if not train:
             with torch.no_grad(), autocast:
-                runner(**batch)
+                runner(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
             return
-        with autocast:
-            loss = loss_fn(runner(**batch), labels)
-        loss.backward()
+        for part in batch if isinstance(batch, list) else [batch]:
+            part = {k: v.to(device) for k, v in part.items()}
+            labels, weights = part.pop("labels"), part.pop("weights", None)
+            with autocast:
+                loss = loss_fn(runner(**part), labels, weights)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -206,16 +211,30 @@ def measure(config: str, mode: str, spec: Spec) -> dict:
         step(b)
     sync(device)
     dt = time.perf_counter() - t0
+    timed = [part for b in timed for part in (b if isinstance(b, list) else [b])]
     samples = sum(b["input_ids"].shape[0] for b in timed)
     tokens = sum(int(b["attention_mask"].sum()) for b in timed)
     padded = sum(b["input_ids"].numel() for b in timed)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"side": "ours", "config": config, "mode": mode, "samples_per_s": samples / dt,
-            "tokens_per_s": tokens / dt, "padded_tokens_per_s": padded / dt, "seconds_per_step": dt / len(timed),
+            "tokens_per_s": tokens / dt, "padded_tokens_per_s": padded / dt, "seconds_per_step": dt / len(batches[spec.warmup:]),
             "peak_mib": peak, "peak_over_loaded_mib": None if device.type == "cuda" else (peak - base_rss / 1024),
             "trainable": sum(p.numel() for p in params), "device": str(device),
             "bf16_matmul": bf16_matmul(spec.precision, device)}
+
+
+def split_parts(batch: dict, device, pad_id: int) -> list[dict]:
+    """A padded batch as the parts `train.split_batch` trains it in on `device` (on a CPU,
+    length-sorted chunks when that saves a quarter of the padding), with their loss weights."""
+    from .data import Collator
+    from .train import CPU_CHUNK, example_weights, split_batch
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    items = [{"input_ids": batch["input_ids"][r, :n].tolist(), "attention_mask": [1] * n,
+              "labels": float(batch["labels"][r]), "task_id": int(batch["task_ids"][r])} for r, n in enumerate(lengths)]
+    collate = Collator(pad_id)
+    parts = split_batch(items, example_weights(items), CPU_CHUNK if device.type == "cpu" else None)
+    return [{**collate(its), "weights": w} for its, w in parts]
 
 
 def sync(device) -> None:
@@ -260,6 +279,11 @@ def run_bench(spec: Spec, configs: list[str], modes: list[str], peer: bool, on_r
     median (samples/s) run and all of them."""
     precisions = precisions or [spec.precision]
     configs = list(CONFIGS) if configs == ["all"] else configs
+    for mode in modes:
+        if mode not in MODES:
+            raise UserError(f"--modes: unknown '{mode}' (known: {', '.join(MODES)})")
+    if "train-split" in modes and not spec.task:
+        raise UserError("--modes train-split needs real batches of mixed lengths: add --task NAME")
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         raise UserError(f"--configs: unknown '{unknown[0]}' (known: {', '.join(CONFIGS)})")
@@ -269,9 +293,10 @@ def run_bench(spec: Spec, configs: list[str], modes: list[str], peer: bool, on_r
     for _ in range(repeat):
         for config in configs:
             for mode in modes:
-                if config == "bare" and mode == "train":
+                if config == "bare" and mode != "infer":
                     continue
-                sides = [("ours", p) for p in precisions] + ([("peer", "fp32")] if peer and config in PEER_CONFIGS else [])
+                sides = [("ours", p) for p in precisions] + ([("peer", "fp32")] if peer and config in PEER_CONFIGS
+                                                              and mode != "train-split" else [])
                 for side, precision in sides:
                     row = run_one(config, mode, replace(spec, precision=precision), peer=side == "peer")
                     row["precision"] = precision
@@ -316,17 +341,19 @@ def table(rows: list[dict], spec: Spec) -> str:
              f"{'padded to ' + str(spec.seq_len) if spec.pad_to_max else 'padded to the longest member'}"
              if spec.task else f"fixed shape {spec.batch_size} x {spec.seq_len} tokens")
     reps = max((len(r.get("all_samples_per_s", [1])) for r in rows), default=1)
+    split = any(r["mode"] == "train-split" for r in rows)
     lines = [f"model `{spec.model}`, {shape}{', length-grouped' if spec.group_by_length else ''}, "
              f"{spec.steps or 'all'} timed steps after {spec.warmup} warm-up, precision {spec.precision} (peer fp32), "
              f"device {rows[0]['device'] if rows else '?'}; each measurement in its own process"
              f"{f', median of {reps} interleaved repeats' if reps > 1 else ''}.", "",
              "| config | train samples/s | train tokens/s | train step / bare forward | x single adapter (train) "
              "| train peak MiB | infer samples/s | infer x bare | peer train samples/s | ours / peer (train) "
-             "| peer infer samples/s | ours / peer (infer) | peer train peak MiB |",
-             "|" + "---|" * 13]
+             "| peer infer samples/s | ours / peer (infer) | peer train peak MiB |"
+             + (" train samples/s, split | split / whole (train) |" if split else ""),
+             "|" + "---|" * (15 if split else 13)]
     configs = list(dict.fromkeys(r["config"] for r in rows))
     for c in configs:
-        tr, inf = get.get(("ours", c, "train")), get.get(("ours", c, "infer"))
+        tr, inf, sp = get.get(("ours", c, "train")), get.get(("ours", c, "infer")), get.get(("ours", c, "train-split"))
         ptr, pinf = get.get(("peer", c, "train")), get.get(("peer", c, "infer"))
         f = lambda r, k, fmt="{:.1f}": fmt.format(r[k]) if r and r.get(k) is not None else "–"
         lines.append("| " + " | ".join([
@@ -337,7 +364,8 @@ def table(rows: list[dict], spec: Spec) -> str:
             ratio(inf and inf["samples_per_s"], bare and bare["samples_per_s"]),
             f(ptr, "samples_per_s"), ratio(tr and tr["samples_per_s"], ptr and ptr["samples_per_s"]),
             f(pinf, "samples_per_s"), ratio(inf and inf["samples_per_s"], pinf and pinf["samples_per_s"]),
-            f(ptr, "peak_mib", "{:.0f}")]) + " |")
+            f(ptr, "peak_mib", "{:.0f}")] + ([f(sp, "samples_per_s"), ratio(sp and sp["samples_per_s"], tr and tr["samples_per_s"])]
+                                               if split else [])) + " |")
     lines += ["", targets(get)]
     return "\n".join(lines) + "\n"
 

@@ -567,7 +567,8 @@ def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, f
           configs: str = typer.Option("all", "--configs", help="all, or comma-separated: bare, merged, fusion2, "
                                                                "fusion4, fusion8, fusion16 and every method that "
                                                                "supports bench (adapterbench ls methods)."),
-          modes: str = typer.Option("train,infer", "--modes", help="train, infer or both."),
+          modes: str = typer.Option("train,infer", "--modes", help="train, infer, train-split (each real "
+                                                               "batch cut as runs cut it on this device), or several."),
           batch_size: int = typer.Option(32, "--batch-size"), seq_len: int = typer.Option(128, "--seq-len"),
           steps: int = typer.Option(5, "--steps", help="Timed steps (0 with --task: one whole epoch)."),
           warmup: int = typer.Option(2, "--warmup", help="Untimed steps first."),

@@ -64,3 +64,46 @@ def test_bench_bad_input(tmp_path, monkeypatch):
     r = runner.invoke(app, ["bench", *TINY, "--configs", "pfeiffer", "--peer", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "make_peer_venv.sh" in r.output
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_split_parts_cut_a_batch_as_the_training_loop_does():
+    """`train-split` times each batch in the parts `train.split_batch` makes of it on a CPU:
+    length-sorted chunks, real tokens kept, loss weights summing to the batch mean's."""
+    import torch
+    lengths = [3, 30, 4, 28, 2, 3, 31, 5, 6, 29, 4, 3, 30, 2, 5, 4]
+    ids = torch.zeros(16, 31, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        ids[r, :n], mask[r, :n] = torch.arange(5, 5 + n), 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(16).float() % 2,
+             "task_ids": torch.zeros(16, dtype=torch.long)}
+    parts = bench.split_parts(batch, torch.device("cpu"), 0)
+    assert [p["input_ids"].shape for p in parts] == [(8, 4), (8, 31)]
+    assert sum(int(p["attention_mask"].sum()) for p in parts) == sum(lengths)
+    assert torch.isclose(sum(p["weights"].sum() for p in parts), torch.tensor(1.0))
+
+
+@pytest.mark.slow
+def test_bench_train_split_beside_train(tmp_path, task_yamls):
+    data_dir = tmp_path / "data"          # TOY pairs of 2 words, every fourth of 40: mixed lengths
+    (data_dir / "TOY").mkdir(parents=True)
+    rows = [f"{i}\t{' '.join(['good'] * (20 if i % 4 == 0 else 1))}\t{' '.join(['bad'] * (20 if i % 4 == 0 else 1))}\tpos"
+            for i in range(64)]
+    (data_dir / "TOY" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rows) + "\n")
+    r = runner.invoke(app, ["bench", "--model", "tiny-bert", "--steps", "1", "--warmup", "1", "--batch-size", "16",
+                            "--configs", "pfeiffer", "--modes", "train,train-split", "--task", str(task_yamls["toy"]),
+                            "--data-dir", str(data_dir), "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    rows = {row["mode"]: row for row in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    whole, split = rows["train"], rows["train-split"]
+    per_sample = lambda row: row["padded_tokens_per_s"] / row["samples_per_s"]
+    assert per_sample(split) < per_sample(whole)          # the same batches, less padding
+    assert whole["tokens_per_s"] / whole["samples_per_s"] == pytest.approx(split["tokens_per_s"] / split["samples_per_s"])
+    md = (tmp_path / "bench.md").read_text()
+    assert "split / whole (train)" in md
+    ratio = split["samples_per_s"] / whole["samples_per_s"]
+    assert f"| {split['samples_per_s']:.1f} | {ratio:.2f} |" in md
+    r = runner.invoke(app, ["bench", "--model", "tiny-bert", "--modes", "train-split", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--modes train-split needs real batches" in r.output
+    r = runner.invoke(app, ["bench", "--model", "tiny-bert", "--modes", "train,fast", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--modes: unknown 'fast'" in r.output
