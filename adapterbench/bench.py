@@ -218,7 +218,8 @@ def measure(config: str, mode: str, spec: Spec) -> dict:
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"side": "ours", "config": config, "mode": mode, "samples_per_s": samples / dt,
-            "tokens_per_s": tokens / dt, "padded_tokens_per_s": padded / dt, "seconds_per_step": dt / len(batches[spec.warmup:]),
+            "tokens_per_s": tokens / dt, "padded_tokens_per_s": padded / dt,
+            "seconds_per_step": dt / len(batches[spec.warmup:]),
             "peak_mib": peak, "peak_over_loaded_mib": None if device.type == "cuda" else (peak - base_rss / 1024),
             "trainable": sum(p.numel() for p in params), "device": str(device),
             "bf16_matmul": bf16_matmul(spec.precision, device)}
@@ -364,8 +365,9 @@ def table(rows: list[dict], spec: Spec) -> str:
             ratio(inf and inf["samples_per_s"], bare and bare["samples_per_s"]),
             f(ptr, "samples_per_s"), ratio(tr and tr["samples_per_s"], ptr and ptr["samples_per_s"]),
             f(pinf, "samples_per_s"), ratio(inf and inf["samples_per_s"], pinf and pinf["samples_per_s"]),
-            f(ptr, "peak_mib", "{:.0f}")] + ([f(sp, "samples_per_s"), ratio(sp and sp["samples_per_s"], tr and tr["samples_per_s"])]
-                                               if split else [])) + " |")
+            f(ptr, "peak_mib", "{:.0f}")]
+            + ([f(sp, "samples_per_s"), ratio(sp and sp["samples_per_s"], tr and tr["samples_per_s"])] if split else []))
+            + " |")
     lines += ["", targets(get)]
     return "\n".join(lines) + "\n"
 

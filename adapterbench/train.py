@@ -157,7 +157,8 @@ def length_chunks(rows: list[int], lengths: list[int], size: int) -> list[list[i
     return [order[k:k + size] for k in range(0, len(order), size)]
 
 
-def split_batch(items: list[dict], weights: torch.Tensor, chunk: int | None = None) -> list[tuple[list[dict], torch.Tensor]]:
+def split_batch(items: list[dict], weights: torch.Tensor,
+                chunk: int | None = None) -> list[tuple[list[dict], torch.Tensor]]:
     """A training batch as parts, each padded to its own longest, whose gradients add up to the
     batch's step (every example keeps its loss weight). A batch that mixes tasks
     (MT-Uncertainty's: RTE pairs beside SST-2 sentences) goes one part per task; with `chunk`
@@ -170,7 +171,8 @@ def split_batch(items: list[dict], weights: torch.Tensor, chunk: int | None = No
         groups.setdefault(it.get("task_id", 0), []).append(j)
     split = list(groups.values())
     if chunk:
-        split = [part for rows in split for part in length_chunks(rows, [len(items[j]["input_ids"]) for j in rows], chunk)]
+        split = [part for rows in split
+                 for part in length_chunks(rows, [len(items[j]["input_ids"]) for j in rows], chunk)]
     width = lambda rows: max(len(items[j]["input_ids"]) for j in rows)
     if len(split) < 2 or sum(len(rows) * width(rows) for rows in split) > 0.75 * len(items) * width(range(len(items))):
         return [(items, weights)]
@@ -319,7 +321,8 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
             for items in source.epoch(res.epoch):
                 mine, weights = shard(items, rank, world)
                 chunk = CPU_CHUNK if accelerator.device.type == "cpu" else None
-                parts = split_batch(mine, weights, chunk) if not plain.aux else [(mine, weights)]   # a penalty counts once
+                # a penalty (fusion's) counts once per step: such a model's batch is never split
+                parts = split_batch(mine, weights, chunk) if not plain.aux else [(mine, weights)]
                 batches = [{**{k: v.to(accelerator.device) for k, v in collate(its).items()},
                             "weights": w.to(accelerator.device)} for its, w in parts]
                 loss, grad_norm = train_step(model, plain, batches, optimizer, scheduler, accelerator, cfg, res.steps)

@@ -298,9 +298,10 @@ def test_mta_export_reproduces_the_task_path_and_fuses(tiny_bert_dir, task_yamls
 
 
 def test_a_mixed_task_batch_split_by_task_takes_the_same_step():
-    """MT-Uncertainty's batches mix tasks of very different lengths: `split_batch` trains them as
-    one part per task (less padding; on a CPU also in length-sorted chunks) and the optimizer
-    step equals the one over the padded mixed batch (CA-MTL's per-example task conditioning included; dropout off to compare)."""
+    """MT-Uncertainty's batches mix tasks of very different lengths: `split_batch` trains them
+    as one part per task (less padding; on a CPU also in length-sorted chunks) and the
+    optimizer step equals the one over the padded mixed batch (CA-MTL's per-example task
+    conditioning included; dropout off to compare)."""
     from adapterbench.config import TrainConfig
     from adapterbench.models import ClassificationHead, HeadConfig, TaskModel
     from adapterbench.train import split_batch, make_accelerator, train_step
@@ -320,7 +321,8 @@ def test_a_mixed_task_batch_split_by_task_takes_the_same_step():
     assert [[len(it["input_ids"]) for it in p[0]] for p in chunks] == [[12, 14], [2, 3, 3, 3], [4, 4]]
     assert len(split_batch([item(0, 5), item(1, 5)], torch.full((2,), 0.5), chunk=4)) == 1   # nothing to save
     one_task = [item(0, n) for n in (3, 30, 4, 28, 2, 3, 31, 5)]  # a multi-task sampler's batch of one task
-    assert [[len(it["input_ids"]) for it in p[0]] for p in split_batch(one_task, weights, chunk=4)] == [[2, 3, 3, 4], [5, 28, 30, 31]]
+    lengths = [[len(it["input_ids"]) for it in p[0]] for p in split_batch(one_task, weights, chunk=4)]
+    assert lengths == [[2, 3, 3, 4], [5, 28, 30, 31]]
     assert len(split_batch(one_task, weights)) == 1    # on an accelerator a one-task batch stays whole
     assert len(split_batch([item(0, n) for n in (9, 10, 10, 9)], torch.full((4,), 0.25), chunk=2)) == 1
     collate, acc, cfg = Collator(0), make_accelerator(True), TrainConfig(max_grad_norm=1.0)
