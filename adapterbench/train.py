@@ -313,6 +313,7 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         disable=not (show_progress and accelerator.is_main_process))
     requests = CheckpointRequests(cfg.checkpoint_every, cfg.checkpoint_minutes, catch_term=world == 1)
+    chunk = CPU_CHUNK if accelerator.device.type == "cpu" else None   # split_batch's rule on this device
     with progress, requests:
         bar = progress.add_task("train", total=total, completed=res.steps, info="")
         while res.epoch < cfg.epochs and not (cfg.max_steps and res.steps >= cfg.max_steps):
@@ -320,7 +321,6 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
             t0 = time.perf_counter()
             for items in source.epoch(res.epoch):
                 mine, weights = shard(items, rank, world)
-                chunk = CPU_CHUNK if accelerator.device.type == "cpu" else None
                 # a penalty (fusion's) counts once per step: such a model's batch is never split
                 parts = split_batch(mine, weights, chunk) if not plain.aux else [(mine, weights)]
                 batches = [{**{k: v.to(accelerator.device) for k, v in collate(its).items()},
