@@ -409,7 +409,7 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
         left = {k: sum(x[k] for x in by_label.values()) for k in ("seconds", "estimated", "unknown")}
         if left["estimated"] or left["unknown"]:
             console.print(f"still to run: ≈ {left['seconds'] / 3600:.1f} run-hours for {left['estimated']} runs "
-                          f"(a running run: its steps left at its own pace; else "
+                          f"(a running run: its steps left at its own pace over its last logged steps; else "
                           f"{'the time the archive recorded for its cell, else ' if archive else ''}the median "
                           f"time of the same row and task's finished runs, else a running run's whole time at "
                           f"its pace; divide by the workers)"

@@ -48,33 +48,68 @@ def status_table(nodes: list[Node]) -> list[dict]:
 def progress(rec: dict | None, train: dict | None) -> str:
     """Where a running run is, from the last step its log.jsonl recorded (`last_step`) and its
     resolved `train` config: '; epoch 2/3, step 1800/3792, 9.3 samples/s' ('' before its first
-    logged step)."""
+    logged step); the pace is the recent one where the log shows it (`recent_pace`)."""
     if rec is None:
         return ""
     epochs = (train or {}).get("epochs")
     of = f"/{rec['steps_total']}" if rec.get("steps_total") else ""
     return (f"; epoch {int(rec.get('epoch', 0)) + 1}/{epochs or '?'}, step {rec['step']}{of}, "
-            f"{float(rec['samples_per_s']):.1f} samples/s")
+            f"{_rate(rec):.1f} samples/s")
+
+
+RECENT = 20          # step records that make a running run's recent pace
 
 
 def last_step(folder) -> dict | None:
     """The last training-step record of a run's log.jsonl (step, epoch, samples_per_s and, since
-    they are logged, steps_total), or None before the first."""
+    they are logged, steps_total), or None before the first; with `recent_samples_per_s` added
+    where the log shows the pace of this leg's last steps (`recent_pace`)."""
     try:
         with open(Path(folder) / "log.jsonl", "rb") as f:
             size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - 4096))                # the last records are enough
+            f.seek(max(0, size - 16384))               # the last records are enough
             tail = f.read().decode("utf-8", "replace").splitlines()
     except OSError:
         return None
+    leg = []
     for line in reversed(tail):
         try:
             rec = json.loads(line)
         except ValueError:
             continue                      # a line cut by the seek, or one being written
-        if isinstance(rec, dict) and "step" in rec and "samples_per_s" in rec:
-            return rec
-    return None
+        if not isinstance(rec, dict) or "step" not in rec:
+            continue
+        if "samples_per_s" not in rec:
+            if rec.get("resumed") and leg:
+                break                     # the records before it are an earlier leg's
+            continue
+        leg.append(rec)
+        if len(leg) == RECENT:
+            break
+    if not leg:
+        return None
+    recent = recent_pace(leg[::-1])
+    return {**leg[0], "recent_samples_per_s": recent} if recent else leg[0]
+
+
+def recent_pace(records: list[dict]) -> float | None:
+    """Samples per second between the first and the last of one leg's step records. Each
+    record's samples_per_s is the run's average since step 0 (resumed legs included), so its
+    training time so far is step x batch / samples_per_s; the difference of two such times is
+    the time the steps between them took, and the batch size cancels out. A run that got faster
+    (or slower) mid-way is paced by what it does now, not by its average. None with fewer than
+    two records or a zero pace."""
+    try:
+        a, b = records[0], records[-1]
+        steps = int(b["step"]) - int(a["step"])
+        span = int(b["step"]) / float(b["samples_per_s"]) - int(a["step"]) / float(a["samples_per_s"])
+    except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return steps / span if steps > 0 and span > 0 else None
+
+
+def _rate(rec: dict) -> float:
+    return float(rec.get("recent_samples_per_s") or rec["samples_per_s"])
 
 
 def checkpointed(folder) -> str:
@@ -95,10 +130,10 @@ def own_pace_seconds(folder) -> float | None:
 
 
 def _pace(rec: dict | None, train: dict | None, whole: bool = False) -> float | None:
-    """Training seconds still to go at the run's own pace (`whole`: for all its steps)."""
+    """Training seconds still to go at the run's own (recent) pace (`whole`: for all its steps)."""
     train = train or {}
     try:
-        left, pace = int(rec["steps_total"]) - (0 if whole else int(rec["step"])), float(rec["samples_per_s"])
+        left, pace = int(rec["steps_total"]) - (0 if whole else int(rec["step"])), _rate(rec)
         return max(left, 0) * int(train["batch_size"]) / pace if pace > 0 else None
     except (TypeError, KeyError, ValueError):
         return None

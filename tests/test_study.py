@@ -630,7 +630,8 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
         '{"step": 30, "epoch": 1, "loss": 0.5, "samples_per_s": 11.0}\n{"epoch": 1, "step": 32, "dev": {}}\n'
         '{"step": 40, "epoch": 1, "loss": 0.4, "samples_per_s": 12.54}\n{"step": 5')   # a line being written
     row = P.status_table(nodes)[0]
-    assert row["detail"].endswith("; epoch 2/3, step 40, 12.5 samples/s")
+    # the pace between its last two step records: 10 steps in 40/12.54 - 30/11 batch-seconds
+    assert row["detail"].endswith("; epoch 2/3, step 40, 21.6 samples/s")
     assert P.own_pace_seconds(nd.folder) is None                 # a log from before steps_total
     (nd.folder / "log.jsonl").write_text('{"step": 40, "epoch": 1, "samples_per_s": 12.5, "steps_total": 120}\n')
     row = P.status_table(nodes)[0]
@@ -647,6 +648,22 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
     queued = {**row, "state": "queued", "seed": 2, "pace_seconds": None, "whole_seconds": None}
     other = {**queued, "task": "another"}
     assert P.remaining([row, queued, other]) == {"seconds": pytest.approx(51.2 + 76.8), "estimated": 2, "unknown": 1}
+    # a run that sped up after a resume: paced by this leg's last steps, not by its average
+    # since step 0. Before the resume, 20 steps at 8/12.5 s each (12.8 s); after it, step 30 at
+    # 12.8 + 10 x 8 / 40 = 14.8 s and step 40 at 16.8 s: averages of 16.2 and 19.0 samples/s,
+    # a pace of 40 samples/s between them. Left: 80 steps x 8 / 40 = 16 s (the average says 33.7)
+    (nd.folder / "log.jsonl").write_text(
+        '{"step": 10, "epoch": 0, "samples_per_s": 12.5, "steps_total": 120}\n'
+        '{"step": 20, "epoch": 0, "samples_per_s": 12.5, "steps_total": 120}\n'
+        '{"checkpoint": 20, "epoch": 0, "why": "SIGUSR1"}\n{"resumed": true, "epoch": 0, "step": 20}\n'
+        f'{{"step": 30, "epoch": 0, "samples_per_s": {240 / 14.8}, "steps_total": 120}}\n'
+        f'{{"step": 40, "epoch": 0, "samples_per_s": {320 / 16.8}, "steps_total": 120}}\n')
+    assert P.own_pace_seconds(nd.folder) == pytest.approx(16.0)
+    assert P.status_table(nodes)[0]["detail"].endswith("step 40/120, 40.0 samples/s; checkpoint at step 32")
+    with open(nd.folder / "log.jsonl", "a") as f:                 # one record of a new leg: its average
+        f.write('{"resumed": true, "epoch": 0, "step": 40}\n{"step": 50, "epoch": 0, "samples_per_s": 20.0, '
+                '"steps_total": 120}\n')
+    assert P.own_pace_seconds(nd.folder) == pytest.approx(70 * 8 / 20.0)
     lock.write_text(json.dumps({**fresh, "heartbeat": time.time() - L.LOCK_TIMEOUT - 5}))
     assert S.state(nd) == "pending" and L.try_lock(nd)
     mine = json.loads(lock.read_text())
