@@ -31,8 +31,12 @@ def status_table(nodes: list[Node]) -> list[dict]:
             pace, whole = _pace(rec, train), _pace(rec, train, whole=True)
         elif st == "pending":
             st = "blocked" if any(states[d] in ("failed", "blocked") for d in nd.deps) else "queued"
-            if (nd.folder / "checkpoint" / "latest.json").is_file():
-                detail = "has a checkpoint: resumes"
+            step = checkpoint_step(nd.folder)
+            if step is not None:
+                detail = f"has a checkpoint at step {step}: resumes"
+                rec, train = last_step(nd.folder), _resolved_train(nd.folder)
+                if rec is not None:           # what is left after the checkpoint, at the pace its log shows
+                    pace = _pace({**rec, "step": step}, train)
         elif st == "failed":
             try:
                 detail = str(read_json(nd.folder / "metrics.json").get("error", ""))[:100]
@@ -114,12 +118,19 @@ def _rate(rec: dict) -> float:
 
 def checkpointed(folder) -> str:
     """'; checkpoint at step 400' for a run folder with a complete checkpoint (what a restart
-    keeps), else ''. latest.json names it as train.save_checkpoint does: step-<steps>-e<epoch>."""
+    keeps), else ''."""
+    step = checkpoint_step(folder)
+    return "" if step is None else f"; checkpoint at step {step}"
+
+
+def checkpoint_step(folder) -> int | None:
+    """The step of a run folder's complete checkpoint, or None. latest.json names it as
+    train.save_checkpoint does: step-<steps>-e<epoch>."""
     try:
         name = json.loads((Path(folder) / "checkpoint" / "latest.json").read_text())["checkpoint"]
-        return f"; checkpoint at step {int(name.split('-')[1])}"
+        return int(name.split("-")[1])
     except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return ""
+        return None
 
 
 def own_pace_seconds(folder) -> float | None:
@@ -167,7 +178,8 @@ def recorded_seconds(metrics: dict) -> float:
 def remaining(rows: list[dict], now: float | None = None) -> dict:
     """What the unfinished runs of a plan (status_table rows) still need, in run-seconds: a
     running run whose log says how many steps it has left, at its own pace (`pace_seconds`, as
-    `status_table` read it: `own_pace_seconds`);
+    `status_table` read it: `own_pace_seconds`), and a queued one with a checkpoint, its steps
+    after the checkpoint at the pace its log shows;
     any other queued or running run by what the archive recorded for its cell (`mark_archived`)
     or else by the median time of the finished (or archived) runs of the same row, stage and task
     (other seeds), less what a running run has spent in its current leg; a queued run with
@@ -191,8 +203,8 @@ def remaining(rows: list[dict], now: float | None = None) -> dict:
         if r["stage"] == "merge":        # a merge takes seconds
             estimated += 1
             continue
-        pace = r.get("pace_seconds") if r["state"] == "running" else None
-        if pace is not None:                 # a running run's own pace: this machine's, not the peers'
+        pace = r.get("pace_seconds")
+        if pace is not None:      # a running (or checkpointed) run's own pace: this machine's, not the peers'
             seconds += pace
             estimated += 1
             continue

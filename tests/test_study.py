@@ -671,6 +671,26 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
     L.unlock(nd)
 
 
+def test_a_queued_run_with_a_checkpoint_is_paced_from_its_checkpoint(tmp_path, task_yamls, data_dir):
+    """A run stopped with a checkpoint (no worker holds it) resumes from the checkpoint's step,
+    not from its last logged one: status counts the steps after the checkpoint at its logged pace."""
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
+    nodes = S.plan(S.load_study(y))
+    nd = nodes[0]
+    nd.folder.mkdir(parents=True)
+    (nd.folder / "config.yaml").write_text("train: {epochs: 3, batch_size: 8}\n")
+    (nd.folder / "log.jsonl").write_text('{"step": 40, "epoch": 1, "samples_per_s": 12.5, "steps_total": 120}\n')
+    row = P.status_table(nodes)[0]
+    assert row["state"] == "queued" and row["pace_seconds"] is None          # no checkpoint: starts afresh
+    assert P.remaining([row]) == {"seconds": 0.0, "estimated": 0, "unknown": 1}
+    (nd.folder / "checkpoint").mkdir()
+    (nd.folder / "checkpoint" / "latest.json").write_text('{"checkpoint": "step-32-e1"}')
+    row = P.status_table(nodes)[0]
+    assert row["state"] == "queued" and row["detail"] == "has a checkpoint at step 32: resumes"
+    assert row["pace_seconds"] == pytest.approx((120 - 32) * 8 / 12.5)
+    assert P.remaining([row]) == {"seconds": pytest.approx(56.32), "estimated": 1, "unknown": 0}
+
+
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_the_same_workers(tmp_path, task_yamls, data_dir, monkeypatch):
     """--launcher submitit-local: two workers through submitit's local executor share the study
