@@ -39,7 +39,8 @@ def shipped(kind: str, name_or_path: str | Path, suffix: str = ".yaml") -> Path:
     if cand.is_file():
         return cand
     known = ", ".join(sorted(q.stem for q in (configs_dir() / kind).glob("*.yaml")))
-    raise UserError(f"no {kind[:-1]} file '{name_or_path}': give a path or a shipped name ({known})")
+    singular = {"studies": "study"}.get(kind, kind.rstrip("s"))
+    raise UserError(f"no {singular} file '{name_or_path}': give a path or a shipped name ({known})")
 
 
 @dataclass

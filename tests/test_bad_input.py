@@ -161,6 +161,7 @@ CASES = {
     "report without runs": (lambda e: ["report", str(e["tmp"] / "empty-runs")], "does not exist"),
     "unknown reference": (lambda e: ["report", str(e["runs"][0].parent), "--reference", "x"], "unknown reference"),
     "unknown ls target": (lambda e: ["ls", "models"], "cannot list 'models'"),
+    "unknown study name": (lambda e: ["status", "nosuchstudy"], "no study file 'nosuchstudy': give a path or"),
 }
 
 
