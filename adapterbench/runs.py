@@ -378,8 +378,15 @@ def write_archive(root: Path, out: Path, replace: bool = False) -> tuple[int, in
     `root`, lines kept). Paths inside the study are written relative to the folder above `root`
     ('reproduce_full/...')."""
     bases = (Path(root).absolute().parent, Path(root).resolve().parent)   # as configs wrote it, or resolved
+    folders = list(iter_runs(root))
+    if not folders:
+        raise UserError(f"no run folder under {root} (none holds a metrics.json): pass the folder a study "
+                        f"or stage wrote, e.g. runs/<study>")
     fresh = {archive_key(r): json.dumps(relative_to(r, bases), sort_keys=True, default=str)
-             for r in map(archive_record, iter_runs(root)) if r}
+             for r in map(archive_record, folders) if r}
+    if replace and not fresh and Path(out).is_file() and Path(out).read_text().strip():
+        raise UserError(f"--replace would empty {out}: {root} has no finished run yet; leave out --replace, "
+                        f"or pass the folder whose runs should replace the archive's")
     kept = {} if replace else {k: line for k, line in read_archive_lines(out).items() if k not in fresh}
     atomic_write(out, "".join(line + "\n" for line in sorted([*fresh.values(), *kept.values()])))
     return len(fresh), len(kept)

@@ -523,6 +523,18 @@ def test_archive_updates_an_archive_and_keeps_runs_the_folder_lost(tmp_path):
     assert sorted(x["seed"] for x in lines) == [1, 2, 3] and next(x for x in lines if x["seed"] == 3)["main_value"] == 66.0
     r = runner.invoke(app, ["archive", str(tmp_path / "runs"), "--out", str(archive), "--replace"])
     assert r.exit_code == 0 and seeds() == [3]
+    # a folder with no run folder at all (a wrong path) is named; --replace from a folder with
+    # no finished run would empty the archive: refused, the archive untouched
+    (tmp_path / "other").mkdir()
+    r = runner.invoke(app, ["archive", str(tmp_path / "other"), "--out", str(archive)])
+    assert r.exit_code == 2 and "no run folder under" in " ".join(r.output.split()) and seeds() == [3]
+    unfinished = tmp_path / "other" / "full" / "rte" / "minilm-s9-abc"
+    unfinished.mkdir(parents=True)
+    (unfinished / "metrics.json").write_text(json.dumps({"status": "running"}))
+    r = runner.invoke(app, ["archive", str(tmp_path / "other"), "--out", str(archive), "--replace"])
+    assert r.exit_code == 2 and "--replace would empty" in " ".join(r.output.split()) and seeds() == [3]
+    r = runner.invoke(app, ["archive", str(tmp_path / "other"), "--out", str(archive)])
+    assert r.exit_code == 0 and seeds() == [3]                # without --replace: the archive's runs kept
     archive.write_text(archive.read_text() + "{not json\n")
     before = archive.read_text()
     r = runner.invoke(app, ["archive", str(tmp_path / "runs"), "--out", str(archive)])
