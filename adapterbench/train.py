@@ -99,6 +99,17 @@ def scalars(record: dict, prefix: str = "") -> dict:
     return out
 
 
+def sampling_share(source, epoch: int, tasks) -> dict:
+    """{"sampling_share": {task: share}} of the examples a multi-task source has fed this epoch
+    so far (what MT-Uncertainty is choosing, live in log.jsonl and the trackers); {} for a
+    single-task source or before the epoch's first batch."""
+    picks = getattr(source, "picks", None)
+    if not picks or len(picks) <= epoch or not sum(picks[epoch]):
+        return {}
+    n = sum(picks[epoch])
+    return {"sampling_share": {t.name: picks[epoch][i] / n for i, t in enumerate(tasks)}}
+
+
 def seed_everything(seed: int) -> None:
     from accelerate.utils import set_seed
     set_seed(seed)
@@ -334,7 +345,7 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
                 if res.steps % cfg.log_every == 0:
                     log({"step": res.steps, "epoch": res.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
                          "grad_norm": grad_norm, "samples_per_s": round(res.train_samples / max(elapsed, 1e-9), 3),
-                         "steps_total": total})
+                         "steps_total": total, **sampling_share(source, res.epoch, tasks)})
                 if cfg.max_steps and res.steps >= cfg.max_steps:
                     break
                 if checkpoint_dir is not None and (why := requests.due(res.steps)):
@@ -347,10 +358,8 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
             res.train_seconds += time.perf_counter() - t0
             if scored_epoch(res.epoch, res.steps, cfg):
                 best_state = score_epoch(plain, dev_sets, tasks, collate, cfg, res, best_state, higher, log)
-            if hasattr(source, "picks") and len(source.picks) > res.epoch:   # multi-task: who fed this epoch
-                n = max(sum(source.picks[res.epoch]), 1)
-                log({"step": res.steps, "epoch": res.epoch,
-                     "sampling_share": {t.name: source.picks[res.epoch][i] / n for i, t in enumerate(tasks)}})
+            if share := sampling_share(source, res.epoch, tasks):      # multi-task: who fed this epoch
+                log({"step": res.steps, "epoch": res.epoch, **share})
             res.epoch += 1
             if cfg.patience and res.stale >= cfg.patience:
                 break

@@ -41,9 +41,14 @@ def test_event_files_hold_the_numbers_of_log_jsonl(tiny_bert_dir, task_yamls, da
     for x in devs:
         assert abs(tb["dev/toy/accuracy"][x["step"]] - x["dev"]["toy"]["accuracy"]) < 1e-4
         assert abs(tb["main"][x["step"]] - x["main"]) < 1e-4
-    shares = [x for x in records if "sampling_share" in x]
+    shares = [x for x in records if "sampling_share" in x and "loss" not in x]        # one per epoch
     assert len(shares) == 2 and all(abs(sum(x["sampling_share"].values()) - 1) < 1e-9 for x in shares)
     assert abs(tb["sampling_share/toy"][shares[0]["step"]] - shares[0]["sampling_share"]["toy"]) < 1e-6
+    # and live, in every step record: the share of this epoch's examples so far (step 2: 16 examples)
+    assert all("sampling_share" in x and abs(sum(x["sampling_share"].values()) - 1) < 1e-9 for x in steps)
+    first = steps[0]
+    assert first["step"] == 2 and (first["sampling_share"]["toy"] * 16) % 1 < 1e-9
+    assert abs(tb["sampling_share/toyreg"][2] - first["sampling_share"]["toyreg"]) < 1e-6
 
     # tracking off: the same run, already done (log_with never enters the identity)
     r = runner.invoke(app, [*args, "train.log_with=[none]"])
