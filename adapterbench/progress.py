@@ -52,13 +52,17 @@ def status_table(nodes: list[Node]) -> list[dict]:
 def progress(rec: dict | None, train: dict | None) -> str:
     """Where a running run is, from the last step its log.jsonl recorded (`last_step`) and its
     resolved `train` config: '; epoch 2/3, step 1800/3792, 9.3 samples/s' ('' before its first
-    logged step); the pace is the recent one where the log shows it (`recent_pace`)."""
+    logged step); the pace is the recent one where the log shows it (`recent_pace`); a
+    multi-task run adds each task's share of the epoch's examples so far."""
     if rec is None:
         return ""
     epochs = (train or {}).get("epochs")
     of = f"/{rec['steps_total']}" if rec.get("steps_total") else ""
+    share = rec.get("sampling_share")            # a multi-task run: who fed the epoch so far
+    fed = ("; epoch so far: " + ", ".join(f"{t} {100 * v:.0f}%" for t, v in share.items())
+           if isinstance(share, dict) else "")
     return (f"; epoch {int(rec.get('epoch', 0)) + 1}/{epochs or '?'}, step {rec['step']}{of}, "
-            f"{_rate(rec):.1f} samples/s")
+            f"{_rate(rec):.1f} samples/s{fed}")
 
 
 RECENT = 20          # step records that make a running run's recent pace

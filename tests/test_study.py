@@ -676,6 +676,10 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
         f.write('{"resumed": true, "epoch": 0, "step": 40}\n{"step": 50, "epoch": 0, "samples_per_s": 20.0, '
                 '"steps_total": 120}\n')
     assert P.own_pace_seconds(nd.folder) == pytest.approx(70 * 8 / 20.0)
+    with open(nd.folder / "log.jsonl", "a") as f:                 # a multi-task run: who fed the epoch so far
+        f.write('{"step": 60, "epoch": 0, "samples_per_s": 20.0, "steps_total": 120, '
+                '"sampling_share": {"rte": 0.711, "cola": 0.012}}\n')
+    assert P.status_table(nodes)[0]["detail"].endswith("; epoch so far: rte 71%, cola 1%; checkpoint at step 32")
     lock.write_text(json.dumps({**fresh, "heartbeat": time.time() - L.LOCK_TIMEOUT - 5}))
     assert S.state(nd) == "pending" and L.try_lock(nd)
     mine = json.loads(lock.read_text())
