@@ -137,15 +137,11 @@ def checkpoint_step(folder) -> int | None:
         return None
 
 
-def own_pace_seconds(folder) -> float | None:
-    """A running run's training time still to go at its own measured pace: the steps its log
-    says are left times its batch over its samples/s (at most: early stopping may end it sooner;
-    dev scoring comes on top). None when its log does not say (an older run, or no step yet)."""
-    return _pace(last_step(folder), _resolved_train(folder))
-
-
 def _pace(rec: dict | None, train: dict | None, whole: bool = False) -> float | None:
-    """Training seconds still to go at the run's own (recent) pace (`whole`: for all its steps)."""
+    """A run's training time still to go at its own measured (recent) pace: the steps its log
+    says are left times its batch over its samples/s (`whole`: all its steps). At most: early
+    stopping may end it sooner; dev scoring comes on top. None when its log does not say (an
+    older run, or no step yet)."""
     train = train or {}
     try:
         left, pace = int(rec["steps_total"]) - (0 if whole else int(rec["step"])), _rate(rec)
@@ -182,7 +178,7 @@ def recorded_seconds(metrics: dict) -> float:
 def remaining(rows: list[dict], now: float | None = None) -> dict:
     """What the unfinished runs of a plan (status_table rows) still need, in run-seconds: a
     running run whose log says how many steps it has left, at its own pace (`pace_seconds`, as
-    `status_table` read it: `own_pace_seconds`), and a queued one with a checkpoint, its steps
+    `status_table` read it), and a queued one with a checkpoint, its steps
     after the checkpoint at the pace its log shows;
     any other queued or running run by what the archive recorded for its cell (`mark_archived`)
     or else by the median time of the finished (or archived) runs of the same row, stage and task

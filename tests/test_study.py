@@ -644,7 +644,7 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
     row = P.status_table(nodes)[0]
     # the pace between its last two step records: 10 steps in 40/12.54 - 30/11 batch-seconds
     assert row["detail"].endswith("; epoch 2/3, step 40, 21.6 samples/s")
-    assert P.own_pace_seconds(nd.folder) is None                 # a log from before steps_total
+    assert row["pace_seconds"] is None                           # a log from before steps_total
     (nd.folder / "log.jsonl").write_text('{"step": 40, "epoch": 1, "samples_per_s": 12.5, "steps_total": 120}\n')
     row = P.status_table(nodes)[0]
     assert row["detail"].endswith("; epoch 2/3, step 40/120, 12.5 samples/s")
@@ -652,7 +652,7 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
     (nd.folder / "checkpoint" / "latest.json").write_text('{"checkpoint": "step-32-e1"}')
     assert P.status_table(nodes)[0]["detail"].endswith("; epoch 2/3, step 40/120, 12.5 samples/s; checkpoint at step 32")
     # the time left at its own pace: 80 steps x 8 examples / 12.5 per second, whatever its peers took
-    assert P.own_pace_seconds(nd.folder) == pytest.approx(51.2)
+    assert P.status_table(nodes)[0]["pace_seconds"] == pytest.approx(51.2)
     assert P.remaining([{**row, "expect": 9999.0}]) == {"seconds": pytest.approx(51.2), "estimated": 1, "unknown": 0}
     # a queued run of the same row and task with no finished run anywhere (another seed): the
     # running run's whole time at its pace, 120 steps x 8 / 12.5 = 76.8 s; another task's: unknown
@@ -670,12 +670,12 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
         '{"checkpoint": 20, "epoch": 0, "why": "SIGUSR1"}\n{"resumed": true, "epoch": 0, "step": 20}\n'
         f'{{"step": 30, "epoch": 0, "samples_per_s": {240 / 14.8}, "steps_total": 120}}\n'
         f'{{"step": 40, "epoch": 0, "samples_per_s": {320 / 16.8}, "steps_total": 120}}\n')
-    assert P.own_pace_seconds(nd.folder) == pytest.approx(16.0)
+    assert P.status_table(nodes)[0]["pace_seconds"] == pytest.approx(16.0)
     assert P.status_table(nodes)[0]["detail"].endswith("step 40/120, 40.0 samples/s; checkpoint at step 32")
     with open(nd.folder / "log.jsonl", "a") as f:                 # one record of a new leg: its average
         f.write('{"resumed": true, "epoch": 0, "step": 40}\n{"step": 50, "epoch": 0, "samples_per_s": 20.0, '
                 '"steps_total": 120}\n')
-    assert P.own_pace_seconds(nd.folder) == pytest.approx(70 * 8 / 20.0)
+    assert P.status_table(nodes)[0]["pace_seconds"] == pytest.approx(70 * 8 / 20.0)
     with open(nd.folder / "log.jsonl", "a") as f:                 # a multi-task run: who fed the epoch so far
         f.write('{"step": 60, "epoch": 0, "samples_per_s": 20.0, "steps_total": 120, '
                 '"sampling_share": {"rte": 0.711, "cola": 0.012}}\n')
