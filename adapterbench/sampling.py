@@ -174,17 +174,47 @@ class Uncertainty(TaskMixture):
     def __init__(self, items, batch_size, seed, tasks, proxies: dict[str, str], scorer=None):
         super().__init__(items, batch_size, seed, "proportional")
         self.tasks, self.scorer = tasks, scorer
-        names = [t.name for t in tasks]
-        self.proxy = {}
-        for i, t in enumerate(tasks):
-            if t.regression and proxies.get(t.name) in names and not tasks[names.index(proxies[t.name])].regression:
-                self.proxy[i] = names.index(proxies[t.name])
+        self.proxy = proxy_index(tasks, proxies)
 
     def next_batch(self, e: int) -> list[dict]:
         cands = [it for t in range(len(self.items)) for it in self.streams.take(t)]
         scores = self.scorer(cands, self.drawn)     # `drawn` (restored on resume) seeds the scoring dropout
         self.drawn += len(cands)
         return pick_uncertain(cands, scores, self.b, self.proxy)
+
+
+def proxy_index(tasks, proxies: dict[str, str]) -> dict[int, int]:
+    """{regression task's index: its proxy classification task's index} for the proxies named
+    among `tasks` (a proxy that is absent or itself a regression task is ignored)."""
+    names, out = [t.name for t in tasks], {}
+    for i, t in enumerate(tasks):
+        if t.regression and proxies.get(t.name) in names and not tasks[names.index(proxies[t.name])].regression:
+            out[i] = names.index(proxies[t.name])
+    return out
+
+
+def uncertainty_profile(items, tasks, scorer, b: int, proxies: dict[str, str], draws: int, seed: int = 0) -> dict:
+    """What MT-Uncertainty keeps from a model as it is now: `draws` times, b random training
+    candidates from every task, scored by `scorer` (the run's, `stages.uncertainty_scorer`) and
+    kept as `pick_uncertain` keeps them. Per task: the mean normalised entropy of its candidates
+    (None for a regression task), its weight (that mean over the largest task mean) and its share
+    of the kept examples. Explains a run's `sampling_share`: which tasks the sampler feeds, and why."""
+    rng = random.Random(seed)
+    proxy = proxy_index(tasks, proxies)
+    entropy = [[] for _ in tasks]
+    kept = [0] * len(tasks)
+    for d in range(draws):
+        cands = [it for its in items for it in rng.sample(its, min(b, len(its)))]
+        scores = scorer(cands, d * len(cands))
+        for c, v in zip(cands, scores.tolist()):
+            if not math.isnan(v):
+                entropy[c["task_id"]].append(v)
+        for c in pick_uncertain(cands, scores, b, proxy):
+            kept[c["task_id"]] += 1
+    means = [sum(e) / len(e) if e else None for e in entropy]
+    top = max((m for m in means if m is not None), default=None)
+    return {t.name: {"entropy": means[i], "weight": None if means[i] is None or not top else means[i] / top,
+                     "kept": kept[i] / max(sum(kept), 1)} for i, t in enumerate(tasks)}
 
 
 def pick_uncertain(cands: list[dict], entropy: torch.Tensor, b: int, proxy: dict[int, int]) -> list[dict]:

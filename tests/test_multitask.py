@@ -169,6 +169,32 @@ def test_uncertainty_keeps_highest_entropy_examples():
     assert sorted(c["uid"] for c in chosen) == [0, 2, 6, 8]
 
 
+def test_uncertainty_profile_says_what_the_sampler_keeps_and_why():
+    """`uncertainty_profile` (scripts/uncertainty_probe.py): each task's mean entropy, its weight
+    (mean over the largest mean) and its share of the kept examples, through `pick_uncertain`."""
+    from adapterbench.sampling import uncertainty_profile
+    tasks = [TaskSpec("a", labels=["x", "y"]), TaskSpec("b", labels=["x", "y"]), TaskSpec("r", regression=True)]
+    h = {0: [0.9, 0.5], 1: [1.0, 0.2], 2: [0.0, 0.0]}          # each candidate's entropy, by task
+    items = [[{"task_id": t, "h": v} for v in hs] for t, hs in h.items()]
+    calls = []
+
+    def scorer(cands, position):
+        calls.append(position)
+        return torch.tensor([float("nan") if tasks[c["task_id"]].regression else c["h"] for c in cands])
+
+    got = uncertainty_profile(items, tasks, scorer, 2, {"r": "a"}, draws=3)
+    assert calls == [0, 6, 12]                                  # each draw its own scoring position
+    assert got["a"]["entropy"] == pytest.approx(0.7) and got["b"]["entropy"] == pytest.approx(0.6)
+    assert got["a"]["weight"] == pytest.approx(1.0) and got["b"]["weight"] == pytest.approx(0.6 / 0.7)
+    assert got["r"]["entropy"] is None and got["r"]["weight"] is None
+    # weighted scores: a 0.9, 0.5; b 0.857, 0.171; r borrows a's one to one: 0.9 and 0.5 -> the
+    # two kept are a's 0.9 and r's copy of it, whatever order the draws came in
+    assert {n: v["kept"] for n, v in got.items()} == {"a": 0.5, "b": 0.0, "r": 0.5}
+    # no proxy: r's candidates get the step's top score (0.9) and tie with a's; candidate order keeps a's, then r's first
+    plain = uncertainty_profile(items, tasks, scorer, 2, {}, draws=1)
+    assert {n: v["kept"] for n, v in plain.items()} == {"a": 0.5, "b": 0.0, "r": 0.5}
+
+
 def test_length_chunks_sort_and_cover_the_rows():
     from adapterbench.train import length_chunks
     rows, lengths = [10, 11, 12, 13, 14], [9, 3, 7, 3, 1]
@@ -220,6 +246,22 @@ def test_uncertainty_never_starves_a_regression_task(tiny_bert_dir, task_yamls, 
     assert all(all(n > 0 for n in per) for per in picks.values()), picks
     share = m["share_of_examples"]
     assert abs(share["toyreg"] - share["toy"]) < 0.1, share
+    # scripts/uncertainty_probe.py on the finished run: a row per task, the kept shares adding up
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    run = next((tmp_path / "r").glob("multitask/mtl/*/*"))
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "uncertainty_probe.py"), str(run), "--draws", "2"],
+                         capture_output=True, text=True, cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in out.stdout.splitlines()
+            if line.startswith("| toy")}
+    assert set(rows) == {"toy", "toyreg", "toyreg2"} and rows["toyreg"][0].strip() == "–"
+    assert 0 < float(rows["toy"][0]) <= 1 and float(rows["toy"][1]) == 1.0
+    assert sum(float(r[2].strip(" %")) for r in rows.values()) == pytest.approx(100, abs=0.2)
 
 
 @pytest.mark.parametrize("method,precision", [("mtl", "fp32"), ("mt-a", "bf16"), ("camtl", "bf16")])
