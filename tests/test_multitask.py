@@ -190,7 +190,8 @@ def test_uncertainty_profile_says_what_the_sampler_keeps_and_why():
     # weighted scores: a 0.9, 0.5; b 0.857, 0.171; r borrows a's one to one: 0.9 and 0.5 -> the
     # two kept are a's 0.9 and r's copy of it, whatever order the draws came in
     assert {n: v["kept"] for n, v in got.items()} == {"a": 0.5, "b": 0.0, "r": 0.5}
-    # no proxy: r's candidates get the step's top score (0.9) and tie with a's; candidate order keeps a's, then r's first
+    # no proxy: r's candidates get the step's top score (0.9) and tie with a's; candidate
+    # order keeps a's, then r's first
     plain = uncertainty_profile(items, tasks, scorer, 2, {}, draws=1)
     assert {n: v["kept"] for n, v in plain.items()} == {"a": 0.5, "b": 0.0, "r": 0.5}
 
@@ -230,7 +231,8 @@ def test_uncertainty_scores_do_not_depend_on_the_scoring_chunks(tiny_bert_dir, t
 def test_uncertainty_never_starves_a_regression_task(tiny_bert_dir, task_yamls, data_dir, tmp_path):
     """A 3-task run under MT-Uncertainty (a classification task, a regression task borrowing
     its scores, a regression task without a proxy): every task is picked in every epoch, and
-    the proxied regression task's share equals its proxy's within sampling noise."""
+    the proxied regression task's share equals its proxy's within sampling noise; the probe
+    script reads the finished run."""
     import yaml
     third = tmp_path / "toyreg2.yaml"
     spec = yaml.safe_load(open(task_yamls["toyreg"]))
