@@ -11,6 +11,7 @@ Explains a run's `sampling_share` (log.jsonl, metrics.json): which tasks the sam
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 from adapterbench.config import RunConfig, build, load_yaml
 from adapterbench.data import load_splits
+from adapterbench.errors import UserError
 from adapterbench.methods import method_config
 from adapterbench.runs import load_tensors, read_json
 from adapterbench.sampling import DEFAULT_PROXIES, uncertainty_profile
@@ -30,7 +32,11 @@ def load(folder: Path):
     if read_json(folder / "metrics.json").get("status") == "ok":
         cfg, tasks, model, tokenizer, _ = load_run_model(folder)
         return cfg, tasks, model, tokenizer, "the finished run"
-    name = json.loads((folder / "checkpoint" / "latest.json").read_text())["checkpoint"]
+    latest = folder / "checkpoint" / "latest.json"
+    if not latest.is_file():
+        raise UserError(f"{folder} is neither finished nor checkpointed (no {latest}): wait for its first "
+                        f"checkpoint (train.checkpoint_minutes), or probe a finished run")
+    name = json.loads(latest.read_text())["checkpoint"]
     with tempfile.TemporaryDirectory() as tmp:          # a copy: the run may replace its checkpoint meanwhile
         weights = Path(shutil.copy(folder / "checkpoint" / name / "weights.safetensors", tmp))
         cfg = build(RunConfig, load_yaml(folder / "config.yaml"))
@@ -48,7 +54,14 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg, tasks, model, tokenizer, source = load(a.run)
+    try:
+        cfg, tasks, model, tokenizer, source = load(a.run)
+        if len(tasks) < 2:
+            raise UserError(f"{a.run} is a single-task run: MT-Uncertainty chooses between the tasks of a "
+                            f"multi-task run (adapterbench multitask)")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     items = [prepare_items(t, load_splits(t, cfg.data.data_dir, ("train",)), tokenizer, cfg, i)["train"]
              for i, t in enumerate(tasks)]
     model.train()                                          # dropout on, as the run scores

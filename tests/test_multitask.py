@@ -264,6 +264,9 @@ def test_uncertainty_never_starves_a_regression_task(tiny_bert_dir, task_yamls, 
     assert set(rows) == {"toy", "toyreg", "toyreg2"} and rows["toyreg"][0].strip() == "–"
     assert 0 < float(rows["toy"][0]) <= 1 and float(rows["toy"][1]) == 1.0
     assert sum(float(r[2].strip(" %")) for r in rows.values()) == pytest.approx(100, abs=0.2)
+    bad = subprocess.run([sys.executable, str(root / "scripts" / "uncertainty_probe.py"), str(tmp_path)],
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize("method,precision", [("mtl", "fp32"), ("mt-a", "bf16"), ("camtl", "bf16")])
