@@ -352,22 +352,28 @@ def run_tasks(folder: Path, cfg: RunConfig) -> list[TaskSpec]:
     return [parse_task(Path(p)) if Path(p).is_file() else load_task(Path(p).stem) for p in paths]
 
 
+def stored_config(folder: Path, trust_remote_code: bool = False) -> RunConfig:
+    """The RunConfig a run folder's config.yaml records (finished or not), method defaults applied."""
+    from .config import load_yaml
+    cfg = build(RunConfig, load_yaml(Path(folder) / "config.yaml"))
+    cfg.method = method_config(cfg.method)
+    cfg.model.trust_remote_code = trust_remote_code
+    if cfg.model.pooling == "auto":
+        cfg.model.pooling = "cls"     # folders from before model.pooling existed read the first token
+    return cfg
+
+
 def load_run_model(folder: Path, trust_remote_code: bool = False):
     """Rebuild (cfg, tasks, model, tokenizer, stored metrics) from a run folder alone.
     `trust_remote_code` comes from the command line only, never from the folder's config."""
     from .artifacts import verify_sources
-    from .config import load_yaml
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"run folder {folder} does not exist: see `adapterbench ls runs`")
     metrics = read_json(folder / "metrics.json")
     if metrics.get("status") != "ok":
         raise UserError(f"run {folder} has status '{metrics.get('status')}', not ok: rerun its stage")
-    cfg = build(RunConfig, load_yaml(folder / "config.yaml"))
-    cfg.method = method_config(cfg.method)
-    cfg.model.trust_remote_code = trust_remote_code
-    if cfg.model.pooling == "auto":
-        cfg.model.pooling = "cls"     # folders from before model.pooling existed read the first token
+    cfg = stored_config(folder, trust_remote_code)
     tasks = run_tasks(folder, cfg)
     method = get_method(cfg.method.name)
     art = method.ARTIFACT

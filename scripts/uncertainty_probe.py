@@ -17,13 +17,12 @@ from pathlib import Path
 
 import torch
 
-from adapterbench.config import RunConfig, build, load_yaml
 from adapterbench.data import load_splits
 from adapterbench.errors import UserError
-from adapterbench.methods import method_config
 from adapterbench.runs import load_tensors, read_json
 from adapterbench.sampling import DEFAULT_PROXIES, uncertainty_profile
-from adapterbench.stages import build_model, load_run_model, prepare_items, run_tasks, uncertainty_scorer
+from adapterbench.stages import (build_model, load_run_model, prepare_items, run_tasks, stored_config,
+                                 uncertainty_scorer)
 from adapterbench.train import restore
 
 
@@ -39,8 +38,7 @@ def load(folder: Path):
     name = json.loads(latest.read_text())["checkpoint"]
     with tempfile.TemporaryDirectory() as tmp:          # a copy: the run may replace its checkpoint meanwhile
         weights = Path(shutil.copy(folder / "checkpoint" / name / "weights.safetensors", tmp))
-        cfg = build(RunConfig, load_yaml(folder / "config.yaml"))
-        cfg.method = method_config(cfg.method)
+        cfg = stored_config(folder)
         tasks = run_tasks(folder, cfg)
         model, tokenizer = build_model(cfg, tasks)
         restore(model, load_tensors(weights))
