@@ -27,13 +27,13 @@ def status_table(nodes: list[Node]) -> list[dict]:
             age = time.time() - float(info.get("heartbeat", time.time()))
             detail = f"{info.get('host')} pid {info.get('pid')} job {info.get('job') or '-'}, heartbeat {age:.0f}s ago"
             rec, train = last_step(nd.folder), _resolved_train(nd.folder)    # its log and config, read once
-            detail += progress(rec, train) + checkpointed(nd.folder)
+            detail += progress(rec, train) + dev_by_epoch(nd.folder) + checkpointed(nd.folder)
             pace, whole = _pace(rec, train), _pace(rec, train, whole=True)
         elif st == "pending":
             st = "blocked" if any(states[d] in ("failed", "blocked") for d in nd.deps) else "queued"
             step = checkpoint_step(nd.folder)
             if step is not None:
-                detail = f"has a checkpoint at step {step}: resumes"
+                detail = f"has a checkpoint at step {step}: resumes" + dev_by_epoch(nd.folder)
                 rec, train = last_step(nd.folder), _resolved_train(nd.folder)
                 if rec is not None:           # what is left after the checkpoint, at the pace its log shows
                     pace = _pace({**rec, "step": step}, train)
@@ -118,6 +118,26 @@ def recent_pace(records: list[dict]) -> float | None:
 
 def _rate(rec: dict) -> float:
     return float(rec.get("recent_samples_per_s") or rec["samples_per_s"])
+
+
+def dev_by_epoch(folder) -> str:
+    """'; dev by epoch: 58.38, 60.12' for a run whose log.jsonl holds dev scorings (the value
+    that picks its best epoch: the main metric, a multi-task run's mean over its tasks), else ''.
+    An epoch scored twice (a run resumed from a checkpoint before its scoring) counts once, its
+    last scoring."""
+    by_epoch = {}
+    try:
+        lines = (Path(folder) / "log.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            if isinstance(rec, dict) and "dev" in rec and rec.get("main") is not None:
+                by_epoch[int(rec["epoch"])] = float(rec["main"])
+        except (ValueError, KeyError, TypeError):
+            continue                      # a line being written, or not a scoring
+    return "; dev by epoch: " + ", ".join(f"{by_epoch[e]:.2f}" for e in sorted(by_epoch)) if by_epoch else ""
 
 
 def checkpointed(folder) -> str:

@@ -680,6 +680,12 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
         f.write('{"step": 60, "epoch": 0, "samples_per_s": 20.0, "steps_total": 120, '
                 '"sampling_share": {"rte": 0.711, "cola": 0.012}}\n')
     assert P.status_table(nodes)[0]["detail"].endswith("; epoch so far: rte 71%, cola 1%; checkpoint at step 32")
+    with open(nd.folder / "log.jsonl", "a") as f:                 # its dev scorings: epoch 0 scored twice
+        f.write('{"epoch": 0, "step": 40, "dev": {"rte": {"accuracy": 50.0}}, "main": 50.0}\n'
+                '{"epoch": 0, "step": 40, "dev": {"rte": {"accuracy": 58.377}}, "main": 58.377}\n'
+                '{"epoch": 1, "step": 80, "dev": {"rte": {"accuracy": 61.5}}, "main": 61.5}\n{"epoch": 2, "dev": ')
+    assert P.status_table(nodes)[0]["detail"].endswith(
+        "; epoch so far: rte 71%, cola 1%; dev by epoch: 58.38, 61.50; checkpoint at step 32")
     lock.write_text(json.dumps({**fresh, "heartbeat": time.time() - L.LOCK_TIMEOUT - 5}))
     assert S.state(nd) == "pending" and L.try_lock(nd)
     mine = json.loads(lock.read_text())
@@ -703,6 +709,9 @@ def test_a_queued_run_with_a_checkpoint_is_paced_from_its_checkpoint(tmp_path, t
     (nd.folder / "checkpoint" / "latest.json").write_text('{"checkpoint": "step-32-e1"}')
     row = P.status_table(nodes)[0]
     assert row["state"] == "queued" and row["detail"] == "has a checkpoint at step 32: resumes"
+    with open(nd.folder / "log.jsonl", "a") as f:                 # its first epoch's dev scoring
+        f.write('{"epoch": 0, "step": 30, "dev": {"toy": {"accuracy": 70.0}}, "main": 70.0}\n')
+    assert P.status_table(nodes)[0]["detail"] == "has a checkpoint at step 32: resumes; dev by epoch: 70.00"
     assert row["pace_seconds"] == pytest.approx((120 - 32) * 8 / 12.5)
     assert P.remaining([row]) == {"seconds": pytest.approx(56.32), "estimated": 1, "unknown": 0}
 
