@@ -15,8 +15,26 @@ from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, fuse and compare bottleneck adapters and their baselines.")
-console = Console()
-err = Console(stderr=True)
+PIPE_WIDTH = 200      # columns for output that goes to no terminal
+
+
+def _width() -> int | None:
+    """The console's width: None (rich measures the terminal, or reads $COLUMNS) where there is
+    one; else PIPE_WIDTH. Rich's fallback of 80 columns cut row names short ('houls…') in the
+    tables that users send to a file, a pipe or a job's log."""
+    if "COLUMNS" in os.environ:
+        return None
+    for fd in (0, 1, 2):
+        try:
+            os.get_terminal_size(fd)
+            return None
+        except (OSError, ValueError):
+            continue
+    return PIPE_WIDTH
+
+
+console = Console(width=_width())
+err = Console(stderr=True, width=_width())
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (see configs/).")
 TaskOpt = typer.Option(None, "--task", "-t", help="Task name (adapterbench ls tasks) or task YAML.")

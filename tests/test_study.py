@@ -147,6 +147,22 @@ def test_only_runs_the_named_rows_and_what_they_need(tmp_path, task_yamls, data_
     assert r.exit_code == 2 and "matches no run" in r.output and "pfeiffer-rf64" in r.output
 
 
+def test_status_sent_to_a_file_keeps_whole_row_names(tmp_path, task_yamls, data_dir):
+    """Output that goes to no terminal (a file, a pipe, a job's log) is laid out 200 columns wide,
+    not rich's 80: the by-row table keeps a long row name whole, and long lines wrap at 200."""
+    label = "pfeiffer rf 64 lr 3e-4 (a long variant name)"
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,),
+                    extra_methods=f"  - {{name: pfeiffer, label: '{label}', method: {{reduction_factor: 32}}}}\n")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    r = subprocess.run([sys.executable, "-m", "adapterbench.cli", "status", str(y), "--by-row"], env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [ln.split("│")[1].strip() for ln in r.stdout.splitlines() if ln.count("│") > 3]
+    assert label in rows and not any("…" in x for x in rows)
+    total = next(ln for ln in r.stdout.splitlines() if ln.startswith("still to run: "))
+    assert 80 < len(total) <= 200                          # a long line is wrapped at 200 columns, not 80
+
+
 def test_failed_run_is_reported_and_others_go_on(tmp_path, task_yamls, data_dir):
     y = write_study(tmp_path, task_yamls, data_dir, seeds=(1,))
     (data_dir / "TOYREG" / "train.tsv").write_text("sentence\tscore\nthe cat\tnan\n")  # fusion source breaks
