@@ -287,7 +287,7 @@ def legend(rep: Report) -> str:
             "tasks of the difference to the baseline row; '>+0.3' counts tasks improved by more than 0.3 points "
             "(AdapterFusion Table 2). Rows ending in 'k=N' are few-shot (N examples per class) and are "
             "compared with the baseline at the same k. params %: trainable share of the model; "
-            "train s: mean per run.")
+            "train s: mean per run, on whichever machine each run had (settings: machine).")
     if rep.majority:
         text += (" majority class: the training set's most frequent label (regression: its mean) predicted for "
                  "every dev example (" + ", ".join(f"{t}: {rep.metric_names[t]}" for t in rep.majority) + ").")
@@ -331,7 +331,7 @@ def _epochs(train: dict) -> str:
 
 
 SETTINGS_HEADER = ["row", "method", "lr", "epochs", "epochs run", "best epoch", "warm-up", "batch",
-                   "training data", "precision", "pooling", "runs"]
+                   "training data", "precision", "pooling", "machine", "runs"]
 
 
 def _gemm_note(records: list[dict]) -> str:
@@ -339,6 +339,17 @@ def _gemm_note(records: list[dict]) -> str:
     operands (a CPU without native bf16; `precision.bf16_matmul`), when any did."""
     n = sum(1 for m in records if m.get("bf16_matmul", "native") != "native")
     return f" ({n} of {len(records)} runs: fp32 GEMMs)" if n else ""
+
+
+def _machines(records: list[dict]) -> str:
+    """Where a row's runs trained (`runs.machine_name`, from each run's `machine_seconds`): one
+    machine, or each with its number of runs; a run resumed on another machine names both ('A +
+    B'); 'not recorded' for runs from before runs recorded it."""
+    from collections import Counter
+    each = Counter(" + ".join(sorted(m.get("machine_seconds") or {})) or "not recorded" for m in records)
+    if len(each) == 1:
+        return next(iter(each))
+    return " / ".join(f"{k} ({n})" for k, n in sorted(each.items()))
 
 
 def settings_rows(root: Path, only: list[str] | None = None,
@@ -369,7 +380,7 @@ def settings_rows(root: Path, only: list[str] | None = None,
                      each(map(_training_data, trains)),
                      each(t.get("precision", "?") for t in trains) + _gemm_note([m for m, _ in runs]),
                      each(m.get("pooling") or c.get("model", {}).get("pooling", "?") for m, c in runs),
-                     str(len(runs))])
+                     _machines([m for m, _ in runs]), str(len(runs))])
     return SETTINGS_HEADER, body
 
 
@@ -451,7 +462,9 @@ SETTINGS_LEGEND = ("Settings: each row's learning rate, epoch budget (≤ N: bes
                    "`patience` epochs without a better one), epochs run and best epoch (means over the row's runs, "
                    "1-based), warm-up share of the steps, batch size, training examples per task (all, a seeded "
                    "cap, or k per class), precision (bf16: autocast; \"fp32 GEMMs\": runs whose bf16 products ran as fp32 GEMMs "
-                   "of bf16-rounded operands, on a CPU without native bf16) and the pooling the head reads.")
+                   "of bf16-rounded operands, on a CPU without native bf16), the pooling the head reads and the machine "
+                   "the runs trained on (a GPU, or a CPU's model, instruction set and threads; \"not recorded\": runs from "
+                   "before adapterbench recorded it): training times compare only between runs on one machine.")
 
 
 def render(rep: Report, fmt: str) -> str:

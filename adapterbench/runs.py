@@ -167,6 +167,32 @@ def git_commit() -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what the platform says), or 'CPU'."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() or "CPU"
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+def machine_name(device) -> str:
+    """What a run's training time was measured on, in a few words: a GPU's name, or a CPU's
+    model, the instruction set torch uses on it and its torch threads ('AMD EPYC (AVX2, 1
+    thread)'). Times from two machines do not compare; runs record each machine's share of
+    their training time (metrics.json `machine_seconds`), and the report names them."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
+    n = torch.get_num_threads()
+    return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}, {n} thread{'s' if n != 1 else ''})"
+
+
 def environment() -> dict:
     import torch
     versions = {}
@@ -179,7 +205,7 @@ def environment() -> dict:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
             "git_commit": git_commit(), "device": device, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "machine": machine_name("cuda" if torch.cuda.is_available() else "cpu"),
             "cpu_count": os.cpu_count(), "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

@@ -42,6 +42,7 @@ from . import metrics as M
 from .config import TrainConfig
 from .errors import UserError
 from .precision import autocast, bf16_matmul
+from .runs import machine_name
 
 
 @dataclass
@@ -56,6 +57,12 @@ class TrainResult:
     best_epoch: int = -1
     best_metrics: dict = field(default_factory=dict)   # {task: dev metrics} of the best scoring
     stale: int = 0                 # scorings since the best one
+    machine_seconds: dict = field(default_factory=dict)   # train_seconds per machine (`runs.machine_name`)
+
+    def clock(self, seconds: float, machine: str) -> None:
+        """Count training time, and which machine spent it (a run resumed elsewhere has two)."""
+        self.train_seconds += seconds
+        self.machine_seconds[machine] = self.machine_seconds.get(machine, 0.0) + seconds
 
     @property
     def samples_per_second(self) -> float:
@@ -295,6 +302,8 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
         if track_dir is not None and accelerator.log_with and "step" in record:
             accelerator.log(scalars(record), step=record["step"])
     world, rank = accelerator.num_processes, accelerator.process_index
+    here = machine_name(accelerator.device)
+    log({"machine": here})                              # every leg of the run says where it ran
     if how := bf16_matmul(cfg.precision, accelerator.device):
         log({"bf16_matmul": how})
     if cfg.batch_size % world:
@@ -312,6 +321,8 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
     if checkpoint_dir is not None and (checkpoint_dir / "latest.json").is_file():
         state, best_state, extra = load_checkpoint(checkpoint_dir, plain, optimizer, scheduler)
         res = TrainResult(**state)
+        if res.train_seconds and not res.machine_seconds:   # a checkpoint from before machines were recorded
+            res.machine_seconds = {"not recorded": res.train_seconds}
         source.restore(json.loads(extra["source"]))
         log({"resumed": True, "epoch": res.epoch, "step": res.steps})
 
@@ -349,13 +360,13 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
                 if cfg.max_steps and res.steps >= cfg.max_steps:
                     break
                 if checkpoint_dir is not None and (why := requests.due(res.steps)):
-                    res.train_seconds += time.perf_counter() - t0
+                    res.clock(time.perf_counter() - t0, here)
                     t0 = time.perf_counter()
                     checkpoint()
                     log({"checkpoint": res.steps, "epoch": res.epoch, "why": why})
                 if requests.stopping:
                     raise Stopped.after(f"step {res.steps}", checkpoint_dir is not None)
-            res.train_seconds += time.perf_counter() - t0
+            res.clock(time.perf_counter() - t0, here)
             if scored_epoch(res.epoch, res.steps, cfg):
                 best_state = score_epoch(plain, dev_sets, tasks, collate, cfg, res, best_state, higher, log)
             if share := sampling_share(source, res.epoch, tasks):      # multi-task: who fed this epoch

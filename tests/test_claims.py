@@ -173,14 +173,17 @@ def test_shipped_claims_files_parse_and_name_study_rows():
 def test_settings_table_states_each_rows_budget(tmp_path):
     """--settings: lr, epoch budget, epochs run / best epoch (1-based means), warm-up, data and
     precision from each run's resolved config (and how many bf16 runs computed their products as
-    fp32 GEMMs); values that differ within a row are all shown."""
+    fp32 GEMMs), the machines the runs trained on; values that differ within a row are all shown."""
     root = tmp_path / "runs"
     for seed, (lr, best, run) in enumerate([(1e-4, 1, 4), (1e-4, 3, 6), (3e-4, 2, 5)], start=1):
         fake_run(root, "pfeiffer", "rte", seed, 60.0 + seed)
         d = root / "pfeiffer" / "rte" / f"s{seed}"
         m = json.loads((d / "metrics.json").read_text())
         gemm = {"bf16_matmul": "fp32 GEMM of bf16-rounded operands"} if seed == 3 else {}
-        (d / "metrics.json").write_text(json.dumps({**m, "best_epoch": best, "epochs_run": run, "pooling": "mean", **gemm}))
+        # where they trained: seeds 1 and 2 on one GPU, seed 3 resumed on a CPU after starting on it
+        where = {"GPU A": 50.0} if seed < 3 else {"GPU A": 20.0, "EPYC (AVX2, 1 thread)": 90.0}
+        (d / "metrics.json").write_text(json.dumps({**m, "best_epoch": best, "epochs_run": run, "pooling": "mean",
+                                                    "machine_seconds": where, **gemm}))
         (d / "config.yaml").write_text(
             f"train: {{lr: {lr}, epochs: 10, patience: 3, warmup_ratio: 0.1, batch_size: 32, limit: 20000, "
             f"precision: bf16}}\n")
@@ -190,8 +193,9 @@ def test_settings_table_states_each_rows_budget(tmp_path):
     r = runner.invoke(app, ["report", str(root), "--settings", "--no-plot", "--no-majority"])
     assert r.exit_code == 0, r.output
     assert ("| pfeiffer | pfeiffer | 1e-4 / 3e-4 | ≤ 10 (patience 3) | 5.0 | 3.0 | 10% | 32 | ≤ 20,000 | "
-            "bf16 (1 of 3 runs: fp32 GEMMs) | mean | 3 |") in r.output
-    assert "| adapter k=32 | adapter k=32 | 1e-3 | 10 | – | – | 0% | 8 | 32/class | fp32 | ? | 1 |" in r.output
+            "bf16 (1 of 3 runs: fp32 GEMMs) | mean | EPYC (AVX2, 1 thread) + GPU A (1) / GPU A (2) | 3 |") in r.output
+    assert ("| adapter k=32 | adapter k=32 | 1e-3 | 10 | – | – | 0% | 8 | 32/class | fp32 | ? | not recorded | 1 |"
+            in r.output)
     bad = runner.invoke(app, ["report", str(root), "--settings", "--format", "csv"])
     assert bad.exit_code == 2 and "use it with --format md" in bad.output
 
