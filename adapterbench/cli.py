@@ -396,6 +396,8 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
            archive: Optional[Path] = typer.Option(None, "--archive", help="A results archive (.jsonl): the runs "
                                                   "`run --skip-archived` would skip show as archived, and their "
                                                   "recorded times estimate what is left."),
+           todo: bool = typer.Option(False, "--todo", help="List only the runs still to do (running, queued, "
+                                                           "failed, blocked); the counts and hours stay the study's."),
            debug: bool = DebugOpt):
     """Every run of a study: done / running (host, job, heartbeat age, progress) / queued / failed / blocked
     (/ archived, with --archive)."""
@@ -421,7 +423,10 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
             groups.setdefault(r["label"], []).append(r)
         # remaining() groups by row, so the study's total is the sum over its rows (each run read once)
         by_label = {label: P.remaining(mine) for label, mine in groups.items()}
-        console.print(_status_by_row(groups, states, title, by_label) if by_row else _status_by_run(rows, title))
+        shown = [r for r in rows if r["state"] not in ("done", "archived")] if todo else rows
+        open_rows = {label: left for label, left in by_label.items()
+                     if not todo or any(r["state"] not in ("done", "archived") for r in groups[label])}
+        console.print(_status_by_row(groups, states, title, open_rows) if by_row else _status_by_run(shown, title))
         counts = Counter(r["state"] for r in rows)
         console.print(", ".join(f"{k} {counts[k]}" for k in states))
         left = {k: sum(x[k] for x in by_label.values()) for k in ("seconds", "estimated", "unknown")}

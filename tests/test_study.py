@@ -143,6 +143,13 @@ def test_only_runs_the_named_rows_and_what_they_need(tmp_path, task_yamls, data_
     assert lines["pfeiffer"][:3] == ["2", "2", "0"] and lines["fusion"][:2] == ["1", "1"]   # runs, done, running
     assert lines["full"][:4] == ["1", "0", "0", "1"] and lines["full"][-1] == "0.0 (+1 runs ?)"   # queued, no peer
     assert lines["pfeiffer"][-1] == "0.0"
+    # --todo: only what is still to do, by row and by run; the totals stay the study's
+    r = runner.invoke(app, ["status", str(y), "--by-row", "--todo"], env={"COLUMNS": "200"})
+    assert {ln.split("│")[1].strip() for ln in r.output.splitlines() if ln.count("│") > 3} == {"full", "pfeiffer-rf64"}
+    assert "done 3, running 0, queued 2" in r.output
+    r = runner.invoke(app, ["status", str(y), "--todo"], env={"COLUMNS": "200"})
+    states = [ln.split("│")[6].strip() for ln in r.output.splitlines() if re.match(r"^│ \d+ ", ln)]
+    assert states == ["queued", "queued"] and "done 3, running 0, queued 2" in r.output
     r = runner.invoke(app, ["run", str(y), "--only", "nothing-*"])
     assert r.exit_code == 2 and "matches no run" in r.output and "pfeiffer-rf64" in r.output
 
