@@ -33,8 +33,9 @@ def _width() -> int | None:
     return PIPE_WIDTH
 
 
-console = Console(width=_width())
-err = Console(stderr=True, width=_width())
+WIDTH = _width()
+console = Console(width=WIDTH)
+err = Console(stderr=True, width=WIDTH)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (see configs/).")
 TaskOpt = typer.Option(None, "--task", "-t", help="Task name (adapterbench ls tasks) or task YAML.")
@@ -424,8 +425,7 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
         # remaining() groups by row, so the study's total is the sum over its rows (each run read once)
         by_label = {label: P.remaining(mine) for label, mine in groups.items()}
         shown = [r for r in rows if r["state"] not in ("done", "archived")] if todo else rows
-        open_rows = {label: left for label, left in by_label.items()
-                     if not todo or any(r["state"] not in ("done", "archived") for r in groups[label])}
+        open_rows = {label: by_label[label] for label in dict.fromkeys(r["label"] for r in shown)}
         console.print(_status_by_row(groups, states, title, open_rows) if by_row else _status_by_run(shown, title))
         counts = Counter(r["state"] for r in rows)
         console.print(", ".join(f"{k} {counts[k]}" for k in states))

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -345,7 +346,6 @@ def _machines(records: list[dict]) -> str:
     """Where a row's runs trained (`runs.machine_name`, from each run's `machine_seconds`): one
     machine, or each with its number of runs; a run resumed on another machine names both ('A +
     B'); 'not recorded' for runs from before runs recorded it."""
-    from collections import Counter
     each = Counter(" + ".join(sorted(m.get("machine_seconds") or {})) or "not recorded" for m in records)
     if len(each) == 1:
         return next(iter(each))

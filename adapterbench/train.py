@@ -59,6 +59,10 @@ class TrainResult:
     stale: int = 0                 # scorings since the best one
     machine_seconds: dict = field(default_factory=dict)   # train_seconds per machine (`runs.machine_name`)
 
+    def __post_init__(self):
+        if self.train_seconds and not self.machine_seconds:   # a checkpoint from before machines were recorded
+            self.machine_seconds = {"not recorded": self.train_seconds}
+
     def clock(self, seconds: float, machine: str) -> None:
         """Count training time, and which machine spent it (a run resumed elsewhere has two)."""
         self.train_seconds += seconds
@@ -321,8 +325,6 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
     if checkpoint_dir is not None and (checkpoint_dir / "latest.json").is_file():
         state, best_state, extra = load_checkpoint(checkpoint_dir, plain, optimizer, scheduler)
         res = TrainResult(**state)
-        if res.train_seconds and not res.machine_seconds:   # a checkpoint from before machines were recorded
-            res.machine_seconds = {"not recorded": res.train_seconds}
         source.restore(json.loads(extra["source"]))
         log({"resumed": True, "epoch": res.epoch, "step": res.steps})
 
