@@ -571,17 +571,31 @@ def archive(runs_dir: Path = typer.Argument(..., help="Folder holding run folder
             out: Path = typer.Option(..., "--out", help="The archive to write or update, e.g. docs/results/runs.jsonl."),
             replace: bool = typer.Option(False, "--replace", help="Write only RUNS_DIR's runs, dropping the "
                                                                    "archive's lines for runs it does not hold."),
+            unfinished: Optional[Path] = typer.Option(None, "--unfinished", help="Also write each unfinished run's "
+                                                      "progress (dev by epoch, steps, shares) to this file, e.g. "
+                                                      "docs/results/unfinished.jsonl."),
             debug: bool = DebugOpt):
     """Write every finished run as one JSON line (metrics, config, extras): results as data,
     which `report` and `report --claims` read like run folders. An existing archive is updated:
-    runs it holds that RUNS_DIR does not are kept (a lost study folder loses no results)."""
+    runs it holds that RUNS_DIR does not are kept (a lost study folder loses no results).
+    `--unfinished`: the learning curves of runs still going, kept the same way, so a long run's
+    progress outlives a lost folder (no result: `report` reads finished runs only)."""
     def go():
+        from .progress import write_unfinished
         from .runs import write_archive
         if not runs_dir.is_dir():
             raise UserError(f"runs folder {runs_dir} does not exist: pass the folder a study wrote")
+        if unfinished is not None and unfinished.resolve() == out.resolve():
+            raise UserError(f"--unfinished {unfinished} is the archive itself: name another file, "
+                            f"e.g. docs/results/unfinished.jsonl")
         fresh, kept = write_archive(runs_dir, out, replace)
         console.print(f"{fresh + kept} finished runs written to {out}: {fresh} from {runs_dir}"
                       + (f", {kept} kept from the archive" if kept else ""))
+        if unfinished is not None:
+            now, old, dropped = write_unfinished(runs_dir, unfinished)
+            console.print(f"{now + old} unfinished runs' progress written to {unfinished}: {now} from {runs_dir}"
+                          + (f", {old} kept (folders no longer there)" if old else "")
+                          + (f"; {dropped} dropped (finished since)" if dropped else ""))
     guarded(debug, go)
 
 

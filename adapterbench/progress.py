@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import load_yaml
 from .errors import UserError
 from .locks import lock_path, read_lock
-from .runs import read_json
+from .runs import atomic_write, iter_runs, read_archive_lines, read_json, relative_to, status_of
 from .study import Node, state
 
 
@@ -120,24 +120,120 @@ def _rate(rec: dict) -> float:
     return float(rec.get("recent_samples_per_s") or rec["samples_per_s"])
 
 
-def dev_by_epoch(folder) -> str:
-    """'; dev by epoch: 58.38, 60.12' for a run whose log.jsonl holds dev scorings (the value
-    that picks its best epoch: the main metric, a multi-task run's mean over its tasks), else ''.
-    An epoch scored twice (a run resumed from a checkpoint before its scoring) counts once, its
-    last scoring."""
-    by_epoch = {}
+def read_log(folder) -> list[dict]:
+    """A run folder's log.jsonl records (JSON objects), in order; a line being written, or not
+    an object, is skipped; [] without a log."""
     try:
         lines = (Path(folder) / "log.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
-        return ""
+        return []
+    out = []
     for line in lines:
         try:
             rec = json.loads(line)
-            if isinstance(rec, dict) and "dev" in rec and rec.get("main") is not None:
-                by_epoch[int(rec["epoch"])] = float(rec["main"])
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def scored_epochs(records: list[dict]) -> dict[int, dict]:
+    """{epoch: its dev scoring record} from a log's records: the value that picks the best epoch
+    (`main`: the main metric, a multi-task run's mean over its tasks) with every task's metrics.
+    An epoch scored twice (a run resumed from a checkpoint before its scoring) counts its last scoring."""
+    out = {}
+    for rec in records:
+        try:
+            if "dev" in rec and rec.get("main") is not None:
+                out[int(rec["epoch"])] = {"epoch": int(rec["epoch"]), "step": rec.get("step"),
+                                          "main": float(rec["main"]), "dev": rec["dev"]}
         except (ValueError, KeyError, TypeError):
-            continue                      # a line being written, or not a scoring
-    return "; dev by epoch: " + ", ".join(f"{by_epoch[e]:.2f}" for e in sorted(by_epoch)) if by_epoch else ""
+            continue
+    return out
+
+
+def dev_by_epoch(folder) -> str:
+    """'; dev by epoch: 58.38, 60.12' for a run whose log.jsonl holds dev scorings (`scored_epochs`), else ''."""
+    by_epoch = scored_epochs(read_log(folder))
+    return "; dev by epoch: " + ", ".join(f"{by_epoch[e]['main']:.2f}" for e in sorted(by_epoch)) if by_epoch else ""
+
+
+def unfinished_record(folder: Path) -> dict | None:
+    """What an unfinished run (metrics.json not 'ok': running, interrupted, failed) has shown so
+    far, as one line of `archive --unfinished`, or None (finished, or no step logged yet): its
+    identity (row label, folder name, config hash, model, tasks, seed, and `attempt`: when this
+    folder was created, so a run started again from step 0 is another attempt), its last logged
+    step of steps_total, its last checkpoint's step, the machine of every leg, each scored
+    epoch's dev metrics (`scored_epochs`), each epoch's last step record (loss and, for a
+    multi-task run, each task's share of the epoch's examples so far) and its resolved config.
+    A long run's learning curve outlives its folder this way; it is no result: `report` reads
+    only finished runs."""
+    status = status_of(Path(folder))
+    records = read_log(folder) if status not in (None, "ok") else []
+    steps = [r for r in records if "step" in r and "samples_per_s" in r]
+    if not steps:
+        return None
+    config = _config(folder)
+    last = {}
+    for r in steps:
+        last[int(r.get("epoch", 0))] = {k: r[k] for k in ("epoch", "step", "loss", "sampling_share") if k in r}
+    return {"run": Path(folder).name, "config_hash": Path(folder).name.rsplit("-", 1)[-1], "label": _label(config),
+            "task": config.get("task"), "model": (config.get("model") or {}).get("name"), "seed": config.get("seed"),
+            "status": status, "attempt": _attempt(folder),
+            "snapshot": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": steps[-1]["step"],
+            "steps_total": steps[-1].get("steps_total"), "checkpoint_step": checkpoint_step(folder),
+            "machines": [r["machine"] for r in records if "machine" in r],
+            "history": [v for _, v in sorted(scored_epochs(records).items())],
+            "epochs": [v for _, v in sorted(last.items())], "config": config}
+
+
+def unfinished_key(record: dict) -> tuple:
+    """What makes two lines of an unfinished-runs file the same attempt of a run: its row label,
+    folder name and when its folder was created."""
+    return record.get("label"), record.get("run"), record.get("attempt")
+
+
+def write_unfinished(root: Path, out: Path) -> tuple[int, int, int]:
+    """`archive --unfinished`: every unfinished run under `root` (`unfinished_record`) as one JSON
+    line of `out`, updated as the archive is: lines for attempts `root` does not hold (a study
+    folder that was lost) are kept, an attempt in both is written from `root` (its newer
+    snapshot), and the line of an attempt that has since finished is dropped (its result is in
+    the archive). Paths inside the study are written relative to the folder above `root`.
+    Returns (attempts from `root`, lines kept, lines dropped)."""
+    bases = (Path(root).absolute().parent, Path(root).resolve().parent)
+    fresh, done = {}, set()
+    for folder in iter_runs(root):
+        record = unfinished_record(folder)
+        if record is not None:
+            fresh[unfinished_key(record)] = json.dumps(relative_to(record, bases), sort_keys=True, default=str)
+        elif status_of(folder) == "ok":
+            done.add((_label(_config(folder)), folder.name, _attempt(folder)))
+    old = read_archive_lines(out, key=unfinished_key, fix=f"delete {out} to start it anew")
+    kept = {k: line for k, line in old.items() if k not in fresh and k not in done}
+    atomic_write(out, "".join(line + "\n" for line in sorted([*fresh.values(), *kept.values()])))
+    return len(fresh), len(kept), sum(1 for k in old if k in done)
+
+
+def _config(folder) -> dict:
+    try:
+        config = load_yaml(Path(folder) / "config.yaml")
+    except (UserError, OSError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _label(config: dict) -> str | None:
+    return config.get("label") or (config.get("method") or {}).get("name")
+
+
+def _attempt(folder) -> str | None:
+    """When a run folder was created (env.json's time: a resumed run keeps it, a run started again
+    from step 0 writes a new one)."""
+    try:
+        return read_json(Path(folder) / "env.json").get("time")
+    except (UserError, OSError):
+        return None
 
 
 def checkpointed(folder) -> str:
@@ -172,11 +268,7 @@ def _pace(rec: dict | None, train: dict | None, whole: bool = False) -> float | 
 
 def _resolved_train(folder):
     """The `train` section of a run folder's resolved config.yaml (method defaults included)."""
-    try:
-        cfg = load_yaml(Path(folder) / "config.yaml")
-    except (UserError, OSError):
-        return None
-    train = cfg.get("train") if isinstance(cfg, dict) else None
+    train = _config(folder).get("train")
     return train if isinstance(train, dict) else None
 
 

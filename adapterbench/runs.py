@@ -424,8 +424,10 @@ def archive_key(record: dict) -> tuple:
     return record.get("label") or record.get("method"), record.get("run")
 
 
-def read_archive_lines(path: Path) -> dict[tuple, str]:
-    """An archive's lines by `archive_key` (none when the file does not exist yet)."""
+def read_archive_lines(path: Path, key=archive_key, fix: str = "pass --replace to write only this folder's runs"
+                       ) -> dict[tuple, str]:
+    """An archive's lines by `key` (`archive_key`; none when the file does not exist yet); a bad
+    line is named, with `fix` as the way out."""
     path = Path(path)
     if not path.exists():
         return {}
@@ -436,10 +438,10 @@ def read_archive_lines(path: Path) -> dict[tuple, str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {i}: not valid JSON ({e.msg}): mend or delete that line, or pass "
-                            f"--replace to write only this folder's runs") from None
+            raise UserError(f"{path} line {i}: not valid JSON ({e.msg}): mend or delete that line, or "
+                            f"{fix}") from None
         if not isinstance(record, dict) or "run" not in record:
             raise UserError(f"{path} line {i}: not an archive record (no 'run'): is {path} an archive? "
-                            f"Pass another --out, or --replace to overwrite it")
-        out[archive_key(record)] = line
+                            f"Name another file, or {fix}")
+        out[key(record)] = line
     return out

@@ -566,6 +566,63 @@ def test_archive_updates_an_archive_and_keeps_runs_the_folder_lost(tmp_path):
     assert archive.read_text() == before
 
 
+def unfinished_run(root: Path, seed: int, attempt: str, log: list[dict], status: str = "running") -> Path:
+    """A multi-task run folder as a run still going writes it (config, env, metrics, log.jsonl)."""
+    d = root / "multitask" / "camtl" / "rte-sst2" / f"tiny-bert-s{seed}-abc{seed}"
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(f"task: rte,sst2\nmethod: {{name: camtl}}\nmodel: {{name: tiny-bert}}\n"
+                                   f"seed: {seed}\nlabel: camtl\nout_dir: {root}\n")
+    (d / "env.json").write_text(json.dumps({"time": attempt}))
+    (d / "metrics.json").write_text(json.dumps({"status": status}))
+    (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + '{"step": 9')   # a line being written
+    return d
+
+
+def test_archive_keeps_unfinished_runs_progress_past_a_lost_folder(tmp_path):
+    """`archive --unfinished`: a run still going leaves one line (its last step, dev scores per
+    epoch, each epoch's sampling shares, machines); a lost folder's line is kept beside the new
+    attempt's, and an attempt that finished drops its line (its result is in the archive)."""
+    root, archive, progress = tmp_path / "runs", tmp_path / "runs.jsonl", tmp_path / "unfinished.jsonl"
+    fake_run(root, "full", "rte", 1, 60.0)
+    step = lambda s, e, share: {"step": s, "epoch": e, "loss": 1.0 / s, "samples_per_s": 5.0, "steps_total": 300,
+                                "sampling_share": share}
+    scored = lambda e, s, v: {"epoch": e, "step": s, "dev": {"rte": {"accuracy": v}, "sst2": {"accuracy": v}}, "main": v}
+    first = [{"machine": "CPU A"}, step(10, 0, {"rte": 0.9, "sst2": 0.1}), step(100, 0, {"rte": 0.7, "sst2": 0.3}),
+             scored(0, 100, 55.0), {"resumed": True, "epoch": 0, "step": 100}, {"machine": "CPU B"},
+             scored(0, 100, 56.0), step(150, 1, {"rte": 0.5, "sst2": 0.5})]
+    folder = unfinished_run(root, 2, "2026-12-01T10:00:00+0000", first)
+    (folder / "checkpoint").mkdir()
+    (folder / "checkpoint" / "latest.json").write_text(json.dumps({"checkpoint": "step-140-e1"}))
+    r = runner.invoke(app, ["archive", str(root), "--out", str(archive), "--unfinished", str(progress)])
+    assert r.exit_code == 0 and "1 unfinished runs' progress written" in " ".join(r.output.split()), r.output
+    (line,) = [json.loads(x) for x in progress.read_text().splitlines()]
+    assert (line["label"], line["run"], line["seed"], line["status"]) == ("camtl", folder.name, 2, "running")
+    assert (line["step"], line["steps_total"], line["checkpoint_step"]) == (150, 300, 140)
+    assert line["machines"] == ["CPU A", "CPU B"]
+    assert [(h["epoch"], h["main"]) for h in line["history"]] == [(0, 56.0)]          # the last scoring of epoch 0
+    assert [(e["epoch"], e["step"], e["sampling_share"]["rte"]) for e in line["epochs"]] == [(0, 100, 0.7), (1, 150, 0.5)]
+    assert line["config"]["out_dir"] == "runs"                  # no machine's folders in committed data
+    assert [json.loads(x)["seed"] for x in archive.read_text().splitlines()] == [1]    # unfinished: not a result
+    shutil.rmtree(root / "multitask")                            # the folder is lost; the run starts again
+    folder = unfinished_run(root, 2, "2026-12-03T11:00:00+0000", [{"machine": "CPU A"}, step(10, 0, {"rte": 1.0})])
+    r = runner.invoke(app, ["archive", str(root), "--out", str(archive), "--unfinished", str(progress)])
+    assert r.exit_code == 0 and "1 kept (folders no longer there)" in " ".join(r.output.split()), r.output
+    lines = sorted((json.loads(x) for x in progress.read_text().splitlines()), key=lambda x: x["attempt"])
+    assert [(x["attempt"][:10], x["step"]) for x in lines] == [("2026-12-01", 150), ("2026-12-03", 10)]
+    metrics = {"status": "ok", "label": "camtl", "method": "camtl", "task": "rte,sst2", "seed": 2, "main_value": 70.0}
+    (folder / "metrics.json").write_text(json.dumps(metrics))   # the new attempt finishes
+    r = runner.invoke(app, ["archive", str(root), "--out", str(archive), "--unfinished", str(progress)])
+    assert r.exit_code == 0 and "1 dropped (finished since)" in " ".join(r.output.split()), r.output
+    assert [json.loads(x)["attempt"][:10] for x in progress.read_text().splitlines()] == ["2026-12-01"]
+    assert sorted(json.loads(x)["seed"] for x in archive.read_text().splitlines()) == [1, 2]
+    r = runner.invoke(app, ["archive", str(root), "--out", str(archive), "--unfinished", str(archive)])
+    assert r.exit_code == 2 and "is the archive itself" in " ".join(r.output.split())
+    before = progress.read_text()
+    progress.write_text(before + "{not json\n")
+    r = runner.invoke(app, ["archive", str(root), "--out", str(archive), "--unfinished", str(progress)])
+    assert r.exit_code == 2 and "line 2: not valid JSON" in " ".join(r.output.split()) and "to start it anew" in r.output
+
+
 def test_a_lost_study_folder_resumes_from_its_archive(tmp_path, task_yamls, data_dir):
     """--skip-archived: the runs an archive holds are not trained again, except the sources a
     run still to do needs (here seed 2's fusion, dropped from the archive, retrains its pfeiffer
