@@ -17,11 +17,14 @@ study's reported seeds, when some rows trained extra seeds for another row's sak
 budgets (`settings: true`) and what their runs recorded beyond scores (`extras: true`: multi-task
 shares, merge alignment, fusion attention), and draw fusion rows' attention as target x source
 heatmaps instead of score bars (`plot: attention`). A table that names its seeds says below it
-which of its rows' runs have not finished (`still_to_come`).
+which of its rows' runs have not finished (`still_to_come`), and with `unfinished:
+docs/results/unfinished.jsonl` (written by `archive --unfinished`) how far they had got: each
+attempt's step, dev score per epoch and, for a multi-task run, its last epoch's shares (no result).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +36,7 @@ from .report import (ALPHA, SETTINGS_LEGEND, Report, build_report, collect, extr
                      settings_rows, split_labels)
 
 TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "seeds", "text", "runs", "settings",
-              "extras", "plot"}
+              "extras", "plot", "unfinished"}
 CLAIM_KEYS = {"id", "title", "paper", "claim", "a", "b", "tasks", "kind", "margin", "paper_delta", "metric",
               "testable", "why", "discussion"}
 TOP_KEYS = {"title", "intro", "tables", "claims", "closing"}
@@ -216,6 +219,43 @@ def still_to_come(rep: Report, rows: list[str], tasks: list[str] | None, seeds: 
     return f"_Still to come (runs this table names that have not finished): {', '.join(parts)}._" if parts else None
 
 
+UNFINISHED_LEGEND = ("Runs not finished when the study was last archived (`adapterbench archive --unfinished`; "
+                     "{path}): snapshots, not results. One line per attempt; an attempt marked lost was replaced "
+                     "by a later one (its folder was lost and the run started again from step 0). dev by epoch: "
+                     "the value that picks the best epoch (a multi-task run's mean over its tasks); shares: each "
+                     "task's share of the examples in the last epoch logged, so far.")
+
+
+def unfinished_table(path: Path, rows: list[str], seeds: list[int] | None) -> list[str]:
+    """A claims table's `unfinished:` block: its rows' unfinished attempts from an `archive
+    --unfinished` file (`progress.write_unfinished`), as Markdown lines; [] when it holds none."""
+    from .progress import unfinished_key
+    from .runs import read_archive_lines
+    if not path.is_file():
+        raise UserError(f"unfinished: {path} does not exist: write it with `adapterbench archive RUNS_DIR --out "
+                        f"ARCHIVE --unfinished {path}`, or drop the key")
+    records = [json.loads(line) for line in read_archive_lines(path, unfinished_key, f"delete {path}").values()]
+    mine = sorted((r for r in records if r.get("label") in rows and (seeds is None or r.get("seed") in seeds)),
+                  key=lambda r: (rows.index(r["label"]), r.get("seed") or 0, str(r.get("attempt"))))
+    if not mine:
+        return []
+    latest = {}
+    for r in mine:
+        latest[(r["label"], r.get("run"))] = r.get("attempt")
+    body = []
+    for r in mine:
+        lost = latest[(r["label"], r.get("run"))] != r.get("attempt")
+        dev = ", ".join(f"{h['main']:.2f}" for h in r.get("history") or []) or "–"
+        last = (r.get("epochs") or [{}])[-1]
+        share = last.get("sampling_share")
+        fed = (f"epoch {int(last['epoch']) + 1}: " + ", ".join(f"{t} {100 * v:.1f}%" for t, v in share.items())
+               if isinstance(share, dict) else "")
+        body.append([r["label"], str(r.get("seed")), str(r.get("attempt") or "?")[:10], str(r.get("snapshot") or "?")[:16],
+                     f"{r.get('step')} of {r.get('steps_total') or '?'}" + (" (lost)" if lost else ""), dev, fed])
+    header = ["row", "seed", "started", "as of", "step", "dev by epoch", "shares"]
+    return [markdown_table(header, body), UNFINISHED_LEGEND.format(path=path), ""]
+
+
 def attention_plots(table: dict, source: Path, rows: list[str], assets: Path) -> list[str]:
     """`plot: attention`: per fusion row of the table, a target x source heatmap of the attention
     (mean over layers and the table's seeds), as the paper draws it; Markdown image lines."""
@@ -258,11 +298,12 @@ def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool
         if t.get("text"):
             parts += [t["text"].strip(), ""]
         source = Path(t["runs"]) if t.get("runs") else runs_dir
+        going = unfinished_table(Path(t["unfinished"]), rows, t.get("seeds")) if t.get("unfinished") else []
         try:
             rep: Report = build_report(source, t.get("reference"), t.get("versus", "full"), rows,
                                        t.get("metric"), t.get("tasks"), seeds=t.get("seeds"))
         except UserError:   # a study still running: say so instead of failing the whole document
-            parts += [f"_No finished runs yet for rows {', '.join(rows)}._", ""]
+            parts += [f"_No finished runs yet for rows {', '.join(rows)}._", "", *going]
             continue
         parts += [render(rep, "md").rstrip(), ""]
         if todo := still_to_come(rep, rows, t.get("tasks"), t.get("seeds")):
@@ -273,6 +314,7 @@ def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool
             header, body = extras_rows(source, rows, t.get("seeds"))
             if body:
                 parts += [markdown_table(header, body), ""]
+        parts += going
         if plot and t.get("plot") == "attention":
             parts += attention_plots(t, source, rows, assets)
         elif plot:

@@ -220,6 +220,42 @@ def test_claims_table_from_another_archive_with_settings(runs, tmp_path):
     assert "| head lr=1e-3 | head | 1e-3 | 10 | 4.0 | 1.0 |" in swept and "| full |" not in swept
 
 
+def test_unfinished_runs_show_how_far_they_got_and_which_attempts_were_lost(runs, tmp_path):
+    """`unfinished:` a table lists its rows' unfinished attempts (from `archive --unfinished`) at
+    its seeds: step, dev score per epoch, the last epoch's shares; an attempt a later one replaced
+    is marked lost. Not a result: the table's cells and verdicts stay the finished runs'. Without
+    finished runs the list still shows; a missing file is named."""
+    def attempt(label, seed, started, step, history=(), share=None):
+        return {"run": f"m-s{seed}-abc", "label": label, "seed": seed, "attempt": started, "step": step,
+                "snapshot": "2026-12-03T12:00:00+0000", "steps_total": 3792,
+                "history": [{"epoch": e, "main": v} for e, v in enumerate(history)],
+                "epochs": [{"epoch": len(history), "step": step, "sampling_share": share}] if share else []}
+    lines = [attempt("mt-a", 2, "2026-12-01T09:00:00+0000", 2130, (58.38,), {"rte": 0.684, "mrpc": 0.162}),
+             attempt("mt-a", 2, "2026-12-03T11:51:00+0000", 60, (), {"rte": 0.63, "mrpc": 0.16}),
+             attempt("mt-a", 3, "2026-12-02T08:00:00+0000", 1303, (47.29,)),
+             attempt("mt-a", 9, "2026-12-02T08:00:00+0000", 5), attempt("mtl", 2, "2026-12-02T08:00:00+0000", 5)]
+    going = tmp_path / "unfinished.jsonl"
+    going.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    spec = tmp_path / "claims.yaml"
+    spec.write_text(f"tables:\n  - {{id: mt, rows: 'full,mt-a', seeds: [1, 2, 3], unfinished: {going}}}\n"
+                    f"  - {{id: none, rows: mt-a, seeds: [2], unfinished: {going}}}\n")
+    out = tmp_path / "results.md"
+    r = runner.invoke(app, ["report", str(runs), "--claims", str(spec), "--out", str(out), "--no-plot"])
+    assert r.exit_code == 0, r.output
+    mt, none = out.read_text().split("## none")
+    assert "| full | 81.00 ± 1.00 (3) | 62.00 ± 2.00 (3) |" in mt and "| mt-a |" not in mt.split("| row | seed")[0]
+    listed = [line for line in mt.splitlines() if line.startswith("| mt-a |")]
+    assert listed == [
+        "| mt-a | 2 | 2026-12-01 | 2026-12-03T12:00 | 2130 of 3792 (lost) | 58.38 | epoch 2: rte 68.4%, mrpc 16.2% |",
+        "| mt-a | 2 | 2026-12-03 | 2026-12-03T12:00 | 60 of 3792 | – | epoch 1: rte 63.0%, mrpc 16.0% |",
+        "| mt-a | 3 | 2026-12-02 | 2026-12-03T12:00 | 1303 of 3792 | 47.29 |  |"]
+    assert "snapshots, not results" in mt and "| mtl |" not in mt
+    assert "_No finished runs yet for rows mt-a._" in none and none.count("| mt-a | 2 |") == 2
+    spec.write_text(f"tables:\n  - {{id: mt, rows: mt-a, unfinished: {tmp_path / 'nope.jsonl'}}}\n")
+    r = runner.invoke(app, ["report", str(runs), "--claims", str(spec), "--out", str(out), "--no-plot"])
+    assert r.exit_code == 2 and "nope.jsonl does not exist" in " ".join(r.output.split())
+
+
 def test_majority_row_never_waits_on_the_hub(tmp_path, monkeypatch):
     """Without a local copy of the task's data the majority-class row is left out; the Hub is not tried."""
     from adapterbench import data, report
