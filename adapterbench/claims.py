@@ -221,7 +221,8 @@ def still_to_come(rep: Report, rows: list[str], tasks: list[str] | None, seeds: 
 
 UNFINISHED_LEGEND = ("Runs not finished when the study was last archived (`adapterbench archive --unfinished`; "
                      "{path}): snapshots, not results. One line per attempt; an attempt marked lost was replaced "
-                     "by a later one (its folder was lost and the run started again from step 0). dev by epoch: "
+                     "by a later one (its folder was lost and the run started again from step 0), one marked "
+                     "failed stopped with an error. dev by epoch: "
                      "the value that picks the best epoch (a multi-task run's mean over its tasks); shares: each "
                      "task's share of the examples in the last epoch logged, so far.")
 
@@ -244,14 +245,15 @@ def unfinished_table(path: Path, rows: list[str], seeds: list[int] | None) -> li
         latest[(r["label"], r.get("run"))] = r.get("attempt")
     body = []
     for r in mine:
-        lost = latest[(r["label"], r.get("run"))] != r.get("attempt")
+        mark = (" (failed)" if r.get("status") == "failed" else
+                " (lost)" if latest[(r["label"], r.get("run"))] != r.get("attempt") else "")
         dev = ", ".join(f"{h['main']:.2f}" for h in r.get("history") or []) or "–"
         last = (r.get("epochs") or [{}])[-1]
         share = last.get("sampling_share")
         fed = (f"epoch {int(last['epoch']) + 1}: " + ", ".join(f"{t} {100 * v:.1f}%" for t, v in share.items())
                if isinstance(share, dict) else "")
-        body.append([r["label"], str(r.get("seed")), str(r.get("attempt") or "?")[:10], str(r.get("snapshot") or "?")[:16],
-                     f"{r.get('step')} of {r.get('steps_total') or '?'}" + (" (lost)" if lost else ""), dev, fed])
+        body.append([r["label"], str(r.get("seed")), str(r.get("attempt") or "?")[:16], str(r.get("snapshot") or "?")[:16],
+                     f"{r.get('step')} of {r.get('steps_total') or '?'}{mark}", dev, fed])
     header = ["row", "seed", "started", "as of", "step", "dev by epoch", "shares"]
     return [markdown_table(header, body), UNFINISHED_LEGEND.format(path=path), ""]
 

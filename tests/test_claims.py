@@ -233,7 +233,8 @@ def test_unfinished_runs_show_how_far_they_got_and_which_attempts_were_lost(runs
     lines = [attempt("mt-a", 2, "2026-12-01T09:00:00+0000", 2130, (58.38,), {"rte": 0.684, "mrpc": 0.162}),
              attempt("mt-a", 2, "2026-12-03T11:51:00+0000", 60, (), {"rte": 0.63, "mrpc": 0.16}),
              attempt("mt-a", 3, "2026-12-02T08:00:00+0000", 1303, (47.29,)),
-             attempt("mt-a", 9, "2026-12-02T08:00:00+0000", 5), attempt("mtl", 2, "2026-12-02T08:00:00+0000", 5)]
+             attempt("mt-a", 9, "2026-12-02T08:00:00+0000", 5), attempt("mtl", 2, "2026-12-02T08:00:00+0000", 5),
+             {**attempt("mt-a", 1, "2026-12-02T08:00:00+0000", 40), "run": "m-s1-abc", "status": "failed"}]
     going = tmp_path / "unfinished.jsonl"
     going.write_text("".join(json.dumps(x) + "\n" for x in lines))
     spec = tmp_path / "claims.yaml"
@@ -246,9 +247,10 @@ def test_unfinished_runs_show_how_far_they_got_and_which_attempts_were_lost(runs
     assert "| full | 81.00 ± 1.00 (3) | 62.00 ± 2.00 (3) |" in mt and "| mt-a |" not in mt.split("| row | seed")[0]
     listed = [line for line in mt.splitlines() if line.startswith("| mt-a |")]
     assert listed == [
-        "| mt-a | 2 | 2026-12-01 | 2026-12-03T12:00 | 2130 of 3792 (lost) | 58.38 | epoch 2: rte 68.4%, mrpc 16.2% |",
-        "| mt-a | 2 | 2026-12-03 | 2026-12-03T12:00 | 60 of 3792 | – | epoch 1: rte 63.0%, mrpc 16.0% |",
-        "| mt-a | 3 | 2026-12-02 | 2026-12-03T12:00 | 1303 of 3792 | 47.29 |  |"]
+        "| mt-a | 1 | 2026-12-02T08:00 | 2026-12-03T12:00 | 40 of 3792 (failed) | – |  |",
+        "| mt-a | 2 | 2026-12-01T09:00 | 2026-12-03T12:00 | 2130 of 3792 (lost) | 58.38 | epoch 2: rte 68.4%, mrpc 16.2% |",
+        "| mt-a | 2 | 2026-12-03T11:51 | 2026-12-03T12:00 | 60 of 3792 | – | epoch 1: rte 63.0%, mrpc 16.0% |",
+        "| mt-a | 3 | 2026-12-02T08:00 | 2026-12-03T12:00 | 1303 of 3792 | 47.29 |  |"]
     assert "snapshots, not results" in mt and "| mtl |" not in mt
     assert "_No finished runs yet for rows mt-a._" in none and none.count("| mt-a | 2 |") == 2
     spec.write_text(f"tables:\n  - {{id: mt, rows: mt-a, unfinished: {tmp_path / 'nope.jsonl'}}}\n")
