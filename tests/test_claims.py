@@ -26,6 +26,18 @@ def fake_run(root: Path, label: str, task: str, seed: int, value: float, acc: fl
         "metrics": {"dev": dev}, "trainable_percent": 1.0, "train_seconds": 5.0}))
 
 
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(x) + "\n" for x in records))
+    return path
+
+
+def report_claims(runs: Path, tmp_path: Path, claims: str):
+    """`report RUNS --claims` with a claims file of this text: (the CLI's result, the document's path)."""
+    spec, out = tmp_path / "claims.yaml", tmp_path / "results.md"
+    spec.write_text(claims)
+    return runner.invoke(app, ["report", str(runs), "--claims", str(spec), "--out", str(out), "--no-plot"]), out
+
+
 @pytest.fixture()
 def runs(tmp_path) -> Path:
     root = tmp_path / "runs"
@@ -207,12 +219,9 @@ def test_claims_table_from_another_archive_with_settings(runs, tmp_path):
     lines = [{"status": "ok", "label": f"head lr={lr}", "method": "head", "task": "rte", "seed": 1,
               "main_value": v, "best_epoch": 0, "epochs_run": 4, "config": {"train": {"lr": float(lr), "epochs": 10}}}
              for lr, v in (("1e-3", 51.0), ("3e-3", 57.5))]
-    sweep.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    spec = tmp_path / "claims.yaml"
-    spec.write_text(f"tables:\n  - {{id: main, rows: full}}\n"
-                    f"  - {{id: sweep, rows: 'head *', runs: {sweep}, settings: true}}\n")
-    out = tmp_path / "results.md"
-    r = runner.invoke(app, ["report", str(runs), "--claims", str(spec), "--out", str(out), "--no-plot"])
+    write_jsonl(sweep, lines)
+    r, out = report_claims(runs, tmp_path, f"tables:\n  - {{id: main, rows: full}}\n"
+                                           f"  - {{id: sweep, rows: 'head *', runs: {sweep}, settings: true}}\n")
     assert r.exit_code == 0, r.output
     main, swept = out.read_text().split("## sweep")
     assert "| full | 81.00 ± 1.00 (3) | 62.00 ± 2.00 (3) |" in main and "head lr" not in main
@@ -235,13 +244,9 @@ def test_unfinished_runs_show_how_far_they_got_and_which_attempts_were_lost(runs
              attempt("mt-a", 3, "2026-12-02T08:00:00+0000", 1303, (47.29,)),
              attempt("mt-a", 9, "2026-12-02T08:00:00+0000", 5), attempt("mtl", 2, "2026-12-02T08:00:00+0000", 5),
              {**attempt("mt-a", 1, "2026-12-02T08:00:00+0000", 40), "run": "m-s1-abc", "status": "failed"}]
-    going = tmp_path / "unfinished.jsonl"
-    going.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    spec = tmp_path / "claims.yaml"
-    spec.write_text(f"tables:\n  - {{id: mt, rows: 'full,mt-a', seeds: [1, 2, 3], unfinished: {going}}}\n"
-                    f"  - {{id: none, rows: mt-a, seeds: [2], unfinished: {going}}}\n")
-    out = tmp_path / "results.md"
-    r = runner.invoke(app, ["report", str(runs), "--claims", str(spec), "--out", str(out), "--no-plot"])
+    going = write_jsonl(tmp_path / "unfinished.jsonl", lines)
+    r, out = report_claims(runs, tmp_path, f"tables:\n  - {{id: mt, rows: 'full,mt-a', seeds: [1, 2, 3], unfinished: {going}}}\n"
+                                           f"  - {{id: none, rows: mt-a, seeds: [2], unfinished: {going}}}\n")
     assert r.exit_code == 0, r.output
     mt, none = out.read_text().split("## none")
     assert "| full | 81.00 ± 1.00 (3) | 62.00 ± 2.00 (3) |" in mt and "| mt-a |" not in mt.split("| row | seed")[0]
@@ -253,8 +258,7 @@ def test_unfinished_runs_show_how_far_they_got_and_which_attempts_were_lost(runs
         "| mt-a | 3 | 2026-12-02T08:00 | 2026-12-03T12:00 | 1303 of 3792 | 47.29 |  |"]
     assert "snapshots, not results" in mt and "| mtl |" not in mt
     assert "_No finished runs yet for rows mt-a._" in none and none.count("| mt-a | 2 |") == 2
-    spec.write_text(f"tables:\n  - {{id: mt, rows: mt-a, unfinished: {tmp_path / 'nope.jsonl'}}}\n")
-    r = runner.invoke(app, ["report", str(runs), "--claims", str(spec), "--out", str(out), "--no-plot"])
+    r, _ = report_claims(runs, tmp_path, f"tables:\n  - {{id: mt, rows: mt-a, unfinished: {tmp_path / 'nope.jsonl'}}}\n")
     assert r.exit_code == 2 and "nope.jsonl does not exist" in " ".join(r.output.split())
 
 
