@@ -252,7 +252,8 @@ def unfinished_table(path: Path, rows: list[str], seeds: list[int] | None) -> li
         share = last.get("sampling_share")
         fed = (f"epoch {int(last['epoch']) + 1}: " + ", ".join(f"{t} {100 * v:.1f}%" for t, v in share.items())
                if isinstance(share, dict) else "")
-        body.append([r["label"], str(r.get("seed")), str(r.get("attempt") or "?")[:16], str(r.get("snapshot") or "?")[:16],
+        started, seen = (str(r.get(k) or "?")[:16] for k in ("attempt", "snapshot"))   # to the minute
+        body.append([r["label"], str(r.get("seed")), started, seen,
                      f"{r.get('step')} of {r.get('steps_total') or '?'}{mark}", dev, fed])
     header = ["row", "seed", "started", "as of", "step", "dev by epoch", "shares"]
     return [markdown_table(header, body), UNFINISHED_LEGEND.format(path=path), ""]

@@ -245,8 +245,9 @@ def test_unfinished_runs_show_how_far_they_got_and_which_attempts_were_lost(runs
              attempt("mt-a", 9, "2026-12-02T08:00:00+0000", 5), attempt("mtl", 2, "2026-12-02T08:00:00+0000", 5),
              {**attempt("mt-a", 1, "2026-12-02T08:00:00+0000", 40), "run": "m-s1-abc", "status": "failed"}]
     going = write_jsonl(tmp_path / "unfinished.jsonl", lines)
-    r, out = report_claims(runs, tmp_path, f"tables:\n  - {{id: mt, rows: 'full,mt-a', seeds: [1, 2, 3], unfinished: {going}}}\n"
-                                           f"  - {{id: none, rows: mt-a, seeds: [2], unfinished: {going}}}\n")
+    r, out = report_claims(runs, tmp_path, "tables:\n"
+                           f"  - {{id: mt, rows: 'full,mt-a', seeds: [1, 2, 3], unfinished: {going}}}\n"
+                           f"  - {{id: none, rows: mt-a, seeds: [2], unfinished: {going}}}\n")
     assert r.exit_code == 0, r.output
     mt, none = out.read_text().split("## none")
     assert "| full | 81.00 ± 1.00 (3) | 62.00 ± 2.00 (3) |" in mt and "| mt-a |" not in mt.split("| row | seed")[0]
@@ -258,8 +259,8 @@ def test_unfinished_runs_show_how_far_they_got_and_which_attempts_were_lost(runs
         "| mt-a | 3 | 2026-12-02T08:00 | 2026-12-03T12:00 | 1303 of 3792 | 47.29 |  |"]
     assert "snapshots, not results" in mt and "| mtl |" not in mt
     assert "_No finished runs yet for rows mt-a._" in none and none.count("| mt-a | 2 |") == 2
-    r, _ = report_claims(runs, tmp_path, f"tables:\n  - {{id: mt, rows: mt-a, unfinished: {tmp_path / 'nope.jsonl'}}}\n")
-    assert r.exit_code == 2 and "nope.jsonl does not exist" in " ".join(r.output.split())
+    r, _ = report_claims(runs, tmp_path, f"tables:\n  - {{id: mt, rows: mt-a, unfinished: {tmp_path / 'no.jsonl'}}}\n")
+    assert r.exit_code == 2 and "no.jsonl does not exist" in " ".join(r.output.split())
 
 
 def test_majority_row_never_waits_on_the_hub(tmp_path, monkeypatch):
