@@ -250,7 +250,9 @@ def unfinished_table(path: Path, rows: list[str], seeds: list[int] | None) -> li
         dev = ", ".join(f"{h['main']:.2f}" for h in r.get("history") or []) or "–"
         last = (r.get("epochs") or [{}])[-1]
         share = last.get("sampling_share")
-        fed = (f"epoch {int(last['epoch']) + 1}: " + ", ".join(f"{t} {100 * v:.1f}%" for t, v in share.items())
+        order = str(r.get("task") or "").split(",")               # the run's task order, not the file's
+        rank = lambda t: (order.index(t) if t in order else len(order), t)   # noqa: E731
+        fed = (f"epoch {int(last['epoch']) + 1}: " + ", ".join(f"{t} {100 * share[t]:.1f}%" for t in sorted(share, key=rank))
                if isinstance(share, dict) else "")
         started, seen = (str(r.get(k) or "?")[:16] for k in ("attempt", "snapshot"))   # to the minute
         body.append([r["label"], str(r.get("seed")), started, seen,

@@ -235,11 +235,11 @@ def test_unfinished_runs_show_how_far_they_got_and_which_attempts_were_lost(runs
     is marked lost. Not a result: the table's cells and verdicts stay the finished runs'. Without
     finished runs the list still shows; a missing file is named."""
     def attempt(label, seed, started, step, history=(), share=None):
-        return {"run": f"m-s{seed}-abc", "label": label, "seed": seed, "attempt": started, "step": step,
+        return {"run": f"m-s{seed}-abc", "label": label, "seed": seed, "attempt": started, "step": step, "task": "rte,mrpc",
                 "snapshot": "2026-12-03T12:00:00+0000", "steps_total": 3792,
                 "history": [{"epoch": e, "main": v} for e, v in enumerate(history)],
                 "epochs": [{"epoch": len(history), "step": step, "sampling_share": share}] if share else []}
-    lines = [attempt("mt-a", 2, "2026-12-01T09:00:00+0000", 2130, (58.38,), {"rte": 0.684, "mrpc": 0.162}),
+    lines = [attempt("mt-a", 2, "2026-12-01T09:00:00+0000", 2130, (58.38,), {"mrpc": 0.162, "rte": 0.684}),
              attempt("mt-a", 2, "2026-12-03T11:51:00+0000", 60, (), {"rte": 0.63, "mrpc": 0.16}),
              attempt("mt-a", 3, "2026-12-02T08:00:00+0000", 1303, (47.29,)),
              attempt("mt-a", 9, "2026-12-02T08:00:00+0000", 5), attempt("mtl", 2, "2026-12-02T08:00:00+0000", 5),
