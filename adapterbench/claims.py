@@ -240,9 +240,7 @@ def unfinished_table(path: Path, rows: list[str], seeds: list[int] | None) -> li
                   key=lambda r: (rows.index(r["label"]), r.get("seed") or 0, str(r.get("attempt"))))
     if not mine:
         return []
-    latest = {}
-    for r in mine:
-        latest[(r["label"], r.get("run"))] = r.get("attempt")
+    latest = {(r["label"], r.get("run")): r.get("attempt") for r in mine}   # sorted by attempt: the last wins
     body = []
     for r in mine:
         mark = (" (failed)" if r.get("status") == "failed" else
