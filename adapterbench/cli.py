@@ -13,7 +13,9 @@ from rich.table import Table
 
 from .errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# markdown: help paragraphs are rewrapped to the terminal (rich mode keeps the docstrings' line breaks)
+app = typer.Typer(add_completion=False, rich_markup_mode="markdown", no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   help="Train, fuse and compare bottleneck adapters and their baselines.")
 PIPE_WIDTH = 200      # columns for output that goes to no terminal
 
@@ -327,8 +329,9 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
                                                                                      "key=value (repeatable)."),
         wait: bool = typer.Option(False, "--wait", help="submitit/slurm: wait for the workers and summarise."),
         debug: bool = DebugOpt):
-    """Run a study: every run of its grid, each once, dependencies first; resumable. With
-    --launcher slurm the same workers run as a SLURM job array (see `adapterbench status`)."""
+    """Run a study: every run of its grid, each once, dependencies first; resumable.
+
+    With --launcher slurm the same workers run as a SLURM job array (see `adapterbench status`)."""
     def go():
         from . import progress as P
         from . import resume as R
@@ -400,8 +403,10 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
            todo: bool = typer.Option(False, "--todo", help="List only the runs still to do (running, queued, "
                                                            "failed, blocked); the counts and hours stay the study's."),
            debug: bool = DebugOpt):
-    """Every run of a study: done / running (host, job, heartbeat age, progress) / queued / failed / blocked
-    (/ archived, with --archive)."""
+    """Every run of a study: done, running, queued, failed, blocked (or archived).
+
+    Running runs show their host, job, heartbeat age and progress; --archive counts the runs an
+    archive holds as archived."""
     def go():
         from collections import Counter
 
@@ -575,8 +580,9 @@ def archive(runs_dir: Path = typer.Argument(..., help="Folder holding run folder
                                                       "progress (dev by epoch, steps, shares) to this file, e.g. "
                                                       "docs/results/unfinished.jsonl."),
             debug: bool = DebugOpt):
-    """Write every finished run as one JSON line (metrics, config, extras): results as data,
-    which `report` and `report --claims` read like run folders. An existing archive is updated:
+    """Write every finished run as one JSON line (metrics, config, extras): results as data.
+
+    `report` and `report --claims` read an archive like run folders. An existing archive is updated:
     runs it holds that RUNS_DIR does not are kept (a lost study folder loses no results).
     `--unfinished`: the learning curves of runs still going, kept the same way, so a long run's
     progress outlives a lost folder (no result: `report` reads finished runs only)."""
