@@ -271,11 +271,11 @@ HASH_NEUTRAL = {("sampling", "uncertainty_proxy"): {}, ("init_from",): None, ("t
                 ("sampling",): {"scheme": "proportional", "temperature": 2.0},
                 ("train", "group_by_length"): False, ("train", "eval_every"): 1,
                 ("model", "dropout"): None, ("train", "precision"): "auto",
-                ("model", "pooling"): "cls", ("method", "freeze_layers"): None}
+                ("model", "pooling"): "cls", ("method", "freeze_layers"): None, ("method", "encoder"): None}
 
 
-# Keys that name other runs' folders: a fusion's adapters, the adapter a run starts from.
-RUN_PATHS = (("init_from",), ("method", "adapters"))
+# Keys that name other runs' folders: a fusion's adapters and encoder, the adapter a run starts from.
+RUN_PATHS = (("init_from",), ("method", "adapters"), ("method", "encoder"))
 
 
 def portable(path: str, out_dir: str | Path) -> str:

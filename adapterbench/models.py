@@ -145,6 +145,41 @@ POOLINGS = ("cls", "mean", "pooler")
 ALIAS_POOLING = {"minilm-l6": "mean"}   # all-MiniLM-L6-v2: a sentence-transformers mean-pooling model
 
 
+def load_encoder_weights(encoder: nn.Module, folder: str) -> None:
+    """Replace `encoder`'s weights with those of a model folder of the same architecture (an
+    encoder fine-tuned elsewhere, e.g. an MT-A run's base_model/); its pooler is left as is."""
+    import json
+
+    from safetensors.torch import load_file
+    root = Path(folder).expanduser()
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"encoder folder {folder} holds no readable config.json: give a folder that "
+                        f"save_pretrained wrote (an MT-A run's multitask/base_model)") from None
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if config.get(key) != getattr(encoder.config, key, None):
+            raise UserError(f"encoder folder {folder} has {key}={config.get(key)!r}, the model "
+                            f"{getattr(encoder.config, key, None)!r}: use the model it was fine-tuned from")
+    index = root / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
+    if not all((root / f).is_file() for f in files):
+        raise UserError(f"encoder folder {folder} holds no model.safetensors: save it with safetensors")
+    state = {}
+    for f in files:
+        state.update(load_file(str(root / f)))
+    prefix = getattr(encoder, "base_model_prefix", "") + "."
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    own = encoder.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith("pooler.")]
+    if missing:
+        raise UserError(f"encoder folder {folder} lacks {missing[0]}: it is not a {config.get('model_type')} "
+                        f"encoder like the model's")
+    encoder.load_state_dict({k: v for k, v in state.items() if k in own and not k.startswith("pooler.")},
+                            strict=False)
+
+
 def default_pooling(model_name: str) -> str:
     return ALIAS_POOLING.get(model_name, "cls")
 

@@ -330,7 +330,8 @@ def save_weights(folder: Path, cfg: RunConfig, tasks: list[TaskSpec], model: Tas
         from .artifacts import read_sources
         write_json(out / "sources.json", sources_record(read_sources(cfg.method.adapters)))
     write_json(out / art.config, {
-        "method": to_dict(cfg)["method"], "base_model": cfg.model.name, "model_type": enc.config.model_type,
+        "method": to_dict(cfg)["method"], "base_model": getattr(cfg.method, "encoder", None) or cfg.model.name,
+        "model_type": enc.config.model_type,
         "hidden_size": enc.config.hidden_size, "num_layers": enc.config.num_hidden_layers,
         "task": names[0] if len(names) == 1 else None, "tasks": names, "adapterbench_version": __version__})
     for t, (weights, config) in head_files(out, tasks).items():

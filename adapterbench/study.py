@@ -106,15 +106,16 @@ def plan(study: Study) -> list[Node]:
             by_index[nodes[folder].index] = nodes[folder]
         return nodes[folder].index
 
-    def sources(entry: MethodEntry, task: str, seed: int, model: str) -> tuple[list[int], list[str]]:
-        """(dependencies, adapter folders) of a fusion or merge entry on target `task`."""
+    def sources(entry: MethodEntry, task: str, seed: int, model: str) -> tuple[list[int], list[str], str | None]:
+        """(dependencies, adapter folders, the encoder folder they were trained on when that is
+        not the study model's: an MT-A run's base_model) of a fusion or merge entry on `task`."""
         label = entry.label or entry.name
         own = entry.include_target if entry.include_target is not None else not entry.merge
         track = load_task(task).track if entry.merge and merge_spec(entry.merge, label)["same_track"] else None
         keep = lambda t: (own or t != task) and (track is None or load_task(t).track == track)  # noqa: E731
         if entry.adapters:
             found = expand_adapters(entry.adapters, label)
-            return [], [str(p) for p, t in found if keep(t)]
+            return [], [str(p) for p, t in found if keep(t)], None
         src_entry = entries.get(entry.source_method)
         if src_entry is entry or (src_entry is not None and (src_entry.merge or takes_sources(get_method(src_entry.name)))):
             raise UserError(f"{entry.name} entry '{label}': source_method '{entry.source_method}' must name an entry "
@@ -127,12 +128,15 @@ def plan(study: Study) -> list[Node]:
         if entry.merge and not wanted:
             raise UserError(f"merge entry '{label}': no source task is in track '{track}' of {task} (sources: "
                             f"{', '.join(entry.sources or study.tasks)}): add one, or drop merge.same_track")
-        if get_method(src_entry.name).STAGE == "multitask":   # Fusion w/ MT-A: the adapters one run exported
+        if get_method(src_entry.name).STAGE == "multitask":   # Fusion w/ MT-A: the adapters one run exported,
+            if entry.merge:                                    # on the encoder it fine-tuned with them
+                raise UserError(f"merge entry '{label}': source_method '{entry.source_method}' is a multi-task run, "
+                                f"whose adapters need its own fine-tuned encoder: merge single-task adapters")
             mt = add(src_entry, ",".join(study.tasks), seed, model, 0)
-            root = by_index[mt].folder.resolve() / "multitask" / "adapters"
-            return [mt], [str(root / load_task(t).name) for t in wanted]
+            root = by_index[mt].folder.resolve() / "multitask"
+            return [mt], [str(root / "adapters" / load_task(t).name) for t in wanted], str(root / "base_model")
         deps = [add(src_entry, t, seed, model, 0) for t in wanted]
-        return deps, [str(by_index[i].folder.resolve()) for i in deps]
+        return deps, [str(by_index[i].folder.resolve()) for i in deps], None
 
     def add(entry: MethodEntry, task: str, seed: int, model: str, shots: int) -> int:
         label = entry.label or entry.name
@@ -145,7 +149,7 @@ def plan(study: Study) -> list[Node]:
         if shots and "shots" not in entry.train:
             layer["train"]["shots"] = shots
         if entry.merge:  # merge the sources first; the run starts from the merged adapter
-            deps, paths = sources(entry, task, seed, model)
+            deps, paths, _ = sources(entry, task, seed, model)
             how = merge_spec(entry.merge, label)
             if len(paths) == 1:   # one source: nothing is merged, it is transfer
                 label = layer["label"] = f"{label} (transfer)"
@@ -159,7 +163,9 @@ def plan(study: Study) -> list[Node]:
             deps = [node("merge", label, task, seed, model, spec, folder, deps)]
             layer["init_from"] = str(folder)
         elif takes_sources(method):
-            deps, layer["method"]["adapters"] = sources(entry, task, seed, model)
+            deps, layer["method"]["adapters"], encoder = sources(entry, task, seed, model)
+            if encoder:
+                layer["method"].setdefault("encoder", encoder)
         user = deep_merge(study.defaults, layer)
         stage = method.STAGE
         folder = planned_folder(stage, resolve(user, stage))

@@ -222,6 +222,9 @@ def test_evaluation_in_length_order_returns_predictions_in_item_order():
     ({"task": "mrpc", "method": {"name": "houlsby"}, "train": {"lr": 3e-4, "warmup_ratio": 0.0},
       "model": {"pooling": "cls"}}, "extract", "31a49fce"),
     ({"task": "rte", "method": {"name": "full"}, "model": {"pooling": "cls"}}, "finetune", "ffd78b8d"),
+    # computed at ff28140, before fusion had method.encoder
+    ({"task": "rte", "model": {"name": "tiny-bert"}, "method": {"name": "fusion", "adapters": ["/x/rte", "/x/mrpc"]}},
+     "fuse", "dddb7ae2"),
 ])
 def test_golden_config_hashes_keep_existing_run_folder_names(user, stage, golden):
     """Hashes computed by the code before this session's changes (commit ccd85ae) for configs

@@ -344,6 +344,37 @@ def test_mta_export_reproduces_the_task_path_and_fuses(tiny_bert_dir, task_yamls
     assert fused["status"] == "ok" and fused["model"] == str((out / "base_model").resolve())
 
 
+def test_fusion_w_mta_runs_on_the_encoder_mta_fine_tuned(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    """MT-A's adapters were trained with the encoder: fused on the pretrained one they are
+    refused with the fix named; with method.encoder the fusion's encoder carries the MT-A
+    encoder's weights (not the pretrained ones) and the rebuilt run reproduces its scores."""
+    from safetensors.torch import load_file
+    from adapterbench.stages import load_run_model
+    tasks = f"{task_yamls['toy']},{task_yamls['toyreg']}"
+    r = runner.invoke(app, ["multitask", "--tasks", tasks, "--method", "mt-a", "--model", str(tiny_bert_dir),
+                            "--data-dir", str(data_dir), "--out", str(tmp_path), "train.epochs=1",
+                            "train.batch_size=8", "train.lr=1e-2"])
+    assert r.exit_code == 0, r.output
+    out = next(tmp_path.glob("multitask/mt-a/*/*")) / "multitask"
+    fuse = ["fuse", "--target", str(task_yamls["toy"]), "--data-dir", str(data_dir), "--model", str(tiny_bert_dir),
+            "--adapters", str(out / "adapters" / "toy"), "--adapters", str(out / "adapters" / "toyreg"),
+            "--out", str(tmp_path / "f"), "train.epochs=1", "train.batch_size=8"]
+    r = runner.invoke(app, fuse)
+    assert r.exit_code == 2 and f"method.encoder={out / 'base_model'}" in r.output and "Traceback" not in r.output
+    assert not list((tmp_path / "f").glob("fuse/**/metrics.json"))
+    r = runner.invoke(app, fuse + [f"method.encoder={out / 'base_model'}"])
+    assert r.exit_code == 0, r.output
+    run = next((tmp_path / "f").glob("fuse/fusion/*/*/metrics.json")).parent
+    _, _, model, _, _ = load_run_model(run)
+    key = "encoder.layer.1.attention.self.query.weight"
+    got = {k.replace(".base.", "."): v for k, v in model.encoder.state_dict().items()}[key]
+    tuned, pretrained = load_file(str(out / "base_model" / "model.safetensors"))[key], \
+        load_file(str(tiny_bert_dir / "model.safetensors"))[key]
+    assert torch.equal(got, tuned) and not torch.equal(got, pretrained)
+    r = runner.invoke(app, ["evaluate", str(run)])
+    assert r.exit_code == 0 and "reproduced the stored dev metrics: yes" in r.output, r.output
+
+
 def test_a_mixed_task_batch_split_by_task_takes_the_same_step():
     """MT-Uncertainty's batches mix tasks of very different lengths: `split_batch` trains them
     as one part per task (less padding; on a CPU also in length-sorted chunks) and the

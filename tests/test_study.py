@@ -485,9 +485,15 @@ def test_fusion_with_mta_adapters(tmp_path, task_yamls, data_dir):
     fus = [n for n in nodes if n.stage == "fuse"]
     assert len(mta) == 1 and len(fus) == 2 and all(f.deps == [mta[0].index] for f in fus)
     assert fus[0].config["method"]["adapters"][0].endswith("multitask/adapters/toy")
+    assert all(f.config["method"]["encoder"] == str(mta[0].folder.resolve() / "multitask" / "base_model") for f in fus)
     r = runner.invoke(app, ["run", str(y)])
     assert r.exit_code == 0, r.output
     assert "3 ran, 0 already done, 0 failed" in r.output
+    merging = text.replace("{name: fusion, label: fusion-mta, source_method: mt-a}",
+                           "{name: pfeiffer, label: merge-mta, source_method: mt-a, merge: {strategy: avg}}")
+    y.write_text(merging)
+    with pytest.raises(UserError, match="multi-task run, whose adapters need its own fine-tuned encoder"):
+        S.plan(S.load_study(y))
 
 
 def test_report_rows_filter(tmp_path, monkeypatch):

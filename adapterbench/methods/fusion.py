@@ -19,6 +19,7 @@ adapters' own bottlenecks, which run as one batched matmul over the stacked D_n 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,6 +46,9 @@ class Config:
     attention_dropout: float = 0.1   # dropout on the scores before the softmax (AdapterHub: the model's
                                      # attention_probs_dropout_prob, 0.1 for BERT)
     reg_weight: float = 0.01         # weight of sum_l ||I - V_l||^2
+    encoder: str | None = None       # a model folder whose weights the sources were trained on, when
+                                     # that is not model.name's (Fusion w/ MT-A: the MT-A run's
+                                     # multitask/base_model); None: model.name's weights
 
 
 class FusionMixer(nn.Module):
@@ -150,6 +154,7 @@ def apply(encoder, cfg: Config, names: list[str], sources=()) -> None:
     if meta["model_type"] != encoder.config.model_type or meta["hidden_size"] != encoder.config.hidden_size:
         raise UserError(f"fusion sources were trained on {meta['base_model']}, "
                         f"not on this model: use --model {meta['base_model']}")
+    use_source_encoder(encoder, cfg, meta["base_model"], sources[0].path)
     encoder.requires_grad_(False)
     for s in sources:
         bcfg = s.bottleneck()
@@ -158,6 +163,24 @@ def apply(encoder, cfg: Config, names: list[str], sources=()) -> None:
     encoder.requires_grad_(False)
     for site in sites(encoder):
         site.mixer = FusionMixer(encoder.config.hidden_size, cfg)
+
+
+def use_source_encoder(encoder, cfg: Config, trained_on: str, source: str) -> None:
+    """The encoder the sources were trained on. Adapters trained jointly with the encoder
+    (MT-A; Pfeiffer et al. 2021, Sec. 2.2: the shared parameters are learned with them) only
+    mean something on that fine-tuned encoder, which their folder names as `base_model`:
+    `method.encoder` loads its weights into model.name's encoder (same architecture; the
+    study sets it for Fusion w/ MT-A). Sources that name a model folder other than the one
+    loaded are refused, so they are never fused on an encoder they were not trained on."""
+    if cfg.encoder:
+        from ..models import load_encoder_weights
+        load_encoder_weights(encoder, cfg.encoder)
+        return
+    folder = Path(trained_on).expanduser()
+    loaded = Path(str(getattr(encoder, "name_or_path", "") or encoder.config.name_or_path)).expanduser()
+    if folder.is_dir() and (folder / "config.json").is_file() and folder.resolve() != loaded.resolve():
+        raise UserError(f"fusion source {source} was trained on the encoder in {trained_on}, not on "
+                        f"{encoder.config.name_or_path}: set method.encoder={trained_on} (or --model {trained_on})")
 
 
 def sites(encoder) -> list[_Site]:
