@@ -362,6 +362,8 @@ def test_fusion_w_mta_runs_on_the_encoder_mta_fine_tuned(tiny_bert_dir, task_yam
     r = runner.invoke(app, fuse)
     assert r.exit_code == 2 and f"method.encoder={out / 'base_model'}" in r.output and "Traceback" not in r.output
     assert not list((tmp_path / "f").glob("fuse/**/metrics.json"))
+    r = runner.invoke(app, fuse + [f"method.encoder={tiny_bert_dir}"])          # another encoder than theirs
+    assert r.exit_code == 2 and f"method.encoder={out / 'base_model'}" in r.output
     r = runner.invoke(app, fuse + [f"method.encoder={out / 'base_model'}"])
     assert r.exit_code == 0, r.output
     run = next((tmp_path / "f").glob("fuse/fusion/*/*/metrics.json")).parent

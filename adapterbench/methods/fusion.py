@@ -172,15 +172,14 @@ def use_source_encoder(encoder, cfg: Config, trained_on: str, source: str) -> No
     `method.encoder` loads its weights into model.name's encoder (same architecture; the
     study sets it for Fusion w/ MT-A). Sources that name a model folder other than the one
     loaded are refused, so they are never fused on an encoder they were not trained on."""
+    folder = Path(trained_on).expanduser()
+    used = cfg.encoder or str(getattr(encoder, "name_or_path", "") or encoder.config.name_or_path)
+    if folder.is_dir() and (folder / "config.json").is_file() and folder.resolve() != Path(used).expanduser().resolve():
+        raise UserError(f"fusion source {source} was trained on the encoder in {trained_on}, not on "
+                        f"{used}: set method.encoder={trained_on} (or --model {trained_on})")
     if cfg.encoder:
         from ..models import load_encoder_weights
         load_encoder_weights(encoder, cfg.encoder)
-        return
-    folder = Path(trained_on).expanduser()
-    loaded = Path(str(getattr(encoder, "name_or_path", "") or encoder.config.name_or_path)).expanduser()
-    if folder.is_dir() and (folder / "config.json").is_file() and folder.resolve() != loaded.resolve():
-        raise UserError(f"fusion source {source} was trained on the encoder in {trained_on}, not on "
-                        f"{encoder.config.name_or_path}: set method.encoder={trained_on} (or --model {trained_on})")
 
 
 def sites(encoder) -> list[_Site]:
