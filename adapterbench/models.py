@@ -150,7 +150,7 @@ def load_encoder_weights(encoder: nn.Module, folder: str) -> None:
     encoder fine-tuned elsewhere, e.g. an MT-A run's base_model/); its pooler is left as is."""
     import json
 
-    from safetensors.torch import load_file
+    from .runs import load_tensors
     root = Path(folder).expanduser()
     try:
         config = json.loads((root / "config.json").read_text())
@@ -164,11 +164,7 @@ def load_encoder_weights(encoder: nn.Module, folder: str) -> None:
     index = root / "model.safetensors.index.json"
     files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
              else ["model.safetensors"])
-    if not all((root / f).is_file() for f in files):
-        raise UserError(f"encoder folder {folder} holds no model.safetensors: save it with safetensors")
-    state = {}
-    for f in files:
-        state.update(load_file(str(root / f)))
+    state = {k: v for f in files for k, v in load_tensors(root / f).items()}
     prefix = getattr(encoder, "base_model_prefix", "") + "."
     state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
     own = encoder.state_dict()
