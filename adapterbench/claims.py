@@ -221,15 +221,19 @@ def still_to_come(rep: Report, rows: list[str], tasks: list[str] | None, seeds: 
 
 UNFINISHED_LEGEND = ("Runs not finished when the study was last archived (`adapterbench archive --unfinished`; "
                      "{path}): snapshots, not results. One line per attempt; an attempt marked lost was replaced "
-                     "by a later one (its folder was lost and the run started again from step 0), one marked "
+                     "by a later one (its folder was lost and the run started again from step 0; marked so too "
+                     "once the later attempt finished and the run is in the table's results), one marked "
                      "failed stopped with an error. dev by epoch: "
                      "the value that picks the best epoch (a multi-task run's mean over its tasks); shares: each "
                      "task's share of the examples in the last epoch logged, so far.")
 
 
-def unfinished_table(path: Path, rows: list[str], seeds: list[int] | None) -> list[str]:
+def unfinished_table(path: Path, rows: list[str], seeds: list[int] | None,
+                     finished: frozenset = frozenset()) -> list[str]:
     """A claims table's `unfinished:` block: its rows' unfinished attempts from an `archive
-    --unfinished` file (`progress.write_unfinished`), as Markdown lines; [] when it holds none."""
+    --unfinished` file (`progress.write_unfinished`), as Markdown lines; [] when it holds none.
+    `finished`: (row label, run folder name) of the finished runs: an attempt of one of them was
+    replaced by the attempt that finished (the file keeps a lost attempt's line as history)."""
     from .progress import unfinished_key
     from .runs import read_archive_lines
     if not path.is_file():
@@ -244,7 +248,8 @@ def unfinished_table(path: Path, rows: list[str], seeds: list[int] | None) -> li
     body = []
     for r in mine:
         mark = (" (failed)" if r.get("status") == "failed" else
-                " (lost)" if latest[(r["label"], r.get("run"))] != r.get("attempt") else "")
+                " (lost)" if latest[(r["label"], r.get("run"))] != r.get("attempt")
+                or (r["label"], r.get("run")) in finished else "")
         dev = ", ".join(f"{h['main']:.2f}" for h in r.get("history") or []) or "–"
         last = (r.get("epochs") or [{}])[-1]
         share = last.get("sampling_share")
@@ -257,6 +262,15 @@ def unfinished_table(path: Path, rows: list[str], seeds: list[int] | None) -> li
                      f"{r.get('step')} of {r.get('steps_total') or '?'}{mark}", dev, fed])
     header = ["row", "seed", "started", "as of", "step", "dev by epoch", "shares"]
     return [markdown_table(header, body), UNFINISHED_LEGEND.format(path=path), ""]
+
+
+def finished_runs(source: Path, rows: list[str]) -> frozenset:
+    """(row label, run folder name) of the finished runs of `rows` in `source` (none if it has none yet)."""
+    from .report import selected_records
+    try:
+        return frozenset((label, m.get("run")) for label, m in selected_records(source, rows))
+    except UserError:
+        return frozenset()
 
 
 def attention_plots(table: dict, source: Path, rows: list[str], assets: Path) -> list[str]:
@@ -301,7 +315,8 @@ def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool
         if t.get("text"):
             parts += [t["text"].strip(), ""]
         source = Path(t["runs"]) if t.get("runs") else runs_dir
-        going = unfinished_table(Path(t["unfinished"]), rows, t.get("seeds")) if t.get("unfinished") else []
+        going = unfinished_table(Path(t["unfinished"]), rows, t.get("seeds"), finished_runs(source, rows)) \
+            if t.get("unfinished") else []
         try:
             rep: Report = build_report(source, t.get("reference"), t.get("versus", "full"), rows,
                                        t.get("metric"), t.get("tasks"), seeds=t.get("seeds"))

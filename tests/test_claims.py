@@ -232,7 +232,7 @@ def test_claims_table_from_another_archive_with_settings(runs, tmp_path):
 def test_unfinished_runs_show_how_far_they_got_and_which_attempts_were_lost(runs, tmp_path):
     """`unfinished:` a table lists its rows' unfinished attempts (from `archive --unfinished`) at
     its seeds: step, dev score per epoch, the last epoch's shares; an attempt a later one replaced
-    is marked lost. Not a result: the table's cells and verdicts stay the finished runs'. Without
+    (still going, or finished: its run is among the results) is marked lost. Not a result: the table's cells and verdicts stay the finished runs'. Without
     finished runs the list still shows; a missing file is named."""
     def attempt(label, seed, started, step, history=(), share=None):
         return {"run": f"m-s{seed}-abc", "label": label, "seed": seed, "attempt": started, "step": step, "task": "rte,mrpc",
@@ -243,7 +243,8 @@ def test_unfinished_runs_show_how_far_they_got_and_which_attempts_were_lost(runs
              attempt("mt-a", 2, "2026-12-03T11:51:00+0000", 60, (), {"rte": 0.63, "mrpc": 0.16}),
              attempt("mt-a", 3, "2026-12-02T08:00:00+0000", 1303, (47.29,)),
              attempt("mt-a", 9, "2026-12-02T08:00:00+0000", 5), attempt("mtl", 2, "2026-12-02T08:00:00+0000", 5),
-             {**attempt("mt-a", 1, "2026-12-02T08:00:00+0000", 40), "run": "m-s1-abc", "status": "failed"}]
+             {**attempt("mt-a", 1, "2026-12-02T08:00:00+0000", 40), "run": "m-s1-abc", "status": "failed"},
+             {**attempt("full", 2, "2026-12-01T08:00:00+0000", 70), "run": "s2"}]    # the run finished since
     going = write_jsonl(tmp_path / "unfinished.jsonl", lines)
     r, out = report_claims(runs, tmp_path, "tables:\n"
                            f"  - {{id: mt, rows: 'full,mt-a', seeds: [1, 2, 3], unfinished: {going}}}\n"
@@ -257,6 +258,8 @@ def test_unfinished_runs_show_how_far_they_got_and_which_attempts_were_lost(runs
         "| mt-a | 2 | 2026-12-01T09:00 | 2026-12-03T12:00 | 2130 of 3792 (lost) | 58.38 | epoch 2: rte 68.4%, mrpc 16.2% |",
         "| mt-a | 2 | 2026-12-03T11:51 | 2026-12-03T12:00 | 60 of 3792 | – | epoch 1: rte 63.0%, mrpc 16.0% |",
         "| mt-a | 3 | 2026-12-02T08:00 | 2026-12-03T12:00 | 1303 of 3792 | 47.29 |  |"]
+    assert [line for line in mt.splitlines() if line.startswith("| full | 2 |")] == [
+        "| full | 2 | 2026-12-01T08:00 | 2026-12-03T12:00 | 70 of 3792 (lost) | – |  |"]
     assert "snapshots, not results" in mt and "| mtl |" not in mt
     assert "_No finished runs yet for rows mt-a._" in none and none.count("| mt-a | 2 |") == 2
     r, _ = report_claims(runs, tmp_path, f"tables:\n  - {{id: mt, rows: mt-a, unfinished: {tmp_path / 'no.jsonl'}}}\n")

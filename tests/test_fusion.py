@@ -2,6 +2,10 @@
 gradients), save/load, refused sources, and extract x3 -> fuse through the CLI."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +114,23 @@ def test_extract_three_then_fuse_end_to_end(tiny_bert_dir, task_yamls, data_dir,
     r = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(data_dir), "--save-attention"])
     assert r.exit_code == 0, r.output
     assert json.loads((run / "eval_dev.json").read_text())["reproduced"] is True
+
+    # scripts/fusion_probe.py over every dev example: its weights, recomputed from the sources'
+    # outputs and Q, K, are the attention the model recorded (attention.csv); a non-fusion run is refused
+    probe = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "fusion_probe.py")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([*probe, str(run), "--examples", "0", "--json", str(tmp_path / "probe.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    layers = json.loads((tmp_path / "probe.json").read_text())["layers"]
+    recorded = [[float(v) for v in row.split(",")[1:]] for row in (run / "attention.csv").read_text().splitlines()[1:]]
+    assert len(layers) == 2 and [s["p"] for s in layers] == [pytest.approx(r, abs=1e-4) for r in recorded]
+    for s in layers:
+        assert len(s["ratio"]) == 3 and all(r > 0 for r in s["ratio"]) and s["spread"] > 0
+        assert max(s["p"]) - 1e-6 <= s["max_p"] <= 1 and s["score_std"] > 0
+    assert sum(line.startswith("| ") for line in out.stdout.splitlines()) == 1 + 2   # the header, 2 layers
+    bad = subprocess.run([*probe, str(srcs[0])], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "not a fusion run" in bad.stderr and len(bad.stderr.splitlines()) == 1
 
     (srcs[0] / "adapter" / "adapter.safetensors").write_bytes(b"changed")
     r = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(data_dir)])
