@@ -28,7 +28,7 @@ class LayerStats:
     """Token sums of one site's quantities, filled by a forward hook on its FusionMixer."""
 
     def __init__(self, mixer):
-        self.mixer, self.tokens, self.sums = mixer, 0.0, {}
+        self.tokens, self.sums = 0.0, {}
         mixer.register_forward_hook(self.hook)
 
     def add(self, key: str, per_token: torch.Tensor, w: torch.Tensor) -> None:
@@ -42,8 +42,7 @@ class LayerStats:
         x, adapters = inputs
         w = mixer.mask.to(torch.float32) if mixer.mask is not None else x.new_ones(x.shape[:2])
         x = x.float()
-        z = torch.stack([a(x) for a in adapters], dim=2)                     # (B, L, N, d)
-        scores = (mixer.key(z) * mixer.query(x).unsqueeze(2)).sum(-1)        # s_n = q . k_n
+        z, scores = mixer.literal_scores(x, adapters)                        # z_n, s_n = q . k_n
         p = torch.softmax(scores / mixer.T, dim=-1)
         xn = x.norm(dim=-1).clamp_min(1e-12)
         self.add("ratio", z.norm(dim=-1) / xn.unsqueeze(-1), w)

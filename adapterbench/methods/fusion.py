@@ -124,13 +124,16 @@ class FusionMixer(nn.Module):
         mixed = pa @ U.T + p @ C.T                                        # sum_n p_n z_n
         return self.value(mixed) if self.value is not None else mixed
 
+    def literal_scores(self, x: torch.Tensor, adapters: list[BottleneckAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, s): every source's output z_n, (B, L, N, d), and its score s_n = q . k_n, (B, L, N),
+        formed per token as the paper writes them (for tests and scripts/fusion_probe.py)."""
+        z = torch.stack([ad(x) for ad in adapters], dim=2)
+        return z, (self.key(z) * self.query(x).unsqueeze(2)).sum(-1)
+
     def literal(self, x: torch.Tensor, adapters: list[BottleneckAdapter]) -> torch.Tensor:
         """The textbook computation: every k_n and v_n formed per token (for tests)."""
-        z = torch.stack([ad(x) for ad in adapters], dim=2)               # (B, L, N, d)
-        q = self.query(x)
-        k = self.key(z)
+        z, scores = self.literal_scores(x, adapters)
         v = self.value(z) if self.value is not None else z
-        scores = (k * q.unsqueeze(2)).sum(-1)
         p = self._softmax(scores)
         return (p.unsqueeze(-1) * v).sum(2)
 
