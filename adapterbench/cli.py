@@ -353,7 +353,7 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
         if skip_archived:
             skip, stale = R.archived(nodes, R.archive_records(skip_archived), keep)
             keep = (set(range(len(nodes))) if keep is None else keep) - skip
-        print_plan(nodes, S, keep)
+        print_plan(nodes, S, keep, st)
         if skip_archived:
             console.print(f"{len(skip)} runs skipped: {skip_archived} holds them and no run still to do needs them")
             if stale:
@@ -381,8 +381,21 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
             return
         events = lambda node, what: console.print(f"[bold]#{node.index}[/bold] {node.stage} {node.label} "
                                                   f"{node.task} s{node.seed}: {what}", highlight=False)
+        # a row whose learning rate a sweep chooses is planned once its sweep has finished: after
+        # each run, plan again if a sweep just decided, and go on with the rows it adds
+        replan = lambda: bool(st.waiting) and len(S.plan(st)) > len(nodes)   # noqa: E731
         res = S.execute(st, nodes, retry_failed=retry_failed, shard=(i, n), on_event=events, only=keep,
-                        wait_for_others=wait_others)
+                        wait_for_others=wait_others, replan=replan)
+        while st.waiting and not (res["failed"] or res["blocked"] or res["left"]):
+            more = S.plan(st)
+            if len(more) == len(nodes):
+                break
+            nodes = more
+            keep = S.selected(nodes, split_labels(only)) if only else None
+            print_plan(nodes, S, keep, st)
+            again = S.execute(st, nodes, retry_failed=retry_failed, shard=(i, n), on_event=events, only=keep,
+                              wait_for_others=wait_others, replan=replan)
+            res = {k: sorted(set(res[k]) | set(again[k])) for k in again}
         console.print(f"study {st.name}: {len(res['ran'])} ran, {len(res['done'])} already done, "
                       f"{len(res['failed'])} failed, {len(res['blocked'])} blocked"
                       + (f", {len(res['left'])} left to other workers" if res["left"] else "")
@@ -485,7 +498,7 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def print_plan(nodes, S, shown=None) -> None:
+def print_plan(nodes, S, shown=None, study=None) -> None:
     """The plan as a table: every run, or only `shown` (what --only and --skip-archived leave), each
     numbered as in the whole study so that `needs` names the same runs either way."""
     t = Table("#", "stage", "method", "task", "seed", "model", "status", "needs")
@@ -495,6 +508,10 @@ def print_plan(nodes, S, shown=None) -> None:
         t.add_row(str(nd.index), nd.stage, nd.label, nd.task, str(nd.seed), nd.model, S.state(nd),
                   ",".join(f"#{d}" for d in nd.deps))
     console.print(t)
+    for label, chosen in (getattr(study, "chosen", None) or {}).items():
+        console.print(f"{label}: lr {chosen['lr']:g} chosen by its sweep ({chosen['by']})", highlight=False, markup=False)
+    for label, why in (getattr(study, "waiting", None) or {}).items():
+        console.print(f"{label}: not planned yet, {why}", highlight=False, markup=False)
     if shown is not None and len(shown) < len(nodes):
         console.print(f"{len(shown)} of the study's {len(nodes)} runs: the others are not in --only's rows "
                       f"(nor needed by them) or are skipped as archived")

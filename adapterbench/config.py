@@ -41,7 +41,12 @@ class TrainConfig:
                                      # Houlsby's and CA-MTL's reference code and BERT's recipe)
     weight_decay: float = 0.01       # not applied to biases and LayerNorm weights
     max_grad_norm: float = 1.0
-    patience: int = 0                # stop after this many dev scorings without a better metric; 0 = off
+    patience: int = 0                # stop after this many scorings without a better selection value; 0 = off
+    selection: str = "heldout"       # what picks the best epoch and stops early: heldout (a seeded, stratified
+                                     # slice of train, never trained on) | dev (the papers' protocol: the
+                                     # reported dev set decides) | last (the last epoch, nothing decides)
+    heldout_fraction: float = 0.1    # `heldout`: share of the training examples a run would use ...
+    heldout_min: int = 100           # ... and at least this many (at most half the training split)
     limit: int = 0                   # use only the first N training examples (0 = all)
     eval_limit: int = 0              # use only the first N dev examples (0 = all)
     max_steps: int = 0               # stop after N optimizer steps (0 = no cap)
@@ -70,6 +75,8 @@ class SamplingConfig:
     temperature: float = 2.0         # `temperature`: p_t proportional to n_t^(1/T)
     uncertainty_proxy: dict = field(default_factory=dict)  # `uncertainty`: regression task -> the
                                      # classification task whose scores it borrows (default stsb: mrpc)
+    epoch: str = "examples"          # what one multi-task epoch is: examples (steps = all tasks' examples /
+                                     # batch) | reference (CA-MTL's code: the longest task's batches x tasks)
 
 
 @dataclass
@@ -225,6 +232,9 @@ def coerce(hint, value, key: str):
     return value
 
 
+SELECTIONS = ("heldout", "dev", "last")
+
+
 def check_ranges(cfg: RunConfig) -> None:
     """Out-of-range values are errors before anything runs."""
     t = cfg.train
@@ -243,11 +253,15 @@ def check_ranges(cfg: RunConfig) -> None:
         (t.log_every >= 1, "train.log_every", t.log_every, "at least 1"),
         (t.eval_every >= 1, "train.eval_every", t.eval_every, "at least 1"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "auto, fp32 or bf16"),
+        (t.selection in SELECTIONS, "train.selection", t.selection, ", ".join(SELECTIONS)),
+        (0 < t.heldout_fraction < 1, "train.heldout_fraction", t.heldout_fraction, "in (0, 1)"),
+        (t.heldout_min >= 1, "train.heldout_min", t.heldout_min, "at least 1"),
         (cfg.model.max_length >= 8, "model.max_length", cfg.model.max_length, "at least 8"),
         (cfg.seed >= 0, "seed", cfg.seed, "0 or more"),
         (cfg.sampling.temperature > 0, "sampling.temperature", cfg.sampling.temperature, "a positive number"),
         (all(x is None or x >= 0 for x in (cfg.data.shuffle_seed, cfg.data.data_seed)), "data.shuffle_seed/data_seed",
          "negative", "0 or more"),
+        (cfg.sampling.epoch in ("examples", "reference"), "sampling.epoch", cfg.sampling.epoch, "examples or reference"),
         (cfg.model.pooling in ("auto", "cls", "mean", "pooler"), "model.pooling", cfg.model.pooling,
          "auto, cls, mean or pooler"),
         (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout", cfg.model.dropout, "in [0, 1)"),
@@ -268,10 +282,13 @@ ANY = object()
 # Order matters: a nested key is dropped before its parent is compared.
 HASH_NEUTRAL = {("sampling", "uncertainty_proxy"): {}, ("init_from",): None, ("train", "shots"): 0, ("data", "data_seed"): None,
                 ("train", "checkpoint_every"): ANY, ("train", "checkpoint_minutes"): ANY, ("train", "log_with"): ANY,
-                ("sampling",): {"scheme": "proportional", "temperature": 2.0},
                 ("train", "group_by_length"): False, ("train", "eval_every"): 1,
                 ("model", "dropout"): None, ("train", "precision"): "auto",
-                ("model", "pooling"): "cls", ("method", "freeze_layers"): None, ("method", "encoder"): None}
+                ("model", "pooling"): "cls", ("method", "freeze_layers"): None, ("method", "encoder"): None,
+                # runs from before the held-out protocol selected on dev
+                ("train", "selection"): "dev", ("train", "heldout_fraction"): 0.1, ("train", "heldout_min"): 100,
+                ("sampling", "epoch"): "examples", ("method", "frozen_conditional_trains"): False,
+                ("sampling",): {"scheme": "proportional", "temperature": 2.0}}
 
 
 # Keys that name other runs' folders: a fusion's adapters and encoder, the adapter a run starts from.

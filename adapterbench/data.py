@@ -15,6 +15,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -360,6 +361,31 @@ def subsample(examples: list, limit: int, seed: int) -> list:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     return [examples[i] for i in sorted(order[:limit])]
+
+
+def heldout_size(pool: int, used: int, fraction: float, minimum: int) -> int:
+    """How many training examples the selection slice takes: `fraction` of the examples a run
+    would train on (`used`), at least `minimum`, and never more than half of the split (`pool`)."""
+    return min(max(math.ceil(fraction * used), minimum), pool // 2)
+
+
+def heldout_split(examples: list, size: int, regression: bool, seed: int) -> tuple[list, list]:
+    """(held-out slice, the rest): a seeded slice of `size` training examples, stratified by
+    label (a regression task by label quintile), both in file order. The slice depends only on
+    the split, `size` and `seed`, so every method at one data seed selects on the same examples
+    and never trains on them (comparisons stay paired)."""
+    from sklearn.model_selection import train_test_split
+    if size < 1 or size >= len(examples):
+        raise UserError(f"the held-out selection slice would hold {size} of {len(examples)} training examples: "
+                        f"use train.selection=dev (or last) for a task this small")
+    labels = np.array([e["label"] for e in examples], dtype=float)
+    strata = np.digitize(labels, np.quantile(labels, [0.2, 0.4, 0.6, 0.8])) if regression else labels
+    index = np.arange(len(examples))
+    try:
+        rest, held = train_test_split(index, test_size=size, stratify=strata, random_state=seed)
+    except ValueError:            # a stratum too small to split: a plain seeded slice
+        rest, held = train_test_split(index, test_size=size, random_state=seed)
+    return [examples[i] for i in sorted(held)], [examples[i] for i in sorted(rest)]
 
 
 def few_shot(examples: list, k: int, regression: bool, seed: int) -> list:

@@ -288,7 +288,7 @@ class Run:
 # what adapterbench writes into a run folder; a folder holding anything else is not deleted
 RUN_FILES = {"config.yaml", "task.yaml", "tasks", "env.json", "identity.json", "log.jsonl", "metrics.json",
              "checkpoint", "adapter", "model", "fusion", "multitask", "tracking", "predictions", "attention.csv",
-             "attention.png", "eval_dev.json", "eval_test.json"}
+             "attention.png", "eval_dev.json", "eval_test.json", "epoch_predictions.json"}
 
 
 def clear_run_folder(folder: Path) -> None:
@@ -360,6 +360,10 @@ def archive_record(folder: Path) -> dict | None:
     attention = fusion_attention(folder / "attention.csv")
     if attention:
         out["fusion_attention"] = attention
+    try:   # every scored epoch's per-example predictions (runs since the held-out protocol)
+        out["predictions"] = json.loads((folder / "epoch_predictions.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 
 from . import __version__
 from .config import RunConfig, build, check_ranges, config_hash, to_dict
-from .data import Collator, few_shot, load_splits, subsample, tokenize
+from .data import Collator, few_shot, heldout_split, heldout_size, load_splits, subsample, tokenize
 from .errors import UserError
 from .methods import get_method, method_config
 from .models import ClassificationHead, HeadConfig, TaskModel, count_params, default_pooling, head_config_dict, load_encoder
@@ -24,7 +25,7 @@ from .runs import Run, RunExists, atomic_write, load_tensors, read_json, run_pat
 from .sampling import DEFAULT_PROXIES, SCHEMES, Shuffled, TaskMixture, Uncertainty
 from .tasks import TaskSpec, load_task, parse_task
 from .precision import autocast, bf16_matmul
-from .train import CPU_CHUNK, evaluate, length_chunks, seed_everything, train
+from .train import CPU_CHUNK, compact, evaluate, length_chunks, seed_everything, train
 
 STAGE_DEFAULT_METHOD = {"extract": "pfeiffer", "finetune": "full", "fuse": "fusion", "multitask": "mtl"}
 
@@ -166,20 +167,36 @@ def set_dropout(module, p: float | None):
 
 
 def prepare_items(task, splits, tokenizer, cfg: RunConfig, task_id: int = 0) -> dict:
-    """Token ids per split; the training split is cut by train.shots and train.limit."""
+    """Token ids per split. With train.selection=heldout the training split first gives up the
+    held-out selection slice (`items["heldout"]`); what remains is cut by train.shots and
+    train.limit."""
     items = {}
     data_seed = cfg.data.data_seed if cfg.data.data_seed is not None else cfg.seed
     for name, examples in splits.items():
         tokens = tokenize(examples, tokenizer, cfg.model.max_length)  # the whole split: one cache entry
         position = {id(e): i for i, e in enumerate(examples)}
+        pick = lambda chosen: [dict(tokens[position[id(e)]]) for e in chosen]
+        if name == "train" and cfg.train.selection == "heldout":
+            size = heldout_size(len(examples), examples_used(task, examples, cfg.train),
+                                cfg.train.heldout_fraction, cfg.train.heldout_min)
+            held, examples = heldout_split(examples, size, task.regression, data_seed)
+            items["heldout"] = pick(held)
         if name == "train" and cfg.train.shots:
             examples = few_shot(examples, cfg.train.shots, task.regression, data_seed)
         limit = {"train": cfg.train.limit, "dev": cfg.train.eval_limit}.get(name, 0)
-        chosen = [dict(tokens[position[id(e)]]) for e in subsample(examples, limit, data_seed)]
-        for j, it in enumerate(chosen):
+        items[name] = pick(subsample(examples, limit, data_seed))
+    for part in items.values():
+        for j, it in enumerate(part):
             it["task_id"], it["uid"] = task_id, j
-        items[name] = chosen
     return items
+
+
+def examples_used(task, examples: list, train) -> int:
+    """How many training examples a run trains on before any selection slice is cut: k per
+    class with train.shots, at most train.limit, else the whole split."""
+    if train.shots:
+        return train.shots * (1 if task.regression else len({e["label"] for e in examples}))
+    return min(train.limit, len(examples)) if train.limit else len(examples)
 
 
 def batch_source(cfg: RunConfig, tasks: list[TaskSpec], train_items: list[list[dict]], model):
@@ -189,9 +206,13 @@ def batch_source(cfg: RunConfig, tasks: list[TaskSpec], train_items: list[list[d
     if len(tasks) == 1:
         return Shuffled(train_items[0], b, seed, cfg.train.group_by_length)
     if cfg.sampling.scheme != "uncertainty":
-        return TaskMixture(train_items, b, seed, cfg.sampling.scheme, cfg.sampling.temperature, cfg.train.epochs)
-    proxies = {**DEFAULT_PROXIES, **cfg.sampling.uncertainty_proxy}
-    return Uncertainty(train_items, b, seed, tasks, proxies, uncertainty_scorer(model, tasks, cfg, seed))
+        source = TaskMixture(train_items, b, seed, cfg.sampling.scheme, cfg.sampling.temperature, cfg.train.epochs)
+    else:
+        proxies = {**DEFAULT_PROXIES, **cfg.sampling.uncertainty_proxy}
+        source = Uncertainty(train_items, b, seed, tasks, proxies, uncertainty_scorer(model, tasks, cfg, seed))
+    if cfg.sampling.epoch == "reference":   # CA-MTL's trainer: len(longest task's loader) x number of tasks
+        source.steps_per_epoch = max(math.ceil(len(x) / b) for x in train_items) * len(train_items)
+    return source
 
 
 def uncertainty_scorer(model, tasks, cfg: RunConfig, seed: int, chunk: int = CPU_CHUNK):
@@ -242,39 +263,63 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
     model, tokenizer = build_model(cfg, tasks)
     items = [prepare_items(t, s, tokenizer, cfg, i) for i, (t, s) in enumerate(zip(tasks, splits))]
     train_items, dev_items = [x["train"] for x in items], [x["dev"] for x in items]
+    heldout_items = [x["heldout"] for x in items] if cfg.train.selection == "heldout" else None
     run = Run.create(folder, to_dict(cfg), tasks, force, identity=run_identity(cfg, tasks))
     try:
         collate = Collator(tokenizer.pad_token_id or 0)
         source = batch_source(cfg, tasks, train_items, model)
         started = time.time()
         res = train(model, source, dev_items, tasks, collate, cfg.train, log=run.log, show_progress=show_progress,
-                    checkpoint_dir=run.checkpoint_dir, track_dir=run.folder if run.writer else None)
-        # the model is left at its best scored epoch, whose dev metrics the loop already has
+                    checkpoint_dir=run.checkpoint_dir, track_dir=run.folder if run.writer else None,
+                    heldout_sets=heldout_items)
+        # the model is left at the scored epoch selection chose, whose dev metrics the loop already has
         dev = res.best_metrics or evaluate(model, dev_items, tasks, collate, cfg.train.eval_batch_size,
                                            cfg.train.precision)[0]
         if not run.writer:   # another rank of a multi-process run: rank 0 writes the folder
             return run.folder
         save_weights(run.folder, cfg, tasks, model, tokenizer)
+        write_json(run.folder / PREDICTIONS_FILE, epoch_predictions(cfg, tasks, res, dev_items, heldout_items))
         if save_attention:
             write_attention(run.folder, model, dev_items[0], collate, tasks[0], cfg)
-        run.finish(run_metrics(stage, cfg, tasks, model, res, dev, train_items, dev_items, source, started))
+        run.finish(run_metrics(stage, cfg, tasks, model, res, dev, train_items, dev_items, source, started,
+                               heldout_items))
     except BaseException as e:
         run.fail(e)
         raise
     return run.folder
 
 
-def run_metrics(stage, cfg: RunConfig, tasks, model, res, dev, train_items, dev_items, source, started) -> dict:
-    """metrics.json, one schema for every run: per-task dev metrics under `tasks`, the main
-    value (a task's main metric, or the mean of the tasks' main metrics), the training record."""
+PREDICTIONS_FILE = "epoch_predictions.json"
+
+
+def epoch_predictions(cfg: RunConfig, tasks, res, dev_items, heldout_items) -> dict:
+    """epoch_predictions.json: every scored epoch's per-example predictions on dev and the
+    held-out slice, with the labels, so any selection protocol can be recomputed from the run
+    (or its archive line) and example-level paired tests made."""
+    labels = lambda part: {t.name: compact([it["labels"] for it in x], t.regression) for t, x in zip(tasks, part)}
+    return {"selection": cfg.train.selection, "best_epoch": res.best_epoch,
+            "labels": {"dev": labels(dev_items), **({"heldout": labels(heldout_items)} if heldout_items else {})},
+            "epochs": res.predictions}
+
+
+def run_metrics(stage, cfg: RunConfig, tasks, model, res, dev, train_items, dev_items, source, started,
+                heldout_items=None) -> dict:
+    """metrics.json, one schema for every run: per-task dev metrics under `tasks` (at the epoch
+    the selection protocol chose; with `heldout`, that epoch's held-out metrics beside them), the
+    main value (a task's main metric, or the mean of the tasks' main metrics), the protocol
+    (`selection`, the held-out slice's size), the training record."""
     trainable, total = count_params(model)
     single = len(tasks) == 1
+    heldout_n = {t.name: len(x) for t, x in zip(tasks, heldout_items)} if heldout_items else {}
     out = {
         "schema": 2, "stage": stage, "task": "+".join(t.name for t in tasks), "method": cfg.method.name,
         "model": cfg.model.name, "seed": cfg.seed, "label": run_label(cfg),
         "tasks": {t.name: {"dev": dev[t.name], "main_metric": t.main_metric, "main_value": dev[t.name][t.main_metric],
-                           "train_examples": len(x), "dev_examples": len(y)}
+                           "train_examples": len(x), "dev_examples": len(y),
+                           **({"heldout": res.best_heldout[t.name], "heldout_examples": heldout_n[t.name]}
+                              if t.name in res.best_heldout else {})}
                   for t, x, y in zip(tasks, train_items, dev_items)},
+        "selection": cfg.train.selection,
         "main_metric": tasks[0].main_metric if single else "mean of main metrics",
         "main_value": float(np.mean([dev[t.name][t.main_metric] for t in tasks])),
         "shots": cfg.train.shots, "data_seed": cfg.data.data_seed if cfg.data.data_seed is not None else cfg.seed,
@@ -357,7 +402,10 @@ def run_tasks(folder: Path, cfg: RunConfig) -> list[TaskSpec]:
 def stored_config(folder: Path, trust_remote_code: bool = False) -> RunConfig:
     """The RunConfig a run folder's config.yaml records (finished or not), method defaults applied."""
     from .config import load_yaml
-    cfg = build(RunConfig, load_yaml(Path(folder) / "config.yaml"))
+    tree = load_yaml(Path(folder) / "config.yaml")
+    if isinstance(tree.get("train"), dict):   # folders from before the held-out protocol selected on dev
+        tree["train"].setdefault("selection", "dev")
+    cfg = build(RunConfig, tree)
     cfg.method = method_config(cfg.method)
     cfg.model.trust_remote_code = trust_remote_code
     if cfg.model.pooling == "auto":

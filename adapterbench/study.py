@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import build, deep_merge, load_yaml, portable
@@ -44,6 +44,17 @@ class MethodEntry:
     merge: dict = field(default_factory=dict)   # merge the sources first (strategy, same_track, weights,
                                                 # align_on), then train the merged adapter on the target
     seeds: list[int] = field(default_factory=list)  # this entry's seeds (default: the study's), e.g. 5 for merges
+    lr_sweep: list[float] = field(default_factory=list)  # learning rates to choose from: runs at the study's
+                                                # sweep seed on its sweep tasks decide (held-out score)
+
+
+@dataclass
+class Sweep:
+    """Where a row's learning rate is chosen (`lr_sweep` entries): these tasks at this seed, the
+    rate with the best mean held-out main metric (at each run's selected epoch) wins; the
+    sweep seed is never a reported one."""
+    seed: int = 1
+    tasks: list[str] = field(default_factory=list)   # default: the study's tasks
 
 
 @dataclass
@@ -56,6 +67,7 @@ class Study:
     shots: list[int] = field(default_factory=list)  # few-shot axis: k per class for runs on the targets
     defaults: dict = field(default_factory=dict)  # a config layer under every run (train, model, data)
     out_dir: str = ""                             # default: runs/<study name>
+    sweep: Sweep = field(default_factory=Sweep)   # where lr_sweep entries choose their rate
 
 
 @dataclass
@@ -172,11 +184,26 @@ def plan(study: Study) -> list[Node]:
         shown = f"{label} k={layer['train']['shots']}" if layer["train"].get("shots") else label
         return node(stage, shown, task, seed, model, user, folder, deps)
 
+    study.waiting, study.chosen = {}, {}
+    for model in study.models:
+        for entry in study.methods:   # in order: a fusion's sweep needs its source row's rate first
+            label = entry.label or entry.name
+            src = entries.get(entry.source_method) if (entry.merge or takes_sources(get_method(entry.name))) else None
+            if src is not None and src.lr_sweep:    # its source row's rate is not chosen yet
+                study.waiting[label] = f"waits for {src.label or src.name}'s learning rate"
+            elif entry.lr_sweep:
+                lr, why = sweep_rate(study, entry, model, lambda *a: by_index[add(*a)].folder)
+                if lr is None:
+                    study.waiting[label] = why
+                else:
+                    study.chosen[label] = {"lr": lr, "by": why}
+                    entries[label] = replace(entry, train={**entry.train, "lr": lr}, lr_sweep=[])
     all_seeds = list(dict.fromkeys([*study.seeds, *(s for e in study.methods for s in e.seeds)]))
     for model in study.models:
         for seed in all_seeds:
             for shots in study.shots or [0]:
-                runs_here = [e for e in study.methods if seed in (e.seeds or study.seeds)]
+                runs_here = [entries[e.label or e.name] for e in study.methods if seed in (e.seeds or study.seeds)
+                             and (e.label or e.name) not in study.waiting]
                 for task in study.tasks:
                     for entry in runs_here:
                         if get_method(entry.name).STAGE != "multitask" and (not entry.tasks or task in entry.tasks):
@@ -185,6 +212,45 @@ def plan(study: Study) -> list[Node]:
                     if get_method(entry.name).STAGE == "multitask":
                         add(entry, ",".join(study.tasks), seed, model, shots)
     return sorted(nodes.values(), key=lambda n: n.index)
+
+
+def sweep_rate(study: Study, entry: MethodEntry, model: str, place) -> tuple[float | None, str]:
+    """Plan `entry`'s sweep runs (one per rate and sweep task, at the sweep seed, each its own row
+    'label lr=V') and return (the chosen rate, how) once all have finished, else (None, how far
+    the sweep is). The choice reads only held-out scores (`train.selection=heldout`, the
+    default): the mean over the sweep tasks of the main metric at each run's selected epoch."""
+    from .methods import get_method
+    label = entry.label or entry.name
+    if entry.train.get("selection", study.defaults.get("train", {}).get("selection", "heldout")) != "heldout":
+        raise UserError(f"entry '{label}': lr_sweep chooses on the held-out slice; drop its train.selection")
+    if study.sweep.seed in (entry.seeds or study.seeds):
+        raise UserError(f"entry '{label}': the sweep seed {study.sweep.seed} is also a reported seed: "
+                        f"a rate chosen on a run must not be reported with it; change sweep.seed or seeds")
+    multi = get_method(entry.name).STAGE == "multitask"
+    tasks = [",".join(study.tasks)] if multi else (study.sweep.tasks or study.tasks)
+    scores: dict[float, list] = {}
+    for lr in entry.lr_sweep:
+        trial = replace(entry, label=f"{label} lr={lr:g}", train={**entry.train, "lr": lr}, lr_sweep=[], seeds=[])
+        for task in tasks:
+            folder = place(trial, task, study.sweep.seed, model, 0)   # plans the run, returns its folder
+            scores.setdefault(lr, []).append(heldout_score(folder))
+    done = sum(v is not None for vs in scores.values() for v in vs)
+    total = sum(len(vs) for vs in scores.values())
+    if done < total:
+        return None, f"lr sweep {done} of {total} runs done"
+    means = {lr: sum(vs) / len(vs) for lr, vs in scores.items()}
+    best = max(means, key=lambda lr: (means[lr], -lr))    # a tie goes to the smaller rate
+    return best, ", ".join(f"{lr:g}: {m:.2f}" for lr, m in means.items()) + f" (held-out, seed {study.sweep.seed})"
+
+
+def heldout_score(folder: Path) -> float | None:
+    """A finished run's held-out selection value: the mean over its tasks of the main metric on
+    the held-out slice at the selected epoch (None: not finished, or selected on another split)."""
+    if status_of(folder) != "ok":
+        return None
+    m = json.loads((folder / "metrics.json").read_text())
+    held = [t["heldout"][t["main_metric"]] for t in m["tasks"].values() if "heldout" in t]
+    return sum(held) / len(held) if held and len(held) == len(m["tasks"]) else None
 
 
 MERGE_KEYS = {"strategy": "avg", "same_track": False, "weights": None, "align_on": None}
@@ -268,12 +334,13 @@ def with_deps(nodes: list[Node], start: set[int]) -> set[int]:
 
 def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: tuple[int, int] = (0, 1),
             poll: float = 10.0, on_event=lambda node, what: None, only: set[int] | None = None,
-            wait_for_others: bool = True) -> dict[str, list[int]]:
+            wait_for_others: bool = True, replan=lambda: False) -> dict[str, list[int]]:
     """Run every runnable node this worker may take (in `only`, when given); returns indices by outcome.
     Runs that other workers hold, and runs that need them, are waited for (and a holder that died
     is taken over once its lock goes stale); with `wait_for_others=False` they are left to those
     workers ("left") as soon as nothing else can start, so a queue of phases moves on instead of
-    idling through another worker's last run."""
+    idling through another worker's last run. `replan()` is asked after each run: true (a
+    learning-rate sweep just decided a row) returns at once, for the caller to plan again."""
     from .stages import resolve, train_stage
     i, n = shard
     mine = [nd for nd in nodes if nd.index % n == i and (only is None or nd.index in only)]
@@ -331,6 +398,8 @@ def execute(study: Study, nodes: list[Node], retry_failed: bool = False, shard: 
             finally:
                 unlock(nd)
             progressed = True
+            if replan():
+                return outcome
         if not waiting:
             return outcome
         if not progressed:

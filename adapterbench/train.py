@@ -55,7 +55,9 @@ class TrainResult:
     history: list = field(default_factory=list)   # [{"epoch", "main", "dev": {task: metrics}}]
     best_value: float | None = None
     best_epoch: int = -1
-    best_metrics: dict = field(default_factory=dict)   # {task: dev metrics} of the best scoring
+    best_metrics: dict = field(default_factory=dict)   # {task: dev metrics} of the epoch selection chose
+    best_heldout: dict = field(default_factory=dict)   # {task: held-out metrics} of that epoch
+    predictions: list = field(default_factory=list)    # per scored epoch: {"epoch", split: {task: [per example]}}
     stale: int = 0                 # scorings since the best one
     machine_seconds: dict = field(default_factory=dict)   # train_seconds per machine (`runs.machine_name`)
 
@@ -227,8 +229,13 @@ def evaluate(model, dev_sets: list[list[dict]], tasks, collate, batch_size: int,
 
 
 def main_value(dev: dict, tasks) -> float:
-    """The value that picks the best epoch: the main metric, or the mean of the tasks' main metrics."""
+    """A split's summary: the main metric, or the mean of the tasks' main metrics."""
     return float(np.mean([dev[t.name][t.main_metric] for t in tasks]))
+
+
+def compact(preds, regression: bool) -> list:
+    """Per-example predictions as a run keeps them: class ids, or scores to 4 decimals."""
+    return [round(float(p), 4) for p in preds] if regression else [int(p) for p in preds]
 
 
 class Stopped(KeyboardInterrupt):
@@ -288,11 +295,18 @@ class CheckpointRequests:
 
 
 def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda record: None,
-          show_progress: bool = True, checkpoint_dir: Path | None = None, track_dir: Path | None = None) -> TrainResult:
+          show_progress: bool = True, checkpoint_dir: Path | None = None, track_dir: Path | None = None,
+          heldout_sets: list | None = None) -> TrainResult:
     """Train `model` (only parameters with requires_grad) on `source`'s batches and leave it at
-    its best scored epoch. With `checkpoint_dir`, a checkpoint found there is resumed and new
-    ones are written; with `track_dir`, every logged number also goes to the trackers of
-    `train.log_with` (TensorBoard event files in `track_dir`)."""
+    the scored epoch `cfg.selection` chose: the best on `heldout_sets` (slices of the training
+    split it never trains on), the best on dev, or the last. Dev is scored every time for the
+    curves and the result, but under `heldout` nothing reads it to decide. With
+    `checkpoint_dir`, a checkpoint found there is resumed and new ones are written; with
+    `track_dir`, every logged number also goes to the trackers of `train.log_with`
+    (TensorBoard event files in `track_dir`)."""
+    if cfg.selection == "heldout" and not (heldout_sets and all(heldout_sets)):
+        raise UserError("train.selection=heldout needs the held-out slice of each task's training split "
+                        "(prepare_items cuts it): pass heldout_sets, or use train.selection=dev")
     from transformers import get_linear_schedule_with_warmup
 
     check_trackers(cfg.log_with)
@@ -370,7 +384,8 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
                     raise Stopped.after(f"step {res.steps}", checkpoint_dir is not None)
             res.clock(time.perf_counter() - t0, here)
             if scored_epoch(res.epoch, res.steps, cfg):
-                best_state = score_epoch(plain, dev_sets, tasks, collate, cfg, res, best_state, higher, log)
+                best_state = score_epoch(plain, dev_sets, heldout_sets, tasks, collate, cfg, res, best_state,
+                                         higher, log)
             if share := sampling_share(source, res.epoch, tasks):      # multi-task: who fed this epoch
                 log({"step": res.steps, "epoch": res.epoch, **share})
             res.epoch += 1
@@ -387,21 +402,32 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
     return res
 
 
-def score_epoch(model, dev_sets, tasks, collate, cfg: TrainConfig, res: TrainResult, best_state, higher, log):
-    """Score dev, record it (with what the method's modules report about it, e.g. fusion
-    attention per layer), keep the weights if it is the best scoring so far."""
+def score_epoch(model, dev_sets, heldout_sets, tasks, collate, cfg: TrainConfig, res: TrainResult, best_state,
+                higher, log):
+    """Score dev (and the held-out slices), record both with every example's prediction (and
+    what the method's modules report about dev, e.g. fusion attention per layer), and keep the
+    weights if the selection value is the best so far (`last`: always)."""
     recorders = [m for m in model.modules() if hasattr(m, "start_recording")]
     for m in recorders:
         m.start_recording()
-    dev, _ = evaluate(model, dev_sets, tasks, collate, cfg.eval_batch_size, cfg.precision)
+    dev, dev_preds = evaluate(model, dev_sets, tasks, collate, cfg.eval_batch_size, cfg.precision)
     extra = {}
     for i, m in enumerate(recorders):
         extra.update({f"site{i}/{k}": v for k, v in m.stop_recording().items()})
-    value = main_value(dev, tasks)
-    res.history.append({"epoch": res.epoch, "main": value, "dev": dev})
-    log({"epoch": res.epoch, "step": res.steps, "dev": dev, "main": value, **({"modules": extra} if extra else {})})
-    if is_better(value, res.best_value, higher):
-        res.best_value, res.best_epoch, res.best_metrics, res.stale = value, res.epoch, dev, 0
+    held, held_preds = (evaluate(model, heldout_sets, tasks, collate, cfg.eval_batch_size, cfg.precision)
+                        if heldout_sets else ({}, {}))
+    record = {"epoch": res.epoch, "main": main_value(dev, tasks), "dev": dev}
+    if held:
+        record.update(heldout=held, heldout_main=main_value(held, tasks))
+    value = record["heldout_main"] if cfg.selection == "heldout" else record["main"]
+    res.history.append(record)
+    res.predictions.append({"epoch": res.epoch, **{split: {t.name: compact(preds[t.name], t.regression) for t in tasks}
+                                                   for split, preds in (("dev", dev_preds), ("heldout", held_preds))
+                                                   if preds}})
+    log({**record, "step": res.steps, "selection": cfg.selection, **({"modules": extra} if extra else {})})
+    if cfg.selection == "last" or is_better(value, res.best_value, higher):
+        res.best_value, res.best_epoch, res.stale = value, res.epoch, 0
+        res.best_metrics, res.best_heldout = dev, held
         return trainable_snapshot(model)
     res.stale += 1
     return best_state

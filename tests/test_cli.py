@@ -28,7 +28,8 @@ def test_train_then_evaluate_reproduces(stage, method, tiny_bert_dir, task_yamls
     out = tmp_path / "runs"
     extra = ["train.save_model=true"] if method == "full" else []
     r = invoke(stage, "--task", task_yamls["toy"], "--model", tiny_bert_dir, "--method", method,
-               "--data-dir", data_dir, "--out", out, "train.epochs=2", "train.lr=1e-3", "train.batch_size=8", *extra)
+               "--data-dir", data_dir, "--out", out, "train.epochs=2", "train.lr=1e-3", "train.batch_size=8",
+               "train.heldout_min=8", *extra)    # 40 examples train, 8 select: 10 steps
     assert r.exit_code == 0, r.output
     run = only_run(out)
     assert run.relative_to(out).parts[:3] == (stage, method, "toy")

@@ -217,14 +217,18 @@ def test_evaluation_in_length_order_returns_predictions_in_item_order():
     assert got["pearson"] == pytest.approx(metrics.compute(["pearson"], labels, list(preds))["pearson"], abs=1e-6)
 
 
+# Runs from before the held-out protocol selected on dev: with train.selection=dev they keep their
+# folders (a run selecting on the held-out slice is another run, in another folder).
 @pytest.mark.parametrize("user,stage,golden", [
-    ({"task": "rte", "model": {"name": "tiny-bert"}, "train": {"warmup_ratio": 0.0}}, "extract", "0413fba8"),
-    ({"task": "mrpc", "method": {"name": "houlsby"}, "train": {"lr": 3e-4, "warmup_ratio": 0.0},
+    ({"task": "rte", "model": {"name": "tiny-bert"}, "train": {"warmup_ratio": 0.0, "selection": "dev"}}, "extract",
+     "0413fba8"),
+    ({"task": "mrpc", "method": {"name": "houlsby"}, "train": {"lr": 3e-4, "warmup_ratio": 0.0, "selection": "dev"},
       "model": {"pooling": "cls"}}, "extract", "31a49fce"),
-    ({"task": "rte", "method": {"name": "full"}, "model": {"pooling": "cls"}}, "finetune", "ffd78b8d"),
+    ({"task": "rte", "method": {"name": "full"}, "model": {"pooling": "cls"}, "train": {"selection": "dev"}},
+     "finetune", "ffd78b8d"),
     # computed at ff28140, before fusion had method.encoder
-    ({"task": "rte", "model": {"name": "tiny-bert"}, "method": {"name": "fusion", "adapters": ["/x/rte", "/x/mrpc"]}},
-     "fuse", "dddb7ae2"),
+    ({"task": "rte", "model": {"name": "tiny-bert"}, "method": {"name": "fusion", "adapters": ["/x/rte", "/x/mrpc"]},
+      "train": {"selection": "dev"}}, "fuse", "dddb7ae2"),
 ])
 def test_golden_config_hashes_keep_existing_run_folder_names(user, stage, golden):
     """Hashes computed by the code before this session's changes (commit ccd85ae) for configs

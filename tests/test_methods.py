@@ -133,10 +133,11 @@ def test_exactly_the_right_parameters_train(method, arch):
         assert all(any(f".adapters.{t}." in n for n in trainable) for t in names)
     elif method == "camtl":
         lower = {n for n in trainable if ".layer.0." in n}
-        assert not lower, lower                              # the frozen half, its conditional attention too
+        assert not lower, lower                              # the frozen half's own weights
         assert not any(n.startswith("embeddings.") for n in trainable)
         assert {"camtl_context.embedding.weight", "camtl_align.map.weight"} <= trainable
-        assert "camtl_attention.1.weight" in trainable and "camtl_attention.0.weight" not in trainable
+        # as the reference's freeze_encoder_layers: a frozen layer's conditional attention still trains
+        assert {"camtl_attention.0.weight", "camtl_attention.0.film.map.weight", "camtl_attention.1.weight"} <= trainable
     else:   # any other method: what trains is what it saves
         mod = get_method(method)
         saved = sum(v.numel() for v in mod.trainable_state(enc, cfg, names).values())
@@ -203,7 +204,8 @@ def test_resume_after_a_crash_gives_identical_weights(method, tmp_path):
         def log(record):
             if crash_at and record.get("step") == crash_at and "loss" in record:
                 raise Crash
-        train(model, source, [x[:6] for x in items[:len(names)]], tasks, Collator(0), cfg, log, False, folder)
+        train(model, source, [x[:6] for x in items[:len(names)]], tasks, Collator(0), cfg, log, False, folder,
+              heldout_sets=[x[6:] for x in items[:len(names)]])
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     want = go(tmp_path / "a")
@@ -253,3 +255,19 @@ def test_load_rejects_adapter_of_other_size():
     other, _, other_cfg, _ = build("pfeiffer", "bert", reduction_factor=8)
     with pytest.raises(UserError, match="shape"):
         mod.load_state(other.encoder, other_cfg, names, mod.trainable_state(model.encoder, cfg, names))
+
+
+def test_camtl_frozen_conditional_parts_freeze_with_their_layer_on_request():
+    """method.frozen_conditional_trains=false: the frozen layers' conditional attention is frozen
+    too (this package's behaviour before it followed the reference); the upper layers' trains."""
+    from adapterbench.methods import camtl
+    enc = tiny_encoder("bert")
+    camtl.apply(enc, camtl.Config(frozen_conditional_trains=False), ["a", "b"])
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert "camtl_attention.1.weight" in trainable and "camtl_attention.0.weight" not in trainable
+    enc = tiny_encoder("bert")
+    camtl.apply(enc, camtl.Config(freeze_layers=2), ["a", "b"])      # every layer frozen, as `0-1`
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    inside = {n for n in trainable if ".layer." in n}
+    assert inside and all(".adapters.camtl." in n for n in inside)   # of the layers' own parts, the top adapter
+    assert {"camtl_attention.0.weight", "camtl_attention.1.weight"} <= trainable

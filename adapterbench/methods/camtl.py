@@ -8,8 +8,13 @@ modules, (1 + gamma_t) * x + beta_t with (gamma_t, beta_t) = W z_t + b, in
 - conditional LayerNorm (reference form): LN(x; weight (1 + gamma_t) * w + beta_t, bias b);
 - a conditional bottleneck adapter (d -> d/3 -> d, no nonlinearity, FiLM on its input) in
   the top layer, at Pfeiffer's place.
-The embeddings and the lower half of the layers are frozen (`freeze_layers`) with their
-conditional attention; the conditional parts of the upper layers train.
+The embeddings and the lower layers are frozen (`freeze_layers`; -1: the lower half). As the
+reference's `--freeze_encoder_layers`, the conditional parts inside the frozen layers (their
+attention bias and FiLM maps) still train (`frozen_conditional_trains`; false freezes them with
+their layer, as this package did before). The reference README's final setting for BERT-base is
+layers 0-4 of 12 frozen (its June and July 2021 versions said 0-5, then N=5): scaled to
+MiniLM's 6 layers that is `freeze_layers: 2`. Its epoch is the longest task's batches times the
+number of tasks (`sampling.epoch: reference`) and it trains 5 epochs.
 Initialisation (`init`): `reference` as the reference code (BERT's init_weights): the task
 embedding, the task transform and every FiLM map N(0, 0.02) with zero biases, so the task
 vector has norm ~0.02^2 d^1.5 (0.15 for d = 384) and the model is close to, not equal to, the
@@ -50,6 +55,9 @@ class Config:
     max_length: int = 128            # size of the attention-bias parameter (longer inputs are cut to it)
     adapter_ratio: int = 3           # top-layer adapter bottleneck d / 3
     init: str = "reference"          # reference: N(0, 0.02) as the CA-MTL code | identity: FiLM maps zero
+    frozen_conditional_trains: bool = True   # the reference's freeze_encoder_layers: the conditional parts
+                                     # of the frozen layers (attention bias, FiLM maps) still train;
+                                     # false: frozen with their layer (this package before the fix)
 
 
 class TaskContext(nn.Module):
@@ -196,6 +204,11 @@ def apply(encoder, cfg: Config, tasks: list[str], sources=()) -> None:
         encoder.camtl_attention[i].requires_grad_(True)
     for m in (ctx, align, site.adapters["camtl"]):
         m.requires_grad_(True)
+    if cfg.frozen_conditional_trains:             # as the reference: a frozen layer's conditional parts train
+        encoder.camtl_attention.requires_grad_(True)
+        for m in encoder.modules():
+            if isinstance(m, CondLayerNorm):
+                m.film.requires_grad_(True)
 
 
 def set_tasks(encoder, task_ids: torch.Tensor) -> None:

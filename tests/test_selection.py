@@ -1,0 +1,116 @@
+"""The held-out selection protocol (train.selection): a seeded, stratified slice of the
+training split decides the epoch and early stopping; the dev set is scored for the curves and
+the reported number but decides nothing. Every run keeps its per-example predictions per epoch."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from adapterbench.cli import app
+from adapterbench.data import heldout_size, heldout_split
+from adapterbench.runs import load_tensors
+
+runner = CliRunner()
+
+
+def flip_dev_labels(src, dst):
+    """A copy of the fixture data whose TOY dev labels are all flipped (neg <-> pos)."""
+    shutil.copytree(src, dst)
+    path = dst / "TOY" / "dev.tsv"
+    lines = path.read_text().splitlines()
+    flip = {"neg": "pos", "pos": "neg"}
+    out = [lines[0]] + ["\t".join([*row.split("\t")[:-1], flip[row.split("\t")[-1]]]) for row in lines[1:]]
+    path.write_text("\n".join(out) + "\n")
+    return dst
+
+
+def extract(tiny_bert_dir, task_yamls, data, out, *extra):
+    # full fine-tuning at this rate learns the toy task within 6 epochs (dev accuracy 50 -> 81)
+    r = runner.invoke(app, ["finetune", "--task", str(task_yamls["toy"]), "--model", str(tiny_bert_dir),
+                            "--data-dir", str(data), "--out", str(out), "train.epochs=6", "train.save_model=true",
+                            "train.batch_size=4", "train.lr=3e-3", "train.heldout_min=12", "train.log_with=[none]",
+                            *extra])
+    assert r.exit_code == 0, r.output
+    folder = next(out.glob("*/*/toy/*"))
+    return (folder, json.loads((folder / "metrics.json").read_text()),
+            json.loads((folder / "epoch_predictions.json").read_text()),
+            load_tensors(folder / "model" / "model.safetensors"))
+
+
+def test_dev_labels_decide_nothing_under_heldout_but_do_under_dev(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    flipped = flip_dev_labels(data_dir, tmp_path / "flipped")
+    runs = {}
+    for selection in ("heldout", "dev"):
+        for name, data in (("orig", data_dir), ("flip", flipped)):
+            runs[selection, name] = extract(tiny_bert_dir, task_yamls, data, tmp_path / f"{selection}-{name}",
+                                            f"train.selection={selection}")
+    (_, a, pa, wa), (_, b, pb, wb) = runs["heldout", "orig"], runs["heldout", "flip"]
+    assert a["selection"] == b["selection"] == "heldout"
+    # the dev labels changed what dev reports ...
+    assert [h["dev"] for h in a["history"]] != [h["dev"] for h in b["history"]]
+    # ... and nothing else: the chosen epoch, the weights, every held-out score and prediction
+    assert a["best_epoch"] == b["best_epoch"] and a["epochs_run"] == b["epochs_run"]
+    assert all((wa[k] == wb[k]).all() for k in wa)
+    assert [h["heldout"] for h in a["history"]] == [h["heldout"] for h in b["history"]]
+    assert [e["heldout"] for e in pa["epochs"]] == [e["heldout"] for e in pb["epochs"]]
+    assert [e["dev"] for e in pa["epochs"]] == [e["dev"] for e in pb["epochs"]]   # same model, same predictions
+    # the reported number is dev at the epoch the held-out slice chose
+    chosen = a["history"][[h["epoch"] for h in a["history"]].index(a["best_epoch"])]
+    assert a["tasks"]["toy"]["dev"] == chosen["dev"]["toy"] and a["tasks"]["toy"]["heldout"] == chosen["heldout"]["toy"]
+    assert a["best_epoch"] == max(a["history"], key=lambda h: h["heldout_main"])["epoch"]
+    # under the papers' protocol the same flip moves the chosen epoch, and with it the weights
+    (_, c, _, wc), (_, d, _, wd) = runs["dev", "orig"], runs["dev", "flip"]
+    assert c["selection"] == "dev" and "heldout" not in c["tasks"]["toy"]
+    assert c["best_epoch"] != d["best_epoch"] and any((wc[k] != wd[k]).any() for k in wc)
+    assert c["tasks"]["toy"]["train_examples"] == 48 and a["tasks"]["toy"]["train_examples"] == 48 - 12
+
+
+def test_predictions_recompute_the_reported_metric(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    from adapterbench import metrics as M
+    import numpy as np
+    folder, m, preds, _ = extract(tiny_bert_dir, task_yamls, data_dir, tmp_path / "r")
+    assert len(preds["epochs"]) == m["epochs_run"] and preds["best_epoch"] == m["best_epoch"]
+    at = next(e for e in preds["epochs"] if e["epoch"] == m["best_epoch"])
+    y = np.array(preds["labels"]["dev"]["toy"])
+    for split in ("dev", "heldout"):
+        got = M.compute(["accuracy", "f1"], np.array(preds["labels"][split]["toy"]), np.array(at[split]["toy"]))
+        assert got == pytest.approx(m["tasks"]["toy"][split])
+    assert len(y) == m["tasks"]["toy"]["dev_examples"] == 16
+    assert len(preds["labels"]["heldout"]["toy"]) == m["tasks"]["toy"]["heldout_examples"] == 12
+
+
+def test_last_selection_keeps_the_last_epoch(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    _, m, _, _ = extract(tiny_bert_dir, task_yamls, data_dir, tmp_path / "r", "train.selection=last",
+                         "train.patience=1")
+    assert m["best_epoch"] == 5 and m["epochs_run"] == 6 and m["selection"] == "last"
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_heldout_slice_is_seeded_stratified_and_disjoint(regression):
+    examples = [{"id": i, "label": (i % 10) / 2 if regression else int(i % 4 == 0)} for i in range(400)]
+    held, rest = heldout_split(examples, 40, regression, seed=3)
+    again, _ = heldout_split(examples, 40, regression, seed=3)
+    other, _ = heldout_split(examples, 40, regression, seed=4)
+    assert held == again and held != other and len(held) == 40 and len(rest) == 360
+    assert not {e["id"] for e in held} & {e["id"] for e in rest}
+    assert [e["id"] for e in held] == sorted(e["id"] for e in held)   # file order
+    mean = lambda xs: sum(e["label"] for e in xs) / len(xs)   # class share, or mean score
+    assert mean(held) == pytest.approx(mean(examples), abs=0.1 if regression else 0.01)
+
+
+def test_heldout_size_rule():
+    assert heldout_size(2490, 2490, 0.1, 100) == 249          # RTE: 10%
+    assert heldout_size(250, 250, 0.1, 100) == 100            # CB: at least 100
+    assert heldout_size(67349, 20000, 0.1, 100) == 2000       # SST-2 at train.limit 20,000: 10% of what trains
+    assert heldout_size(48, 48, 0.1, 100) == 24               # never more than half the split
+
+
+def test_protocol_keys_are_checked(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    for bad, says in (("train.selection=test", "train.selection"), ("train.heldout_fraction=1.5", "heldout_fraction"),
+                      ("train.heldout_min=0", "heldout_min")):
+        r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--model", str(tiny_bert_dir),
+                                "--data-dir", str(data_dir), "--out", str(tmp_path / "o"), bad])
+        assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
