@@ -32,7 +32,7 @@ import numpy as np
 
 from .config import load_yaml
 from .errors import UserError
-from .report import (ALPHA, SETTINGS_LEGEND, Report, build_report, collect, extras_rows, markdown_table, render,
+from .report import (SETTINGS_LEGEND, Report, build_report, collect, extras_rows, markdown_table, render,
                      settings_rows, split_labels)
 
 TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "seeds", "text", "runs", "settings",
@@ -62,13 +62,19 @@ class Claim:
 
 @dataclass
 class Verdict:
-    word: str                 # confirmed | not confirmed | not testable here
+    word: str                 # confirmed | contradicted | inconclusive | not testable here
     delta: float | None = None
-    p: float | None = None
-    n: int = 0
+    p: float | None = None    # one-sided p (gain: Holm-adjusted across the file's gain claims)
+    n: int = 0                # (task, seed) pairs
     test: str = ""
-    per_task: list[tuple] = field(default_factory=list)   # (task, a mean, b mean, delta, p, seeds)
+    per_task: list[tuple] = field(default_factory=list)   # (task, a mean, b mean, delta, (ci lo, hi), seeds)
     note: str = ""
+    ci: tuple | None = None   # 95% CI of the stratified Δ
+    paper: float | None = None          # the paper's Δ on these tasks (its mean)
+    power: float | None = None          # at the paper's Δ, with these seeds
+    seeds_needed: int | None = None     # per task, for 80% power at the paper's Δ
+    protocol: str = ""
+    estimate: object = None             # stats.Estimate
 
 
 def _check_keys(d: dict, allowed: set, where: str) -> None:
@@ -104,19 +110,49 @@ def load_claims(path: Path) -> dict:
     return spec
 
 
-def judge(claim: Claim, rows: dict) -> Verdict:
-    """The claim's verdict from the report rows (label -> Row)."""
-    from scipy.stats import ttest_1samp
+def paper_effect(claim: Claim, tasks: list[str]) -> float | None:
+    """The paper's Δ for the claim as a whole: its `mean`, else the mean of its per-task values on
+    these tasks, else the single number given."""
+    pd = claim.paper_delta
+    if isinstance(pd, dict):
+        if "mean" in pd:
+            return float(pd["mean"])
+        vals = [float(pd[t]) for t in tasks if t in pd]
+        return float(np.mean(vals)) if vals else None
+    return None if pd is None else float(pd)
 
-    from .report import paired_p
+
+def at_floor(claim: Claim, a, b, tasks: list[str]) -> str | None:
+    """Why the claim cannot be tested here when both rows sit at or below the majority-class
+    baseline on every one of its tasks (a floor: neither learned the tasks), else None."""
+    from .report import majority_baseline
+    below = []
+    for t in tasks:
+        base, _ = majority_baseline(t, claim.metric)
+        means = [float(np.mean(list(r.cells[t].by_seed.values()))) for r in (a, b)]
+        if base is None or max(means) > base:
+            return None
+        below.append(f"{t} {max(means):.2f} ≤ {base:.2f}")
+    return "both rows at or below the majority-class baseline on every task (" + "; ".join(below) + ")"
+
+
+def judge(claim: Claim, rows: dict) -> Verdict:
+    """The claim's evidence from the report rows (label -> Row): the stratified Δ over its tasks
+    with a 95% CI, the one-sided p (unadjusted; `decide` applies Holm and the verdict rules),
+    the power at the paper's Δ and the seeds that would give 80%."""
+    from . import stats
     if not claim.testable:
         return Verdict("not testable here", note=claim.why)
     missing = [r for r in (claim.a, claim.b) if r not in rows]
     if missing:
         return Verdict("not testable here", note=f"no finished runs for row '{missing[0]}'")
     a, b = rows[claim.a], rows[claim.b]
+    if len(a.protocols | b.protocols) > 1:
+        raise UserError(f"claim '{claim.id}': '{claim.a}' selects its epochs on {'/'.join(sorted(a.protocols))}, "
+                        f"'{claim.b}' on {'/'.join(sorted(b.protocols))}: compare rows of one selection protocol "
+                        f"(train.selection), or report the archives apart")
     tasks = claim.tasks or sorted(set(a.cells) & set(b.cells))
-    diffs, per_task, lacking = [], [], None
+    diffs, per_task, lacking = {}, [], None
     for t in tasks:
         if t not in a.cells or t not in b.cells:
             lacking = lacking or f"task {t} lacks runs of '{claim.a}' or '{claim.b}'"
@@ -126,65 +162,126 @@ def judge(claim: Claim, rows: dict) -> Verdict:
             lacking = lacking or f"fewer than 2 seeds shared by both rows on {t}"
         if not seeds:
             continue
+        d = [a.cells[t].by_seed[s] - b.cells[t].by_seed[s] for s in seeds]
         am = float(np.mean([a.cells[t].by_seed[s] for s in seeds]))
         bm = float(np.mean([b.cells[t].by_seed[s] for s in seeds]))
-        diffs += [a.cells[t].by_seed[s] - b.cells[t].by_seed[s] for s in seeds]
-        per_task.append((t, am, bm, am - bm, paired_p(a.cells[t], b.cells[t]), len(seeds)))
+        ci = stats.stratified({t: d}).ci if len(d) >= 2 else None
+        diffs[t] = d
+        per_task.append((t, am, bm, am - bm, ci, len(seeds)))
+    protocol = "/".join(sorted(a.protocols))
     if lacking:   # no verdict on part of the data; what there is so far is still shown
-        return Verdict("not testable here", per_task=per_task,
+        return Verdict("not testable here", per_task=per_task, protocol=protocol,
                        note=lacking + (" (the table shows the runs so far, no verdict)" if per_task else ""))
     if not per_task:
         return Verdict("not testable here", note="the two rows share no task")
-    delta = float(np.mean([p[3] for p in per_task]))
-    x = np.asarray(diffs, dtype=float)
-    if claim.kind == "gain":
-        p = float(ttest_1samp(x, 0.0).pvalue) if np.ptp(x) > 0 else (0.0 if x[0] != 0 else 1.0)
-        word = "confirmed" if delta > 0 and p < ALPHA else "not confirmed"
-        test = f"paired t-test over {len(x)} (task, seed) pairs, two-sided"
-    else:
-        shifted = x + claim.margin
-        p = float(ttest_1samp(shifted, 0.0, alternative="greater").pvalue) if np.ptp(x) > 0 else \
-            (0.0 if shifted[0] > 0 else 1.0)
-        word = "confirmed" if p < ALPHA else "not confirmed"
-        test = (f"non-inferiority: one-sided paired t-test of {claim.a} - {claim.b} > -{claim.margin:g} "
-                f"over {len(x)} (task, seed) pairs")
-    return Verdict(word, delta, p, len(x), test, per_task)
+    est = stats.stratified(diffs)
+    paper = paper_effect(claim, tasks)
+    shift = claim.margin if claim.kind == "parity" else 0.0
+    v = Verdict("", est.delta, est.p_greater(-shift), sum(len(d) for d in diffs.values()), "", per_task,
+                ci=est.ci, paper=paper, protocol=protocol, estimate=est)
+    if paper is not None:
+        v.power, v.seeds_needed = stats.power(est, paper, shift=shift), stats.seeds_for_power(est, paper, shift)
+    v.test = (f"one-sided test of Δ > 0 over {len(tasks)} task(s) as strata, {v.n} (task, seed) pairs"
+              if claim.kind == "gain" else
+              f"non-inferiority: one-sided test of Δ > −{claim.margin:g} over {len(tasks)} task(s) as strata, "
+              f"{v.n} (task, seed) pairs")
+    if floor := at_floor(claim, a, b, tasks):
+        v.word, v.note = "not testable here", floor
+    return v
+
+
+def verdict(claim: Claim, rows: dict) -> Verdict:
+    """One claim judged and decided on its own (Holm over one claim is no adjustment)."""
+    v = judge(claim, rows)
+    decide([claim], [v])
+    return v
+
+
+def decide(claims: list[Claim], verdicts: list[Verdict]) -> None:
+    """Holm across the gain claims that have a test, then the four verdicts:
+    confirmed (adjusted one-sided p < α); contradicted (the 95% CI excludes the paper's Δ: for a
+    parity claim, it lies wholly below −margin); inconclusive (neither: the CI holds both 0, or
+    −margin, and the paper's effect; the seeds that would settle it are given); not testable here."""
+    from . import stats
+    gains = [i for i, (c, v) in enumerate(zip(claims, verdicts)) if c.kind == "gain" and not v.word]
+    for i, adj in zip(gains, stats.holm([verdicts[i].p for i in gains])):
+        verdicts[i].p = adj
+    for c, v in zip(claims, verdicts):
+        if v.word:
+            continue
+        lo, hi = v.ci
+        if v.p < stats.ALPHA and (c.kind == "parity" or v.delta > 0):
+            v.word = "confirmed"
+        elif (c.kind == "gain" and hi < (v.paper if v.paper is not None else 0.0)) or \
+                (c.kind == "parity" and hi < -c.margin):   # a gain claim without a paper Δ: the CI excludes any gain
+            v.word = "contradicted"
+        else:
+            v.word = "inconclusive"
+            if v.seeds_needed:
+                v.note = f"about {v.seeds_needed} seeds per task would give 80% power at the paper's Δ"
 
 
 def _fmt_p(p: float | None) -> str:
     return "–" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
+def _ci(ci) -> str:
+    return "–" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def _num(x, fmt="+.2f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
 def claim_section(i: int, claim: Claim, v: Verdict) -> str:
+    from . import stats
     out = [f"### {i}. {claim.title}", ""]
     if claim.claim:
         out += [f"**Paper** ({claim.paper}): {claim.claim}" if claim.paper else f"**Paper**: {claim.claim}", ""]
     what = f"{claim.metric} where a task reports it, else its main metric" if claim.metric else "main metric"
-    out += [f"**Here**: `{claim.a}` against `{claim.b}` ({what}, dev; means over the seeds both rows have), "
+    sel = f"; epochs selected {PROTOCOL_WORDS.get(v.protocol, v.protocol)}" if v.protocol else ""
+    out += [f"**Here**: `{claim.a}` against `{claim.b}` ({what}, dev{sel}; means over the seeds both rows have), "
             f"Δ = {claim.a} − {claim.b}.", ""]
     if v.per_task:
         ref = claim.paper_delta if isinstance(claim.paper_delta, dict) else {}
-        out += ["| task | " + claim.a + " | " + claim.b + " | Δ | p (paired t, seeds) | seeds | paper Δ |",
+        out += ["| task | " + claim.a + " | " + claim.b + " | Δ | 95% CI | seeds | paper Δ |",
                 "|---|---|---|---|---|---|---|"]
-        for t, am, bm, d, p, n in v.per_task:
+        for t, am, bm, d, ci, n in v.per_task:
             pd = ref.get(t)
-            out.append(f"| {t} | {am:.2f} | {bm:.2f} | {d:+.2f} | {_fmt_p(p)} | {n} | "
-                       f"{'' if pd is None else f'{pd:+.2f}'} |")
+            out.append(f"| {t} | {am:.2f} | {bm:.2f} | {d:+.2f} | {_ci(ci)} | {n} | {_num(pd)} |")
         if v.delta is not None:
-            pm = ref.get("mean") if ref else claim.paper_delta
-            out.append(f"| **mean** | | | **{v.delta:+.2f}** | {_fmt_p(v.p)} (n = {v.n}) | | "
-                       f"{'' if pm is None else f'{pm:+.2f}'} |")
+            out.append(f"| **stratified Δ** | | | **{v.delta:+.2f}** | {_ci(v.ci)} | n = {v.n} | {_num(v.paper)} |")
         out.append("")
     line = f"**Verdict: {v.word}.**"
     if v.delta is not None:
         p = _fmt_p(v.p)
-        line += f" Mean Δ {v.delta:+.2f} points; {v.test}: p {p if p.startswith('<') else f'= {p}'} (alpha {ALPHA})."
+        adj = ", Holm-adjusted over the gain claims" if claim.kind == "gain" else ""
+        line += (f" Stratified Δ {v.delta:+.2f} points, 95% CI {_ci(v.ci)}; {v.test}: p{adj} "
+                 f"{p if p.startswith('<') else f'= {p}'} (α {stats.ALPHA}, one-sided).")
+        if v.power is not None:
+            line += (f" Power at the paper's Δ ({v.paper:+.2f}) with these seeds: {100 * v.power:.0f}%; "
+                     f"80% needs {v.seeds_needed or 'more than 100'} seeds per task.")
     if v.note:
         line += f" {v.note}."
     out += [line, ""]
     if claim.discussion:
         out += [claim.discussion.strip(), ""]
     return "\n".join(out)
+
+
+PROTOCOL_WORDS = {"heldout": "on a held-out slice of train", "dev": "on dev (the papers' protocol)",
+                  "last": "at the last epoch"}
+
+
+def verdict_table(judged: list[tuple[Claim, Verdict]]) -> list[str]:
+    """The verdicts at a glance: one row per claim with its Δ, CI, p, power and verdict."""
+    out = ["| # | claim | verdict | stratified Δ | 95% CI | paper Δ | p | power at paper Δ | seeds for 80% |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for i, (c, v) in enumerate(judged, 1):
+        power = "–" if v.power is None else f"{100 * v.power:.0f}%"
+        out.append(f"| {i} | {c.title} | {v.word} | {_num(v.delta)} | {_ci(v.ci)} | {_num(v.paper)} | "
+                   f"{_fmt_p(v.p)} | {power} | {v.seeds_needed or '–'} |")
+    return out + [""]
 
 
 def rows_or_none(runs_dir: Path, metric: str | None) -> dict:
@@ -291,6 +388,17 @@ def attention_plots(table: dict, source: Path, rows: list[str], assets: Path) ->
     return lines
 
 
+VERDICT_RULES = (
+    "Each claim's effect is the stratified Δ (the mean over its tasks of each task's mean paired "
+    "difference over the seeds both rows have; tasks are strata, not replicates) with a 95% CI "
+    "(Student's t, Welch–Satterthwaite df). Gain claims: one-sided test of Δ > 0 at α = 0.05, "
+    "Holm-adjusted across the file's gain claims; parity claims: non-inferiority, Δ > −margin, "
+    "at the same α. **confirmed**: the test rejects; **contradicted**: the CI excludes the paper's "
+    "Δ (parity: lies below −margin); **inconclusive**: neither (the seeds that would give 80% power "
+    "at the paper's Δ are given); **not testable here**: runs missing, or both rows at or below "
+    "the majority-class baseline on every task of the claim.")
+
+
 def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool = True) -> list[tuple[str, str]]:
     """Write the document (and its plots in a folder named after it); returns (claim id, verdict)."""
     from .plots import metric_bars
@@ -303,12 +411,15 @@ def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool
         parts += [spec["intro"].strip(), ""]
     rows_by_metric = {m: rows_or_none(runs_dir, m) for m in {c.metric for c in spec["claims"]}}
     judged = [(c, judge(c, rows_by_metric[c.metric])) for c in spec["claims"]]
+    decide([c for c, _ in judged], [v for _, v in judged])
     if judged:
-        parts += ["## Verdicts at a glance", "", "| # | claim | verdict | mean Δ | p |", "|---|---|---|---|---|"]
-        for i, (c, v) in enumerate(judged, 1):
-            parts.append(f"| {i} | {c.title} | {v.word} | {'–' if v.delta is None else f'{v.delta:+.2f}'} | "
-                         f"{_fmt_p(v.p)} |")
-        parts.append("")
+        parts += ["## Verdicts at a glance", "", VERDICT_RULES, "", *verdict_table(judged)]
+        if plot and any(v.ci for _, v in judged):
+            from .plots import forest_plot
+            png = assets / "forest.png"
+            forest_plot([(f"{i}. {c.title}", v.delta, v.ci, v.paper, [(t, d, ci) for t, _, _, d, ci, _ in v.per_task])
+                         for i, (c, v) in enumerate(judged, 1) if v.ci], png)
+            parts += [f"![Every claim: our Δ with its 95% CI, the paper's Δ and 0]({assets.name}/{png.name})", ""]
     for t in spec.get("tables", []):
         rows = split_labels(t["rows"])
         parts += [f"## {t.get('title', t['id'])}", ""]
@@ -323,6 +434,7 @@ def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool
         except UserError:   # a study still running: say so instead of failing the whole document
             parts += [f"_No finished runs yet for rows {', '.join(rows)}._", "", *going]
             continue
+        rep.marks = False   # per-cell † on 2-6 seeds, uncorrected: the claims carry CIs and Holm instead
         parts += [render(rep, "md").rstrip(), ""]
         if todo := still_to_come(rep, rows, t.get("tasks"), t.get("seeds")):
             parts += [todo, ""]

@@ -50,6 +50,7 @@ class Row:
     cells: dict[str, Cell] = field(default_factory=dict)
     params_pct: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
+    protocols: set = field(default_factory=set)   # what selected its runs' epochs: heldout | dev | last
 
 
 def records(root: Path, seeds: list[int] | None = None):
@@ -103,6 +104,7 @@ def collect(root: Path, metric: str | None = None, seeds: list[int] | None = Non
                                 f"{where}; give the study entries different labels or report them apart")
             filled[key] = where
             row.cells.setdefault(task, Cell()).by_seed[int(m["seed"])] = float(pick(r, metric))
+        row.protocols.add(m.get("selection", "dev"))   # runs before the held-out protocol selected on dev
         row.params_pct.append(float(m.get("trainable_percent", 0.0)))
         row.train_seconds.append(float(m.get("train_seconds", 0.0)))
     if not rows:
@@ -152,6 +154,8 @@ class Report:
     metric: str | None = None      # None: each task's main metric
     majority: dict = field(default_factory=dict)   # task -> the majority-class baseline's score
     metric_names: dict = field(default_factory=dict)   # task -> the metric its cells report
+    marks: bool = True             # † per cell; claims documents leave them out (many uncorrected
+                                   # tests on 2-4 seeds; their claims carry CIs and Holm instead)
 
     def base_row(self, row: Row, base: str) -> Row | None:
         """The baseline row for `row`: the one with the same few-shot k when there is one."""
@@ -183,7 +187,7 @@ class Report:
 
     def mark(self, row: Row, task: str) -> str:
         base = self.base_row(row, self.versus)
-        if base is None or row is base or task not in row.cells or task not in base.cells:
+        if not self.marks or base is None or row is base or task not in row.cells or task not in base.cells:
             return ""
         p = paired_p(row.cells[task], base.cells[task])
         return "†" if p is not None and p < ALPHA else ""
@@ -281,14 +285,31 @@ def table_rows(rep: Report) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+PROTOCOLS = {"heldout": "on a held-out slice of its training set (dev decides nothing)",
+             "dev": "on dev, the reported set (the papers' protocol)", "last": "at its last epoch"}
+
+
+def protocol_text(rows: list[Row]) -> str:
+    """What selected each row's epochs (train.selection), in one sentence."""
+    by = {}
+    for r in rows:
+        by.setdefault("/".join(sorted(r.protocols)) or "dev", []).append(r.label)
+    if len(by) == 1:
+        (p, _), = by.items()
+        return f"Selection: every row picks its epoch {PROTOCOLS.get(p, p)}."
+    return "Selection: " + "; ".join(f"{', '.join(labels)} {PROTOCOLS.get(p, p)}" for p, labels in by.items()) + "."
+
+
 def legend(rep: Report) -> str:
     what = f"{rep.metric} where the task reports it, else the main metric" if rep.metric else "main metric"
-    text = (f"Cells: {what} (dev) mean ± std over seeds (n; one seed: the mean alone). † = paired t-test over shared seeds "
-            f"(two-sided, scipy ttest_rel) p < {ALPHA} against the '{rep.versus}' row. Δ columns: mean over "
+    marks = (f" † = paired t-test over shared seeds (two-sided, scipy ttest_rel) p < {ALPHA} against the "
+             f"'{rep.versus}' row, uncorrected." if rep.marks else "")
+    text = (f"Cells: {what} (dev) mean ± std over seeds (n; one seed: the mean alone).{marks} Δ columns: mean over "
             "tasks of the difference to the baseline row; '>+0.3' counts tasks improved by more than 0.3 points "
             "(AdapterFusion Table 2). Rows ending in 'k=N' are few-shot (N examples per class) and are "
             "compared with the baseline at the same k. params %: trainable share of the model; "
             "train s: mean per run, on whichever machine each run had (settings: machine).")
+    text += " " + protocol_text(rep.rows)
     if rep.majority:
         text += (" majority class: the training set's most frequent label (regression: its mean) predicted for "
                  "every dev example (" + ", ".join(f"{t}: {rep.metric_names[t]}" for t in rep.majority) + ").")

@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import ttest_1samp
 from typer.testing import CliRunner
 
-from adapterbench.claims import Claim, judge, load_claims
+from adapterbench.claims import Claim, judge, load_claims, verdict
 from adapterbench.cli import app
 from adapterbench.errors import UserError
 from adapterbench.report import collect
@@ -53,28 +53,75 @@ def runs(tmp_path) -> Path:
     return root
 
 
-def test_gain_claim_confirmed_with_the_paired_test(runs):
-    v = judge(Claim(id="f", title="f", a="fusion", b="full"), collect(runs))
-    diffs = [6, 5.5, 6, 4, 4.5, 4]     # rte then mrpc, seeds 1..3
+def stratified_p(per_task: list[list[float]], shift: float = 0.0) -> tuple[float, float]:
+    """(Δ, one-sided p) computed here by hand: tasks as strata, Welch–Satterthwaite df."""
+    from scipy.stats import t
+    means = [np.mean(d) for d in per_task]
+    parts = [np.var(d, ddof=1) / len(d) for d in per_task]
+    se = np.sqrt(sum(parts)) / len(per_task)
+    df = sum(parts) ** 2 / sum(p * p / (len(d) - 1) for p, d in zip(parts, per_task))
+    delta = float(np.mean(means))
+    return delta, float(t.sf((delta + shift) / se, df))
+
+
+def test_gain_claim_confirmed_by_the_stratified_test(runs):
+    v = verdict(Claim(id="f", title="f", a="fusion", b="full"), collect(runs))
+    delta, p = stratified_p([[4, 4.5, 4], [6, 5.5, 6]])     # mrpc, rte; seeds 1..3
     assert v.word == "confirmed" and v.n == 6
-    assert v.delta == pytest.approx((5.8333333 + 4.1666667) / 2)
-    assert v.p == pytest.approx(ttest_1samp(diffs, 0).pvalue)
+    assert v.delta == pytest.approx((5.8333333 + 4.1666667) / 2) == pytest.approx(delta)
+    assert v.p == pytest.approx(p) and v.ci[0] > 0
     assert [row[0] for row in v.per_task] == ["mrpc", "rte"]
 
 
-def test_gain_claim_not_confirmed_when_the_other_way(runs):
-    v = judge(Claim(id="f", title="f", a="full", b="fusion"), collect(runs))
-    assert v.word == "not confirmed" and v.delta < 0
+def test_gain_claim_contradicted_when_the_other_way(runs):
+    v = verdict(Claim(id="f", title="f", a="full", b="fusion"), collect(runs))
+    assert v.word == "contradicted" and v.delta < 0 and v.ci[1] < 0
 
 
 def test_parity_claim_is_a_non_inferiority_test(runs):
     rows = collect(runs)
-    within = judge(Claim(id="h", title="h", a="houlsby", b="full", kind="parity", margin=2.0), rows)
-    diffs = [0.2, -0.5, 0.1, -0.1, 0.2, -0.2]
+    within = verdict(Claim(id="h", title="h", a="houlsby", b="full", kind="parity", margin=2.0), rows)
     assert within.word == "confirmed"
-    assert within.p == pytest.approx(ttest_1samp([d + 2.0 for d in diffs], 0, alternative="greater").pvalue)
-    tight = judge(Claim(id="h", title="h", a="houlsby", b="full", kind="parity", margin=0.0), rows)
-    assert tight.word == "not confirmed"
+    assert within.p == pytest.approx(stratified_p([[-0.1, 0.2, -0.2], [0.2, -0.5, 0.1]], shift=2.0)[1])
+    tight = verdict(Claim(id="h", title="h", a="houlsby", b="full", kind="parity", margin=0.0), rows)
+    assert tight.word == "inconclusive" and tight.ci[0] < 0 < tight.ci[1]
+
+
+def test_inconclusive_gives_power_and_the_seeds_that_would_settle_it(runs):
+    """houlsby vs full: Δ near 0 with a CI that holds both 0 and the paper's +0.2: inconclusive,
+    with the power at the paper's Δ and the seeds per task for 80%; a paper Δ of +1 lies outside
+    the CI: contradicted."""
+    from adapterbench import stats
+    v = verdict(Claim(id="h", title="h", a="houlsby", b="full", paper_delta={"rte": 0.2, "mrpc": 0.2}), collect(runs))
+    assert v.word == "inconclusive" and v.paper == 0.2 and v.ci[0] < 0 < 0.2 < v.ci[1]
+    assert 0 < v.power < 0.8 and v.seeds_needed > 3
+    assert stats.power(v.estimate, 0.2, v.seeds_needed) >= 0.8 > stats.power(v.estimate, 0.2, v.seeds_needed - 1)
+    far = verdict(Claim(id="h", title="h", a="houlsby", b="full", paper_delta=1.0), collect(runs))
+    assert far.word == "contradicted" and far.ci[1] < 1.0
+    assert f"about {v.seeds_needed} seeds" in v.note
+
+
+def test_holm_adjusts_across_the_gain_claims_only(runs):
+    from adapterbench.claims import decide, judge
+    rows = collect(runs)
+    claims = [Claim(id="a", title="a", a="fusion", b="full"), Claim(id="b", title="b", a="fusion", b="houlsby"),
+              Claim(id="c", title="c", a="houlsby", b="full", kind="parity", margin=2.0)]
+    vs = [judge(c, rows) for c in claims]
+    raw = [v.p for v in vs]
+    decide(claims, vs)
+    lo, hi = sorted(raw[:2])
+    assert sorted(v.p for v in vs[:2]) == pytest.approx([2 * lo, max(2 * lo, hi)])
+    assert vs[2].p == raw[2]
+
+
+def test_a_claim_across_selection_protocols_is_refused(runs):
+    d = runs / "heldout_full" / "rte" / "s1"
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({"status": "ok", "label": "full-h", "method": "full", "task": "rte",
+                                                "seed": 1, "main_value": 60.0, "metrics": {"dev": {"f1": 60.0}},
+                                                "selection": "heldout"}))
+    with pytest.raises(UserError, match="'full-h' selects its epochs on heldout, 'fusion' on dev"):
+        judge(Claim(id="x", title="x", a="full-h", b="fusion"), collect(runs))
 
 
 def test_not_testable_cases(runs):
@@ -345,10 +392,10 @@ def test_seeds_keep_a_tables_cells_to_the_reported_seeds(runs, tmp_path):
 def test_verdict_line_reads_p_below_a_thousandth(runs):
     from adapterbench.claims import claim_section
     c = Claim(id="f", title="f", a="fusion", b="full")
-    v = judge(c, collect(runs))
+    v = verdict(c, collect(runs))
     assert v.p < 0.001
     text = claim_section(1, c, v)
-    assert "two-sided: p < 0.001 (alpha 0.05)." in text and "p = <" not in text
+    assert "Holm-adjusted over the gain claims < 0.001 (α 0.05, one-sided)." in text and "p = <" not in text
 
 
 def test_a_claim_by_accuracy_says_what_tasks_without_it_use(runs):

@@ -3,6 +3,7 @@ studies (their whole plan), claims files and example run configs; each opens wit
 command that uses it."""
 
 import os
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -83,3 +84,21 @@ def test_committed_archive_is_the_shipped_study(tmp_path):
         assert same(r["config"]) == same(cfg), (r["label"], r["task"], r["seed"])
         if not cfg["init_from"] and not cfg["method"].get("adapters"):
             assert node.folder.name == r["run"], (r["label"], r["task"], r["seed"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_committed_results_document_is_the_regenerated_one(tmp_path, monkeypatch):
+    """docs/results.md is what the README's command makes from the committed archive (so no
+    number in it was edited by hand, and a change to the statistics regenerates it)."""
+    import os
+    from adapterbench.claims import write_claims_report
+    if not os.environ.get("ADAPTERBENCH_DATA_DIR"):
+        pytest.skip("needs the data folder (the majority-class rows)")
+    root = Path(__file__).parent.parent
+    out = tmp_path / "results.md"
+    monkeypatch.chdir(root)
+    write_claims_report(Path("docs/results/runs.jsonl"), Path("configs/claims/reproduce_full.yaml"), out)
+    made = out.read_text().replace(str(out), "docs/results.md")
+    assert made == (root / "docs" / "results.md").read_text()
+    assert (tmp_path / "results" / "forest.png").stat().st_size > 10_000
