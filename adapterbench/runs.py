@@ -288,7 +288,8 @@ class Run:
 # what adapterbench writes into a run folder; a folder holding anything else is not deleted
 RUN_FILES = {"config.yaml", "task.yaml", "tasks", "env.json", "identity.json", "log.jsonl", "metrics.json",
              "checkpoint", "adapter", "model", "fusion", "multitask", "tracking", "predictions", "attention.csv",
-             "attention.png", "eval_dev.json", "eval_test.json", "epoch_predictions.json"}
+             "attention.png", "eval_dev.json", "eval_test.json", "epoch_predictions.json",
+             "wandb"}
 
 
 def clear_run_folder(folder: Path) -> None:

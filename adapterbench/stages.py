@@ -270,8 +270,8 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
         source = batch_source(cfg, tasks, train_items, model)
         started = time.time()
         res = train(model, source, dev_items, tasks, collate, cfg.train, log=run.log, show_progress=show_progress,
-                    checkpoint_dir=run.checkpoint_dir, track_dir=run.folder if run.writer else None,
-                    heldout_sets=heldout_items)
+                    checkpoint_dir=run.checkpoint_dir, heldout_sets=heldout_items,
+                    tracking=tracking_info(stage, cfg, tasks, run.folder) if run.writer else None)
         # the model is left at the scored epoch selection chose, whose dev metrics the loop already has
         dev = res.best_metrics or evaluate(model, dev_items, tasks, collate, cfg.train.eval_batch_size,
                                            cfg.train.precision)[0]
@@ -287,6 +287,15 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
         run.fail(e)
         raise
     return run.folder
+
+
+def tracking_info(stage: str, cfg: RunConfig, tasks, folder: Path):
+    """How the trackers file this run: project = the study (train.tracker_project), name = the
+    run folder, group = the row label, tags = stage/method/task/model/seed, the whole config."""
+    from .tracking import RunInfo
+    return RunInfo(Path(folder), cfg.train.tracker_project or "adapterbench", run_label(cfg),
+                   {"stage": stage, "method": cfg.method.name, "task": "+".join(t.name for t in tasks),
+                    "model": cfg.model.name, "seed": cfg.seed}, to_dict(cfg), Path(cfg.out_dir))
 
 
 PREDICTIONS_FILE = "epoch_predictions.json"

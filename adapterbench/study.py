@@ -156,6 +156,8 @@ def plan(study: Study) -> list[Node]:
         deps = []
         layer = {"task": task, "seed": seed, "model": {"name": model}, "out_dir": study.out_dir,
                  "label": label, "method": {"name": entry.name, **entry.method}, "train": dict(entry.train)}
+        if "tracker_project" not in {**study.defaults.get("train", {}), **entry.train}:
+            layer["train"]["tracker_project"] = study.name     # the trackers file a study's runs together
         if entry.sampling:
             layer["sampling"] = dict(entry.sampling)
         if shots and "shots" not in entry.train:
@@ -186,9 +188,10 @@ def plan(study: Study) -> list[Node]:
 
     study.waiting, study.chosen = {}, {}
     for model in study.models:
-        for entry in study.methods:   # in order: a fusion's sweep needs its source row's rate first
+        uses = lambda e: bool(e.merge or takes_sources(get_method(e.name)))   # noqa: E731
+        for entry in sorted(study.methods, key=uses):   # rows with sources last: they need their source's rate
             label = entry.label or entry.name
-            src = entries.get(entry.source_method) if (entry.merge or takes_sources(get_method(entry.name))) else None
+            src = entries.get(entry.source_method) if uses(entry) else None
             if src is not None and src.lr_sweep:    # its source row's rate is not chosen yet
                 study.waiting[label] = f"waits for {src.label or src.name}'s learning rate"
             elif entry.lr_sweep:

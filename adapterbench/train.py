@@ -29,6 +29,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,7 +42,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from . import metrics as M
 from .config import TrainConfig
 from .errors import UserError
-from .precision import autocast, bf16_matmul
+from .precision import accelerate_setting_ignored, autocast, bf16_matmul
 from .runs import machine_name
 
 
@@ -75,16 +76,17 @@ class TrainResult:
         return self.train_samples / self.train_seconds if self.train_seconds else 0.0
 
 
-def make_accelerator(find_unused: bool = False, log_with: list[str] | None = None, project_dir: Path | None = None):
+def make_accelerator(find_unused: bool = False, trackers: list | None = None, project_dir: Path | None = None):
     """One process, or several under `accelerate launch` / `torchrun` (DDP). `find_unused`:
-    multi-task runs, where a head or adapter may get no gradient in some step. `log_with`:
-    accelerate's trackers (TensorBoard event files under `project_dir`)."""
+    multi-task runs, where a head or adapter may get no gradient in some step. `trackers`:
+    accelerate trackers (`tracking.build`). Mixed precision is always "no" here: the run's own
+    `train.precision` decides autocast (precision.py), so an `accelerate launch --mixed_precision`
+    or a saved `accelerate config` can never train a different run under the same identity."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused else []
-    trackers = [t for t in (log_with or []) if t != "none"]
     return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=kwargs, log_with=trackers or None,
-                       project_dir=str(project_dir) if project_dir and trackers else None)
+                       project_dir=str(project_dir) if project_dir and trackers else None, mixed_precision="no")
 
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio", "none": None}
@@ -296,28 +298,36 @@ class CheckpointRequests:
 
 def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda record: None,
           show_progress: bool = True, checkpoint_dir: Path | None = None, track_dir: Path | None = None,
-          heldout_sets: list | None = None) -> TrainResult:
+          heldout_sets: list | None = None, tracking=None) -> TrainResult:
     """Train `model` (only parameters with requires_grad) on `source`'s batches and leave it at
     the scored epoch `cfg.selection` chose: the best on `heldout_sets` (slices of the training
     split it never trains on), the best on dev, or the last. Dev is scored every time for the
     curves and the result, but under `heldout` nothing reads it to decide. With
     `checkpoint_dir`, a checkpoint found there is resumed and new ones are written; with
-    `track_dir`, every logged number also goes to the trackers of `train.log_with`
-    (TensorBoard event files in `track_dir`)."""
+    `track_dir` (or `tracking`, a `tracking.RunInfo`: how trackers file the run), every logged
+    number also goes to the trackers of `train.log_with` (TensorBoard event files in the run folder)."""
     if cfg.selection == "heldout" and not (heldout_sets and all(heldout_sets)):
         raise UserError("train.selection=heldout needs the held-out slice of each task's training split "
                         "(prepare_items cuts it): pass heldout_sets, or use train.selection=dev")
     from transformers import get_linear_schedule_with_warmup
 
+    from . import tracking as TR
     check_trackers(cfg.log_with)
-    accelerator = make_accelerator(len(tasks) > 1, cfg.log_with if track_dir else None, track_dir)
-    if track_dir is not None and accelerator.log_with:
-        accelerator.init_trackers("tracking", config={"lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size})
+    if tracking is None and track_dir is not None:
+        tracking = TR.RunInfo(Path(track_dir))
+    wanted = [t for t in cfg.log_with if t != "none"] if tracking is not None else []
+    accelerator = make_accelerator(len(tasks) > 1, TR.build(wanted, tracking) if wanted else None,
+                                   tracking.folder if wanted else None)
+    if wanted:
+        TR.start(accelerator, tracking)
+    if (note := accelerate_setting_ignored(cfg.precision, accelerator.device)) and accelerator.is_main_process:
+        print(note, file=sys.stderr)
+        log({"warning": note})
     to_file = log
 
     def log(record: dict) -> None:   # noqa: F811  (log.jsonl and the trackers, the same numbers)
         to_file(record)
-        if track_dir is not None and accelerator.log_with and "step" in record:
+        if wanted and "step" in record:
             accelerator.log(scalars(record), step=record["step"])
     world, rank = accelerator.num_processes, accelerator.process_index
     here = machine_name(accelerator.device)
@@ -396,10 +406,19 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
             if requests.stopping:       # SIGTERM during the epoch's dev scoring
                 raise Stopped.after(f"epoch {res.epoch}", checkpoint_dir is not None)
     restore(plain, best_state)
-    if track_dir is not None and accelerator.log_with:
-        for tracker in accelerator.trackers:   # not end_training(): it would end the process group too,
-            tracker.finish()                   # which the other ranks still meet at exit
+    if wanted:
+        TR.finish(accelerator, tracking, final_metrics(res, tasks))
     return res
+
+
+def final_metrics(res: TrainResult, tasks) -> dict:
+    """The selected epoch's dev (and held-out) metrics, as the trackers' run summary."""
+    out = {f"final/dev/{t}/{k}": float(v) for t, m in res.best_metrics.items() for k, v in m.items()}
+    out.update({f"final/heldout/{t}/{k}": float(v) for t, m in res.best_heldout.items() for k, v in m.items()})
+    if res.best_metrics:
+        out["final/dev/main"] = main_value(res.best_metrics, tasks)
+        out["final/best_epoch"] = float(res.best_epoch)
+    return out
 
 
 def score_epoch(model, dev_sets, heldout_sets, tasks, collate, cfg: TrainConfig, res: TrainResult, best_state,

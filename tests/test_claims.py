@@ -452,3 +452,30 @@ def test_a_table_with_seeds_says_which_runs_are_still_to_come(runs, tmp_path):
     assert ("_Still to come (runs this table names that have not finished): camtl (seed 3), "
             "lonely (rte: seeds 2, 3; mrpc: seeds 1, 2, 3), head (no run yet)._") in part
     assert "Still to come" not in whole and "Still to come" not in unsaid
+
+
+def test_protocol_sensitivity_and_selection_optimism(runs, tmp_path):
+    """A held-out archive judged beside the dev-selected runs: both verdicts per claim, whether the
+    protocol changed it, and each row's optimism (dev at the dev-best epoch minus dev at the
+    epoch the held-out slice chose) read from the runs' per-epoch scores."""
+    def rec(label, task, seed, value, dev_curve, best):
+        return {"status": "ok", "label": label, "method": label, "task": task, "seed": seed, "main_value": value,
+                "metrics": {"dev": {"f1": value}}, "selection": "heldout", "best_epoch": best, "run": f"{label}-{task}-{seed}",
+                "history": [{"epoch": e, "main": v} for e, v in enumerate(dev_curve)]}
+    lines = []
+    for seed, (a, b) in enumerate([(61, 60), (60, 62), (63, 61)], start=1):
+        for task in ("rte", "mrpc"):
+            lines.append(rec("fusion", task, seed, a, [a - 1, a, a + 2], 1))     # dev would pick epoch 2: +2
+            lines.append(rec("full", task, seed, b, [b, b - 3], 0))              # dev agrees: 0
+    fair = write_jsonl(tmp_path / "fair.jsonl", lines)
+    r, out = report_claims(fair, tmp_path, f"compare_protocols: {runs}\nclaims:\n"
+                                           "  - {id: f, title: fusion beats full, a: fusion, b: full}\n")
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    assert "## Protocol sensitivity" in text
+    section = text.split("## Protocol sensitivity")[1]
+    row = next(x for x in section.splitlines() if x.startswith("| 1 | fusion beats full |"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[3] == "inconclusive" and cells[5] == "heldout" and cells[6] == "confirmed" and cells[8] == "dev"
+    assert cells[9] == "yes"
+    assert "| fusion | 6 | +2.00 | +2.00 |" in text and "| full | 6 | +0.00 | +0.00 |" in text

@@ -114,3 +114,58 @@ def test_protocol_keys_are_checked(tiny_bert_dir, task_yamls, data_dir, tmp_path
                                 "--data-dir", str(data_dir), "--out", str(tmp_path / "o"), bad])
         assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output
     assert not (tmp_path / "o").exists()
+
+
+def sweep_study(tmp_path, task_yamls, data_dir, seeds="[2, 3]", sweep_seed=1):
+    y = tmp_path / "sweep.yaml"
+    y.write_text(f"""name: sw
+tasks: [{task_yamls['toy']}]
+seeds: {seeds}
+models: [tiny-bert]
+out_dir: {tmp_path / 'runs'}
+sweep: {{seed: {sweep_seed}}}
+defaults:
+  data: {{data_dir: {data_dir}}}
+  train: {{epochs: 2, batch_size: 8, heldout_min: 12, log_with: [none]}}
+methods:
+  - {{name: full, lr_sweep: [1.0e-5, 3.0e-3]}}
+  - {{name: fusion, source_method: pfeiffer, sources: [{task_yamls['toy']}, {task_yamls['toyreg']}]}}
+  - {{name: pfeiffer, lr_sweep: [1.0e-4, 3.0e-3]}}
+""")
+    return y
+
+
+@pytest.mark.slow
+def test_lr_sweep_decides_on_held_out_then_the_reported_seeds_run(tmp_path, task_yamls, data_dir):
+    """A row with lr_sweep: its sweep runs (sweep seed, each rate) are planned first; the reported
+    seeds wait (a dry run says so); `run` trains the sweep, chooses the rate with the best mean
+    held-out score, plans the row's seeds at that rate (and a fusion over the chosen adapters),
+    and trains them in the same command."""
+    from adapterbench import study as S
+    y = sweep_study(tmp_path, task_yamls, data_dir)
+    dry = runner.invoke(app, ["run", str(y), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "full: not planned yet, lr sweep 0 of 2 runs done" in dry.output
+    assert "fusion: not planned yet, waits for pfeiffer's learning rate" in dry.output
+    r = runner.invoke(app, ["run", str(y)])
+    assert r.exit_code == 0, r.output
+    st = S.load_study(y)
+    nodes = S.plan(st)
+    assert not st.waiting and set(st.chosen) == {"full", "pfeiffer"}
+    for label in ("full", "pfeiffer"):
+        sweep = [n for n in nodes if n.label.startswith(f"{label} lr=")]
+        assert len(sweep) == 2 and {n.seed for n in sweep} == {1}
+        score = {n.config["train"]["lr"]: S.heldout_score(n.folder) for n in sweep}
+        best = max(score, key=lambda lr: (score[lr], -lr))
+        assert st.chosen[label]["lr"] == best
+        reported = [n for n in nodes if n.label == label]
+        assert {n.seed for n in reported} == {2, 3} and all(n.config["train"]["lr"] == best for n in reported)
+        assert all(S.state(n) == "done" for n in reported)
+    fusions = [n for n in nodes if n.stage == "fuse"]
+    assert len(fusions) == 2 and all(S.state(n) == "done" for n in fusions)
+
+
+def test_a_sweep_seed_that_is_reported_is_refused(tmp_path, task_yamls, data_dir):
+    y = sweep_study(tmp_path, task_yamls, data_dir, seeds="[1, 2]")
+    r = runner.invoke(app, ["run", str(y), "--dry-run"])
+    assert r.exit_code == 2 and "the sweep seed 1 is also a reported seed" in r.output

@@ -4,6 +4,9 @@ tracker asked for but not installed is one line."""
 
 import json
 
+import pytest
+import torch
+
 from typer.testing import CliRunner
 
 from adapterbench.cli import app
@@ -79,3 +82,116 @@ def test_tracker_not_installed_is_one_line(task_yamls, data_dir, tmp_path):
                             str(data_dir), "--out", str(tmp_path), f"train.log_with=[{missing}]"])
     assert r.exit_code == 2 and f"pip install {missing}" in r.output and len(r.output.strip().splitlines()) <= 2
     assert not list(tmp_path.glob("**/metrics.json"))
+
+
+def wandb_records(path):
+    """The records of an offline W&B run file (`run-<id>.wandb`: LevelDB-log blocks of 32 KiB,
+    7-byte record headers: crc, length, type; after a 7-byte file header)."""
+    import struct
+    from pathlib import Path
+    from wandb.proto import wandb_internal_pb2 as pb
+    data = Path(path).read_bytes()
+    block, hdr, pos, buf, out = 32768, 7, 7, b"", []
+    while pos + hdr <= len(data):
+        if block - pos % block < hdr:
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + hdr])
+        chunk, pos = data[pos + hdr:pos + hdr + length], pos + hdr + length
+        if kind == 0 and length == 0:
+            break
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            out.append(rec)
+            buf = b""
+    return out
+
+
+def test_wandb_and_mlflow_file_runs_for_a_comparison(tiny_bert_dir, task_yamls, data_dir, tmp_path, monkeypatch):
+    """W&B (offline) and MLflow (its default store here: <out>/mlflow.db) see the run under the
+    project, with the run folder's name, the row label as group, method/task/model/seed tags and
+    the whole config, and the final metrics; nothing lands in the working directory; TensorBoard
+    keeps one run (its hparams in the run's own event file, no timestamped sub-run)."""
+    pytest.importorskip("wandb")
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs"
+    r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--model", str(tiny_bert_dir), "--data-dir",
+                            str(data_dir), "--out", str(out), "train.epochs=2", "train.heldout_min=8", "label=my row",
+                            "train.tracker_project=cmp", "train.log_with=[tensorboard,wandb,mlflow]"])
+    assert r.exit_code == 0, r.output
+    run = next(out.glob("extract/*/*/*"))
+    m = json.loads((run / "metrics.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["runs", "data", "toy.yaml", "toyreg.yaml"])
+    # W&B
+    records = wandb_records(next(run.glob("wandb/offline-run-*/run-*.wandb")))
+    runrec = next(x.run for x in records if x.WhichOneof("record_type") == "run")
+    assert (runrec.display_name, runrec.project, runrec.run_group) == (run.name, "cmp", "my row")
+    assert {"method:pfeiffer", "task:toy", "seed:42", "stage:extract"} <= set(runrec.tags)
+    config = {u.key: json.loads(u.value_json) for u in runrec.config.update}
+    assert config["method.name"] == "pfeiffer" and config["train.selection"] == "heldout"
+    assert config["label"] == "my row" and config["train.epochs"] == 2
+    summary = {u.key: json.loads(u.value_json) for x in records if x.WhichOneof("record_type") == "summary"
+               for u in x.summary.update if u.key}
+    assert summary["final/dev/toy/accuracy"] == m["tasks"]["toy"]["dev"]["accuracy"]
+    assert summary["final/heldout/toy/accuracy"] == m["tasks"]["toy"]["heldout"]["accuracy"]
+    # MLflow, found by name in the store beside the study's runs
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    found = mlflow.search_runs(experiment_names=["cmp"], filter_string=f"attributes.run_name = '{run.name}'")
+    assert len(found) == 1
+    row = found.iloc[0]
+    assert row["params.method.name"] == "pfeiffer" and row["params.train.selection"] == "heldout"
+    assert row["tags.task"] == "toy" and row["tags.group"] == "my row" and row["tags.seed"] == "42"
+    assert row["metrics.final/dev/toy/accuracy"] == m["tasks"]["toy"]["dev"]["accuracy"]
+    assert row["status"] == "FINISHED"
+    # TensorBoard: one run folder, scalars and the hparams summary in it
+    assert all(p.is_file() for p in (run / "tracking").iterdir())
+    tb = scalars_of(run)
+    assert tb["final/dev/toy/accuracy"] and "main" in tb
+
+
+def test_mlflow_file_store_is_one_line(tiny_bert_dir, task_yamls, data_dir, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--model", str(tiny_bert_dir), "--data-dir",
+                            str(data_dir), "--out", str(tmp_path / "runs"), "train.log_with=[mlflow]"])
+    assert r.exit_code == 2 and "MLFLOW_ALLOW_FILE_STORE=true" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) <= 3
+    assert not list(tmp_path.glob("runs/**/metrics.json")) or all(
+        json.loads(p.read_text())["status"] != "ok" for p in tmp_path.glob("runs/**/metrics.json"))
+
+
+def test_a_study_files_its_runs_under_its_name(tmp_path, task_yamls, data_dir):
+    from adapterbench import study as S
+    from .test_study import write_study
+    nodes = S.plan(S.load_study(write_study(tmp_path, task_yamls, data_dir)))
+    assert {n.config["train"]["tracker_project"] for n in nodes} == {"t"}
+
+
+def test_accelerate_precision_setting_cannot_change_a_run(tiny_bert_dir, task_yamls, data_dir, tmp_path, monkeypatch):
+    """ACCELERATE_MIXED_PRECISION=bf16 (accelerate launch --mixed_precision bf16, or a saved
+    accelerate config) beside train.precision=fp32: one warning line, and the weights are the
+    fp32 run's, bit for bit."""
+    from adapterbench.runs import load_tensors
+    base = ["extract", "--task", str(task_yamls["toy"]), "--model", str(tiny_bert_dir), "--data-dir", str(data_dir),
+            "train.epochs=1", "train.precision=fp32", "train.log_with=[none]"]
+    assert runner.invoke(app, [*base, "--out", str(tmp_path / "a")]).exit_code == 0
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    assert "ACCELERATE_MIXED_PRECISION=bf16" in r.output and "is ignored" in r.output
+    a, b = (next((tmp_path / x).glob("extract/*/*/*")) for x in "ab")
+    assert a.name == b.name
+    wa, wb = (load_tensors(f / "adapter" / "adapter.safetensors") for f in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_error_text_in_brackets_is_printed_as_is(tmp_path):
+    r = runner.invoke(app, ["extract", "--task", str(tmp_path / "[split]" / "t.yaml"), "train.log_with=[none]"])
+    assert r.exit_code == 2 and "[split]" in r.output
