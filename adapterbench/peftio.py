@@ -27,42 +27,114 @@ def _targets(model_type: str) -> dict[str, str]:
     return {t: getattr(arch, f) for t, f in TARGETS.items() if getattr(arch, f)}, arch.layers
 
 
-@staged
-def export(src: str | Path, out: Path, force: bool = False) -> Path:
-    """Write a LoRA run's (or adapter folder's) weights in peft's format."""
+# Where a sequence-classification model of each architecture keeps the encoder and which of its
+# head modules our head maps onto (first-token pooling: dense + tanh, then the output layer;
+# `pooler`: the pretrained pooler, then the output layer). AutoModelForSequenceClassification of
+# another architecture (ELECTRA's GELU head, DistilBERT's ReLU head) or a mean-pooled head
+# computes something else, so those export the encoder alone with the head beside it.
+SEQ_CLS = {
+    "bert": {"prefix": "bert", "class": ("BertModel", "transformers.models.bert.modeling_bert"),
+             "cls": {"dense": "bert.pooler.dense", "out": "classifier"}, "pooler": {"out": "classifier"},
+             "save": ["classifier", "pooler"]},
+    "roberta": {"prefix": "roberta", "class": ("RobertaModel", "transformers.models.roberta.modeling_roberta"),
+                "cls": {"dense": "classifier.dense", "out": "classifier.out_proj"}, "save": ["classifier"]},
+    "xlm-roberta": {"prefix": "roberta",
+                    "class": ("XLMRobertaModel", "transformers.models.xlm_roberta.modeling_xlm_roberta"),
+                    "cls": {"dense": "classifier.dense", "out": "classifier.out_proj"}, "save": ["classifier"]},
+}
+
+
+def head_mapping(kind: str, head_cfg: dict | None) -> tuple[dict | None, str]:
+    """(our head module -> the HF sequence-classification module, '') when AutoModelForSequence-
+    Classification of this architecture computes our head's function, else (None, why not)."""
+    if head_cfg is None:
+        return None, "the run has no head file"
+    pooling = head_cfg.get("pooling", "cls")
+    spec = SEQ_CLS.get(kind, {})
+    if pooling not in spec:
+        return None, (f"AutoModelForSequenceClassification of '{kind}' does not compute this head "
+                      f"({pooling} pooling); train with model.pooling=cls for a peft classifier")
+    return spec[pooling], ""
+
+
+def plan_export(src: str | Path, head: bool | None = None) -> tuple[Path, dict, dict | None, dict | None, str]:
+    """(adapter folder, its metadata, its head config, the head mapping or None, a sentence on what
+    the export holds). `head`: None = with the head where the architecture's classification head
+    computes ours; True = with the head or one line why not; False = the encoder alone."""
     from .artifacts import adapter_folder
-    from .runs import prepare_out
     folder = adapter_folder(str(src))
     meta = read_json(folder / "adapter_config.json")
     method = meta.get("method", {})
     if method.get("name") != "lora":
         raise UserError(f"{folder}: --format peft exports LoRA adapters, not {method.get('name')!r} "
                         f"(use --format adapterhub for pfeiffer and houlsby)")
-    paths, layers = _targets(meta["model_type"])
+    head_cfg = read_json(folder / "head_config.json") if (folder / "head_config.json").is_file() else None
+    mapping, why = head_mapping(meta["model_type"], head_cfg) if head is not False else (None, "--no-head")
+    if head and mapping is None:
+        raise UserError(f"{folder}: cannot export the head for peft: {why}; or pass --no-head (the encoder, "
+                        f"with head.safetensors beside it)")
+    if mapping:
+        labels = head_cfg["num_labels"]
+        what = ("LoRA with its classification head: AutoPeftModelForSequenceClassification.from_pretrained(DIR"
+                + (f", num_labels={labels}" if labels != 2 else "") + ")")
+    else:
+        what = ("LoRA on the encoder (AutoPeftModel.from_pretrained(DIR)), our head files beside it"
+                + (f"; no peft head: {why}" if head_cfg is not None and head is None else ""))
+    return folder, meta, head_cfg, mapping, what
+
+
+@staged
+def export(src: str | Path, out: Path, force: bool = False, head: bool | None = None) -> Path:
+    """Write a LoRA run's (or adapter folder's) weights in peft's format: with its head as a
+    sequence-classification model (task_type SEQ_CLS, the head in modules_to_save, so that
+    `AutoPeftModelForSequenceClassification.from_pretrained(DIR)` loads the trained classifier),
+    or the encoder alone (auto_mapping to the bare model class; our head files beside it); see
+    `plan_export` for which."""
+    from .runs import prepare_out
+    folder, meta, head_cfg, mapping, _ = plan_export(src, head)
+    method, kind = meta["method"], meta["model_type"]
+    paths, layers = _targets(kind)
     out = prepare_out(Path(out), force)
+    prefix = f"{SEQ_CLS[kind]['prefix']}." if mapping else ""
     state = {}
     for key, value in load_tensors(folder / "adapter.safetensors").items():
         layer, target, part = key.split(".")
-        state[f"base_model.model.{layers}.{layer}.{paths[target]}.{part}.weight"] = value
+        state[f"base_model.model.{prefix}{layers}.{layer}.{paths[target]}.{part}.weight"] = value
+    config = {"peft_type": "LORA", "task_type": None, "r": method["rank"], "lora_alpha": method["alpha"],
+              "lora_dropout": method["dropout"],
+              "target_modules": [paths[t].split(".")[-1] for t in method["target_modules"]],
+              "base_model_name_or_path": portable_base(meta["base_model"]), "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
+              "use_dora": False}
+    if mapping:
+        weights = load_tensors(folder / "head.safetensors")
+        for ours, theirs in mapping.items():
+            for p in ("weight", "bias"):
+                state[f"base_model.model.{theirs}.{p}"] = weights[f"{ours}.{p}"]
+        config.update(task_type="SEQ_CLS", modules_to_save=SEQ_CLS[kind]["save"])
+    else:
+        if kind in SEQ_CLS:
+            cls, module = SEQ_CLS[kind]["class"]
+            config["auto_mapping"] = {"base_model_class": cls, "parent_library": module}
+        for name in ("head.safetensors", "head_config.json"):
+            if (folder / name).is_file():
+                (out / name).write_bytes((folder / name).read_bytes())
     save_tensors(out / "adapter_model.safetensors", state, {"format": "pt"})
-    write_json(out / "adapter_config.json", {
-        "peft_type": "LORA", "task_type": None, "r": method["rank"], "lora_alpha": method["alpha"],
-        "lora_dropout": method["dropout"], "target_modules": [paths[t].split(".")[-1] for t in method["target_modules"]],
-        "base_model_name_or_path": _model_path(meta["base_model"]), "bias": "none", "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
-        "use_dora": False})
-    for name in ("head.safetensors", "head_config.json"):
-        if (folder / name).is_file():
-            (out / name).write_bytes((folder / name).read_bytes())
+    write_json(out / "adapter_config.json", config)
     return out
 
 
-def _model_path(name: str) -> str:
-    from .models import resolve_model_path
-    try:
-        return resolve_model_path(name)
-    except UserError:
+def portable_base(name: str) -> str:
+    """The base model as another machine names it: an alias's hub id (registered in this machine's
+    Hugging Face cache, so it loads by that id offline here too), a hub id as it is; a local
+    folder that records no hub id keeps its path (nothing else names it)."""
+    from .models import ALIAS_HUB_IDS, register_alias_in_hf_cache
+    if name in ALIAS_HUB_IDS:
+        register_alias_in_hf_cache(name)
+        return ALIAS_HUB_IDS[name]
+    if not Path(name).exists():
         return name
+    return str(Path(name).resolve())
 
 
 @staged

@@ -38,7 +38,7 @@ def test_lora_run_exports_to_peft_with_the_same_outputs_and_imports_back(tiny_be
                             "train.epochs=2", "train.lr=1e-2", "method.target_modules=[query,key,value]"])
     assert r.exit_code == 0, r.output
     run = next((tmp_path / "runs").glob("extract/lora/toy/*"))
-    r = runner.invoke(app, ["export", str(run), "--format", "peft", "--out", str(tmp_path / "peft")])
+    r = runner.invoke(app, ["export", str(run), "--format", "peft", "--no-head", "--out", str(tmp_path / "peft")])
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["target_modules"] == ["query", "key", "value"]
@@ -77,3 +77,44 @@ def test_lora_refuses_merge_and_adapterhub_export_with_one_line(tiny_bert_dir, t
     assert r.exit_code == 2 and "lora" in r.output and len(r.output.strip().splitlines()) <= 2
     r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "ah")])
     assert r.exit_code == 2 and "pfeiffer and houlsby" in r.output
+
+
+def test_peft_alone_loads_the_trained_classifier(task_yamls, data_dir, tmp_path):
+    """A LoRA run on the offline alias exports with its head in peft's sequence-classification
+    form: `AutoPeftModelForSequenceClassification.from_pretrained(DIR)` (no adapterbench, no
+    network: the alias's checkpoint is found by its hub id in the HF cache) gives our logits.
+    A mean-pooled head (which no AutoModelForSequenceClassification computes) exports the encoder
+    with an auto_mapping and our head beside it, and --head says why not in one line."""
+    from peft import AutoPeftModel, AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+    from adapterbench.models import resolve_model_path
+    from adapterbench.stages import load_run_model
+    runs = {}
+    for pooling in ("cls", "mean"):
+        r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--method", "lora", "--model", "minilm-l6",
+                                "--data-dir", str(data_dir), "--out", str(tmp_path / pooling), "train.max_steps=3",
+                                "train.lr=5e-3", f"model.pooling={pooling}", "train.log_with=[none]"])
+        assert r.exit_code == 0, r.output
+        runs[pooling] = next((tmp_path / pooling).glob("extract/lora/toy/*"))
+    r = runner.invoke(app, ["export", str(runs["cls"]), "--format", "peft", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0 and "AutoPeftModelForSequenceClassification" in r.output, r.output
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["classifier", "pooler"]
+    theirs = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "p")).eval()
+    _, _, ours, _, _ = load_run_model(runs["cls"])
+    ours.eval()
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm-l6"))
+    enc = tok(["the cat sat on the mat", "a good film"], ["a dog", "bad plot"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = ours.logits(**enc)
+        got = theirs(**enc).logits
+    assert (got - want).abs().max() < 1e-4
+
+    r = runner.invoke(app, ["export", str(runs["mean"]), "--format", "peft", "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0 and "no peft head" in r.output and "model.pooling=cls" in r.output, r.output
+    cfg = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert cfg["auto_mapping"]["base_model_class"] == "BertModel" and (tmp_path / "m" / "head.safetensors").is_file()
+    assert AutoPeftModel.from_pretrained(str(tmp_path / "m")) is not None
+    r = runner.invoke(app, ["export", str(runs["mean"]), "--format", "peft", "--head", "--out", str(tmp_path / "h")])
+    assert r.exit_code == 2 and "mean pooling" in r.output and not (tmp_path / "h").exists()
