@@ -83,8 +83,22 @@ def data_files(task: TaskSpec, data_dir: str | None) -> list[Path]:
     local = task.sources.local
     folder = _local_folder(task, resolve_data_dir(data_dir)) if local else None
     if folder is None:
+        return hub_folder_files(task)
+    # a split whose file is absent (a user's task without a test file) is not read: not hashed either
+    return sorted({folder / _file_spec(v).path for v in local.files.values()} - missing_files(task, folder))
+
+
+def missing_files(task: TaskSpec, folder: Path) -> set:
+    return {folder / _file_spec(v).path for v in task.sources.local.files.values()
+            if not (folder / _file_spec(v).path).is_file()}
+
+
+def hub_folder_files(task: TaskSpec) -> list[Path]:
+    """The files of a hub source that is a local `datasets` folder (its content is the data)."""
+    hub = task.sources.hub
+    if hub is None or not Path(hub.path).expanduser().is_dir():
         return []
-    return sorted({folder / _file_spec(v).path for v in local.files.values()})
+    return sorted(p for p in Path(hub.path).expanduser().rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 _FILE_HASHES: dict[tuple, str] = {}
@@ -127,9 +141,16 @@ def task_identity(spec: TaskSpec, data_dir: str | None) -> dict:
     import json
     from dataclasses import asdict
     definition = {k: v for k, v in asdict(spec).items() if k not in ("path", "include", "description")}
-    files = {p.name: file_fingerprint(p) for p in data_files(spec, data_dir)}
+    hub = definition["sources"].get("hub")
+    for key, neutral in (("label_map", {}), ("revision", None)):   # keys added later: at their defaults,
+        if hub and hub.get(key) == neutral:                       # identities stay as they were
+            del hub[key]
+    found = data_files(spec, data_dir)
+    base = Path(spec.sources.hub.path).expanduser() if spec.sources.hub and hub_folder_files(spec) == found else None
+    files = {(p.relative_to(base).as_posix() if base else p.name): file_fingerprint(p) for p in found}
     if not files and spec.sources.hub is not None:
-        files = {"hub": f"{spec.sources.hub.path}/{spec.sources.hub.name or ''}"}
+        hub = spec.sources.hub
+        files = {"hub": f"{hub.path}/{hub.name or ''}" + (f"@{hub.revision}" if hub.revision else "")}
     blob = json.dumps({"definition": definition, "data": files}, sort_keys=True, default=str)
     return {"digest": hashlib.sha256(blob.encode()).hexdigest()[:16], "data": files}
 
@@ -233,27 +254,69 @@ def parse_label(task: TaskSpec, raw, where: str):
 
 # --- Hugging Face Hub ----------------------------------------------------------------------
 
-def read_hub_split(task: TaskSpec, split: str, root: Path | None) -> list[dict]:
+def open_hub_split(task: TaskSpec, split: str, root: Path | None):
+    """The `datasets` split a hub source names: a Hub id (at `revision`), or a local folder
+    (`save_to_disk`'s, or parquet/csv/json files `load_dataset` reads)."""
     hub = task.sources.hub
     name = hub.splits.get(split, {"dev": "validation"}.get(split, split))
+    import datasets
+    local = Path(hub.path).expanduser()
     try:
-        import datasets
-        ds = datasets.load_dataset(hub.path, hub.name, split=name)
-    except Exception as e:  # offline, unknown dataset, ...
-        local = task.sources.local
-        hint = f"no local copy ({local.dir}/ under {root or 'no data_dir'}) and " if local else ""
-        raise UserError(f"task {task.name}: {hint}the Hub failed for {hub.path}/{hub.name or ''} "
-                        f"[{name}] ({type(e).__name__}): set data.data_dir or ADAPTERBENCH_DATA_DIR") from None
+        if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
+            data = datasets.load_from_disk(str(local))
+            return data[name] if isinstance(data, datasets.DatasetDict) else data
+        return datasets.load_dataset(hub.path, hub.name, split=name, revision=None if local.is_dir() else hub.revision)
+    except Exception as e:  # offline, unknown dataset or split, ...
+        src = task.sources.local
+        hint = f"no local copy ({src.dir}/ under {root or 'no data_dir'}) and " if src else ""
+        raise UserError(f"task {task.name}: {hint}the Hub source {hub.path}/{hub.name or ''} split '{name}' "
+                        f"failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}): set "
+                        f"data.data_dir or ADAPTERBENCH_DATA_DIR, or fix sources.hub") from None
+
+
+def read_hub_split(task: TaskSpec, split: str, root: Path | None) -> list[dict]:
+    """A hub source's split as examples: its columns through `sources.hub.columns`, its labels
+    by name (ClassLabel names or string labels, through `label_map`) or, for class indices
+    without names, as the task's label positions; a column or label that is not there is one
+    line naming it and what the dataset has."""
+    ds = open_hub_split(task, split, root)
+    hub = task.sources.hub
+    features = getattr(ds, "features", None) or {}
+    columns = list(getattr(ds, "column_names", None) or features)
+    col = lambda c: hub.columns.get(c, c)   # noqa: E731
+    missing = [col(c) for c in (*task.text_columns, task.label_column) if col(c) not in columns]
+    if missing:
+        raise UserError(f"task {task.name}: the Hub dataset {hub.path}/{hub.name or ''} has no column "
+                        f"'{missing[0]}' (it has {', '.join(columns)}): map it in sources.hub.columns, "
+                        f"e.g. {{{task.text_columns[0]}: {columns[0]}}}")
+    names = getattr(features.get(col(task.label_column)), "names", None)
     out = []
     for i, row in enumerate(ds):
-        text = tuple(str(row[hub.columns.get(c, c)]) for c in task.text_columns)
-        raw = row[hub.columns.get(task.label_column, task.label_column)]
-        if raw is None or (not task.regression and int(raw) < 0):  # GLUE test labels are -1
-            label = None
-        else:
-            label = float(raw) if task.regression else int(raw)
-        out.append({"text": text, "label": label, "id": row.get("idx", i)})
+        text = tuple(str(row[col(c)]) for c in task.text_columns)
+        label = hub_label(task, row[col(task.label_column)], names)
+        out.append({"text": text, "label": label, "id": row.get(col("id"), row.get("idx", i))})
     return out
+
+
+def hub_label(task: TaskSpec, raw, names: list[str] | None):
+    """One hub label as the task's: None for an unlabeled row (GLUE test: -1), a float for
+    regression, else the index of the task label it names."""
+    if raw is None or (not task.regression and isinstance(raw, int) and raw < 0):
+        return None
+    if task.regression:
+        return float(raw)
+    hub = task.sources.hub
+    name = names[raw] if isinstance(raw, int) and names and hub.label_map else raw
+    if isinstance(name, str):
+        mapped = str(hub.label_map.get(name, name))
+        labels = [str(x) for x in task.labels]
+        if mapped not in labels:
+            raise UserError(f"task {task.name}: the Hub label '{name}' is none of the task's labels "
+                            f"({', '.join(labels)}): add it to sources.hub.label_map")
+        return labels.index(mapped)
+    if not 0 <= int(raw) < len(task.labels):
+        raise UserError(f"task {task.name}: the Hub label {raw} is out of range for {len(task.labels)} labels")
+    return int(raw)
 
 
 # --- tokenization and batching -------------------------------------------------------------

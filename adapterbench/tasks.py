@@ -65,7 +65,9 @@ class HubSource:
     path: str = ""                          # e.g. nyu-mll/glue
     name: str | None = None                 # e.g. mrpc
     splits: dict = field(default_factory=dict)        # split -> hub split name
-    columns: dict = field(default_factory=dict)
+    columns: dict = field(default_factory=dict)       # canonical name -> the dataset's column (MNLI: premise)
+    label_map: dict = field(default_factory=dict)     # the dataset's label name -> one of the task's labels
+    revision: str | None = None             # a Hub commit, tag or branch to pin (a local folder: none)
 
 
 @dataclass
