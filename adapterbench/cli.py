@@ -45,7 +45,7 @@ err = Console(stderr=True, width=WIDTH, markup=False)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (see configs/).")
 TaskOpt = typer.Option(None, "--task", "-t", help="Task name (adapterbench ls tasks) or task YAML.")
-ModelOpt = typer.Option(None, "--model", "-m", help="Hub id, local folder, or alias (minilm-l6).")
+ModelOpt = typer.Option(None, "--model", "-m", help="Hub id, local folder, or alias (minilm-l6, mpnet-base).")
 MethodOpt = typer.Option(None, "--method", help="Method name (adapterbench ls methods).")
 SeedOpt = typer.Option(None, "--seed", help="Random seed.")
 OutOpt = typer.Option(None, "--out", help="Root folder of run folders (default runs/).")

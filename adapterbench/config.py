@@ -23,7 +23,7 @@ from .errors import UserError
 
 @dataclass
 class ModelConfig:
-    name: str = "minilm-l6"          # hub id, local folder, or an alias (minilm-l6)
+    name: str = "minilm-l6"          # hub id, local folder, or an alias (minilm-l6, mpnet-base)
     max_length: int = 128            # tokens per example after truncation (paper setting)
     trust_remote_code: bool = False  # only when the user asks for it
     dropout: float | None = None     # the encoder's and heads' dropout (not a method's own); None = the model's

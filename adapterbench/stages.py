@@ -124,7 +124,7 @@ def build_model(cfg: RunConfig, tasks: list[TaskSpec]):
     method = get_method(cfg.method.name)
     encoder, tokenizer = load_encoder(cfg.model.name, cfg.model.trust_remote_code, cfg.model.pooling == "pooler")
     limit = getattr(encoder.config, "max_position_embeddings", None)
-    if limit and encoder.config.model_type in ("roberta", "xlm-roberta"):
+    if limit and encoder.config.model_type in ("roberta", "xlm-roberta", "mpnet"):
         limit -= 2                    # their positions start after the padding index
     if limit and cfg.model.max_length > limit:
         raise UserError(f"model.max_length={cfg.model.max_length} is more than {cfg.model.name} can read ({limit} "

@@ -25,6 +25,9 @@ def tiny_config(kind: str):
     common = dict(vocab_size=len(VOCAB) + 5, max_position_embeddings=130)   # model.max_length 128 fits
     if kind == "distilbert":
         return T.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=37, **common)
+    if kind == "mpnet":
+        return T.MPNetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                             pad_token_id=1, **common)
     cls = {"bert": T.BertConfig, "roberta": T.RobertaConfig, "xlm-roberta": T.XLMRobertaConfig,
            "electra": T.ElectraConfig, "deberta-v2": T.DebertaV2Config}[kind]
     extra = {"embedding_size": 32} if kind == "electra" else {}
@@ -32,7 +35,7 @@ def tiny_config(kind: str):
                pad_token_id=0, **common, **extra)
 
 
-ARCHS = ["bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta-v2"]
+ARCHS = ["bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta-v2", "mpnet"]
 
 
 def tiny_encoder(kind: str, seed: int = 0):

@@ -19,7 +19,7 @@ from .conftest import ARCHS, tiny_batch, tiny_encoder
 IDENTITY = {n: m.IDENTITY_AT_INIT for n, m in METHODS.items() if m.IDENTITY_AT_INIT is not None}
 EXTRA = {"camtl": {"max_length": 16}}
 MULTI = sorted(n for n, m in METHODS.items() if m.STAGE == "multitask")
-NEEDS_ARCH = {"camtl": ("bert", "roberta", "xlm-roberta", "electra")}  # its attention-mask hook
+NEEDS_ARCH = {"camtl": ("bert", "roberta", "xlm-roberta", "electra", "mpnet")}  # its attention-mask hook
 
 
 def fusion_sources(arch: str) -> list[Source]:

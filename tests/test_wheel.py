@@ -47,3 +47,38 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path, task_yamls, data
                "--data-dir", str(data_dir), "--out", str(away / "runs"), "train.max_steps=2"], cwd=away, env=env)
     assert (next((away / "runs").glob("extract/pfeiffer/toy/*")) / "metrics.json").is_file()
     assert (target / "adapterbench" / "peer" / "bench_peer.py").is_file()        # bench --peer works installed
+
+
+def test_installed_script_survives_sigusr1_outside_training(tmp_path, task_yamls, data_dir):
+    """The README tells users to send USR1 before a job's time ends: the installed console script
+    enters through cli.main() like `python -m adapterbench`, so a USR1 that arrives while no
+    training loop runs (here: a study waiting for a run another worker holds) is ignored."""
+    import json
+    import os
+    import signal
+    import socket
+    import time
+    from adapterbench import study as S
+    y = tmp_path / "study.yaml"
+    y.write_text(f"name: w\ntasks: [{task_yamls['toy']}]\nseeds: [1]\nmodels: [tiny-bert]\nout_dir: {tmp_path / 'runs'}\n"
+                 f"defaults: {{data: {{data_dir: {data_dir}}}, train: {{max_steps: 1, log_with: [none]}}}}\n"
+                 f"methods: [{{name: pfeiffer}}]\n")
+    os.environ["ADAPTERBENCH_CACHE"] = str(tmp_path / "cache")
+    node = S.plan(S.load_study(y))[0]
+    node.folder.parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    lock = node.folder.with_name(node.folder.name + ".lock")
+    lock.write_text(json.dumps({"pid": 1, "host": socket.gethostname() + "-elsewhere", "job": None, "started": now,
+                                "heartbeat": now}))                  # held by a live worker on another host
+    script = Path(sys.executable).parent / "adapterbench"
+    proc = subprocess.Popen([str(script), "run", str(y)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        time.sleep(15)                                               # planned, now waiting for the other worker
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(3)
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

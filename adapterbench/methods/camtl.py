@@ -136,13 +136,16 @@ class CondAttentionBias(nn.Module):
             raise UserError(f"CA-MTL attention bias covers {self.blocks * self.block} tokens, the batch has "
                             f"{length}: raise method.max_length")
         bias = self.bias(length).to(hidden.dtype)
-        mask = kwargs.get("attention_mask")
+        positional = "attention_mask" not in kwargs and len(args) > 1   # MPNet passes it by position
+        mask = args[1] if positional else kwargs.get("attention_mask")
         if mask is None:
             mask = bias
         elif mask.dtype == torch.bool:
             mask = torch.where(mask, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype) + bias
         else:
             mask = mask + bias
+        if positional:
+            return (args[0], mask, *args[2:]), kwargs
         kwargs["attention_mask"] = mask
         return args, kwargs
 
