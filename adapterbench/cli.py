@@ -58,8 +58,19 @@ Overrides = typer.Argument(None, help="key=value overrides, e.g. train.lr=3e-4 t
 @app.callback()
 def main_options(tasks_dir: Optional[list[Path]] = typer.Option(
         None, "--tasks-dir", help="A folder of your own task YAMLs, searched after the shipped tasks "
-                                  "(repeatable; also $ADAPTERBENCH_TASKS, os.pathsep-separated).")):
+                                  "(repeatable; also $ADAPTERBENCH_TASKS, os.pathsep-separated)."),
+        plugin: Optional[list[str]] = typer.Option(
+            None, "--plugin", help="A method of your own: a .py file (named by its stem) or an importable module "
+                                   "(repeatable; a study's workers load it too). See docs/methods.md.")):
     """Train, fuse and compare bottleneck adapters and their baselines."""
+    if plugin:
+        from .methods import register_plugin
+        try:
+            for spec in plugin:
+                register_plugin(spec)
+        except UserError as e:
+            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True, markup=True)
+            raise typer.Exit(2)
     if tasks_dir:
         old = os.environ.get("ADAPTERBENCH_TASKS", "")
         os.environ["ADAPTERBENCH_TASKS"] = os.pathsep.join([*(str(p.resolve()) for p in tasks_dir), *filter(None, [old])])
@@ -86,10 +97,27 @@ def _options(task, model, method, seed, out, data_dir) -> dict:
             "out_dir": out, "data.data_dir": data_dir}
 
 
+def command_line_plugins(method: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
+    """A user's method module named on the command line (--method ./x.py, method=... or
+    method.name=... overrides) is loaded and replaced by its registered name."""
+    from .methods import register_plugin
+    from .methods.plugins import looks_like_plugin
+    if method and looks_like_plugin(method):
+        method = register_plugin(method)
+    out = []
+    for text in overrides or []:
+        key, eq, value = text.partition("=")
+        if eq and key in ("method", "method.name") and looks_like_plugin(value):
+            text = f"{key}={register_plugin(value)}"
+        out.append(text)
+    return method, out
+
+
 def _train(stage, config, task, model, method, seed, out, data_dir, overrides, force, init_from=None):
     from .config import merge_layers
     from .runs import RunExists
     from .stages import resolve, train_stage
+    method, overrides = command_line_plugins(method, overrides)
     opts = _options(task, model, method, seed, out, data_dir)
     opts["init_from"] = str(Path(init_from).resolve()) if init_from else None
     cfg = resolve(merge_layers(config, opts, overrides), stage)
@@ -224,6 +252,27 @@ def merge(adapters: Optional[list[str]] = typer.Option(None, "--adapters", "-a",
         folder = do_merge([*(adapters or []), *(rest or [])], strategy, w, out, target, same_track, include_target,
                           align_on, align_examples, density, data_dir, force)
         console.print(f"merged adapter: {folder}")
+    guarded(debug, go)
+
+
+@app.command("check-method")
+def check_method_cmd(method: str = typer.Argument(..., help="A method module: a .py file, an importable module, "
+                                                             "or a registered method's name."),
+                     debug: bool = DebugOpt):
+    """Run the method contract's checks on a tiny model: one line per failed check (exit 2), or all passed."""
+    def go():
+        from .methods import METHODS, get_method, register_plugin
+        from .methods.checks import CHECKS, run_checks
+        from .methods.plugins import looks_like_plugin
+        shipped = method in METHODS and not looks_like_plugin(method)
+        name = method if shipped else register_plugin(method)
+        failed = run_checks(get_method(name), name, shipped=shipped)
+        for line in failed:
+            err.print(f"{name}: {line}", highlight=False, soft_wrap=True)
+        if failed:
+            raise typer.Exit(2)
+        console.print(f"{name}: all {len(CHECKS) + 1} checks passed (members, "
+                      f"{', '.join(label for label, _ in CHECKS)})", highlight=False)
     guarded(debug, go)
 
 

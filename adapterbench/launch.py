@@ -41,6 +41,9 @@ class StudyWorker:
 
     def __call__(self, worker: int = 0) -> dict:
         from . import study as S
+        from .methods import METHODS
+        from .methods.plugins import register_from_env
+        register_from_env(METHODS)     # the plug-ins the submitting command named (ADAPTERBENCH_PLUGINS)
         st = S.load_study(self.study_path)
         st.out_dir = self.out_dir
         if self.data_dir:

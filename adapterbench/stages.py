@@ -342,6 +342,9 @@ def run_metrics(stage, cfg: RunConfig, tasks, model, res, dev, train_items, dev_
     }
     if how := bf16_matmul(cfg.train.precision, next(model.parameters()).device):
         out["bf16_matmul"] = how
+    from .methods.plugins import origin
+    if plugin := origin(cfg.method.name):   # a method from outside the package: where it came from
+        out["plugin"] = plugin
     if not single:
         seen = [sum(ep[i] for ep in source.picks) for i in range(len(tasks))]
         used = [len(u) for u in source.used]

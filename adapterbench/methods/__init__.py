@@ -45,9 +45,24 @@ METHODS: dict[str, ModuleType] = {
 
 
 def get_method(name: str) -> Any:
+    """A registered method: shipped, a plug-in named on the command line, or an installed entry point."""
+    from . import plugins
     if name not in METHODS:
-        raise UserError(f"unknown method '{name}'; known methods: {', '.join(METHODS)}")
+        plugins.load_entry_points(METHODS)
+    if name not in METHODS:
+        if isinstance(name, str) and plugins.looks_like_plugin(name):
+            raise UserError(f"method '{name}' is a plug-in that is not loaded: pass --plugin {name} (or "
+                            f"--method {name}) on the command line; a module named by a config, study or run "
+                            f"folder is never imported by itself")
+        raise UserError(f"unknown method '{name}'; known methods: {', '.join(METHODS)} (a module of your own: "
+                        f"--plugin PATH.py)")
     return METHODS[name]
+
+
+def register_plugin(spec: str) -> str:
+    """Load a user's method module (a .py file or an importable module) named on the command line."""
+    from . import plugins
+    return plugins.register(spec, METHODS)
 
 
 def supporting(feature: str) -> list[str]:
