@@ -600,12 +600,25 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
            claims: Optional[Path] = typer.Option(None, "--claims", help="A claims file (configs/claims/): write one "
                                                                         "document with its tables, plots and a "
                                                                         "verdict per paper claim to --out."),
+           against: Optional[Path] = typer.Option(None, "--against", help="A results archive (.jsonl, e.g. "
+                                                  "docs/results/fair.jsonl): your runs beside its rows of the same "
+                                                  "model, tasks, seeds and protocol, compared with paired statistics."),
            debug: bool = DebugOpt):
     """Tables (md/csv/latex) and plots over finished runs: mean ± std over seeds, deltas, significance."""
     def go():
         from .plots import metric_bars
         from .report import build_report, render, split_labels
         from .runs import atomic_write
+        if against:
+            from .against import compare, comparison_table
+            rep, results = compare(runs_dir, against, metric)
+            text = render(rep, "md") + "\n" + comparison_table(results)
+            if out_file:
+                atomic_write(out_file, text)
+                console.print(f"table: {out_file}")
+            else:
+                print(text)
+            return
         if claims:
             from .claims import write_claims_report
             if out_file is None or out_file.suffix != ".md":

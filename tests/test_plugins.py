@@ -143,3 +143,40 @@ def test_a_received_run_that_needs_a_plugin_says_which(tiny_bert_dir, task_yamls
     assert len(r.stderr.strip().splitlines()) == 1
     r = fresh("--plugin", BITFIT, "evaluate", run, "--data-dir", data_dir)
     assert r.returncode == 0, r.stderr
+
+
+def test_report_against_an_archive_matches_model_task_seed_and_protocol(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    """The baselines are trained once and archived; the plug-in's runs are compared with them
+    without retraining: paired statistics per (user row, archive row); a protocol that differs
+    (selection, budget, data) is refused in one line naming it."""
+    base = ["--model", str(tiny_bert_dir), "--data-dir", str(data_dir), "train.epochs=2", "train.heldout_min=8",
+            "train.log_with=[none]"]
+    for seed in (1, 2):
+        for method in ("pfeiffer", "full"):
+            r = runner.invoke(app, ["extract" if method != "full" else "finetune", "--task", str(task_yamls["toy"]),
+                                    "--method", method, "--seed", str(seed), "--out", str(tmp_path / "base"), *base])
+            assert r.exit_code == 0, r.output
+        r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--method", str(BITFIT), "--seed",
+                                str(seed), "--out", str(tmp_path / "mine"), *base])
+        assert r.exit_code == 0, r.output
+    assert runner.invoke(app, ["archive", str(tmp_path / "base"), "--out", str(tmp_path / "a.jsonl")]).exit_code == 0
+    r = runner.invoke(app, ["report", str(tmp_path / "mine"), "--against", str(tmp_path / "a.jsonl")])
+    assert r.exit_code == 0, r.output
+    assert "| bitfit |" in r.output and "| pfeiffer (archive) |" in r.output and "| full (archive) |" in r.output
+    rows = [x for x in r.output.split("| yours |")[1].splitlines() if x.startswith("| bitfit | ")]
+    assert {x.split("|")[2].strip() for x in rows} == {"full (archive)", "pfeiffer (archive)"}
+    assert all(x.split("|")[6].strip() == "2" for x in rows)        # 1 task x 2 seeds, paired
+    # another protocol: refused, naming it
+    r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--method", str(BITFIT), "--seed", "1",
+                            "--out", str(tmp_path / "dev"), *base, "train.selection=dev"])
+    assert r.exit_code == 0
+    r = runner.invoke(app, ["report", str(tmp_path / "dev"), "--against", str(tmp_path / "a.jsonl")])
+    assert r.exit_code == 2 and "archive runs select their epochs on the held-out slice, yours dev" in r.output
+    r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--method", str(BITFIT), "--seed", "1",
+                            "--out", str(tmp_path / "long"), *base, "train.epochs=3"])
+    r = runner.invoke(app, ["report", str(tmp_path / "long"), "--against", str(tmp_path / "a.jsonl")])
+    assert r.exit_code == 2 and "epoch budget of 2, yours 3" in r.output
+    r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--method", str(BITFIT), "--seed", "7",
+                            "--out", str(tmp_path / "s7"), *base])
+    r = runner.invoke(app, ["report", str(tmp_path / "s7"), "--against", str(tmp_path / "a.jsonl")])
+    assert r.exit_code == 2 and "with seed 7" in r.output and "toy s1" in r.output
