@@ -255,6 +255,55 @@ def merge(adapters: Optional[list[str]] = typer.Option(None, "--adapters", "-a",
     guarded(debug, go)
 
 
+@app.command()
+def tune(config: Optional[Path] = ConfigOpt, task: Optional[str] = TaskOpt, model: Optional[str] = ModelOpt,
+         method: Optional[str] = MethodOpt, seed: Optional[int] = SeedOpt, data_dir: Optional[str] = DataOpt,
+         space: Optional[list[str]] = typer.Option(None, "--space", help="KEY=SPEC, SPEC loguniform(a,b), uniform(a,b), "
+                                                   "int(a,b) or choice(a,b,...) (repeatable), e.g. "
+                                                   "train.lr=loguniform(1e-5,1e-3)."),
+         trials: int = typer.Option(20, "--trials", help="Trials to finish (complete or pruned), all workers together."),
+         out: Path = typer.Option(Path("runs/tune"), "--out", help="The search's folder: optuna.journal, trials/, "
+                                                                   "best.yaml, plots."),
+         sampler_seed: int = typer.Option(0, "--sampler-seed", help="TPE's seed."),
+         launcher: str = typer.Option("local", "--launcher", help="local, submitit-local or slurm."),
+         workers: int = typer.Option(1, "--workers", help="submitit/slurm: workers sharing the journal."),
+         partition: Optional[str] = typer.Option(None, "--partition", help="slurm: partition."),
+         time_min: int = typer.Option(24 * 60, "--time", help="Minutes per worker."),
+         wait: bool = typer.Option(False, "--wait", help="submitit/slurm: wait for the workers and summarise."),
+         overrides: Optional[list[str]] = Overrides, debug: bool = DebugOpt):
+    """Search hyperparameters with Optuna (TPE, median pruning) on the held-out slice; every trial is a run."""
+    def go():
+        from . import tune as T
+        from .config import merge_layers
+        from .methods import get_method
+        if trials < 1 or workers < 1:
+            raise UserError("--trials and --workers must be at least 1")
+        dims = T.parse_space(space)
+        name, extra = command_line_plugins(method, overrides)
+        user = merge_layers(config, _options(task, model, name, seed, None, data_dir), extra)
+        stage = get_method((user.get("method") or {}).get("name") or "pfeiffer").STAGE
+        if launcher == "local":
+            res = T.run_trials(user, stage, dims, trials, out, sampler_seed,
+                               on_trial=lambda n, text: console.print(text, highlight=False))
+            console.print(f"{res['done']} trials done ({res['complete']} complete, {res['pruned']} pruned); best "
+                          f"held-out {res['value']:.2f} with {res['best']}", highlight=False)
+            console.print(f"best config: {res['config']} (adapterbench {stage} --config {res['config']}); run: "
+                          f"{res['run']}; plots: {', '.join(map(str, res['plots'])) or 'none'}", highlight=False)
+            return
+        from . import launch as L
+        for d in dims:
+            T.trial_config(user, stage, {d.key: d.values[0]}, out)
+        T.open_study(out, sampler_seed, "maximize")                     # the journal exists before the workers
+        res = L.Resources(workers, 0, partition, time_min, 1, 0, 0.0, {})
+        worker = T.TuneWorker(user, stage, dims, trials, str(out.resolve()), sampler_seed)
+        jobs, logs = L.submit(launcher, worker, res, out)
+        console.print(f"submitted {len(jobs)} tune worker(s) via {launcher}: jobs {', '.join(j.job_id for j in jobs)}; "
+                      f"logs in {logs}; the same command with --launcher local afterwards summarises")
+        if wait:
+            console.print(f"workers done: {L.wait(jobs)}")
+    guarded(debug, go)
+
+
 @app.command("check-method")
 def check_method_cmd(method: str = typer.Argument(..., help="A method module: a .py file, an importable module, "
                                                              "or a registered method's name."),

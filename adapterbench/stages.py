@@ -253,8 +253,9 @@ def uncertainty_scorer(model, tasks, cfg: RunConfig, seed: int, chunk: int = CPU
 # --- the recipe -------------------------------------------------------------------------------
 
 def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, show_progress=True,
-                save_attention: bool = False) -> Path:
-    """`extract`, `finetune`, `fuse` and `multitask`: train one method and write its run folder."""
+                save_attention: bool = False, epoch_hook=None) -> Path:
+    """`extract`, `finetune`, `fuse` and `multitask`: train one method and write its run folder.
+    `epoch_hook(epoch, held-out value)` is called after each scored epoch (tune's pruner)."""
     tasks = tasks_of(cfg)
     folder = planned_folder(stage, cfg, tasks)
     if status_of(folder) == "ok" and not force:
@@ -269,7 +270,13 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
         collate = Collator(tokenizer.pad_token_id or 0)
         source = batch_source(cfg, tasks, train_items, model)
         started = time.time()
-        res = train(model, source, dev_items, tasks, collate, cfg.train, log=run.log, show_progress=show_progress,
+        log = run.log
+        if epoch_hook is not None:
+            def log(record: dict) -> None:   # noqa: F811  (the run's log, and the held-out score to the hook)
+                run.log(record)
+                if "heldout_main" in record:
+                    epoch_hook(record["epoch"], record["heldout_main"])
+        res = train(model, source, dev_items, tasks, collate, cfg.train, log=log, show_progress=show_progress,
                     checkpoint_dir=run.checkpoint_dir, heldout_sets=heldout_items,
                     tracking=tracking_info(stage, cfg, tasks, run.folder) if run.writer else None)
         # the model is left at the scored epoch selection chose, whose dev metrics the loop already has

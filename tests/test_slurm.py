@@ -99,3 +99,16 @@ methods:
     assert got["history"] == want["history"] and got["steps"] == want["steps"]
     a, b = load_file(run / "adapter" / "adapter.safetensors"), load_file(ref / "adapter" / "adapter.safetensors")
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_tune_workers_share_one_journal_on_slurm(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    """Two SLURM workers of `tune` take trials from one Optuna journal: every trial once."""
+    from .test_tune import check_shared_journal, tune_args
+    out = tmp_path / "t"
+    r = runner.invoke(app, tune_args(tiny_bert_dir, task_yamls, data_dir, out, "--trials", "4", "--space",
+                                     "train.lr=loguniform(1e-4,1e-2)", "--launcher", "slurm", "--workers", "2",
+                                     "--wait", "--time", "20"))
+    assert r.exit_code == 0, r.output
+    study, hosts = check_shared_journal(out, 4)
+    assert len({pid for _, pid in hosts}) == 2
+    assert json.loads((out / "launch.json").read_text())["launcher"] == "slurm"
