@@ -466,6 +466,10 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
             if stale:
                 console.print(f"{stale} runs to do have a cell the archive holds under another folder name "
                               f"({R.STALE_WHY}): they run again")
+        left = P.remaining(P.status_table(nodes))
+        console.print(f"estimated: ≈ {left['seconds'] / 3600:.1f} run-hours for {left['estimated']} runs to do"
+                      + (f"; {left['unknown']} more have no finished run of their row and task to go by yet"
+                         if left["unknown"] else "") + " (adapterbench status --by-row: per row)", highlight=False)
         if dry_run:
             return
         if launcher != "local":

@@ -302,10 +302,12 @@ def remaining(rows: list[dict], now: float | None = None) -> dict:
     now = time.time() if now is None else now
     taken: dict[tuple, list[float]] = {}
     paced: dict[tuple, list[float]] = {}              # running runs' whole times at their own pace
+    family: dict[tuple, list[float]] = {}             # a row and its lr-sweep rows ('full', 'full lr=2e-05')
     for r in rows:
         s = r["seconds"] if r["state"] == "archived" else run_seconds(r["folder"]) if r["state"] == "done" else None
         if s is not None:
             taken.setdefault((r["label"], r["stage"], r["task"]), []).append(s)
+            family.setdefault((r["label"].split(" lr=")[0], r["stage"], r["task"]), []).append(s)
         if r["state"] == "running" and r.get("whole_seconds"):
             paced.setdefault((r["label"], r["stage"], r["task"]), []).append(r["whole_seconds"])
     seconds, estimated, unknown = 0.0, 0, 0
@@ -320,7 +322,8 @@ def remaining(rows: list[dict], now: float | None = None) -> dict:
             seconds += pace
             estimated += 1
             continue
-        peers = taken.get((r["label"], r["stage"], r["task"]))
+        peers = taken.get((r["label"], r["stage"], r["task"])) or family.get(
+            (r["label"].split(" lr=")[0], r["stage"], r["task"]))
         if r.get("expect") is None and not peers:
             projected = paced.get((r["label"], r["stage"], r["task"]))
             if r["state"] == "queued" and projected:
