@@ -107,6 +107,7 @@ def compare(runs: Path, archive: Path, metric: str | None = None):
         both = Path(tmp) / "both.jsonl"
         both.write_text("".join(json.dumps(r, default=str) + "\n" for r in [*mine, *theirs]))
         rep = build_report(both, majority=False, metric=metric, versus="")
+        rep.marks = False            # the pairs' comparisons below carry the statistics
         rows = collect(both, metric)
     pairs = [(a, b) for a in sorted({r["label"] for r in mine}) for b in sorted({r["label"] for r in theirs})]
     claims = [Claim(id=f"{a} vs {b}", title=f"{a} vs {b}", a=a, b=b) for a, b in pairs]

@@ -155,7 +155,7 @@ def run_trials(user: dict, stage: str, space: list[Dimension], trials: int, out:
 
         def report(epoch: int, value: float) -> None:
             trial.report(value, epoch)
-            if trial.should_prune():
+            if epoch + 1 < cfg.train.epochs and trial.should_prune():   # a finished run is never pruned
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (held-out {value:.2f})")
         try:
             folder = train_stage(stage, cfg, show_progress=False, epoch_hook=report)
