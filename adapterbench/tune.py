@@ -94,7 +94,10 @@ def _value(text: str):
 
 
 def storage(out: Path):
-    from optuna.storages import JournalStorage
+    try:
+        from optuna.storages import JournalStorage
+    except ImportError:
+        raise UserError("adapterbench tune needs optuna: pip install 'optuna>=4'") from None
     from optuna.storages.journal import JournalFileBackend
     out.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(out / "optuna.journal")))
