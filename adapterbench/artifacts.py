@@ -8,13 +8,12 @@ An adapter folder holds adapter_config.json ({"method": {...}, "base_model", "mo
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
 from .methods import get_method, method_config
-from .runs import load_tensors, read_json
+from .runs import file_sha256, load_tensors, read_json
 
 
 @dataclass
@@ -46,11 +45,7 @@ def adapter_folder(src: str | Path) -> Path:
 
 
 def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def read_sources(paths: list[str], feature: str = "fusion_source", allow_trained_norms: bool = False,

@@ -107,7 +107,6 @@ _FILE_HASHES: dict[tuple, str] = {}
 def file_fingerprint(path: Path) -> str:
     """sha256 of a file's content, cached (in memory and under the cache folder) by path, size
     and modification time, so a study plans hundreds of runs without rereading its data."""
-    import hashlib
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key in _FILE_HASHES:
@@ -119,11 +118,8 @@ def file_fingerprint(path: Path) -> str:
         known = {}
     label = "|".join(map(str, key))
     if label not in known:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        known[label] = h.hexdigest()
+        from .runs import file_sha256
+        known[label] = file_sha256(path)
         try:
             from .runs import write_json
             write_json(store, known)

@@ -9,7 +9,6 @@ that the parts are corrupt). Afterwards the folder is an ordinary Hugging Face m
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import zipfile
@@ -61,11 +60,8 @@ def part_files(alias: str) -> list[Path]:
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from .runs import file_sha256
+    return file_sha256(path)
 
 
 def assembled(alias: str, cache: Path, parts: list[Path] | None = None, sha256: str | None = None) -> Path:

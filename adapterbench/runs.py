@@ -64,6 +64,16 @@ def _disk_error(e: OSError, path: Path) -> Exception:
     return e
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's content, read in 1 MiB blocks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

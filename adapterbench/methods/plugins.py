@@ -11,7 +11,6 @@ A module that breaks the contract (methods/contract.py) is one line naming what 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import importlib.util
 import os
@@ -96,7 +95,8 @@ def register(spec: str, registry: dict) -> str:
         raise UserError(f"method module {source} breaks the method contract: {'; '.join(problems)} "
                         f"(see adapterbench/methods/contract.py and docs/methods.md)")
     registry[name] = module
-    digest = hashlib.sha256(Path(source).read_bytes()).hexdigest() if Path(source).is_file() else None
+    from ..runs import file_sha256
+    digest = file_sha256(Path(source)) if Path(source).is_file() else None
     _ORIGINS[name] = {"source": source, "sha256": digest}
     carried = [p for p in os.environ.get(ENV, "").split(os.pathsep) if p]
     if spec not in carried:               # a study's workers (subprocesses, SLURM jobs) load it too
