@@ -1,5 +1,5 @@
 """`python -m adapterbench ...` (e.g. under `accelerate launch -m adapterbench extract ...`)."""
 
-from .cli import main
+from adapterbench.cli import main
 
 main()

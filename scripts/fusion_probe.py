@@ -20,8 +20,9 @@ import torch
 from adapterbench.data import Collator, load_splits
 from adapterbench.errors import UserError
 from adapterbench.methods import fusion
-from adapterbench.stages import load_run_model, prepare_items
-from adapterbench.train import evaluate
+from adapterbench.recipe.runmodel import load_run_model
+from adapterbench.recipe.splits import prepare_items
+from adapterbench.recipe.train import evaluate
 
 
 class LayerStats:

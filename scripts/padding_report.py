@@ -10,8 +10,10 @@ import os
 
 import torch
 
-from adapterbench.data import load_splits, padding_stats, tokenize
-from adapterbench.sampling import length_grouped
+from adapterbench.data import load_splits, tokenize
+
+from adapterbench.recipe.splits import padding_stats
+from adapterbench.recipe.sampling import length_grouped
 from adapterbench.models import load_encoder
 from adapterbench.tasks import load_task
 

@@ -33,7 +33,7 @@ def our_model(model_name: str, adapter_dir: Path):
     """Our encoder + the adapter and head from an adapterbench adapter folder."""
     from adapterbench.methods import get_method, method_config
     from adapterbench.models import ClassificationHead, HeadConfig, TaskModel, load_encoder
-    from adapterbench.runs import load_tensors, read_json
+    from adapterbench.fileio import load_tensors, read_json
     meta = read_json(adapter_dir / "adapter_config.json")
     enc, tok = load_encoder(model_name)
     method = get_method(meta["method"]["name"])
@@ -57,7 +57,7 @@ def random_adapter(model_name: str, method: str, out: Path, seed: int = 1) -> Pa
     """A random non-trivial adapter + head written as an adapterbench adapter folder."""
     from adapterbench.methods import get_method, method_config
     from adapterbench.models import ClassificationHead, HeadConfig, load_encoder
-    from adapterbench.runs import save_tensors, write_json
+    from adapterbench.fileio import save_tensors, write_json
     enc, _ = load_encoder(model_name)
     mcfg = {"name": method, "train_layer_norms": False}
     cfg = method_config(mcfg)
@@ -79,9 +79,10 @@ def random_adapter(model_name: str, method: str, out: Path, seed: int = 1) -> Pa
 def fusion_parity(a, work: Path) -> dict:
     """A fusion over two random adapters with random fusion weights and head: our logits vs
     the `adapters` library's on our export."""
-    from adapterbench.adapterhub import export_fusion
+    from adapterbench.interop.adapterhub import export_fusion
     from adapterbench.config import merge_layers
-    from adapterbench.stages import build_model, resolve, save_weights
+    from adapterbench.recipe.runmodel import build_model, save_weights
+    from adapterbench.recipe.stages import resolve
     from adapterbench.tasks import load_task
     srcs = [random_adapter(a.model, a.method, work / f"src{i}", seed=i + 1) for i in range(2)]
     for i, s in enumerate(srcs):  # distinct names in the export
@@ -123,7 +124,7 @@ def fusion_parity(a, work: Path) -> dict:
 def fusion_import_parity(a, work: Path) -> dict:
     """The other way: a fusion the `adapters` library makes and saves (two seq_bn adapters, the
     fusion layer, a head; random non-trivial weights), imported by us: its logits vs ours."""
-    from adapterbench.adapterhub import import_fusion, load_fusion
+    from adapterbench.interop.adapterhub import import_fusion, load_fusion
     job = {"model": str(Path(a.model_path)), "pairs": PAIRS, "make_fusion_dir": str(work / "peer-fusion")}
     (work / "mjob.json").write_text(json.dumps(job))
     subprocess.run([a.peer_python, str(ROOT / "scripts" / "peer" / "parity_peer.py"), str(work / "mjob.json"),
@@ -148,7 +149,7 @@ def main() -> None:
     ap.add_argument("--fixture", help="write the offline import-test fixture here")
     ap.add_argument("--peer-python", default=str(ROOT / ".peer-venv" / "bin" / "python"))
     a = ap.parse_args()
-    from adapterbench.adapterhub import export, import_adapter
+    from adapterbench.interop.adapterhub import export, import_adapter
     from adapterbench.models import resolve_model_path
     model_path = resolve_model_path(a.model)
     a.model_path = model_path

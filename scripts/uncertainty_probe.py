@@ -19,11 +19,12 @@ import torch
 
 from adapterbench.data import load_splits
 from adapterbench.errors import UserError
-from adapterbench.runs import load_tensors, read_json
-from adapterbench.sampling import DEFAULT_PROXIES, uncertainty_profile
-from adapterbench.stages import (build_model, load_run_model, prepare_items, run_tasks, stored_config,
-                                 uncertainty_scorer)
-from adapterbench.train import restore
+from adapterbench.fileio import load_tensors, read_json
+from adapterbench.recipe.sampling import DEFAULT_PROXIES, uncertainty_profile
+from adapterbench.recipe.runmodel import build_model, load_run_model, run_tasks, stored_config
+from adapterbench.recipe.splits import prepare_items
+from adapterbench.recipe.stages import uncertainty_scorer
+from adapterbench.recipe.checkpoint import restore
 
 
 def load(folder: Path):

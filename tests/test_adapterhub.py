@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from adapterbench.adapterhub import export, import_adapter
+from adapterbench.interop.adapterhub import export, import_adapter
 from adapterbench.cli import app
-from adapterbench.runs import load_tensors
+from adapterbench.fileio import load_tensors
 
 FIX = Path(__file__).parent / "fixtures" / "adapterhub"
 MODEL = str(FIX / "model")
@@ -123,7 +123,7 @@ def test_import_of_an_adapterhub_fusion_gives_the_peer_logits(tmp_path):
     """A fusion saved by the `adapters` library (two seq_bn adapters, save_adapter_fusion, the head;
     made by scripts/parity_adapterhub.py --fixture) imports and gives its logits (the peer's side
     of the parity, recorded offline; the live check both ways is the parity script)."""
-    from adapterbench.adapterhub import load_fusion
+    from adapterbench.interop.adapterhub import load_fusion
     r = runner.invoke(app, ["import", str(FIX / "fusion" / "saved"), "--out", str(tmp_path / "f"), "--model", MODEL])
     assert r.exit_code == 0, r.output
     assert {p.name for p in (tmp_path / "f").iterdir()} == {"sources", "fusion"}

@@ -190,7 +190,7 @@ def test_disk_full_keeps_earlier_files(tmp_path, monkeypatch):
     import errno
     import os
     from adapterbench.errors import UserError
-    from adapterbench.runs import atomic_write
+    from adapterbench.fileio import atomic_write
     target = tmp_path / "metrics.json"
     atomic_write(target, "old")
     real = os.fsync

@@ -7,7 +7,7 @@ import json
 
 from typer.testing import CliRunner
 
-from adapterbench import bench
+from adapterbench.interop import bench
 from adapterbench.cli import app
 
 runner = CliRunner()

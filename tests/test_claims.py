@@ -6,13 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import ttest_1samp
 from typer.testing import CliRunner
 
-from adapterbench.claims import Claim, judge, load_claims, verdict
+from adapterbench.results.claims import Claim, judge, load_claims, verdict
 from adapterbench.cli import app
 from adapterbench.errors import UserError
-from adapterbench.report import collect
+from adapterbench.results.report import collect
 
 runner = CliRunner()
 
@@ -91,7 +90,7 @@ def test_inconclusive_gives_power_and_the_seeds_that_would_settle_it(runs):
     """houlsby vs full: Δ near 0 with a CI that holds both 0 and the paper's +0.2: inconclusive,
     with the power at the paper's Δ and the seeds per task for 80%; a paper Δ of +1 lies outside
     the CI: contradicted."""
-    from adapterbench import stats
+    from adapterbench.results import stats
     v = verdict(Claim(id="h", title="h", a="houlsby", b="full", paper_delta={"rte": 0.2, "mrpc": 0.2}), collect(runs))
     assert v.word == "inconclusive" and v.paper == 0.2 and v.ci[0] < 0 < 0.2 < v.ci[1]
     assert 0 < v.power < 0.8 and v.seeds_needed > 3
@@ -102,7 +101,7 @@ def test_inconclusive_gives_power_and_the_seeds_that_would_settle_it(runs):
 
 
 def test_holm_adjusts_across_the_gain_claims_only(runs):
-    from adapterbench.claims import decide, judge
+    from adapterbench.results.claims import decide, judge
     rows = collect(runs)
     claims = [Claim(id="a", title="a", a="fusion", b="full"), Claim(id="b", title="b", a="fusion", b="houlsby"),
               Claim(id="c", title="c", a="houlsby", b="full", kind="parity", margin=2.0)]
@@ -145,7 +144,7 @@ def test_a_claim_without_enough_seeds_shows_the_runs_so_far_without_a_verdict(ru
     assert v.word == "not testable here" and v.delta is None and v.p is None
     assert "rte" in v.note and "no verdict" in v.note
     assert v.per_task == [("rte", 70.0, 60.0, 10.0, None, 1)]
-    from adapterbench.claims import claim_section
+    from adapterbench.results.document import claim_section
     text = claim_section(1, Claim(id="p", title="p", a="partial", b="full"), v)
     assert "| rte | 70.00 | 60.00 | +10.00 | – | 1 |" in text and "**mean**" not in text
 
@@ -216,7 +215,7 @@ def test_claims_need_a_markdown_out(runs, tmp_path):
 
 
 def test_shipped_claims_files_parse_and_name_study_rows():
-    from adapterbench.study import load_study
+    from adapterbench.study.plan import load_study
     from adapterbench.tasks import configs_dir
     files = sorted((configs_dir() / "claims").glob("*.yaml"))
     assert files
@@ -315,7 +314,8 @@ def test_unfinished_runs_show_how_far_they_got_and_which_attempts_were_lost(runs
 
 def test_majority_row_never_waits_on_the_hub(tmp_path, monkeypatch):
     """Without a local copy of the task's data the majority-class row is left out; the Hub is not tried."""
-    from adapterbench import data, report
+    from adapterbench import data
+    from adapterbench.results import report
     def no_hub(*a, **k):
         raise AssertionError("the report tried the Hub")
     monkeypatch.setattr(data, "read_hub_split", no_hub)
@@ -340,7 +340,7 @@ def test_extras_table_shows_sampling_shares_and_merge_alignment(tmp_path):
          "fusion_attention": {"rte": [0.2, 0.1], "sick": [0.5, 0.8], "cb": [0.3, 0.1]}}]
     archive = tmp_path / "runs.jsonl"
     archive.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    from adapterbench.report import extras_rows
+    from adapterbench.results.render import extras_rows
     header, body = extras_rows(archive)
     assert [r[0] for r in body] == ["camtl", "fusion", "merge-track-align k=32"]
     assert body[1][3] == "attention (mean over layers): sick 65%, cb 20%, rte* 15%; peak sick 80% at layer 1"
@@ -390,7 +390,7 @@ def test_seeds_keep_a_tables_cells_to_the_reported_seeds(runs, tmp_path):
 
 
 def test_verdict_line_reads_p_below_a_thousandth(runs):
-    from adapterbench.claims import claim_section
+    from adapterbench.results.document import claim_section
     c = Claim(id="f", title="f", a="fusion", b="full")
     v = verdict(c, collect(runs))
     assert v.p < 0.001
@@ -399,7 +399,7 @@ def test_verdict_line_reads_p_below_a_thousandth(runs):
 
 
 def test_a_claim_by_accuracy_says_what_tasks_without_it_use(runs):
-    from adapterbench.claims import claim_section
+    from adapterbench.results.document import claim_section
     fake_run(runs, "fusion", "stsb", 1, 80.0)
     fake_run(runs, "fusion", "stsb", 2, 81.0)
     fake_run(runs, "full", "stsb", 1, 79.0)
@@ -421,7 +421,7 @@ def test_attention_plot_averages_each_targets_runs(tmp_path):
              rec("mrpc", 2, {"sick": [0.1, 0.1], "rte": [0.0, 0.0], "mrpc": [0.9, 0.9]})]
     archive = tmp_path / "runs.jsonl"
     archive.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    from adapterbench.report import attention_matrix, selected_records
+    from adapterbench.results.report import attention_matrix, selected_records
     targets, sources, matrix = attention_matrix(selected_records(archive, None, [2, 3]), "fusion", ["mrpc", "rte"])
     assert targets == ["mrpc", "rte"] and sources == ["mrpc", "rte", "sick"]
     assert np.allclose(matrix[1][1:], [0.65, 0.35]) and np.isnan(matrix[1][0])   # rte: no mrpc source

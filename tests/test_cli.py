@@ -172,7 +172,7 @@ def test_a_bf16_run_records_how_this_machine_computed_its_products(tmp_path, tas
     """bf16 on a CPU without AVX512-BF16/AMX runs its matrix products as fp32 GEMMs of
     bf16-rounded operands (`precision.Bf16ByFp32`); metrics.json and the log say so, a CPU with
     native bf16 says "native", and an fp32 run records nothing."""
-    from adapterbench import precision as PR
+    from adapterbench.recipe import precision as PR
     args = ["extract", "--task", str(task_yamls["toy"]), "--model", "tiny-bert", "--data-dir", str(data_dir),
             "train.epochs=1", "train.limit=16", "train.batch_size=8"]
     said = {}
@@ -201,7 +201,7 @@ def test_pooler_pooling_uses_the_pretrained_pooler_frozen(tiny_bert_dir, task_ya
     run = only_run(tmp_path / "runs")
     head = json.loads((run / "adapter" / "head_config.json").read_text())
     assert head["pooling"] == "pooler"
-    from adapterbench.runs import load_tensors
+    from adapterbench.fileio import load_tensors
     assert set(load_tensors(run / "adapter" / "head.safetensors")) == {"out.weight", "out.bias"}
     assert not any(k.startswith("pooler") for k in load_tensors(run / "adapter" / "adapter.safetensors"))
     r = invoke("evaluate", run, "--data-dir", data_dir)

@@ -8,7 +8,7 @@ from adapterbench import metrics
 from adapterbench.config import merge_layers
 from adapterbench.data import load_splits, read_rows
 from adapterbench.errors import UserError
-from adapterbench.stages import resolve
+from adapterbench.recipe.stages import resolve
 from adapterbench.tasks import load_task, task_files
 
 
@@ -154,8 +154,8 @@ def test_metrics_glue_conventions():
 
 def test_length_grouped_batches_cover_everything_with_less_padding():
     import torch
-    from adapterbench.data import padding_stats
-    from adapterbench.sampling import length_grouped
+    from adapterbench.recipe.splits import padding_stats
+    from adapterbench.recipe.sampling import length_grouped
     lengths = [((i * 37) % 100) + 5 for i in range(1000)]
     grouped = length_grouped(lengths, 16, torch.Generator().manual_seed(0), group=10)
     assert sorted(j for b in grouped for j in b) == list(range(1000))
@@ -197,7 +197,7 @@ def test_evaluation_in_length_order_returns_predictions_in_item_order():
     import torch
     from adapterbench.data import Collator
     from adapterbench.models import ClassificationHead, HeadConfig, TaskModel
-    from adapterbench.train import evaluate
+    from adapterbench.recipe.train import evaluate
     from tests.conftest import tiny_encoder
 
     rng = random.Random(0)

@@ -57,7 +57,7 @@ def test_a_broken_run_folder_holding_user_files_is_not_deleted(tiny_bert_dir, ta
 
 def test_evaluate_never_takes_trust_remote_code_from_the_run_folder(tiny_bert_dir, task_yamls, data_dir, tmp_path,
                                                                     monkeypatch):
-    from adapterbench import stages
+    from adapterbench.recipe import runmodel as stages   # builds the model (load_encoder)
     run = extract(tiny_bert_dir, task_yamls, data_dir, tmp_path / "runs")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["model"]["trust_remote_code"] = True
@@ -100,7 +100,7 @@ def test_evaluate_rebuilds_a_user_task_whose_dir_is_relative_to_its_yaml(tiny_be
 
 
 def test_study_labels_and_model_paths_stay_inside_the_study_folder(tiny_bert_dir, task_yamls, data_dir, tmp_path):
-    from adapterbench import study as S
+    from adapterbench.study import plan as S
     y = tmp_path / "s.yaml"
     y.write_text(f"""name: esc
 tasks: [{task_yamls['toy']}]

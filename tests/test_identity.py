@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from adapterbench.cli import app
 from adapterbench.config import config_hash, to_dict
-from adapterbench.stages import planned_folder, resolve, tasks_of
+from adapterbench.recipe.stages import planned_folder, resolve, tasks_of
 
 runner = CliRunner()
 

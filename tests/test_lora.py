@@ -16,7 +16,8 @@ peft = pytest.importorskip("peft")
 
 def test_model_dropout_leaves_a_methods_own_dropout(task_yamls):
     """model.dropout sets the encoder's and heads' dropouts, not LoRA's own input dropout."""
-    from adapterbench.stages import build_model, resolve
+    from adapterbench.recipe.runmodel import build_model
+    from adapterbench.recipe.stages import resolve
     from adapterbench.tasks import load_task
     cfg = resolve({"task": str(task_yamls["toy"]), "model": {"name": "tiny-bert", "dropout": 0.0},
                    "method": {"name": "lora", "dropout": 0.3}}, "extract")
@@ -31,8 +32,8 @@ def test_lora_run_exports_to_peft_with_the_same_outputs_and_imports_back(tiny_be
                                                                           tmp_path):
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer
-    from adapterbench.runs import load_tensors
-    from adapterbench.stages import load_run_model
+    from adapterbench.fileio import load_tensors
+    from adapterbench.recipe.runmodel import load_run_model
     r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--method", "lora", "--model",
                             str(tiny_bert_dir), "--data-dir", str(data_dir), "--out", str(tmp_path / "runs"),
                             "train.epochs=2", "train.lr=1e-2", "method.target_modules=[query,key,value]"])
@@ -88,7 +89,7 @@ def test_peft_alone_loads_the_trained_classifier(task_yamls, data_dir, tmp_path)
     from peft import AutoPeftModel, AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
     from adapterbench.models import resolve_model_path
-    from adapterbench.stages import load_run_model
+    from adapterbench.recipe.runmodel import load_run_model
     runs = {}
     for pooling in ("cls", "mean"):
         r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--method", "lora", "--model", "minilm-l6",

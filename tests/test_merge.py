@@ -8,9 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from adapterbench import merge as M
+from adapterbench.recipe import merge as M
 from adapterbench.cli import app
-from adapterbench.data import few_shot
+from adapterbench.recipe.splits import few_shot
 from adapterbench.errors import UserError
 from adapterbench.methods import get_method, method_config
 
@@ -110,7 +110,7 @@ def test_merge_cli_then_fuse_and_init_from(tiny_bert_dir, task_yamls, data_dir, 
     r = runner.invoke(app, ["merge", "--adapters", str(srcs[0]), str(srcs[1]), "--strategy", "avg",
                             "--weights", "1,0", "--out", str(tmp_path / "first")])
     assert r.exit_code == 0
-    from adapterbench.runs import load_tensors
+    from adapterbench.fileio import load_tensors
     a = load_tensors(srcs[0] / "adapter" / "adapter.safetensors")
     b = load_tensors(tmp_path / "first" / "adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -177,7 +177,7 @@ def test_sources_of_one_seed_start_apart_and_merge_records_alignment(tiny_bert_d
     moved from its initialisation and how far each site's alignment is from the identity."""
     import torch
     from adapterbench.config import RunConfig
-    from adapterbench.stages import init_seed
+    from adapterbench.recipe.runmodel import init_seed
     cfg = RunConfig(seed=3)
     assert init_seed(cfg, ["rte"]) != init_seed(cfg, ["mrpc"]) and init_seed(cfg, ["rte"]) == init_seed(cfg, ["rte"])
     a = extract(tiny_bert_dir, task_yamls["toy"], data_dir, tmp_path / "a", 0, "method.reduction_factor=2")
@@ -189,6 +189,6 @@ def test_sources_of_one_seed_start_apart_and_merge_records_alignment(tiny_bert_d
     assert set(sources[0]["units_moved"].values()) == {0.0}            # the reference is not permuted
     assert any(v > 0 for v in sources[1]["units_moved"].values())      # the other is, somewhere
     r = runner.invoke(app, ["merge", "--adapters", str(a), str(b), "--strategy", "avg", "--out", str(tmp_path / "v")])
-    from adapterbench.runs import load_tensors
+    from adapterbench.fileio import load_tensors
     x, y = load_tensors(tmp_path / "m" / "adapter.safetensors"), load_tensors(tmp_path / "v" / "adapter.safetensors")
     assert any(not torch.equal(x[k], y[k]) for k in x)                 # align != avg

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from adapterbench.artifacts import Source
+from adapterbench.recipe.artifacts import Source
 from adapterbench.methods import METHODS, Method, get_method, method_config
 from adapterbench.methods.bottleneck import BottleneckAdapter, NormSite, ProjSite
 from adapterbench.models import ClassificationHead, HeadConfig, TaskModel
@@ -154,7 +154,7 @@ def perturb(model):
 
 @pytest.mark.parametrize("method,arch", cases(METHODS))
 def test_save_load_identical_logits(method, arch, tmp_path):
-    from adapterbench.runs import load_tensors, save_tensors
+    from adapterbench.fileio import load_tensors, save_tensors
     model, mod, cfg, names = build(method, arch)
     model.eval()
     perturb(model)
@@ -184,9 +184,9 @@ def test_resume_after_a_crash_gives_identical_weights(method, tmp_path):
     again: the resumed run ends with the same weights, bit for bit."""
     from adapterbench.config import TrainConfig
     from adapterbench.data import Collator
-    from adapterbench.sampling import Shuffled, TaskMixture
+    from adapterbench.recipe.sampling import Shuffled, TaskMixture
     from adapterbench.tasks import TaskSpec
-    from adapterbench.train import train
+    from adapterbench.recipe.train import train
     g = torch.Generator().manual_seed(0)
     items = [[{"input_ids": torch.randint(5, 30, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist(),
                "labels": float(j % 3), "task_id": t, "uid": j} for j in range(12)] for t in range(2)]

@@ -113,7 +113,7 @@ def tiny_mpnet_dir(tmp_path):
 def test_lora_on_mpnet_exports_to_peft_with_our_logits(tiny_mpnet_dir, task_yamls, data_dir, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModel, AutoTokenizer
-    from adapterbench.stages import load_run_model
+    from adapterbench.recipe.runmodel import load_run_model
     r = runner.invoke(app, ["extract", "--task", str(task_yamls["toy"]), "--method", "lora", "--model",
                             str(tiny_mpnet_dir), "--data-dir", str(data_dir), "--out", str(tmp_path / "runs"),
                             "train.epochs=2", "train.lr=1e-2", "train.heldout_min=8", "train.log_with=[none]"])

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from adapterbench.cli import app
 from adapterbench.methods import camtl, method_config
 from adapterbench.data import Collator
-from adapterbench.sampling import pick_uncertain, task_probs
-from adapterbench.stages import uncertainty_scorer
+from adapterbench.recipe.sampling import pick_uncertain, task_probs
+from adapterbench.recipe.stages import uncertainty_scorer
 from adapterbench.tasks import TaskSpec
 
 from .conftest import tiny_batch, tiny_encoder
@@ -172,7 +172,7 @@ def test_uncertainty_keeps_highest_entropy_examples():
 def test_uncertainty_profile_says_what_the_sampler_keeps_and_why():
     """`uncertainty_profile` (scripts/uncertainty_probe.py): each task's mean entropy, its weight
     (mean over the largest mean) and its share of the kept examples, through `pick_uncertain`."""
-    from adapterbench.sampling import uncertainty_profile
+    from adapterbench.recipe.sampling import uncertainty_profile
     tasks = [TaskSpec("a", labels=["x", "y"]), TaskSpec("b", labels=["x", "y"]), TaskSpec("r", regression=True)]
     h = {0: [0.9, 0.5], 1: [1.0, 0.2], 2: [0.0, 0.0]}          # each candidate's entropy, by task
     items = [[{"task_id": t, "h": v} for v in hs] for t, hs in h.items()]
@@ -197,7 +197,7 @@ def test_uncertainty_profile_says_what_the_sampler_keeps_and_why():
 
 
 def test_length_chunks_sort_and_cover_the_rows():
-    from adapterbench.train import length_chunks
+    from adapterbench.recipe.train import length_chunks
     rows, lengths = [10, 11, 12, 13, 14], [9, 3, 7, 3, 1]
     parts = length_chunks(rows, lengths, 2)
     assert parts == [[14, 11], [13, 12], [10]]      # by length, ties in their first order
@@ -208,7 +208,7 @@ def test_uncertainty_scores_do_not_depend_on_the_scoring_chunks(tiny_bert_dir, t
     """Scoring a task's candidates in length-sorted chunks (each padded to its own longest)
     gives each candidate the entropy it gets in one batch padded to the longest of all:
     padding is masked, and every score lands on its own candidate."""
-    from adapterbench import stages
+    from adapterbench.recipe import stages
     cfg = stages.resolve({"task": f"{task_yamls['toy']},{task_yamls['toyreg']}",
                           "model": {"name": str(tiny_bert_dir)}, "method": {"name": "camtl"},
                           "train": {"precision": "fp32"}}, "multitask")
@@ -287,7 +287,7 @@ def test_multitask_cli_end_to_end_and_reload(method, precision, tiny_bert_dir, t
     assert r.exit_code == 0 and json.loads((run / "eval_dev.json").read_text())["reproduced"] is True
     if method == "camtl":  # the frozen lower layer is unchanged by training
         from transformers import AutoModel
-        from adapterbench.runs import load_tensors
+        from adapterbench.fileio import load_tensors
         base = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
         trained = load_tensors(run / "multitask" / "encoder.safetensors")
         key = "encoder.layer.0.attention.self.query.weight"
@@ -309,8 +309,8 @@ def test_mta_export_reproduces_the_task_path_and_fuses(tiny_bert_dir, task_yamls
     multi-task model; `fuse` accepts the exported adapters (Fusion w/ MT-A)."""
     from adapterbench.methods import get_method, method_config
     from adapterbench.models import ClassificationHead, HeadConfig, TaskModel, load_encoder
-    from adapterbench.runs import load_tensors, read_json
-    from adapterbench.stages import load_run_model
+    from adapterbench.fileio import load_tensors, read_json
+    from adapterbench.recipe.runmodel import load_run_model
     tasks = f"{task_yamls['toy']},{task_yamls['toyreg']}"
     r = runner.invoke(app, ["multitask", "--tasks", tasks, "--method", "mt-a", "--model", str(tiny_bert_dir),
                             "--data-dir", str(data_dir), "--out", str(tmp_path), "train.epochs=1",
@@ -349,7 +349,7 @@ def test_fusion_w_mta_runs_on_the_encoder_mta_fine_tuned(tiny_bert_dir, task_yam
     refused with the fix named; with method.encoder the fusion's encoder carries the MT-A
     encoder's weights (not the pretrained ones) and the rebuilt run reproduces its scores."""
     from safetensors.torch import load_file
-    from adapterbench.stages import load_run_model
+    from adapterbench.recipe.runmodel import load_run_model
     tasks = f"{task_yamls['toy']},{task_yamls['toyreg']}"
     r = runner.invoke(app, ["multitask", "--tasks", tasks, "--method", "mt-a", "--model", str(tiny_bert_dir),
                             "--data-dir", str(data_dir), "--out", str(tmp_path), "train.epochs=1",
@@ -384,7 +384,7 @@ def test_a_mixed_task_batch_split_by_task_takes_the_same_step():
     conditioning included; dropout off to compare)."""
     from adapterbench.config import TrainConfig
     from adapterbench.models import ClassificationHead, HeadConfig, TaskModel
-    from adapterbench.train import split_batch, make_accelerator, train_step
+    from adapterbench.recipe.train import split_batch, make_accelerator, train_step
     def build():
         torch.manual_seed(0)
         heads = {f"t{i}": ClassificationHead(HeadConfig(32, 2, dropout=0.0, pooling="mean")) for i in range(2)}

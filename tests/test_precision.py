@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapterbench.precision import PRODUCTS, autocast
+from adapterbench.recipe.precision import PRODUCTS, autocast
 from tests.conftest import tiny_batch
 from tests.test_methods import build
 

@@ -10,9 +10,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from adapterbench import train as T
+from adapterbench.recipe import train as T
 from adapterbench.cli import app
-from adapterbench.runs import load_tensors, machine_name
+from adapterbench.fileio import load_tensors
+from adapterbench.recipe.runfolder import machine_name
 
 runner = CliRunner()
 
@@ -62,7 +63,7 @@ def test_resume_gives_the_same_result(method, crash_at, extra, tiny_bert_dir, ta
 
 def test_changed_config_does_not_resume(tiny_bert_dir, task_yamls, data_dir, tmp_path, monkeypatch):
     """A checkpoint is only resumed by the same resolved config (the folder hash sees to the rest)."""
-    from adapterbench.runs import resumable
+    from adapterbench.recipe.runfolder import resumable
     cmd = command(tiny_bert_dir, task_yamls, data_dir, tmp_path, "pfeiffer")
     real_step = T.train_step
     monkeypatch.setattr(T, "train_step", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt) if a[-1] == 8

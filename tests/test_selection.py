@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from adapterbench.cli import app
-from adapterbench.data import heldout_size, heldout_split
-from adapterbench.runs import load_tensors
+from adapterbench.recipe.splits import heldout_size, heldout_split
+from adapterbench.fileio import load_tensors
 
 runner = CliRunner()
 
@@ -141,7 +141,7 @@ def test_lr_sweep_decides_on_held_out_then_the_reported_seeds_run(tmp_path, task
     seeds wait (a dry run says so); `run` trains the sweep, chooses the rate with the best mean
     held-out score, plans the row's seeds at that rate (and a fusion over the chosen adapters),
     and trains them in the same command."""
-    from adapterbench import study as S
+    from adapterbench.study import plan as S
     y = sweep_study(tmp_path, task_yamls, data_dir)
     dry = runner.invoke(app, ["run", str(y), "--dry-run"])
     assert dry.exit_code == 0, dry.output
@@ -174,7 +174,7 @@ def test_a_sweep_seed_that_is_reported_is_refused(tmp_path, task_yamls, data_dir
 def test_a_row_is_estimated_from_its_lr_sweep_runs(tmp_path):
     """Before any reported run finishes, a row's run-hours come from its sweep's runs of the same
     task (and the other way round); a task no run of the row has finished stays unknown."""
-    from adapterbench import progress as P
+    from adapterbench.study import status as P
     row = lambda label, task, state, seconds=None: {"label": label, "stage": "extract", "task": task,  # noqa: E731
                                                     "state": state, "seconds": seconds, "folder": tmp_path / "x"}
     rows = [row("full lr=2e-05", "rte", "archived", 100.0), row("full lr=5e-05", "rte", "archived", 300.0),

@@ -59,10 +59,10 @@ def test_committed_archive_is_the_shipped_study(tmp_path):
     import json
     from pathlib import Path
 
-    from adapterbench import study as S
+    from adapterbench.study import plan as S
     from adapterbench.config import config_hash, to_dict
-    from adapterbench.runs import relative_to
-    from adapterbench.stages import resolve
+    from adapterbench.records import relative_to
+    from adapterbench.recipe.stages import resolve
 
     archive = Path(__file__).parent.parent / "docs" / "results" / "runs.jsonl"
     records = [json.loads(line) for line in archive.read_text().splitlines()]
@@ -92,7 +92,7 @@ def test_committed_results_document_is_the_regenerated_one(tmp_path, monkeypatch
     """docs/results.md is what the README's command makes from the committed archive (so no
     number in it was edited by hand, and a change to the statistics regenerates it)."""
     import os
-    from adapterbench.claims import write_claims_report
+    from adapterbench.results.document import write_claims_report
     if not os.environ.get("ADAPTERBENCH_DATA_DIR"):
         pytest.skip("needs the data folder (the majority-class rows)")
     root = Path(__file__).parent.parent

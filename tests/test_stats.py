@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats as S
 
-from adapterbench import stats
+from adapterbench.results import stats
 
 
 def test_one_task_equals_the_paired_t_test():

@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from adapterbench import locks as L
-from adapterbench import progress as P
-from adapterbench import resume as R
-from adapterbench import study as S
+from adapterbench.study import locks as L
+from adapterbench.study import status as P
+from adapterbench.study import archived as R
+from adapterbench.study import plan as S
+from adapterbench.study.execute import execute
 from adapterbench.errors import UserError
 from adapterbench.cli import app
-from adapterbench.report import build_report, paired_p, render, Cell
+from adapterbench.results.report import build_report, paired_p, Cell
+from adapterbench.results.render import render
 
 runner = CliRunner()
 
@@ -132,7 +134,7 @@ def test_only_runs_the_named_rows_and_what_they_need(tmp_path, task_yamls, data_
     labels = sorted(json.loads(p.read_text())["label"] for p in (tmp_path / "runs").glob("**/metrics.json"))
     assert labels == ["fusion", "pfeiffer", "pfeiffer"]
     # a study's fusion run writes its attention, and the archive carries it per source and layer
-    from adapterbench.runs import archive_record
+    from adapterbench.records import archive_record
     fus = next(p.parent for p in (tmp_path / "runs").glob("fuse/**/metrics.json"))
     attention = archive_record(fus)["fusion_attention"]
     assert sorted(attention) == ["toy", "toyreg"] and len(attention["toy"]) == 2     # two layers
@@ -367,7 +369,7 @@ def test_a_moved_study_folder_keeps_its_fusion_and_merge_runs(tmp_path, task_yam
     the study folder: moved, or planned from another directory, the study finds every run done;
     folders that earlier versions named by full paths are still found where they were."""
     from adapterbench.config import config_hash
-    from adapterbench.stages import resolve, run_identity, tasks_of
+    from adapterbench.recipe.stages import resolve, run_identity, tasks_of
     y = write_merge_fusion_study(tmp_path, task_yamls, data_dir, "mv")
     (tmp_path / "a").mkdir()
     monkeypatch.chdir(tmp_path / "a")
@@ -699,7 +701,7 @@ def test_entry_seeds_extend_the_study_seeds(tmp_path, task_yamls, data_dir):
 def test_majority_baseline_row_from_the_tasks_data(tmp_path, monkeypatch, task_yamls, data_dir):
     """The report prints each task's majority-class baseline (train's most frequent label, or
     its mean for regression, predicted for every dev example) as a row."""
-    from adapterbench.report import majority_baseline
+    from adapterbench.results.report import majority_baseline
     monkeypatch.setenv("ADAPTERBENCH_DATA_DIR", str(data_dir))
     value, name = majority_baseline(str(task_yamls["toy"]), None)
     assert name == "accuracy" and value == 50.0                      # TOY dev: 8 neg, 8 pos
@@ -823,7 +825,7 @@ def test_submitit_local_launcher_runs_the_same_workers(tmp_path, task_yamls, dat
 def test_archive_finds_a_merge_record_from_another_folder(tmp_path, monkeypatch):
     """A study's relative init_from (runs/<study>/merge/...) is relative to where it ran; archiving
     from elsewhere still finds the merge's record (by looking up from the run folder)."""
-    from adapterbench.runs import archive_record
+    from adapterbench.records import archive_record
     base = tmp_path / "studies"
     run = base / "runs" / "s" / "extract" / "pfeiffer" / "rte" / "minilm-l6-s1-abc"
     merged = base / "runs" / "s" / "merge" / "m1"
@@ -905,7 +907,7 @@ def test_no_wait_leaves_runs_held_by_another_worker_to_it(tmp_path, task_yamls, 
         L.lock_path(held).write_text(json.dumps({**L.lock_record(), "pid": other.pid}))
         assert S.state(held) == "running"
         t0 = time.time()
-        res = S.execute(st, nodes, poll=30.0, wait_for_others=False)
+        res = execute(st, nodes, poll=30.0, wait_for_others=False)
         assert time.time() - t0 < 25     # returned without one 30-second poll
         assert sorted(res["left"]) == sorted([held.index, fusion.index])
         assert len(res["ran"]) == len(nodes) - 2 and not res["failed"]

@@ -168,7 +168,7 @@ def test_mlflow_file_store_is_one_line(tiny_bert_dir, task_yamls, data_dir, tmp_
 
 
 def test_a_study_files_its_runs_under_its_name(tmp_path, task_yamls, data_dir):
-    from adapterbench import study as S
+    from adapterbench.study import plan as S
     from .test_study import write_study
     nodes = S.plan(S.load_study(write_study(tmp_path, task_yamls, data_dir)))
     assert {n.config["train"]["tracker_project"] for n in nodes} == {"t"}
@@ -178,7 +178,7 @@ def test_accelerate_precision_setting_cannot_change_a_run(tiny_bert_dir, task_ya
     """ACCELERATE_MIXED_PRECISION=bf16 (accelerate launch --mixed_precision bf16, or a saved
     accelerate config) beside train.precision=fp32: one warning line, and the weights are the
     fp32 run's, bit for bit."""
-    from adapterbench.runs import load_tensors
+    from adapterbench.fileio import load_tensors
     base = ["extract", "--task", str(task_yamls["toy"]), "--model", str(tiny_bert_dir), "--data-dir", str(data_dir),
             "train.epochs=1", "train.precision=fp32", "train.log_with=[none]"]
     assert runner.invoke(app, [*base, "--out", str(tmp_path / "a")]).exit_code == 0

@@ -26,7 +26,7 @@ def test_tune_finishes_resumes_and_writes_the_best_config(tiny_bert_dir, task_ya
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "3 trials done" in r.output and (out / "optuna.journal").is_file()
-    study = optuna.load_study(study_name="tune", storage=__import__("adapterbench.tune", fromlist=["x"]).storage(out))
+    study = optuna.load_study(study_name="tune", storage=__import__("adapterbench.study.tune", fromlist=["x"]).storage(out))
     done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(done) == 3
     runs = {t.user_attrs["run"] for t in done if "run" in t.user_attrs}
@@ -45,7 +45,7 @@ def test_tune_finishes_resumes_and_writes_the_best_config(tiny_bert_dir, task_ya
     # the same command again: nothing new
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and "3 trials done" in r.output
-    assert len(optuna.load_study(study_name="tune", storage=__import__("adapterbench.tune", fromlist=["x"]).storage(out)).trials) == 3
+    assert len(optuna.load_study(study_name="tune", storage=__import__("adapterbench.study.tune", fromlist=["x"]).storage(out)).trials) == 3
     # the best config trains as it is
     r = runner.invoke(app, ["extract", "--config", str(out / "best.yaml"), "--model", str(tiny_bert_dir),
                             "--data-dir", str(data_dir), "--out", str(tmp_path / "again"), "train.max_steps=1"])
@@ -79,7 +79,7 @@ def test_tune_refuses_dev_selection(tiny_bert_dir, task_yamls, data_dir, tmp_pat
 def check_shared_journal(out, trials: int):
     """Every trial ran once: as many finished trials as asked, each with its own run folder and
     values, and no run folder trained by two trials."""
-    from adapterbench.tune import storage
+    from adapterbench.study.tune import storage
     study = optuna.load_study(study_name="tune", storage=storage(out))
     done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(done) >= trials

@@ -46,7 +46,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path, task_yamls, data
     out = run([str(venv / "bin" / "adapterbench"), "extract", "--task", str(task_yamls["toy"]), "--model", "tiny-bert",
                "--data-dir", str(data_dir), "--out", str(away / "runs"), "train.max_steps=2"], cwd=away, env=env)
     assert (next((away / "runs").glob("extract/pfeiffer/toy/*")) / "metrics.json").is_file()
-    assert (target / "adapterbench" / "peer" / "bench_peer.py").is_file()        # bench --peer works installed
+    assert (target / "adapterbench" / "interop" / "peer_bench.py").is_file()        # bench --peer works installed
 
 
 def test_installed_script_survives_sigusr1_outside_training(tmp_path, task_yamls, data_dir):
@@ -58,7 +58,7 @@ def test_installed_script_survives_sigusr1_outside_training(tmp_path, task_yamls
     import signal
     import socket
     import time
-    from adapterbench import study as S
+    from adapterbench.study import plan as S
     y = tmp_path / "study.yaml"
     y.write_text(f"name: w\ntasks: [{task_yamls['toy']}]\nseeds: [1]\nmodels: [tiny-bert]\nout_dir: {tmp_path / 'runs'}\n"
                  f"defaults: {{data: {{data_dir: {data_dir}}}, train: {{max_steps: 1, log_with: [none]}}}}\n"

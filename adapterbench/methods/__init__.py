@@ -26,10 +26,20 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from ..config import build
-from ..errors import UserError
-from . import camtl, full, fusion, head, houlsby, lora, mta, mtl, pfeiffer
-from .contract import FEATURES, Artifact, Method  # noqa: F401  (the contract, re-exported)
+from adapterbench.config import build
+from adapterbench.errors import UserError
+from adapterbench.methods import (
+    camtl,
+    full,
+    fusion,
+    head,
+    houlsby,
+    lora,
+    mta,
+    mtl,
+    pfeiffer,
+)
+from adapterbench.methods.contract import FEATURES, Artifact, Method  # noqa: F401  (the contract, re-exported)
 
 METHODS: dict[str, ModuleType] = {
     "houlsby": houlsby,
@@ -46,7 +56,7 @@ METHODS: dict[str, ModuleType] = {
 
 def get_method(name: str) -> Any:
     """A registered method: shipped, a plug-in named on the command line, or an installed entry point."""
-    from . import plugins
+    from adapterbench.methods import plugins
     if name not in METHODS:
         plugins.load_entry_points(METHODS)
     if name not in METHODS:
@@ -61,7 +71,7 @@ def get_method(name: str) -> Any:
 
 def register_plugin(spec: str) -> str:
     """Load a user's method module (a .py file or an importable module) named on the command line."""
-    from . import plugins
+    from adapterbench.methods import plugins
     return plugins.register(spec, METHODS)
 
 

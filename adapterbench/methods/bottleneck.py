@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..models import arch_of, bert_init, get_sub, set_sub
+from adapterbench.errors import UserError
+from adapterbench.models import arch_of, bert_init, get_sub, set_sub
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU,
                "tanh": nn.Tanh, "leakyrelu": nn.LeakyReLU, "identity": nn.Identity}

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..models import arch_of, bert_init, get_sub, set_sub
-from .bottleneck import NormSite
-from .contract import Artifact
-from .full import load_state, trainable_state  # noqa: F401  (the whole encoder is saved)
-from .mtl import frozen_layers
+from adapterbench.errors import UserError
+from adapterbench.methods.bottleneck import NormSite
+from adapterbench.methods.contract import Artifact
+from adapterbench.methods.full import load_state, trainable_state  # noqa: F401  (the whole encoder is saved)
+from adapterbench.methods.mtl import frozen_layers
+from adapterbench.models import arch_of, bert_init, get_sub, set_sub
 
 KIND = "multitask"
 STAGE = "multitask"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from adapterbench.errors import UserError
 
 VOCAB = 40
 
@@ -41,8 +41,8 @@ def batch(seed: int = 0, n: int = 3, length: int = 7) -> dict:
 
 def _sources(mod_names=("s0", "s1")):
     """Two random Pfeiffer adapters, for a method that fuses sources."""
-    from ..artifacts import Source
-    from . import get_method, method_config
+    from adapterbench.methods import get_method, method_config
+    from adapterbench.recipe.artifacts import Source
     pf, cfg = get_method("pfeiffer"), method_config({"name": "pfeiffer"})
     out = []
     for i, name in enumerate(mod_names):
@@ -57,8 +57,8 @@ def _sources(mod_names=("s0", "s1")):
 
 def build(mod, name: str, seed: int = 0, **settings):
     """(TaskModel, cfg, task names) as a run builds it, on the tiny encoder."""
-    from ..config import build as build_config
-    from ..models import ClassificationHead, HeadConfig, TaskModel
+    from adapterbench.config import build as build_config
+    from adapterbench.models import ClassificationHead, HeadConfig, TaskModel
     cfg = build_config(mod.Config, {"name": name, **settings}, where="method")
     names = ["t0", "t1"] if mod.STAGE == "multitask" else ["t0"]
     enc = tiny_encoder()
@@ -130,11 +130,11 @@ class _Crash(Exception):
 
 
 def check_resume(mod, name: str) -> str:
-    from ..config import TrainConfig
-    from ..data import Collator
-    from ..sampling import Shuffled, TaskMixture
-    from ..tasks import TaskSpec
-    from ..train import train
+    from adapterbench.config import TrainConfig
+    from adapterbench.data import Collator
+    from adapterbench.recipe.sampling import Shuffled, TaskMixture
+    from adapterbench.recipe.train import train
+    from adapterbench.tasks import TaskSpec
     g = torch.Generator().manual_seed(0)
     items = [[{"input_ids": torch.randint(5, VOCAB, (int(torch.randint(3, 9, (1,), generator=g)),),
                                           generator=g).tolist(), "labels": float(j % 3), "task_id": t, "uid": j}
@@ -175,7 +175,7 @@ CHECKS = (("identity at init", check_identity), ("trainable", check_trainable), 
 
 def run_checks(mod, name: str, shipped: bool = False) -> list[str]:
     """Every failed check, one phrase each (empty: all passed)."""
-    from .plugins import contract_problems
+    from adapterbench.methods.plugins import contract_problems
     problems = [p for p in contract_problems(mod) if not (shipped and p.startswith("STAGE must be"))]
     if problems:
         return [f"members: {p}" for p in problems]     # the other checks need the members

@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass
 
-from ..errors import UserError
-from .contract import Artifact
+from adapterbench.errors import UserError
+from adapterbench.methods.contract import Artifact
 
 KIND = "model"
 STAGE = "finetune"

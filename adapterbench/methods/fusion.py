@@ -24,10 +24,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..models import bert_init
-from .bottleneck import BottleneckAdapter, _Site, add_adapter, load_adapter_state
-from .contract import Artifact
+from adapterbench.errors import UserError
+from adapterbench.methods.bottleneck import (
+    BottleneckAdapter,
+    _Site,
+    add_adapter,
+    load_adapter_state,
+)
+from adapterbench.methods.contract import Artifact
+from adapterbench.models import bert_init
 
 KIND = "fusion"
 STAGE = "fuse"
@@ -181,7 +186,7 @@ def use_source_encoder(encoder, cfg: Config, trained_on: str, source: str) -> No
         raise UserError(f"fusion source {source} was trained on the encoder in {trained_on}, not on "
                         f"{used}: set method.encoder={trained_on} (or --model {trained_on})")
     if cfg.encoder:
-        from ..models import load_encoder_weights
+        from adapterbench.models import load_encoder_weights
         load_encoder_weights(encoder, cfg.encoder)
 
 

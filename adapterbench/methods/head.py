@@ -3,7 +3,7 @@ column of the AdapterFusion table, Pfeiffer et al. 2021, Table 1)."""
 
 from dataclasses import dataclass
 
-from .contract import Artifact
+from adapterbench.methods.contract import Artifact
 
 KIND = "head"
 STAGE = "extract"

@@ -6,8 +6,8 @@ The activation follows AdapterHub's "houlsby" preset (swish); the paper leaves i
 
 from dataclasses import dataclass
 
-from .bottleneck import preset_functions
-from .contract import Artifact
+from adapterbench.methods.bottleneck import preset_functions
+from adapterbench.methods.contract import Artifact
 
 KIND = "adapter"
 STAGE = "extract"

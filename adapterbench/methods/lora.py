@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..models import arch_of, get_sub, set_sub
-from .contract import Artifact
+from adapterbench.errors import UserError
+from adapterbench.methods.contract import Artifact
+from adapterbench.models import arch_of, get_sub, set_sub
 
 KIND = "lora"
 STAGE = "extract"

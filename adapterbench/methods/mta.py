@@ -4,10 +4,10 @@ its own task's adapter. The adapters can then be fused ("Fusion w/ MT-A")."""
 
 from dataclasses import asdict, dataclass
 
-from ..errors import UserError
-from .bottleneck import BottleneckConfig, _Site, add_adapter
-from .contract import Artifact
-from .full import load_state, trainable_state  # noqa: F401  (the whole encoder is saved)
+from adapterbench.errors import UserError
+from adapterbench.methods.bottleneck import BottleneckConfig, _Site, add_adapter
+from adapterbench.methods.contract import Artifact
+from adapterbench.methods.full import load_state, trainable_state  # noqa: F401  (the whole encoder is saved)
 
 KIND = "multitask"
 STAGE = "multitask"
@@ -57,11 +57,11 @@ def finalize(out, encoder, tokenizer, cfg, tasks) -> None:
 
     from transformers import AutoModel
 
-    from .. import __version__
-    from ..models import resolve_model_path
-    from ..runs import save_tensors, write_json
-    from .bottleneck import adapter_state
-    from .pfeiffer import Config as PfeifferConfig
+    from adapterbench import __version__
+    from adapterbench.fileio import save_tensors, write_json
+    from adapterbench.methods.bottleneck import adapter_state
+    from adapterbench.methods.pfeiffer import Config as PfeifferConfig
+    from adapterbench.models import resolve_model_path
     base_dir = out / "base_model"
     plain = {k.replace(".base.", "."): v for k, v in encoder.state_dict().items() if ".adapters." not in k}
     fresh = AutoModel.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)

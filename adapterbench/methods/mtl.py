@@ -3,10 +3,10 @@ task (the multi-task row of the AdapterFusion comparison)."""
 
 from dataclasses import dataclass
 
-from ..errors import UserError
-from ..models import arch_of, get_sub
-from .contract import Artifact
-from .full import load_state, trainable_state  # noqa: F401  (the whole encoder is saved)
+from adapterbench.errors import UserError
+from adapterbench.methods.contract import Artifact
+from adapterbench.methods.full import load_state, trainable_state  # noqa: F401  (the whole encoder is saved)
+from adapterbench.models import arch_of, get_sub
 
 KIND = "multitask"
 STAGE = "multitask"

@@ -5,8 +5,8 @@ ReLU, reduction factor 16. Trained: the adapter and the head; the encoder stays 
 
 from dataclasses import dataclass
 
-from .bottleneck import preset_functions
-from .contract import Artifact
+from adapterbench.methods.bottleneck import preset_functions
+from adapterbench.methods.contract import Artifact
 
 KIND = "adapter"
 STAGE = "extract"

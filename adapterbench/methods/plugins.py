@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from ..errors import UserError
-from .contract import FEATURES, Artifact
+from adapterbench.errors import UserError
+from adapterbench.methods.contract import FEATURES, Artifact
 
 GROUP = "adapterbench.methods"
 ENV = "ADAPTERBENCH_PLUGINS"
@@ -95,7 +95,7 @@ def register(spec: str, registry: dict) -> str:
         raise UserError(f"method module {source} breaks the method contract: {'; '.join(problems)} "
                         f"(see adapterbench/methods/contract.py and docs/methods.md)")
     registry[name] = module
-    from ..runs import file_sha256
+    from adapterbench.fileio import file_sha256
     digest = file_sha256(Path(source)) if Path(source).is_file() else None
     _ORIGINS[name] = {"source": source, "sha256": digest}
     carried = [p for p in os.environ.get(ENV, "").split(os.pathsep) if p]

@@ -1,0 +1,150 @@
+"""File I/O every wing shares: atomic writes that follow the umask (a file is complete or
+absent), JSON, safetensors, sha256 of a file, output folders staged and moved into place."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from adapterbench.errors import UserError
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write to a temp file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _disk_error(e, path) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600: files a colleague reads follow the umask
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _disk_error(e, path) from None
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _disk_error(e: OSError, path: Path) -> Exception:
+    """Disk full / quota / read-only: one line; the previous version of the file is untouched."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        return UserError(f"cannot write {path} ({os.strerror(e.errno)}): free space or fix permissions and "
+                         f"rerun; files written before are intact")
+    return e
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's content, read in 1 MiB blocks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist: is this a run folder?") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}): the file is corrupted") from None
+
+
+def save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.torch import save
+    blob = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write(path, blob)
+
+
+def load_tensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not Path(path).is_file():
+        raise UserError(f"weights file {path} is missing: the run did not finish or the folder was changed")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"weights file {path} is corrupted ({str(e)[:100]}): rerun the stage") from None
+
+
+def prepare_out(out: Path, force: bool = False, create: bool = True) -> Path:
+    """An output folder for export/import/merge: created if absent; a folder that already holds
+    files is refused (one line naming it) unless `force`, which replaces only the files written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        shown = ", ".join(sorted(p.name for p in out.iterdir())[:3])
+        raise UserError(f"{out} is not empty ({shown}...): choose a new --out, or pass --force to overwrite "
+                        f"the files this command writes there (others are kept)")
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def staged(fn):
+    """Decorator for commands that write an output folder (`out` and `force` arguments): the
+    folder is written as a hidden temporary sibling and moved into place only when the command
+    completes, so a failure (a bad file, a full disk) leaves no folder that looks finished and
+    the rerun the error recommends is not refused. A non-empty `out` is refused unless `force`."""
+    import functools
+    import inspect
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        out = prepare_out(Path(bound.arguments["out"]), bound.arguments.get("force", False), create=False)
+        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        bound.arguments["out"] = tmp
+        try:
+            fn(*bound.args, **bound.kwargs)
+            if not out.exists():
+                os.rename(tmp, out)          # complete: into place in one step
+                return out
+            for item in tmp.iterdir():
+                if (out / item.name).is_dir():
+                    shutil.rmtree(out / item.name)
+                os.replace(item, out / item.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    return wrapper
+
+
+def slug(text: str) -> str:
+    base = Path(text.rstrip("/")).name or text
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or "model"
+
+
+def is_main_process() -> bool:
+    """False in the non-zero ranks of `accelerate launch` / `torchrun`: they train, rank 0 writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+

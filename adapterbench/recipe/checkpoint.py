@@ -1,0 +1,165 @@
+"""Checkpoints of the training loop: where it is (`TrainResult`), the trainable weights, the
+optimizer, scheduler, RNG and batch-source state, written on a schedule or when SIGUSR1/SIGTERM
+asks (`CheckpointRequests`), and restored so a resumed run ends where an unbroken one would."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adapterbench.errors import UserError
+
+
+@dataclass
+class TrainResult:
+    """Where the loop is (a checkpoint stores this) and what it found."""
+    epoch: int = 0                 # current epoch
+    steps: int = 0
+    train_seconds: float = 0.0
+    train_samples: int = 0
+    history: list = field(default_factory=list)   # [{"epoch", "main", "dev": {task: metrics}}]
+    best_value: float | None = None
+    best_epoch: int = -1
+    best_metrics: dict = field(default_factory=dict)   # {task: dev metrics} of the epoch selection chose
+    best_heldout: dict = field(default_factory=dict)   # {task: held-out metrics} of that epoch
+    predictions: list = field(default_factory=list)    # per scored epoch: {"epoch", split: {task: [per example]}}
+    stale: int = 0                 # scorings since the best one
+    machine_seconds: dict = field(default_factory=dict)   # train_seconds per machine (`runs.machine_name`)
+
+    def __post_init__(self):
+        if self.train_seconds and not self.machine_seconds:   # a checkpoint from before machines were recorded
+            self.machine_seconds = {"not recorded": self.train_seconds}
+
+    def clock(self, seconds: float, machine: str) -> None:
+        """Count training time, and which machine spent it (a run resumed elsewhere has two)."""
+        self.train_seconds += seconds
+        self.machine_seconds[machine] = self.machine_seconds.get(machine, 0.0) + seconds
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.train_samples / self.train_seconds if self.train_seconds else 0.0
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM stopped training at a step boundary, after a checkpoint: the run is interrupted
+    (resumable), not failed."""
+
+    @classmethod
+    def after(cls, where: str, checkpointed: bool) -> "Stopped":
+        return cls(f"SIGTERM: stopped after {where}" + (", checkpointed; the same command resumes"
+                                                         if checkpointed else ""))
+
+
+class CheckpointRequests:
+    """When the loop owes a mid-epoch checkpoint: every `every` steps, every `minutes` minutes
+    since the last checkpoint, or once after SIGUSR1; and whether SIGTERM asked it to stop
+    (`stopping`: checkpoint at the next step boundary, then stop; a second SIGTERM ends the
+    process at once). Signals are caught while the loop runs, in the main thread; SIGTERM only
+    in a one-process run (`catch_term`: ranks that stop one by one would leave the others
+    waiting in a collective) and only when nothing else handles it (submitit, for one, does).
+    The previous handlers come back afterwards. `due(step)` says why a checkpoint is owed, or ''."""
+
+    def __init__(self, every: int = 0, minutes: float = 0.0, catch_term: bool = True):
+        self.every, self.minutes, self.catch_term = every, minutes, catch_term
+        self.last = time.monotonic()
+        self.signalled = self.stopping = False
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            if hasattr(signal, "SIGUSR1"):
+                self.previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._ask)
+            if self.catch_term and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._stop)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _ask(self, signum, frame):
+        self.signalled = True
+
+    def _stop(self, signum, frame):
+        self.stopping = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def due(self, step: int) -> str:
+        return ("SIGTERM" if self.stopping else "SIGUSR1" if self.signalled else
+                f"every {self.every} steps" if self.every and step % self.every == 0 else
+                f"every {self.minutes:g} min" if self.minutes and time.monotonic() - self.last >= 60 * self.minutes
+                else "")
+
+    def reset(self) -> None:
+        """A checkpoint was written (mid-epoch or at an epoch's end): count from now."""
+        self.signalled, self.last = False, time.monotonic()
+
+
+def trainable_snapshot(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def restore(model, state: dict | None) -> None:
+    if not state:
+        return
+    params = dict(model.named_parameters())
+    for n, v in state.items():
+        params[n].copy_(v)
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+# <run>/checkpoint/step-N-eE/ holds weights.safetensors (trainable weights), best.safetensors,
+# optim.pt (optimizer, scheduler, RNG state, the batch source's position) and state.json;
+# latest.json names the newest complete one and is written last, atomically, so a kill at any
+# moment leaves a usable one.
+
+def save_checkpoint(root: Path, accelerator, model, optimizer, scheduler, state: dict, best_state,
+                    extra: dict | None = None) -> None:
+    """Write a complete checkpoint (rank 0), then point latest.json at it."""
+    from adapterbench.fileio import atomic_write, save_tensors, write_json
+    if not accelerator.is_main_process:
+        return
+    name = f"step-{state['steps']}-e{state['epoch']}"
+    folder = root / name
+    save_tensors(folder / "weights.safetensors", trainable_snapshot(model))
+    if best_state:
+        save_tensors(folder / "best.safetensors", best_state)
+    buf = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), **(extra or {})}, buf)
+    atomic_write(folder / "optim.pt", buf.getvalue())
+    write_json(folder / "state.json", state)
+    write_json(root / "latest.json", {"checkpoint": name})
+    for old in root.iterdir():
+        if old.is_dir() and old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(root: Path, model, optimizer, scheduler):
+    """Restore weights, optimizer, scheduler and torch RNG; returns (state, best state, extra)."""
+    from adapterbench.fileio import load_tensors
+    folder = root / json.loads((root / "latest.json").read_text())["checkpoint"]
+    restore(model, load_tensors(folder / "weights.safetensors"))
+    best = load_tensors(folder / "best.safetensors") if (folder / "best.safetensors").is_file() else None
+    try:
+        extra = torch.load(folder / "optim.pt", weights_only=True)
+        state = json.loads((folder / "state.json").read_text())
+        state = {k: v for k, v in state.items() if k in TrainResult.__dataclass_fields__}
+    except Exception as e:
+        raise UserError(f"checkpoint {folder} is unreadable ({type(e).__name__}): delete {root} to start over") from None
+    if "source" not in extra:
+        raise UserError(f"checkpoint {folder} was written by an older adapterbench: delete {root} to start over")
+    optimizer.load_state_dict(extra.pop("optimizer"))
+    scheduler.load_state_dict(extra.pop("scheduler"))
+    torch.set_rng_state(extra.pop("torch_rng"))
+    return state, best, extra

@@ -1,0 +1,196 @@
+"""Run folders: `runs/<stage>/<method>/<task>/<model>-s<seed>-<hash>/`, self-describing.
+
+config.yaml (resolved), task.yaml (the task spec used), env.json, log.jsonl, the weights
+folder, and metrics.json whose `status` is `running`, `ok` or `failed`. Every file is
+written atomically (temp file + rename), so a file is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from adapterbench.config import config_hash
+from adapterbench.errors import UserError
+from adapterbench.fileio import (
+    _disk_error,
+    atomic_write,
+    is_main_process,
+    slug,
+    write_json,
+)
+from adapterbench.records import status_of
+
+
+def run_path(out_dir: str, stage: str, method: str, task: str, model: str, seed: int, h: str) -> Path:
+    return Path(out_dir) / stage / method / slug(task) / f"{slug(model)}-s{seed}-{h}"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what the platform says), or 'CPU'."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() or "CPU"
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+def machine_name(device) -> str:
+    """What a run's training time was measured on, in a few words: a GPU's name, or a CPU's
+    model, the instruction set torch uses on it and its torch threads ('AMD EPYC (AVX2, 1
+    thread)'). Times from two machines do not compare; runs record each machine's share of
+    their training time (metrics.json `machine_seconds`), and the report names them."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
+    n = torch.get_num_threads()
+    return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}, {n} thread{'s' if n != 1 else ''})"
+
+
+def environment() -> dict:
+    import torch
+    versions = {}
+    for pkg in ("adapterbench", "torch", "transformers", "datasets", "accelerate", "safetensors",
+                "scikit-learn", "scipy", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
+            "git_commit": git_commit(), "device": device, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(), "machine": machine_name("cuda" if torch.cuda.is_available() else "cpu"),
+            "cpu_count": os.cpu_count(), "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+class Run:
+    """One run folder being written (by the main process only; other ranks get a reader)."""
+
+    def __init__(self, folder: Path, writer: bool = True):
+        self.folder = Path(folder)
+        self.resumed = False
+        self.writer = writer
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.folder / "checkpoint"
+
+    @classmethod
+    def create(cls, folder: Path, resolved: dict, tasks: list, force: bool, identity: dict | None = None) -> "Run":
+        folder = Path(folder)
+        if not is_main_process():
+            run = cls(folder, writer=False)
+            run.resumed = resumable(folder, resolved) and not force
+            return run
+        if folder.exists():
+            if status_of(folder) == "ok" and not force:
+                raise RunExists(folder)
+            if not force and resumable(folder, resolved):
+                run = cls(folder)
+                run.resumed = True
+                write_json(folder / "metrics.json", {"status": "running", "started": time.time(), "resumed": True})
+                return run
+            clear_run_folder(folder)  # a failed attempt without a checkpoint, or --force
+        folder.mkdir(parents=True)
+        run = cls(folder)
+        atomic_write(folder / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        specs = [{k: v for k, v in asdict(t).items() if k != "include"} for t in tasks]
+        if len(specs) == 1:
+            atomic_write(folder / "task.yaml", yaml.safe_dump(specs[0], sort_keys=False))
+        else:   # a multi-task run: one spec per task, in task-id order
+            for i, spec in enumerate(specs):
+                atomic_write(folder / "tasks" / f"{i}.yaml", yaml.safe_dump(spec, sort_keys=False))
+        write_json(folder / "env.json", environment())
+        if identity is not None:
+            write_json(folder / "identity.json", identity)
+        write_json(folder / "metrics.json", {"status": "running", "started": time.time()})
+        return run
+
+    def log(self, record: dict) -> None:
+        if not self.writer:
+            return
+        try:
+            with open(self.folder / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:   # full disk, read-only folder: one line, the run stops
+            raise _disk_error(e, self.folder / "log.jsonl") from None
+
+    def finish(self, metrics: dict) -> None:
+        """Mark the run ok (last, once every other file is complete); drop its checkpoint."""
+        if not self.writer:
+            return
+        write_json(self.folder / "metrics.json", {"status": "ok", **metrics})
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.writer:
+            return
+        # Ctrl-C, or a SLURM worker preempted / out of time (submitit exits after requeueing it):
+        # the run resumes from its checkpoint, it did not fail
+        kind = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
+        try:
+            write_json(self.folder / "metrics.json", {"status": kind, "error": f"{type(error).__name__}: {error}"})
+        except (UserError, OSError):
+            pass  # e.g. the disk is full: the status stays `running`, never `ok`
+
+
+# what adapterbench writes into a run folder; a folder holding anything else is not deleted
+RUN_FILES = {"config.yaml", "task.yaml", "tasks", "env.json", "identity.json", "log.jsonl", "metrics.json",
+             "checkpoint", "adapter", "model", "fusion", "multitask", "tracking", "predictions", "attention.csv",
+             "attention.png", "eval_dev.json", "eval_test.json", "epoch_predictions.json",
+             "wandb"}
+
+
+def clear_run_folder(folder: Path) -> None:
+    """Remove an unfinished or failed run folder before training it again, only when it holds
+    nothing but what adapterbench writes; otherwise one line naming what is in the way."""
+    foreign = sorted(p.name for p in Path(folder).iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+    if foreign:
+        raise UserError(f"{folder} holds files adapterbench did not write ({', '.join(foreign[:3])}): move them "
+                        f"out or choose another --out; the folder is left as it is")
+    shutil.rmtree(folder)
+
+
+def resumable(folder: Path, resolved: dict) -> bool:
+    """An unfinished run with a complete checkpoint whose config computes the same run: the same
+    config hash, so keys that never change a result (checkpoint_every/_minutes, log_with) may
+    differ and keys added since it started may be missing (its config.yaml stays as written)."""
+    if not (folder / "checkpoint" / "latest.json").is_file():
+        return False
+    try:
+        stored = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(stored, dict) and config_hash(stored) == config_hash(resolved)
+
+
+class RunExists(Exception):
+    def __init__(self, folder: Path):
+        super().__init__(str(folder))
+        self.folder = folder
+
+

@@ -1,0 +1,290 @@
+"""Records read back from run folders and archives: a finished run's metrics.json as one
+archive line (`archive_record`, `write_archive`), an unfinished run's progress from its log
+(`unfinished_record`), per-task results of any metrics.json. `results/` and `study/` read runs
+only through here."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from adapterbench.config import load_yaml
+from adapterbench.errors import UserError
+from adapterbench.fileio import atomic_write, read_json
+
+
+def status_of(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "metrics.json").read_text()).get("status")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def task_results(metrics: dict) -> dict:
+    """{task: {"dev", "main_metric", "main_value"}} of any run's metrics.json, also of folders
+    written before every run had per-task metrics (single-task `metrics.dev`)."""
+    if "tasks" in metrics:
+        return metrics["tasks"]
+    dev = metrics.get("metrics", {}).get("dev", {})
+    return {metrics.get("task", "task"): {"dev": dev, "main_metric": metrics.get("main_metric"),
+                                          "main_value": metrics.get("main_value")}}
+
+
+def iter_runs(root: Path):
+    """Every run folder (one holding metrics.json) under `root`."""
+    for m in sorted(Path(root).glob("**/metrics.json")):
+        yield m.parent
+
+
+def archive_record(folder: Path) -> dict | None:
+    """One line of a results archive: a finished run's metrics.json (label, task, model, seed,
+    per-task dev metrics, history, best epoch, timing, parameters, method extras), its folder's
+    config hash and resolved config, for a run that started from a merged adapter the
+    merge's record (sources, relative change, units moved), and for a fusion run that wrote
+    attention.csv its attention per source and layer."""
+    try:
+        m = json.loads((folder / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(m, dict) or m.get("status") != "ok" or m.get("main_value") is None:
+        return None
+    try:   # a folder without a readable config.yaml still reports its scores
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        config = None
+    config = config if isinstance(config, dict) else {}
+    out = {"run": folder.name, "config_hash": folder.name.rsplit("-", 1)[-1], **m, "config": config}
+    merged = find_from(config["init_from"], folder) if config.get("init_from") else None
+    if merged is not None and (merged / "adapter_config.json").is_file():
+        out["merge"] = json.loads((merged / "adapter_config.json").read_text()).get("merge")
+    attention = fusion_attention(folder / "attention.csv")
+    if attention:
+        out["fusion_attention"] = attention
+    try:   # every scored epoch's per-example predictions (runs since the held-out protocol)
+        out["predictions"] = json.loads((folder / "epoch_predictions.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    return out
+
+
+def fusion_attention(path: Path) -> dict | None:
+    """A fusion run's attention.csv (a row per layer, a column per source adapter: the dev-set
+    mean of each source's softmax weight) as {source: [weight per layer]}; None without one."""
+    try:
+        rows = list(csv.reader(path.read_text().splitlines()))
+    except OSError:
+        return None
+    if len(rows) < 2 or rows[0][:1] != ["layer"]:
+        return None
+    return {name: [float(r[j]) for r in rows[1:]] for j, name in enumerate(rows[0]) if j > 0}
+
+
+def find_from(path: str | Path, folder: Path) -> Path | None:
+    """A folder a run's config names: absolute, from here, or (a relative path is relative to
+    where the study ran, which need not be here) from a folder above the run `folder`."""
+    return next((base / path for base in (Path.cwd(), *Path(folder).resolve().parents)
+                 if (base / path).is_dir()), None)
+
+
+def relative_to(value, bases: tuple[Path, ...]):
+    """`value` (a record: dicts, lists, strings) with every absolute path inside one of `bases`
+    written relative to it, so that an archive names no machine's folders; `find_from` still
+    finds them from any run folder below the base."""
+    if isinstance(value, dict):
+        return {k: relative_to(v, bases) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relative_to(v, bases) for v in value]
+    if isinstance(value, str):
+        base = next((str(b) for b in bases if value.startswith(f"{b}{os.sep}")), None)
+        return value[len(base) + 1:] if base else value
+    return value
+
+
+def write_archive(root: Path, out: Path, replace: bool = False) -> tuple[int, int]:
+    """Every finished run under `root` as one JSON line each, in a stable order. An existing
+    archive at `out` is updated, not overwritten: its lines for runs `root` does not hold (a
+    study folder that was lost or moved, runs archived from another machine) are kept, and a run
+    in both is written from `root`. `replace` writes `root`'s runs alone. Returns (runs from
+    `root`, lines kept). Paths inside the study are written relative to the folder above `root`
+    ('reproduce_full/...')."""
+    bases = (Path(root).absolute().parent, Path(root).resolve().parent)   # as configs wrote it, or resolved
+    folders = list(iter_runs(root))
+    if not folders:
+        raise UserError(f"no run folder under {root} (none holds a metrics.json): pass the folder a study "
+                        f"or stage wrote, e.g. runs/<study>")
+    fresh = {archive_key(r): json.dumps(relative_to(r, bases), sort_keys=True, default=str)
+             for r in map(archive_record, folders) if r}
+    if replace and not fresh and Path(out).is_file() and Path(out).read_text().strip():
+        raise UserError(f"--replace would empty {out}: {root} has no finished run yet; leave out --replace, "
+                        f"or pass the folder whose runs should replace the archive's")
+    kept = {} if replace else {k: line for k, line in read_archive_lines(out).items() if k not in fresh}
+    atomic_write(out, "".join(line + "\n" for line in sorted([*fresh.values(), *kept.values()])))
+    return len(fresh), len(kept)
+
+
+def archive_key(record: dict) -> tuple:
+    """What makes two archive lines the same run: its row label and its folder name (model,
+    seed and config hash)."""
+    return record.get("label") or record.get("method"), record.get("run")
+
+
+def read_archive_lines(path: Path, key=archive_key, fix: str = "pass --replace to write only this folder's runs"
+                       ) -> dict[tuple, str]:
+    """An archive's lines by `key` (`archive_key`; none when the file does not exist yet); a bad
+    line is named, with `fix` as the way out."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    out = {}
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {i}: not valid JSON ({e.msg}): mend or delete that line, or "
+                            f"{fix}") from None
+        if not isinstance(record, dict) or "run" not in record:
+            raise UserError(f"{path} line {i}: not an archive record (no 'run'): is {path} an archive? "
+                            f"Name another file, or {fix}")
+        out[key(record)] = line
+    return out
+
+
+
+
+
+def read_log(folder) -> list[dict]:
+    """A run folder's log.jsonl records (JSON objects), in order; a line being written, or not
+    an object, is skipped; [] without a log."""
+    try:
+        lines = (Path(folder) / "log.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def scored_epochs(records: list[dict]) -> dict[int, dict]:
+    """{epoch: its dev scoring record} from a log's records: the value that picks the best epoch
+    (`main`: the main metric, a multi-task run's mean over its tasks) with every task's metrics.
+    An epoch scored twice (a run resumed from a checkpoint before its scoring) counts its last scoring."""
+    out = {}
+    for rec in records:
+        try:
+            if "dev" in rec and rec.get("main") is not None:
+                out[int(rec["epoch"])] = {"epoch": int(rec["epoch"]), "step": rec.get("step"),
+                                          "main": float(rec["main"]), "dev": rec["dev"]}
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def dev_by_epoch(folder) -> str:
+    """'; dev by epoch: 58.38, 60.12' for a run whose log.jsonl holds dev scorings (`scored_epochs`), else ''."""
+    by_epoch = scored_epochs(read_log(folder))
+    return "; dev by epoch: " + ", ".join(f"{by_epoch[e]['main']:.2f}" for e in sorted(by_epoch)) if by_epoch else ""
+
+
+def unfinished_record(folder: Path) -> dict | None:
+    """What an unfinished run (metrics.json not 'ok': running, interrupted, failed) has shown so
+    far, as one line of `archive --unfinished`, or None (finished, or no step logged yet): its
+    identity (row label, folder name, config hash, model, tasks, seed, and `attempt`: when this
+    folder was created, so a run started again from step 0 is another attempt), its last logged
+    step of steps_total, its last checkpoint's step, the machine of every leg, each scored
+    epoch's dev metrics (`scored_epochs`), each epoch's last step record (loss and, for a
+    multi-task run, each task's share of the epoch's examples so far) and its resolved config.
+    A long run's learning curve outlives its folder this way; it is no result: `report` reads
+    only finished runs."""
+    status = status_of(Path(folder))
+    records = read_log(folder) if status not in (None, "ok") else []
+    steps = [r for r in records if "step" in r and "samples_per_s" in r]
+    if not steps:
+        return None
+    config = _config(folder)
+    last = {}
+    for r in steps:
+        last[int(r.get("epoch", 0))] = {k: r[k] for k in ("epoch", "step", "loss", "sampling_share") if k in r}
+    return {"run": Path(folder).name, "config_hash": Path(folder).name.rsplit("-", 1)[-1], "label": _label(config),
+            "task": config.get("task"), "model": (config.get("model") or {}).get("name"), "seed": config.get("seed"),
+            "status": status, "attempt": _attempt(folder),
+            "snapshot": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": steps[-1]["step"],
+            "steps_total": steps[-1].get("steps_total"), "checkpoint_step": checkpoint_step(folder),
+            "machines": [r["machine"] for r in records if "machine" in r],
+            "history": [v for _, v in sorted(scored_epochs(records).items())],
+            "epochs": [v for _, v in sorted(last.items())], "config": config}
+
+
+def unfinished_key(record: dict) -> tuple:
+    """What makes two lines of an unfinished-runs file the same attempt of a run: its row label,
+    folder name and when its folder was created."""
+    return record.get("label"), record.get("run"), record.get("attempt")
+
+
+def write_unfinished(root: Path, out: Path) -> tuple[int, int, int]:
+    """`archive --unfinished`: every unfinished run under `root` (`unfinished_record`) as one JSON
+    line of `out`, updated as the archive is: lines for attempts `root` does not hold (a study
+    folder that was lost) are kept, an attempt in both is written from `root` (its newer
+    snapshot), and the line of an attempt that has since finished is dropped (its result is in
+    the archive). Paths inside the study are written relative to the folder above `root`.
+    Returns (attempts from `root`, lines kept, lines dropped)."""
+    bases = (Path(root).absolute().parent, Path(root).resolve().parent)
+    fresh, done = {}, set()
+    for folder in iter_runs(root):
+        record = unfinished_record(folder)
+        if record is not None:
+            fresh[unfinished_key(record)] = json.dumps(relative_to(record, bases), sort_keys=True, default=str)
+        elif status_of(folder) == "ok":
+            done.add((_label(_config(folder)), folder.name, _attempt(folder)))
+    old = read_archive_lines(out, key=unfinished_key, fix=f"delete {out} to start it anew")
+    kept = {k: line for k, line in old.items() if k not in fresh and k not in done}
+    atomic_write(out, "".join(line + "\n" for line in sorted([*fresh.values(), *kept.values()])))
+    return len(fresh), len(kept), sum(1 for k in old if k in done)
+
+
+def _config(folder) -> dict:
+    try:
+        config = load_yaml(Path(folder) / "config.yaml")
+    except (UserError, OSError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _label(config: dict) -> str | None:
+    return config.get("label") or (config.get("method") or {}).get("name")
+
+
+def _attempt(folder) -> str | None:
+    """When a run folder was created (env.json's time: a resumed run keeps it, a run started again
+    from step 0 writes a new one)."""
+    try:
+        return read_json(Path(folder) / "env.json").get("time")
+    except (UserError, OSError):
+        return None
+
+
+def checkpoint_step(folder) -> int | None:
+    """The step of a run folder's complete checkpoint, or None. latest.json names it as
+    train.save_checkpoint does: step-<steps>-e<epoch>."""
+    try:
+        name = json.loads((Path(folder) / "checkpoint" / "latest.json").read_text())["checkpoint"]
+        return int(name.split("-")[1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def recorded_seconds(metrics: dict) -> float:
+    """A finished run's time from its metrics (a folder's metrics.json or an archive line), as `run_seconds`."""
+    return max(float(metrics.get("wall_seconds") or 0), float(metrics.get("train_seconds") or 0))
