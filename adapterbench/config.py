@@ -177,11 +177,7 @@ def build(cls, data: dict, where: str = ""):
         raise UserError(f"{where or 'config'}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise UserError(f"unknown config key '{key}'; valid keys{' under ' + where if where else ''}: "
-                        f"{', '.join(sorted(fields))}")
+    check_keys(data, fields, where, prefix=f"{where}." if where else "", kind="config ")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = coerce(hints[name], value, f"{where}.{name}" if where else name)
@@ -338,3 +334,15 @@ def config_hash(resolved: dict, portable_paths: bool = True) -> str:
 def split_labels(value: str | list[str]) -> list[str]:
     """Row labels or patterns given as 'full,pfeiffer,merge-*' (CLI) or as a YAML list."""
     return [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]
+
+
+def check_keys(data: dict, allowed, where: str | None = None, prefix: str = "", kind: str = "") -> None:
+    """The one strict-key check (run configs, studies, claims, references, merge blocks): a key
+    outside `allowed` is one line naming where, the key and the valid keys. `kind` ("config ")
+    names a config section (`where`) in the sentence instead of leading with it."""
+    unknown = sorted(set(data) - set(allowed), key=str)
+    if unknown:
+        lead = f"{where}: " if where and not kind else ""
+        under = f" under {where}" if where and kind else ""
+        raise UserError(f"{lead}unknown {kind}key '{prefix}{unknown[0]}'; valid keys{under}: "
+                        f"{', '.join(sorted(map(str, allowed)))}")

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -288,3 +291,102 @@ def checkpoint_step(folder) -> int | None:
 def recorded_seconds(metrics: dict) -> float:
     """A finished run's time from its metrics (a folder's metrics.json or an archive line), as `run_seconds`."""
     return max(float(metrics.get("wall_seconds") or 0), float(metrics.get("train_seconds") or 0))
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as the results and study wings read it: a run folder's metrics.json with its
+    resolved config (`archive_record`), or one line of an archive (the same keys). The fields
+    every table and statistic needs are typed and checked once, here; the rest of what a run
+    recorded (its method's extras: shares of examples, merge and attention records, per-epoch
+    predictions, machines) stays in `extras` under the names metrics.json gives them."""
+    where: str                     # the folder, or "archive.jsonl:LINE"
+    run: str                       # the folder's name: <model>-s<seed>-<hash>
+    label: str                     # the row (a study entry's label, else the method)
+    method: str
+    task: str                      # "rte", or "rte,mrpc,stsb" for a multi-task run
+    model: str
+    seed: int
+    status: str                    # ok | running | failed | interrupted
+    main_metric: str | None
+    main_value: float | None
+    tasks: dict                    # {task: {"dev": {metric: value}, "main_metric", "main_value"}}
+    selection: str                 # heldout | dev | last (runs before the protocol: dev)
+    best_epoch: int | None
+    epochs_run: int | None
+    history: list                  # [{"epoch", "main", ...}] per scored epoch
+    trainable_percent: float
+    train_seconds: float
+    config: dict                   # the resolved config.yaml
+    extras: dict                   # everything else metrics.json (or the archive line) holds
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "ok" and self.main_value is not None
+
+    def to_dict(self) -> dict:
+        """The archive line this record was read from (with `label` as it is now)."""
+        typed = {k: getattr(self, k) for k in RECORD_FIELDS if k != "where"}
+        return {**self.extras, **typed}
+
+
+RECORD_FIELDS = tuple(RunRecord.__dataclass_fields__)
+
+
+def _typed(raw: dict, key: str, kinds: tuple, where: str, default=None, finite: bool = False):
+    """raw[key] when it has one of `kinds` (None: `default`); else one line naming where and what."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if ok and finite and isinstance(value, (int, float)) and not math.isfinite(value):
+        ok = False
+    if not ok:
+        want = " or ".join(k.__name__ for k in kinds) + (" (finite)" if finite else "")
+        raise UserError(f"{where}: '{key}' is {value!r}, not a {want}: the run's metrics.json or the archive "
+                        f"line is damaged; archive the run folder again, or drop that line")
+    return value
+
+
+def parse_record(raw, where: str) -> RunRecord:
+    """A RunRecord from a metrics.json-shaped dict, every typed field checked."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: not a run record (a JSON object): is it an archive written by adapterbench archive?")
+    num = (int, float)
+    tasks = _typed(raw, "tasks", (dict,), where) or task_results(raw)
+    method = _typed(raw, "method", (str,), where, "?")
+    return RunRecord(
+        where=where, run=_typed(raw, "run", (str,), where, ""), label=_typed(raw, "label", (str,), where) or method,
+        method=method, task=_typed(raw, "task", (str,), where, "?"), model=_typed(raw, "model", (str,), where, "?"),
+        seed=_typed(raw, "seed", (int,), where, 0), status=_typed(raw, "status", (str,), where, "?"),
+        main_metric=_typed(raw, "main_metric", (str,), where),
+        main_value=None if raw.get("main_value") is None else float(_typed(raw, "main_value", num, where, finite=True)),
+        tasks=tasks, selection=_typed(raw, "selection", (str,), where, "dev"),
+        best_epoch=_typed(raw, "best_epoch", (int,), where), epochs_run=_typed(raw, "epochs_run", (int,), where),
+        history=_typed(raw, "history", (list,), where, []),
+        trainable_percent=float(_typed(raw, "trainable_percent", num, where, 0.0, finite=True)),
+        train_seconds=float(_typed(raw, "train_seconds", num, where, 0.0, finite=True)),
+        config=_typed(raw, "config", (dict,), where, {}),
+        extras={k: v for k, v in raw.items() if k not in RECORD_FIELDS})
+
+
+def read_records(root: Path) -> Iterator[RunRecord]:
+    """Every run under `root` (run folders, each read as `archive_record` reads it) or every line
+    of a results archive (a .jsonl file), as records; a damaged line or field is one line."""
+    root = Path(root)
+    if root.is_file() and root.suffix == ".jsonl":
+        for i, line in enumerate(root.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    raw = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{root} line {i}: not valid JSON ({e.msg}): the archive is damaged") from None
+                yield parse_record(raw, f"{root}:{i}")
+        return
+    if not root.is_dir():
+        raise UserError(f"runs folder {root} does not exist: pass the folder a study or stage wrote, "
+                        f"or a results archive (.jsonl)")
+    for folder in iter_runs(root):
+        raw = archive_record(folder)    # what an archive line would hold: metrics, config, merge record
+        if raw is not None:
+            yield parse_record(raw, str(folder))

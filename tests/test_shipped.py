@@ -34,6 +34,56 @@ def test_shipped_file_opens_with_its_command(path):
     assert "adapterbench " in head, f"{path} should say in its opening comment which command uses it"
 
 
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTED = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *SHIPPED]
+
+
+def documented_commands(path: Path) -> list[tuple[int, list[str], bool]]:
+    """Every `adapterbench ...` command line a file shows (a README or guide line, a YAML
+    comment), as (line, its words up to a shell operator, comment or the next `adapterbench`,
+    whether it is shown as code: a code block or backticks in Markdown, an indented example in
+    a YAML comment); continuation lines joined."""
+    import re
+    import shlex
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    found, block = [], False
+    for i, line in enumerate(text.splitlines(), 1):
+        block = block != line.lstrip().startswith("```")
+        for m in re.finditer(r"(?:^|[\s`(=])(?:\.venv/bin/)?adapterbench((?: +(?:(?!adapterbench)[^`|;&#<>])*)?)", line):
+            try:
+                words = shlex.split(m.group(1).split("  #")[0])
+            except ValueError:
+                continue
+            code = (block or line[max(m.start() - 1, 0):m.start() + 2].count("`") > 0 if path.suffix == ".md"
+                    else line.startswith("#   "))
+            if words and re.fullmatch(r"[a-z][a-z-]*", words[0]):
+                found.append((i, words, code))
+    return found
+
+
+@pytest.mark.parametrize("path", DOCUMENTED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_documented_commands_exist_with_their_options(path):
+    """A command a document or a shipped file's comment shows names a real command and only
+    options that command has (a removed option such as report's old --baselines fails here)."""
+    import typer.main
+    group = typer.main.get_command(app)
+    top = {o for p in group.params for o in p.opts}
+    words_seen = 0
+    for line, words, code in documented_commands(path):
+        if words[0] not in group.commands:
+            if not code:
+                continue       # prose that names the program ("adapterbench wrote ...")
+            raise AssertionError(f"{path.name}:{line}: no command '{words[0]}' (adapterbench {' '.join(words)})")
+        cmd = group.commands[words[0]]
+        known = top | {o for p in cmd.params for o in p.opts} | {"--help"}
+        for w in words[1:]:
+            if w.startswith("--"):
+                assert w.split("=")[0] in known, f"{path.name}:{line}: adapterbench {words[0]} has no option {w}"
+        words_seen += 1
+    if path.suffix == ".md" and path.name in ("README.md", "training.md", "studies.md"):
+        assert words_seen >= 3, f"{path.name}: expected its example commands to be found"
+
+
 def test_user_task_folder_adds_to_the_shipped_tasks(tmp_path, task_yamls):
     folder = tmp_path / "mine"
     folder.mkdir()

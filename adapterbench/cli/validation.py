@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from adapterbench.config import load_yaml
+from adapterbench.config import check_keys, load_yaml
 from adapterbench.errors import UserError
 
 
@@ -100,9 +100,7 @@ def check_study(path: Path, **_) -> list[str]:
 def check_reference(path: Path, **_) -> list[str]:
     """A paper's table (configs/references/): columns name the rows, table[task][row] the numbers."""
     data = load_yaml(path)
-    unknown = sorted(set(data) - {"name", "source", "metric", "columns", "table", "notes", "paper_mean"})
-    if unknown:
-        raise UserError(f"{path}: unknown key '{unknown[0]}' (valid: name, source, metric, columns, table, paper_mean, notes)")
+    check_keys(data, {"name", "source", "metric", "columns", "table", "notes", "paper_mean"}, str(path))
     rows = set(data["columns"].values())
     for task, cells in data["table"].items():
         bad = sorted(set(cells) - rows)

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from adapterbench.errors import UserError
+from adapterbench.records import RECORD_FIELDS, RunRecord
+from adapterbench.results.report import records
 
 # what must be equal for two runs to be compared: (where in the record, how to say it)
 PROTOCOL = (
@@ -34,25 +37,29 @@ DEFAULTS = {"selection": "dev", "heldout_fraction": 0.1, "heldout_min": 100, "li
 WORDS = {"dev": "dev", "heldout": "the held-out slice", "last": "the last epoch"}
 
 
-def field(record: dict, path: tuple):
-    node = record
-    for key in path:
+def field(record: RunRecord, path: tuple):
+    """A setting of a record: a typed field, a config key (("config", "train", "epochs")) or an
+    extra the run recorded; a default where runs leave it out."""
+    head, *rest = path
+    node = (record.config if head == "config" else getattr(record, head) if head in RECORD_FIELDS
+            else record.extras.get(head))
+    for key in rest:
         node = node.get(key) if isinstance(node, dict) else None
     if node is None:
         node = DEFAULTS.get(path[-1])
     if path == ("data_seed",) and node is None:
-        node = record.get("seed")
+        node = record.seed
     return node
 
 
-def cell(record: dict) -> tuple:
-    return record.get("model"), record.get("task"), record.get("seed")
+def cell(record: RunRecord) -> tuple:
+    return record.model, record.task, record.seed
 
 
-def matched(mine: list[dict], archive: list[dict]) -> list[dict]:
+def matched(mine: list[RunRecord], archive: list[RunRecord]) -> list[RunRecord]:
     """The archive's runs comparable with `mine` (same model, task and seed, same protocol);
     one line naming the first difference when a cell's archive runs all differ."""
-    by_cell: dict[tuple, list[dict]] = {}
+    by_cell: dict[tuple, list[RunRecord]] = {}
     for r in archive:
         by_cell.setdefault(cell(r), []).append(r)
     keep, seen = [], set()
@@ -66,7 +73,7 @@ def matched(mine: list[dict], archive: list[dict]) -> list[dict]:
                             f"{', ...' if len(have) > 8 else ''}): run your method on the archive's tasks and seeds")
         fits = [o for o in others if not differences(r, o)]
         if not fits:
-            raise UserError(f"{r.get('label')} on {r.get('task')} seed {r.get('seed')} is not comparable with the "
+            raise UserError(f"{r.label} on {r.task} seed {r.seed} is not comparable with the "
                             f"archive: {differences(r, others[0])[0]}")
         for o in fits:
             if id(o) not in seen:
@@ -75,7 +82,7 @@ def matched(mine: list[dict], archive: list[dict]) -> list[dict]:
     return keep
 
 
-def differences(mine: dict, theirs: dict) -> list[str]:
+def differences(mine: RunRecord, theirs: RunRecord) -> list[str]:
     out = []
     for path, says in PROTOCOL:
         a, b = field(theirs, path), field(mine, path)
@@ -85,13 +92,9 @@ def differences(mine: dict, theirs: dict) -> list[str]:
     return out
 
 
-def records_of(source: Path, tag: str = "") -> list[dict]:
-    from adapterbench.results.report import records
-    out = []
-    for _, r in records(source):
-        if r.get("status") == "ok" and r.get("main_value") is not None:
-            out.append({**r, "label": f"{r.get('label') or r.get('method')}{tag}"})
-    return out
+def records_of(source: Path, tag: str = "") -> list[RunRecord]:
+    """The finished runs of `source`, their row labels ending in `tag`."""
+    return [replace(r, label=f"{r.label}{tag}") for r in records(source) if r.finished]
 
 
 def compare(runs: Path, archive: Path, metric: str | None = None):
@@ -105,11 +108,11 @@ def compare(runs: Path, archive: Path, metric: str | None = None):
     theirs = matched(mine, records_of(archive, " (archive)"))
     with tempfile.TemporaryDirectory() as tmp:
         both = Path(tmp) / "both.jsonl"
-        both.write_text("".join(json.dumps(r, default=str) + "\n" for r in [*mine, *theirs]))
+        both.write_text("".join(json.dumps(r.to_dict(), default=str) + "\n" for r in [*mine, *theirs]))
         rep = build_report(both, majority=False, metric=metric, versus="")
         rep.marks = False            # the pairs' comparisons below carry the statistics
         rows = collect(both, metric)
-    pairs = [(a, b) for a in sorted({r["label"] for r in mine}) for b in sorted({r["label"] for r in theirs})]
+    pairs = [(a, b) for a in sorted({r.label for r in mine}) for b in sorted({r.label for r in theirs})]
     claims = [Claim(id=f"{a} vs {b}", title=f"{a} vs {b}", a=a, b=b) for a, b in pairs]
     verdicts = [judge(c, rows) for c in claims]
     decide(claims, verdicts)

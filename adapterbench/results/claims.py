@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adapterbench.config import load_yaml
+from adapterbench.config import check_keys, load_yaml
 from adapterbench.errors import UserError
 
 TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "seeds", "text", "runs", "settings",
@@ -74,18 +74,12 @@ class Verdict:
     estimate: object = None             # stats.Estimate
 
 
-def _check_keys(d: dict, allowed: set, where: str) -> None:
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        raise UserError(f"{where}: unknown key '{unknown[0]}' (valid: {', '.join(sorted(allowed))})")
-
-
 def load_claims(path: Path) -> dict:
     """The claims file, checked: unknown keys and bad kinds are errors naming the file."""
     spec = load_yaml(path)
-    _check_keys(spec, TOP_KEYS, str(path))
+    check_keys(spec, TOP_KEYS, str(path))
     for i, t in enumerate(spec.get("tables", [])):
-        _check_keys(t, TABLE_KEYS, f"{path}: tables[{i}]")
+        check_keys(t, TABLE_KEYS, f"{path}: tables[{i}]")
         if "id" not in t or "rows" not in t:
             raise UserError(f"{path}: tables[{i}] needs 'id' and 'rows'")
         if t.get("plot", "bars") not in ("bars", "attention"):
@@ -95,7 +89,7 @@ def load_claims(path: Path) -> dict:
             raise UserError(f"{path}: tables[{i}].seeds = {t['seeds']!r} must be a list of seeds, e.g. [2, 3, 4]")
     claims = []
     for i, c in enumerate(spec.get("claims", [])):
-        _check_keys(c, CLAIM_KEYS, f"{path}: claims[{i}]")
+        check_keys(c, CLAIM_KEYS, f"{path}: claims[{i}]")
         missing = [k for k in ("id", "title", "a", "b") if k not in c]
         if missing:
             raise UserError(f"{path}: claims[{i}] needs '{missing[0]}'")

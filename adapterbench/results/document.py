@@ -166,7 +166,7 @@ def finished_runs(source: Path, rows: list[str]) -> frozenset:
     """(row label, run folder name) of the finished runs of `rows` in `source` (none if it has none yet)."""
     from adapterbench.results.report import selected_records
     try:
-        return frozenset((label, m.get("run")) for label, m in selected_records(source, rows))
+        return frozenset((label, r.run) for label, r in selected_records(source, rows))
     except UserError:
         return frozenset()
 
@@ -178,7 +178,7 @@ def attention_plots(table: dict, source: Path, rows: list[str], assets: Path) ->
     from adapterbench.recipe.runmodel import attention_heatmap
     from adapterbench.results.report import attention_matrix, selected_records
     found = list(selected_records(source, rows, table.get("seeds")))     # read once, used per row
-    labels = sorted({lab for lab, m in found if m.get("fusion_attention")})
+    labels = sorted({lab for lab, r in found if r.extras.get("fusion_attention")})
     lines = []
     for label in labels:
         targets, sources, matrix = attention_matrix(found, label, table.get("tasks"))
@@ -214,14 +214,13 @@ def optimism_rows(source: Path) -> tuple[list[str], list[list[str]]] | None:
         found = list(records(source))
     except UserError:
         return None
-    for _, m in found:
-        hist = m.get("history") or []
-        if m.get("selection") != "heldout" or not hist or m.get("status") != "ok":
+    for r in found:
+        if r.selection != "heldout" or not r.history or r.status != "ok":
             continue
-        chosen = next((h for h in hist if h["epoch"] == m.get("best_epoch")), None)
+        chosen = next((h for h in r.history if h["epoch"] == r.best_epoch), None)
         if chosen is None:
             continue
-        gaps.setdefault(m.get("label") or m.get("method"), []).append(max(h["main"] for h in hist) - chosen["main"])
+        gaps.setdefault(r.label, []).append(max(h["main"] for h in r.history) - chosen["main"])
     if not gaps:
         return None
     return (["row", "runs", "mean gap (points)", "largest"],

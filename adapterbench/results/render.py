@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from adapterbench.errors import UserError
+from adapterbench.records import RunRecord
 from adapterbench.results.report import (
     ALPHA,
     Report,
@@ -120,18 +121,18 @@ SETTINGS_HEADER = ["row", "method", "lr", "epochs", "epochs run", "best epoch", 
                    "training data", "precision", "pooling", "machine", "runs"]
 
 
-def _gemm_note(records: list[dict]) -> str:
+def _gemm_note(records: list[RunRecord]) -> str:
     """How many of a row's bf16 runs computed their products as fp32 GEMMs of bf16-rounded
     operands (a CPU without native bf16; `precision.bf16_matmul`), when any did."""
-    n = sum(1 for m in records if m.get("bf16_matmul", "native") != "native")
+    n = sum(1 for r in records if r.extras.get("bf16_matmul", "native") != "native")
     return f" ({n} of {len(records)} runs: fp32 GEMMs)" if n else ""
 
 
-def _machines(records: list[dict]) -> str:
+def _machines(records: list[RunRecord]) -> str:
     """Where a row's runs trained (`runs.machine_name`, from each run's `machine_seconds`): one
     machine, or each with its number of runs; a run resumed on another machine names both ('A +
     B'); 'not recorded' for runs from before runs recorded it."""
-    each = Counter(" + ".join(sorted(m.get("machine_seconds") or {})) or "not recorded" for m in records)
+    each = Counter(" + ".join(sorted(r.extras.get("machine_seconds") or {})) or "not recorded" for r in records)
     if len(each) == 1:
         return next(iter(each))
     return " / ".join(f"{k} ({n})" for k, n in sorted(each.items()))
@@ -143,19 +144,19 @@ def settings_rows(root: Path, only: list[str] | None = None,
     budget, epochs actually run and the best (dev-chosen) epoch, 1-based means over the row's
     runs, warm-up, batch size, training data, precision and pooling, from each run's resolved
     config. A setting that differs between a row's runs shows every value."""
-    by_label: dict[str, list[tuple[dict, dict]]] = {}
-    for label, m in selected_records(root, only, seeds):
-        by_label.setdefault(label, []).append((m, m.get("config") or {}))
+    by_label: dict[str, list[RunRecord]] = {}
+    for label, r in selected_records(root, only, seeds):
+        by_label.setdefault(label, []).append(r)
     body = []
     for label in sorted(by_label, key=lambda x: (split_k(x)[1], x)):
         runs = by_label[label]
-        trains = [c.get("train", {}) for _, c in runs]
+        trains = [r.config.get("train", {}) for r in runs]
 
         def each(values) -> str:
             return " / ".join(sorted({str(v) for v in values}))
-        run_epochs = [m["epochs_run"] for m, _ in runs if m.get("epochs_run") is not None]
-        best = [m["best_epoch"] + 1 for m, _ in runs if m.get("best_epoch") is not None]
-        body.append([label, each(m.get("method", "?") for m, _ in runs),
+        run_epochs = [r.epochs_run for r in runs if r.epochs_run is not None]
+        best = [r.best_epoch + 1 for r in runs if r.best_epoch is not None]
+        body.append([label, each(r.method for r in runs),
                      each(_lr(t["lr"]) for t in trains if "lr" in t),
                      each(map(_epochs, trains)),
                      f"{np.mean(run_epochs):.1f}" if run_epochs else "–",
@@ -163,9 +164,9 @@ def settings_rows(root: Path, only: list[str] | None = None,
                      each(f"{t.get('warmup_ratio', 0):.0%}" for t in trains),
                      each(t.get("batch_size", "?") for t in trains),
                      each(map(_training_data, trains)),
-                     each(t.get("precision", "?") for t in trains) + _gemm_note([m for m, _ in runs]),
-                     each(m.get("pooling") or c.get("model", {}).get("pooling", "?") for m, c in runs),
-                     _machines([m for m, _ in runs]), str(len(runs))])
+                     each(t.get("precision", "?") for t in trains) + _gemm_note(runs),
+                     each(r.extras.get("pooling") or r.config.get("model", {}).get("pooling", "?") for r in runs),
+                     _machines(runs), str(len(runs))])
     return SETTINGS_HEADER, body
 
 
@@ -178,20 +179,20 @@ def extras_rows(root: Path, only: list[str] | None = None,
     and how far the source moved from its initialisation, ||theta - theta_0|| / ||theta_0||; a
     fusion run, its attention over the source adapters (what the heatmaps of Pfeiffer et al. 2021 show)."""
     body = []
-    for label, m in selected_records(root, only, seeds):
-        what = []
-        if m.get("share_of_examples"):
-            what.append("share of examples: " + ", ".join(f"{t} {v:.1%}" for t, v in sorted(m["share_of_examples"].items())))
-        if m.get("fraction_used_per_task"):
+    for label, r in selected_records(root, only, seeds):
+        x, what = r.extras, []
+        if x.get("share_of_examples"):
+            what.append("share of examples: " + ", ".join(f"{t} {v:.1%}" for t, v in sorted(x["share_of_examples"].items())))
+        if x.get("fraction_used_per_task"):
             what.append("of each training set used: " + ", ".join(
-                f"{t} {v:.0%}" for t, v in sorted(m["fraction_used_per_task"].items())))
-        if m.get("merge"):
-            what.append(_merge_words(m["merge"]))
-        if m.get("fusion_attention"):
-            what.append(_attention_words(m["fusion_attention"], m.get("task")))
+                f"{t} {v:.0%}" for t, v in sorted(x["fraction_used_per_task"].items())))
+        if x.get("merge"):
+            what.append(_merge_words(x["merge"]))
+        if x.get("fusion_attention"):
+            what.append(_attention_words(x["fusion_attention"], r.task))
         if what:
-            task = ",".join(sorted(m["tasks"])) if len(m.get("tasks") or {}) > 1 else str(m.get("task"))
-            body.append([label, task, str(m.get("seed")), "; ".join(what)])
+            task = ",".join(sorted(r.tasks)) if len(r.tasks) > 1 else r.task
+            body.append([label, task, str(r.seed), "; ".join(what)])
     body.sort(key=lambda r: (r[0], r[1], int(r[2]) if r[2].isdigit() else 0))
     return ["row", "task", "seed", "recorded"], body
 

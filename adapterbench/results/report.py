@@ -9,15 +9,15 @@ the baseline at the same k. `--reference NAME` adds the paper's numbers from con
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from adapterbench.config import load_yaml
 from adapterbench.errors import UserError
-from adapterbench.records import archive_record, iter_runs
+from adapterbench.records import RunRecord, read_records
 
 BASELINES = ("full", "mtl")  # rows that deltas are taken against, when present
 ALPHA = 0.05
@@ -49,33 +49,13 @@ class Row:
     protocols: set = field(default_factory=set)   # what selected its runs' epochs: heldout | dev | last
 
 
-def records(root: Path, seeds: list[int] | None = None):
-    """(where, record) of every finished run: run folders under `root`, or the lines of a results
-    archive (`adapterbench archive`, a .jsonl file); a record is the run's metrics.json with its
-    resolved `config` (and, for a run that started from a merge, the merge's record). `seeds`:
-    only runs of these seeds (e.g. a study's reported seeds, leaving out extra seeds that only
-    some rows trained)."""
-    for where, record in _all_records(Path(root)):
-        if seeds is None or record.get("seed") in seeds:
-            yield where, record
-
-
-def _all_records(root: Path):
-    if root.is_file() and root.suffix == ".jsonl":
-        for i, line in enumerate(root.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    yield f"{root}:{i}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{root} line {i}: not valid JSON ({e.msg}): the archive is damaged") from None
-        return
-    if not root.is_dir():
-        raise UserError(f"runs folder {root} does not exist: pass the folder a study or stage wrote, "
-                        f"or a results archive (.jsonl)")
-    for folder in iter_runs(root):
-        record = archive_record(folder)    # what an archive line would hold: metrics, config, merge record
-        if record is not None:
-            yield str(folder), record
+def records(root: Path, seeds: list[int] | None = None) -> Iterator[RunRecord]:
+    """Every run under `root` (run folders, or the lines of a results archive: `adapterbench
+    archive`, a .jsonl file) as a RunRecord. `seeds`: only runs of these seeds (e.g. a study's
+    reported seeds, leaving out extra seeds that only some rows trained)."""
+    for record in read_records(Path(root)):
+        if seeds is None or record.seed in seeds:
+            yield record
 
 
 def collect(root: Path, metric: str | None = None, seeds: list[int] | None = None) -> dict[str, Row]:
@@ -83,26 +63,23 @@ def collect(root: Path, metric: str | None = None, seeds: list[int] | None = Non
     Cells hold each task's main metric, or `metric` (e.g. accuracy) on the tasks that report
     it. With runs of several models, a row is a (label, model) pair; two runs that would fill
     one cell (same row, task and seed) are an error, never one silently replacing the other."""
-    from adapterbench.records import task_results
-    found = [(w, m) for w, m in records(root, seeds) if m.get("status") == "ok" and m.get("main_value") is not None]
-    models = {m.get("model") for _, m in found}
+    found = [r for r in records(root, seeds) if r.finished]
+    models = {r.model for r in found}
     rows: dict[str, Row] = {}
     filled: dict[tuple, str] = {}
-    for where, m in found:
-        label = m.get("label") or m.get("method")
-        if len(models) > 1:
-            label = f"{label} [{m.get('model')}]"
+    for r in found:
+        label = f"{r.label} [{r.model}]" if len(models) > 1 else r.label
         row = rows.setdefault(label, Row(label))
-        for task, r in task_results(m).items():  # a multi-task run fills one cell per task
-            key = (label, task, int(m["seed"]))
+        for task, result in r.tasks.items():  # a multi-task run fills one cell per task
+            key = (label, task, r.seed)
             if key in filled:
-                raise UserError(f"two runs fill the cell {label} / {task} / seed {m['seed']}: {filled[key]} and "
-                                f"{where}; give the study entries different labels or report them apart")
-            filled[key] = where
-            row.cells.setdefault(task, Cell()).by_seed[int(m["seed"])] = float(pick(r, metric))
-        row.protocols.add(m.get("selection", "dev"))   # runs before the held-out protocol selected on dev
-        row.params_pct.append(float(m.get("trainable_percent", 0.0)))
-        row.train_seconds.append(float(m.get("train_seconds", 0.0)))
+                raise UserError(f"two runs fill the cell {label} / {task} / seed {r.seed}: {filled[key]} and "
+                                f"{r.where}; give the study entries different labels or report them apart")
+            filled[key] = r.where
+            row.cells.setdefault(task, Cell()).by_seed[r.seed] = float(pick(result, metric))
+        row.protocols.add(r.selection)   # runs before the held-out protocol selected on dev
+        row.params_pct.append(r.trainable_percent)
+        row.train_seconds.append(r.train_seconds)
     if not rows:
         raise UserError(f"no finished runs (metrics.json with status ok) under {root}"
                         + (f" with seeds {', '.join(map(str, seeds))}" if seeds is not None else ""))
@@ -240,15 +217,14 @@ def load_reference(name: str) -> dict:
     return load_yaml(path)
 
 
-def selected_records(root: Path, only: list[str] | None = None, seeds: list[int] | None = None):
+def selected_records(root: Path, only: list[str] | None = None, seeds: list[int] | None = None
+                     ) -> Iterator[tuple[str, RunRecord]]:
     """(row label, record) of every finished run whose label matches a pattern of `only` (all if
     None), of the given seeds (all if None)."""
     from fnmatch import fnmatch
-    for _, m in records(root, seeds):
-        label = m.get("label") or m.get("method")
-        if m.get("status") == "ok" and m.get("main_value") is not None and \
-                (not only or any(fnmatch(label, pat) for pat in only)):
-            yield label, m
+    for r in records(root, seeds):
+        if r.finished and (not only or any(fnmatch(r.label, pat) for pat in only)):
+            yield r.label, r
 
 
 def attention_matrix(found, label: str, tasks: list[str] | None = None) -> tuple[list[str], list[str], list[list[float]]]:
@@ -258,9 +234,9 @@ def attention_matrix(found, label: str, tasks: list[str] | None = None) -> tuple
     sorted), sources the targets first (so each target's own adapter is on the diagonal), then
     the others sorted."""
     per_target: dict[str, list[dict]] = {}
-    for lab, m in found:
-        if lab == label and m.get("fusion_attention") and (not tasks or m.get("task") in tasks):
-            per_target.setdefault(m["task"], []).append(m["fusion_attention"])
+    for lab, r in found:
+        if lab == label and r.extras.get("fusion_attention") and (not tasks or r.task in tasks):
+            per_target.setdefault(r.task, []).append(r.extras["fusion_attention"])
     if not per_target:
         return [], [], []
     targets = [t for t in (tasks or sorted(per_target)) if t in per_target]

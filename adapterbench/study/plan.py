@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from adapterbench.config import build, deep_merge, load_yaml, portable
+from adapterbench.config import check_keys, build, deep_merge, load_yaml, portable
 from adapterbench.errors import UserError
 from adapterbench.fileio import slug
 from adapterbench.methods import get_method
@@ -302,9 +302,7 @@ def merge_digest(sources: list[str], target: str, how: dict) -> str:
 
 def merge_spec(spec: dict, label: str) -> dict:
     """An entry's `merge:` block with defaults; unknown keys are errors."""
-    unknown = sorted(set(spec) - set(MERGE_KEYS))
-    if unknown:
-        raise UserError(f"merge entry '{label}': unknown key merge.{unknown[0]} (valid: {', '.join(MERGE_KEYS)})")
+    check_keys(spec, MERGE_KEYS, f"merge entry '{label}'", prefix="merge.")
     return {**MERGE_KEYS, **spec}
 
 
