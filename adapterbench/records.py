@@ -288,8 +288,11 @@ def checkpoint_step(folder) -> int | None:
         return None
 
 
-def recorded_seconds(metrics: dict) -> float:
-    """A finished run's time from its metrics (a folder's metrics.json or an archive line), as `run_seconds`."""
+def recorded_seconds(metrics: dict | RunRecord) -> float:
+    """A finished run's time from its metrics (a folder's metrics.json, an archive line or its
+    record), as `status.run_seconds`."""
+    if isinstance(metrics, RunRecord):
+        return max(float(metrics.extras.get("wall_seconds") or 0), metrics.train_seconds)
     return max(float(metrics.get("wall_seconds") or 0), float(metrics.get("train_seconds") or 0))
 
 

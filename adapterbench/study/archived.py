@@ -9,11 +9,11 @@ from pathlib import Path
 
 from adapterbench.config import portable
 from adapterbench.errors import UserError
-from adapterbench.records import read_archive_lines, recorded_seconds
+from adapterbench.records import RunRecord, parse_record, read_archive_lines, recorded_seconds
 from adapterbench.study.plan import Node, with_deps
 
 
-def archived(nodes: list[Node], records: dict[tuple, dict], among: set[int] | None = None,
+def archived(nodes: list[Node], records: dict[tuple, RunRecord], among: set[int] | None = None,
              matches: dict[int, tuple] | None = None) -> tuple[set[int], int]:
     """(runs to skip, stale count) for a study resuming from a results archive (its `archive_records`).
     Skipped: the runs (of `among`, default all) the archive holds (`archive_matches`) that no run
@@ -30,7 +30,7 @@ def archived(nodes: list[Node], records: dict[tuple, dict], among: set[int] | No
     return skip, stale
 
 
-def archive_matches(nodes: list[Node], records: dict[tuple, dict], among) -> dict[int, tuple]:
+def archive_matches(nodes: list[Node], records: dict[tuple, RunRecord], among) -> dict[int, tuple]:
     """The archive key of each run of `among` the archive holds: the record with its row label and
     folder name, else, for a run that names other runs' folders (a fusion's sources, a merged
     start), a record of its cell that an earlier version named by those folders' full paths
@@ -65,14 +65,14 @@ def inside_root(node: Node, nodes: list[Node]) -> str | None:
     return _hash_inside(cfg, inside, spec and (spec["adapters"], spec))
 
 
-def archived_inside_root(record: dict) -> str | None:
+def archived_inside_root(record: RunRecord) -> str | None:
     """An archived run's config hash as `inside_root` makes it. `adapterbench archive` writes the
     folders a config names relative to the folder above the study's ('<study>/extract/...'); a
     merged start is read from the merge's record, whose sources are adapter folders ('.../adapter')."""
     inside = lambda p: "<out_dir>/" + p.split("/", 1)[1] if "/" in p and not p.startswith("/") else None  # noqa: E731
-    merge = record.get("merge")
+    merge = record.extras.get("merge")
     sources = merge and [s["path"].removesuffix("/adapter") for s in merge.get("sources") or []]
-    return _hash_inside(json.loads(json.dumps(record.get("config") or {})), inside, merge and (sources, merge))
+    return _hash_inside(json.loads(json.dumps(record.config)), inside, merge and (sources, merge))
 
 
 def _hash_inside(cfg: dict, inside, merged: tuple | None) -> str | None:
@@ -103,20 +103,21 @@ def node_cell(node: Node) -> tuple:
     return node.label, tuple(sorted(load_task(t).name for t in node.task.split(","))), node.seed, node.model
 
 
-def record_cell(record: dict) -> tuple:
+def record_cell(record: RunRecord) -> tuple:
     """An archived run's cell, as `node_cell`."""
-    return record.get("label"), tuple(sorted(record.get("tasks") or [])), record.get("seed"), record.get("model")
+    return record.label, tuple(sorted(record.tasks)), record.seed, record.model
 
 
 # Why a run still to do can have a cell the archive holds under another folder name.
 STALE_WHY = "a setting, a default, or a source run it uses has changed since"
 
 
-def archive_records(archive: Path) -> dict[tuple, dict]:
+def archive_records(archive: Path) -> dict[tuple, RunRecord]:
     """A results archive's records by (row label, run folder name); one clear line when it is missing."""
     if not Path(archive).is_file():
         raise UserError(f"archive {archive} does not exist: pass the .jsonl `adapterbench archive` wrote")
-    return {key: json.loads(line) for key, line in read_archive_lines(archive).items()}
+    return {key: parse_record(json.loads(line), f"{archive} ({key[0]}, {key[1]})")
+            for key, line in read_archive_lines(archive).items()}
 
 
 def mark_archived(rows: list[dict], nodes: list[Node], archive: Path) -> int:
