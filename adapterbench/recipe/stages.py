@@ -68,7 +68,7 @@ def resolve(user: dict, stage: str) -> RunConfig:
     if multi and cfg.sampling.scheme not in SCHEMES:
         raise UserError(f"sampling.scheme '{cfg.sampling.scheme}' must be one of {', '.join(SCHEMES)}")
     check_ranges(cfg)
-    from adapterbench.recipe.train import check_trackers
+    from adapterbench.recipe.tracking import check_trackers
     check_trackers(cfg.train.log_with)
     return cfg
 

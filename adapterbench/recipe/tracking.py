@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from adapterbench.errors import UserError
 
 
@@ -117,3 +119,41 @@ def finish(accelerator, info: RunInfo, final: dict) -> None:
             import mlflow
             mlflow.log_metrics(final)
         tracker.finish()
+
+
+def make_accelerator(find_unused: bool = False, trackers: list | None = None, project_dir: Path | None = None):
+    """One process, or several under `accelerate launch` / `torchrun` (DDP). `find_unused`:
+    multi-task runs, where a head or adapter may get no gradient in some step. `trackers`:
+    accelerate trackers (`tracking.build`). Mixed precision is always "no" here: the run's own
+    `train.precision` decides autocast (precision.py), so an `accelerate launch --mixed_precision`
+    or a saved `accelerate config` can never train a different run under the same identity."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused else []
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=kwargs, log_with=trackers or None,
+                       project_dir=str(project_dir) if project_dir and trackers else None, mixed_precision="no")
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio", "none": None}
+
+
+def check_trackers(log_with: list[str]) -> None:
+    """A requested tracker that is unknown or not installed is one line (accelerate only warns)."""
+    import importlib.util
+    for t in log_with:
+        if t not in TRACKERS:
+            raise UserError(f"train.log_with '{t}' must be one of {', '.join(TRACKERS)}")
+        if TRACKERS[t] and importlib.util.find_spec(TRACKERS[t]) is None:
+            raise UserError(f"train.log_with asks for {t}, which is not installed: pip install {TRACKERS[t]} "
+                            f"(or train.log_with=[none])")
+
+
+def scalars(record: dict, prefix: str = "") -> dict:
+    """The numbers of a log record, flattened ('dev/rte/accuracy'), for the trackers."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch", "steps_total"):
+            out[f"{prefix}{k}"] = float(v)
+    return out
