@@ -175,8 +175,8 @@ def test_a_row_is_estimated_from_its_lr_sweep_runs(tmp_path):
     """Before any reported run finishes, a row's run-hours come from its sweep's runs of the same
     task (and the other way round); a task no run of the row has finished stays unknown."""
     from adapterbench.study import status as P
-    row = lambda label, task, state, seconds=None: {"label": label, "stage": "extract", "task": task,  # noqa: E731
-                                                    "state": state, "seconds": seconds, "folder": tmp_path / "x"}
+    row = lambda label, task, state, seconds=None: P.StatusRow(label=label, stage="extract", task=task,  # noqa: E731
+                                                               state=state, seconds=seconds, folder=tmp_path / "x")
     rows = [row("full lr=2e-05", "rte", "archived", 100.0), row("full lr=5e-05", "rte", "archived", 300.0),
             row("full", "rte", "queued"), row("full", "rte", "queued"), row("full", "cola", "queued")]
     assert P.remaining(rows) == {"seconds": pytest.approx(400.0), "estimated": 2, "unknown": 1}

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -723,8 +724,8 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
     lock.write_text(json.dumps(fresh))
     assert not L.try_lock(nd) and S.state(nd) == "running"
     row = P.status_table(nodes)[0]
-    assert row["state"] == "running" and "node-17" in row["detail"] and "4242_3" in row["detail"]
-    assert "epoch" not in row["detail"]                          # nothing logged yet
+    assert row.state == "running" and "node-17" in row.detail and "4242_3" in row.detail
+    assert "epoch" not in row.detail                          # nothing logged yet
     nd.folder.mkdir(parents=True, exist_ok=True)
     (nd.folder / "config.yaml").write_text("train: {epochs: 3, batch_size: 8}\n")
     (nd.folder / "log.jsonl").write_text(
@@ -732,22 +733,22 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
         '{"step": 40, "epoch": 1, "loss": 0.4, "samples_per_s": 12.54}\n{"step": 5')   # a line being written
     row = P.status_table(nodes)[0]
     # the pace between its last two step records: 10 steps in 40/12.54 - 30/11 batch-seconds
-    assert row["detail"].endswith("; epoch 2/3, step 40, 21.6 samples/s")
-    assert row["pace_seconds"] is None                           # a log from before steps_total
+    assert row.detail.endswith("; epoch 2/3, step 40, 21.6 samples/s")
+    assert row.pace_seconds is None                           # a log from before steps_total
     (nd.folder / "log.jsonl").write_text('{"step": 40, "epoch": 1, "samples_per_s": 12.5, "steps_total": 120}\n')
     row = P.status_table(nodes)[0]
-    assert row["detail"].endswith("; epoch 2/3, step 40/120, 12.5 samples/s")
+    assert row.detail.endswith("; epoch 2/3, step 40/120, 12.5 samples/s")
     (nd.folder / "checkpoint").mkdir()                           # what a restart would keep
     (nd.folder / "checkpoint" / "latest.json").write_text('{"checkpoint": "step-32-e1"}')
-    assert P.status_table(nodes)[0]["detail"].endswith("; epoch 2/3, step 40/120, 12.5 samples/s; checkpoint at step 32")
+    assert P.status_table(nodes)[0].detail.endswith("; epoch 2/3, step 40/120, 12.5 samples/s; checkpoint at step 32")
     # the time left at its own pace: 80 steps x 8 examples / 12.5 per second, whatever its peers took
-    assert P.status_table(nodes)[0]["pace_seconds"] == pytest.approx(51.2)
-    assert P.remaining([{**row, "expect": 9999.0}]) == {"seconds": pytest.approx(51.2), "estimated": 1, "unknown": 0}
+    assert P.status_table(nodes)[0].pace_seconds == pytest.approx(51.2)
+    assert P.remaining([replace(row, expect=9999.0)]) == {"seconds": pytest.approx(51.2), "estimated": 1, "unknown": 0}
     # a queued run of the same row and task with no finished run anywhere (another seed): the
     # running run's whole time at its pace, 120 steps x 8 / 12.5 = 76.8 s; another task's: unknown
-    assert row["whole_seconds"] == pytest.approx(76.8)
-    queued = {**row, "state": "queued", "seed": 2, "pace_seconds": None, "whole_seconds": None}
-    other = {**queued, "task": "another"}
+    assert row.whole_seconds == pytest.approx(76.8)
+    queued = replace(row, state="queued", seed=2, pace_seconds=None, whole_seconds=None)
+    other = replace(queued, task="another")
     assert P.remaining([row, queued, other]) == {"seconds": pytest.approx(51.2 + 76.8), "estimated": 2, "unknown": 1}
     # a run that sped up after a resume: paced by this leg's last steps, not by its average
     # since step 0. Before the resume, 20 steps at 8/12.5 s each (12.8 s); after it, step 30 at
@@ -759,21 +760,21 @@ def test_stale_lock_from_another_host_is_taken_over_by_its_heartbeat(tmp_path, t
         '{"checkpoint": 20, "epoch": 0, "why": "SIGUSR1"}\n{"resumed": true, "epoch": 0, "step": 20}\n'
         f'{{"step": 30, "epoch": 0, "samples_per_s": {240 / 14.8}, "steps_total": 120}}\n'
         f'{{"step": 40, "epoch": 0, "samples_per_s": {320 / 16.8}, "steps_total": 120}}\n')
-    assert P.status_table(nodes)[0]["pace_seconds"] == pytest.approx(16.0)
-    assert P.status_table(nodes)[0]["detail"].endswith("step 40/120, 40.0 samples/s; checkpoint at step 32")
+    assert P.status_table(nodes)[0].pace_seconds == pytest.approx(16.0)
+    assert P.status_table(nodes)[0].detail.endswith("step 40/120, 40.0 samples/s; checkpoint at step 32")
     with open(nd.folder / "log.jsonl", "a") as f:                 # one record of a new leg: its average
         f.write('{"resumed": true, "epoch": 0, "step": 40}\n{"step": 50, "epoch": 0, "samples_per_s": 20.0, '
                 '"steps_total": 120}\n')
-    assert P.status_table(nodes)[0]["pace_seconds"] == pytest.approx(70 * 8 / 20.0)
+    assert P.status_table(nodes)[0].pace_seconds == pytest.approx(70 * 8 / 20.0)
     with open(nd.folder / "log.jsonl", "a") as f:                 # a multi-task run: who fed the epoch so far
         f.write('{"step": 60, "epoch": 0, "samples_per_s": 20.0, "steps_total": 120, '
                 '"sampling_share": {"rte": 0.711, "cola": 0.012}}\n')
-    assert P.status_table(nodes)[0]["detail"].endswith("; epoch so far: rte 71%, cola 1%; checkpoint at step 32")
+    assert P.status_table(nodes)[0].detail.endswith("; epoch so far: rte 71%, cola 1%; checkpoint at step 32")
     with open(nd.folder / "log.jsonl", "a") as f:                 # its dev scorings: epoch 0 scored twice
         f.write('{"epoch": 0, "step": 40, "dev": {"rte": {"accuracy": 50.0}}, "main": 50.0}\n'
                 '{"epoch": 0, "step": 40, "dev": {"rte": {"accuracy": 58.377}}, "main": 58.377}\n'
                 '{"epoch": 1, "step": 80, "dev": {"rte": {"accuracy": 61.5}}, "main": 61.5}\n{"epoch": 2, "dev": ')
-    assert P.status_table(nodes)[0]["detail"].endswith(
+    assert P.status_table(nodes)[0].detail.endswith(
         "; epoch so far: rte 71%, cola 1%; dev by epoch: 58.38, 61.50; checkpoint at step 32")
     lock.write_text(json.dumps({**fresh, "heartbeat": time.time() - L.LOCK_TIMEOUT - 5}))
     assert S.state(nd) == "pending" and L.try_lock(nd)
@@ -792,16 +793,16 @@ def test_a_queued_run_with_a_checkpoint_is_paced_from_its_checkpoint(tmp_path, t
     (nd.folder / "config.yaml").write_text("train: {epochs: 3, batch_size: 8}\n")
     (nd.folder / "log.jsonl").write_text('{"step": 40, "epoch": 1, "samples_per_s": 12.5, "steps_total": 120}\n')
     row = P.status_table(nodes)[0]
-    assert row["state"] == "queued" and row["pace_seconds"] is None          # no checkpoint: starts afresh
+    assert row.state == "queued" and row.pace_seconds is None          # no checkpoint: starts afresh
     assert P.remaining([row]) == {"seconds": 0.0, "estimated": 0, "unknown": 1}
     (nd.folder / "checkpoint").mkdir()
     (nd.folder / "checkpoint" / "latest.json").write_text('{"checkpoint": "step-32-e1"}')
     row = P.status_table(nodes)[0]
-    assert row["state"] == "queued" and row["detail"] == "has a checkpoint at step 32: resumes"
+    assert row.state == "queued" and row.detail == "has a checkpoint at step 32: resumes"
     with open(nd.folder / "log.jsonl", "a") as f:                 # its first epoch's dev scoring
         f.write('{"epoch": 0, "step": 30, "dev": {"toy": {"accuracy": 70.0}}, "main": 70.0}\n')
-    assert P.status_table(nodes)[0]["detail"] == "has a checkpoint at step 32: resumes; dev by epoch: 70.00"
-    assert row["pace_seconds"] == pytest.approx((120 - 32) * 8 / 12.5)
+    assert P.status_table(nodes)[0].detail == "has a checkpoint at step 32: resumes; dev by epoch: 70.00"
+    assert row.pace_seconds == pytest.approx((120 - 32) * 8 / 12.5)
     assert P.remaining([row]) == {"seconds": pytest.approx(56.32), "estimated": 1, "unknown": 0}
 
 
@@ -875,7 +876,7 @@ def test_remaining_time_from_finished_runs_of_the_same_row_and_task(tmp_path):
         return str(d)
 
     def row(label, task, state, f):
-        return {"label": label, "stage": "extract", "task": task, "state": state, "folder": f}
+        return P.StatusRow(label=label, stage="extract", task=task, state=state, folder=f)
 
     rows = [row("pfeiffer", "rte", "done", folder("a", status="ok", wall_seconds=100, train_seconds=90)),
             row("pfeiffer", "rte", "done", folder("b", status="ok", wall_seconds=50, train_seconds=300)),  # resumed

@@ -118,7 +118,7 @@ def submit_and_watch(launcher, worker, res, out_dir: Path, watch: str, wait: boo
     console.print(f"watch: {watch}")
     if wait:
         console.print(f"workers done: {L.wait(jobs)}")
-        left = [r for r in status_table(nodes) if r["state"] != "done"]
+        left = [r for r in status_table(nodes) if r.state != "done"]
         if left:
             console.print(f"{len(left)} runs not done (see adapterbench status)")
             raise typer.Exit(1)
@@ -192,10 +192,10 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
     st = open_study(shipped("studies", study), out)
     ov = overview(plan(st), archive)
     title = f"study {st.name} ({st.out_dir})"
-    shown = [r for r in ov.rows if r["state"] not in ("done", "archived")] if todo else ov.rows
-    open_rows = {label: ov.left_by_label[label] for label in dict.fromkeys(r["label"] for r in shown)}
+    shown = [r for r in ov.rows if r.state not in ("done", "archived")] if todo else ov.rows
+    open_rows = {label: ov.left_by_label[label] for label in dict.fromkeys(r.label for r in shown)}
     console.print(_status_by_row(ov.groups, ov.states, title, open_rows) if by_row else _status_by_run(shown, title))
-    counts = Counter(r["state"] for r in ov.rows)
+    counts = Counter(r.state for r in ov.rows)
     console.print(", ".join(f"{k} {counts[k]}" for k in ov.states))
     left = ov.left
     if left["estimated"] or left["unknown"]:
@@ -215,22 +215,22 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
                       f"logs {rec['log_folder']}")
 
 
-def _status_by_run(rows: list[dict], title: str) -> Table:
+def _status_by_run(rows: list, title: str) -> Table:
     t = Table("#", "stage", "row", "task", "seed", "state", "detail", title=title)
     colour = {"done": "green", "archived": "green", "running": "cyan", "failed": "red", "blocked": "red",
               "queued": "white"}
     for r in rows:
-        t.add_row(str(r["index"]), r["stage"], r["label"], Path(r["task"]).stem if "/" in r["task"] else r["task"],
-                  str(r["seed"]), Text(r["state"], style=colour[r["state"]]), r["detail"])
+        t.add_row(str(r.index), r.stage, r.label, Path(r.task).stem if "/" in r.task else r.task,
+                  str(r.seed), Text(r.state, style=colour[r.state]), r.detail)
     return t
 
 
-def _status_by_row(groups: dict[str, list[dict]], states: tuple, title: str, left_by_label: dict[str, dict]) -> Table:
+def _status_by_row(groups: dict[str, list], states: tuple, title: str, left_by_label: dict[str, dict]) -> Table:
     """One line per row label: its runs in each state and the run-hours left (study.status.remaining)."""
     t = Table("row", "runs", *states, "run-hours left", title=title)
     for label, left in left_by_label.items():
         mine = groups[label]
-        n = Counter(r["state"] for r in mine)
+        n = Counter(r.state for r in mine)
         hours = f"{left['seconds'] / 3600:.1f}" + (f" (+{left['unknown']} runs ?)" if left["unknown"] else "")
         t.add_row(label, str(len(mine)), *(str(n[k]) for k in states), hours)
     return t

@@ -120,7 +120,7 @@ def archive_records(archive: Path) -> dict[tuple, RunRecord]:
             for key, line in read_archive_lines(archive).items()}
 
 
-def mark_archived(rows: list[dict], nodes: list[Node], archive: Path) -> int:
+def mark_archived(rows: list, nodes: list[Node], archive: Path) -> int:
     """Status rows (status_table) of a study resuming from a results archive: the queued runs that
     `run --skip-archived` would skip become 'archived', with the time the archive recorded for
     them (so `remaining` estimates from them). Returns the stale count (see `archived`)."""
@@ -130,12 +130,12 @@ def mark_archived(rows: list[dict], nodes: list[Node], archive: Path) -> int:
     took = {key: recorded_seconds(record) for key, record in records.items()}
     took_in_cell = {record_cell(record): took[key] for key, record in records.items()}
     for r in rows:
-        nd = nodes[r["index"]]
-        if r["state"] != "queued":
+        nd = nodes[r.index]
+        if r.state != "queued":
             continue
-        own = took.get(matches.get(r["index"]))
-        if r["index"] in skip:       # (a merge no run to do needs is skipped too; merges are not archived)
-            r["state"], r["detail"], r["seconds"] = "archived", "", own or 0.0
+        own = took.get(matches.get(r.index))
+        if r.index in skip:       # (a merge no run to do needs is skipped too; merges are not archived)
+            r.state, r.detail, r.seconds = "archived", "", own or 0.0
         elif nd.stage != "merge":    # to be rerun: expect what this run, or its cell, took before
-            r["expect"] = own if own is not None else took_in_cell.get(node_cell(nd))
+            r.expect = own if own is not None else took_in_cell.get(node_cell(nd))
     return stale

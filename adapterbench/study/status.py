@@ -22,7 +22,24 @@ from adapterbench.study.locks import lock_path, read_lock
 from adapterbench.study.plan import Node, state
 
 
-def status_table(nodes: list[Node]) -> list[dict]:
+@dataclass
+class StatusRow:
+    """One run of a plan as `status` shows it, and what `remaining` estimates its time from."""
+    index: int = 0
+    stage: str = ""
+    label: str = ""
+    task: str = ""
+    seed: int = 0
+    state: str = "queued"               # done | archived | running | queued | failed | blocked
+    detail: str = ""                    # host, job, heartbeat, progress, checkpoint; a failure's error
+    folder: str = ""
+    pace_seconds: float | None = None   # a running or checkpointed run: its steps left at its own pace
+    whole_seconds: float | None = None  # a running run's whole time at its pace (for queued peers)
+    seconds: float | None = None        # an archived run: the time the archive recorded
+    expect: float | None = None         # a run to do again: what it (or its cell) took before
+
+
+def status_table(nodes: list[Node]) -> list[StatusRow]:
     """Every run of a plan: done / running (host, job, heartbeat age, progress) / queued / failed /
     blocked (a run it needs failed)."""
     states = {nd.index: state(nd) for nd in nodes}
@@ -50,9 +67,7 @@ def status_table(nodes: list[Node]) -> list[dict]:
             except Exception:
                 detail = ""
         states[nd.index] = st if st != "pending" else states[nd.index]
-        out.append({"index": nd.index, "stage": nd.stage, "label": nd.label, "task": nd.task, "seed": nd.seed,
-                    "state": st, "detail": detail, "folder": str(nd.folder), "pace_seconds": pace,
-                    "whole_seconds": whole})
+        out.append(StatusRow(nd.index, nd.stage, nd.label, nd.task, nd.seed, st, detail, str(nd.folder), pace, whole))
     return out
 
 
@@ -163,7 +178,7 @@ def run_seconds(folder: Path) -> float | None:
         return None
 
 
-def remaining(rows: list[dict], now: float | None = None) -> dict:
+def remaining(rows: list[StatusRow], now: float | None = None) -> dict:
     """What the unfinished runs of a plan (status_table rows) still need, in run-seconds: a
     running run whose log says how many steps it has left, at its own pace (`pace_seconds`, as
     `status_table` read it), and a queued one with a checkpoint, its steps
@@ -180,38 +195,38 @@ def remaining(rows: list[dict], now: float | None = None) -> dict:
     paced: dict[tuple, list[float]] = {}              # running runs' whole times at their own pace
     family: dict[tuple, list[float]] = {}             # a row and its lr-sweep rows ('full', 'full lr=2e-05')
     for r in rows:
-        s = r["seconds"] if r["state"] == "archived" else run_seconds(r["folder"]) if r["state"] == "done" else None
+        s = r.seconds if r.state == "archived" else run_seconds(r.folder) if r.state == "done" else None
         if s is not None:
-            taken.setdefault((r["label"], r["stage"], r["task"]), []).append(s)
-            family.setdefault((r["label"].split(" lr=")[0], r["stage"], r["task"]), []).append(s)
-        if r["state"] == "running" and r.get("whole_seconds"):
-            paced.setdefault((r["label"], r["stage"], r["task"]), []).append(r["whole_seconds"])
+            taken.setdefault((r.label, r.stage, r.task), []).append(s)
+            family.setdefault((r.label.split(" lr=")[0], r.stage, r.task), []).append(s)
+        if r.state == "running" and r.whole_seconds:
+            paced.setdefault((r.label, r.stage, r.task), []).append(r.whole_seconds)
     seconds, estimated, unknown = 0.0, 0, 0
     for r in rows:
-        if r["state"] not in ("queued", "running"):
+        if r.state not in ("queued", "running"):
             continue
-        if r["stage"] == "merge":        # a merge takes seconds
+        if r.stage == "merge":        # a merge takes seconds
             estimated += 1
             continue
-        pace = r.get("pace_seconds")
+        pace = r.pace_seconds
         if pace is not None:      # a running (or checkpointed) run's own pace: this machine's, not the peers'
             seconds += pace
             estimated += 1
             continue
-        peers = taken.get((r["label"], r["stage"], r["task"])) or family.get(
-            (r["label"].split(" lr=")[0], r["stage"], r["task"]))
-        if r.get("expect") is None and not peers:
-            projected = paced.get((r["label"], r["stage"], r["task"]))
-            if r["state"] == "queued" and projected:
+        peers = taken.get((r.label, r.stage, r.task)) or family.get(
+            (r.label.split(" lr=")[0], r.stage, r.task))
+        if r.expect is None and not peers:
+            projected = paced.get((r.label, r.stage, r.task))
+            if r.state == "queued" and projected:
                 seconds += statistics.median(projected)
                 estimated += 1
             else:
                 unknown += 1
             continue
-        need = r["expect"] if r.get("expect") is not None else statistics.median(peers)
-        if r["state"] == "running":
+        need = r.expect if r.expect is not None else statistics.median(peers)
+        if r.state == "running":
             try:
-                need -= now - float(read_json(Path(r["folder"]) / "metrics.json").get("started", now))
+                need -= now - float(read_json(Path(r.folder) / "metrics.json").get("started", now))
             except (UserError, OSError, TypeError, ValueError):
                 pass                                   # no start time yet: count the whole run
         seconds += max(need, 0.0)
@@ -223,9 +238,9 @@ def remaining(rows: list[dict], now: float | None = None) -> dict:
 class Overview:
     """A study's runs for `status`: one row per run (state, detail), the states shown, the rows
     grouped by label with each label's time left, and the study's total left."""
-    rows: list[dict]
+    rows: list[StatusRow]
     states: tuple[str, ...]
-    groups: dict[str, list[dict]]
+    groups: dict[str, list[StatusRow]]
     left_by_label: dict[str, dict]
     left: dict
     stale: int = 0        # with an archive: runs to do whose cell it holds under an old folder name
@@ -241,9 +256,9 @@ def overview(nodes: list[Node], archive: Path | None = None) -> Overview:
     if archive:
         stale = mark_archived(rows, nodes, archive)
         states = ("done", "archived", *states[1:])
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[StatusRow]] = {}
     for r in rows:
-        groups.setdefault(r["label"], []).append(r)
+        groups.setdefault(r.label, []).append(r)
     by_label = {label: remaining(mine) for label, mine in groups.items()}
     left = {k: sum(x[k] for x in by_label.values()) for k in ("seconds", "estimated", "unknown")}
     return Overview(rows, states, groups, by_label, left, stale)
