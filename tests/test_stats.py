@@ -1,4 +1,4 @@
-"""The claim statistics (adapterbench/stats.py) against direct computations."""
+"""The claim statistics (adapterbench/results/stats.py) against direct computations."""
 
 import numpy as np
 import pytest

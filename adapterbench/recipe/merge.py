@@ -29,7 +29,7 @@ from adapterbench.recipe.artifacts import Source, file_hash, read_sources
 
 STRATEGIES = ("avg", "align", "ties", "task-arithmetic")
 NOTE = ("MerA's exact alignment is not public: avg/align/ties/task-arithmetic here are "
-        "adapterbench's interpretation (see adapterbench/merge.py)")
+        "adapterbench's interpretation (see adapterbench/recipe/merge.py)")
 
 
 def unit_keys(state: dict) -> list[str]:

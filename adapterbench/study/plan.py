@@ -6,7 +6,7 @@ another entry, `source_method`), which are planned once however many fusions nee
 A run is identified by its folder (stage/method/task/model-seed-confighash), so a finished
 run with the same resolved config is never trained twice, and a restarted study goes on
 where it stopped. Workers (processes or machines sharing the folder) claim a run by its lock
-(locks.py). Where a study stands: progress.py; resuming from a results archive: resume.py.
+(locks.py). Where a study stands: status.py; resuming from a results archive: archived.py.
 """
 
 from __future__ import annotations
