@@ -98,18 +98,74 @@ class RunConfig:
 
 # --- loading -------------------------------------------------------------------------------
 
+MAX_YAML_NODES = 100_000     # what a file's aliases may expand to (a real config has a few hundred)
+
+
+class StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses what silently changes or blows up a config: a key given twice in
+    one mapping (the last would win, e.g. dropping a study's `methods:`), and aliases that
+    expand beyond MAX_YAML_NODES nodes (nested anchors: a few hundred bytes that hang a reader)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._expanded, self._sizes = 0, {}
+
+    def _size(self, node) -> int:
+        if id(node) not in self._sizes:
+            self._sizes[id(node)] = 1            # (a recursive alias counts once while it is measured)
+            kids = node.value if isinstance(node, yaml.SequenceNode) else \
+                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+            self._sizes[id(node)] = 1 + sum(self._size(k) for k in kids)
+        return self._sizes[id(node)]
+
+    def compose_node(self, parent, index):
+        alias = self.check_event(yaml.AliasEvent)
+        mark = self.peek_event().start_mark if alias else None
+        node = super().compose_node(parent, index)
+        if alias:
+            self._expanded += self._size(node)
+            if self._expanded > MAX_YAML_NODES:
+                raise yaml.constructor.ConstructorError(None, None, f"its aliases expand to more than "
+                                                        f"{MAX_YAML_NODES:,} values", mark)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen and key != "<<":
+                raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' is given twice in one mapping "
+                                                        f"(remove one)", key_node.start_mark)
+            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_text(text: str, where: str):
+    """Parse YAML text with StrictLoader; any problem is one line naming `where` and the line."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)    # noqa: S506 (StrictLoader is a SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if isinstance(e, yaml.constructor.ConstructorError) and getattr(e, "context", None) is None:
+            raise UserError(f"{where}{line}: {problem}") from None        # StrictLoader's own refusals
+        raise UserError(f"{where}{line}: malformed YAML ({problem}): fix the syntax") from None
+    except RecursionError:
+        raise UserError(f"{where}: nested too deeply to be a config: fix the file") from None
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping with safe_load; errors name the file."""
+    """Read a YAML mapping with StrictLoader (safe_load, no duplicate keys, bounded aliases);
+    errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist: check the path")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{path}{where}: malformed YAML ({problem}): fix the syntax") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    data = read_yaml_text(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -128,10 +128,7 @@ def staged(fn):
             if not out.exists():
                 os.rename(tmp, out)          # complete: into place in one step
                 return out
-            for item in tmp.iterdir():
-                if (out / item.name).is_dir():
-                    shutil.rmtree(out / item.name)
-                os.replace(item, out / item.name)
+            move_into(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
@@ -148,3 +145,58 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+
+
+CHECKPOINT_NAME = re.compile(r"step-\d+-e\d+")
+TEMP_NAME = re.compile(r"\..+\.(tmp|partial-\d+)$|\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_ours(path: Path, ours) -> list[str]:
+    """Delete under `path` only the entries `ours(name)` says adapterbench wrote, never following
+    a symbolic link (a link is removed as a link, its target left alone). Returns the names of
+    the entries left because they are not ours."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return []
+    left = []
+    for item in path.iterdir():
+        if not ours(item.name):
+            left.append(item.name)
+        elif item.is_symlink() or not item.is_dir():
+            item.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(item, ignore_errors=True)
+    return left
+
+
+def remove_checkpoints(root: Path, keep: str | None = None) -> None:
+    """A run's checkpoint folder: its step-N-eM checkpoints (but `keep`) and latest.json, nothing
+    else. When `root` is a link (a scratch disk), the checkpoints in its target go, the link stays
+    until nothing else is in the way; other files in the target are never touched."""
+    root = Path(root)
+    target = root.resolve() if root.is_symlink() else root
+    if not target.is_dir():
+        return
+    remove_ours(target, lambda n: (CHECKPOINT_NAME.fullmatch(n) and n != keep) or (keep is None and n == "latest.json")
+                or bool(TEMP_NAME.match(n)))
+    if keep is None:
+        if root.is_symlink():
+            root.unlink()
+        elif not any(root.iterdir()):
+            root.rmdir()
+
+
+def move_into(src: Path, dst: Path) -> None:
+    """Move what `src` holds into the folder `dst`, file by file: a file of the same name is
+    replaced, a folder is merged (what else it holds is kept), and a link in the way is replaced
+    as a link, never written through."""
+    for item in Path(src).iterdir():
+        there = Path(dst) / item.name
+        if item.is_dir() and there.is_dir() and not there.is_symlink():
+            move_into(item, there)
+            continue
+        if there.is_symlink() or there.is_file():
+            there.unlink()
+        elif there.is_dir():
+            raise UserError(f"{there} is a folder where this command writes a file: move it out of {dst} and rerun")
+        os.replace(item, there)

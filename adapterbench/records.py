@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from adapterbench.config import load_yaml
+from adapterbench.config import StrictLoader, load_yaml
 from adapterbench.errors import UserError
 from adapterbench.fileio import atomic_write, read_json
 
@@ -57,7 +57,7 @@ def archive_record(folder: Path) -> dict | None:
     if not isinstance(m, dict) or m.get("status") != "ok" or m.get("main_value") is None:
         return None
     try:   # a folder without a readable config.yaml still reports its scores
-        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config = yaml.load((folder / "config.yaml").read_text(), Loader=StrictLoader)  # noqa: S506
     except (OSError, yaml.YAMLError):
         config = None
     config = config if isinstance(config, dict) else {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import signal
 import threading
 import time
@@ -126,7 +125,12 @@ def restore(model, state: dict | None) -> None:
 def save_checkpoint(root: Path, accelerator, model, optimizer, scheduler, state: dict, best_state,
                     extra: dict | None = None) -> None:
     """Write a complete checkpoint (rank 0), then point latest.json at it."""
-    from adapterbench.fileio import atomic_write, save_tensors, write_json
+    from adapterbench.fileio import (
+        atomic_write,
+        remove_checkpoints,
+        save_tensors,
+        write_json,
+    )
     if not accelerator.is_main_process:
         return
     name = f"step-{state['steps']}-e{state['epoch']}"
@@ -140,9 +144,7 @@ def save_checkpoint(root: Path, accelerator, model, optimizer, scheduler, state:
     atomic_write(folder / "optim.pt", buf.getvalue())
     write_json(folder / "state.json", state)
     write_json(root / "latest.json", {"checkpoint": name})
-    for old in root.iterdir():
-        if old.is_dir() and old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+    remove_checkpoints(root, keep=name)          # older checkpoints of this run; nothing else there
 
 
 def load_checkpoint(root: Path, model, optimizer, scheduler):

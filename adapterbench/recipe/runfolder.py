@@ -20,12 +20,15 @@ from pathlib import Path
 
 import yaml
 
-from adapterbench.config import config_hash
+from adapterbench.config import StrictLoader, config_hash
 from adapterbench.errors import UserError
 from adapterbench.fileio import (
+    CHECKPOINT_NAME,
+    TEMP_NAME,
     _disk_error,
     atomic_write,
     is_main_process,
+    remove_checkpoints,
     slug,
     write_json,
 )
@@ -144,7 +147,7 @@ class Run:
         if not self.writer:
             return
         write_json(self.folder / "metrics.json", {"status": "ok", **metrics})
-        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        remove_checkpoints(self.checkpoint_dir)
 
     def fail(self, error: BaseException) -> None:
         if not self.writer:
@@ -167,12 +170,28 @@ RUN_FILES = {"config.yaml", "task.yaml", "tasks", "env.json", "identity.json", "
 
 def clear_run_folder(folder: Path) -> None:
     """Remove an unfinished or failed run folder before training it again, only when it holds
-    nothing but what adapterbench writes; otherwise one line naming what is in the way."""
-    foreign = sorted(p.name for p in Path(folder).iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+    nothing but what adapterbench writes (its files, its temporary files, its checkpoints);
+    otherwise one line naming what is in the way, and nothing is deleted. Links are removed as
+    links: a checkpoint/ on a scratch disk loses only its checkpoints there."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise UserError(f"{folder} is a link to {folder.resolve()}: adapterbench does not clear a run folder "
+                        f"through a link; remove the link or choose another --out")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in RUN_FILES and not TEMP_NAME.match(p.name))
+    checkpoint = folder / "checkpoint"
+    if checkpoint.is_dir():
+        foreign += [f"checkpoint/{p.name}" for p in checkpoint.resolve().iterdir()
+                    if not (CHECKPOINT_NAME.fullmatch(p.name) or p.name == "latest.json" or TEMP_NAME.match(p.name))]
     if foreign:
         raise UserError(f"{folder} holds files adapterbench did not write ({', '.join(foreign[:3])}): move them "
                         f"out or choose another --out; the folder is left as it is")
-    shutil.rmtree(folder)
+    remove_checkpoints(checkpoint)
+    for item in folder.iterdir():
+        if item.is_symlink() or not item.is_dir():
+            item.unlink()
+        else:
+            shutil.rmtree(item)
+    folder.rmdir()
 
 
 def resumable(folder: Path, resolved: dict) -> bool:
@@ -182,7 +201,7 @@ def resumable(folder: Path, resolved: dict) -> bool:
     if not (folder / "checkpoint" / "latest.json").is_file():
         return False
     try:
-        stored = yaml.safe_load((folder / "config.yaml").read_text())
+        stored = yaml.load((folder / "config.yaml").read_text(), Loader=StrictLoader)  # noqa: S506
     except (OSError, yaml.YAMLError):
         return False
     return isinstance(stored, dict) and config_hash(stored) == config_hash(resolved)

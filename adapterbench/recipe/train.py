@@ -45,7 +45,6 @@ from adapterbench import metrics as M
 from adapterbench.config import TrainConfig
 from adapterbench.errors import UserError
 from adapterbench.recipe import tracking as TR
-from adapterbench.recipe.tracking import check_trackers, make_accelerator, scalars
 from adapterbench.recipe.checkpoint import (
     CheckpointRequests,
     Stopped,
@@ -61,6 +60,7 @@ from adapterbench.recipe.precision import (
     bf16_matmul,
 )
 from adapterbench.recipe.runfolder import machine_name
+from adapterbench.recipe.tracking import check_trackers, make_accelerator, scalars
 
 
 def sampling_share(source, epoch: int, tasks) -> dict:

@@ -9,8 +9,8 @@ the baseline at the same k. `--reference NAME` adds the paper's numbers from con
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np

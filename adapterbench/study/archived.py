@@ -9,7 +9,12 @@ from pathlib import Path
 
 from adapterbench.config import portable
 from adapterbench.errors import UserError
-from adapterbench.records import RunRecord, parse_record, read_archive_lines, recorded_seconds
+from adapterbench.records import (
+    RunRecord,
+    parse_record,
+    read_archive_lines,
+    recorded_seconds,
+)
 from adapterbench.study.plan import Node, with_deps
 
 

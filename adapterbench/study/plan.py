@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from adapterbench.config import check_keys, build, deep_merge, load_yaml, portable
+from adapterbench.config import build, check_keys, deep_merge, load_yaml, portable
 from adapterbench.errors import UserError
 from adapterbench.fileio import slug
 from adapterbench.methods import get_method
