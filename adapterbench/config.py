@@ -287,6 +287,7 @@ def coerce(hint, value, key: str):
 
 
 SELECTIONS = ("heldout", "dev", "last")
+MAX_COUNT = 10**9     # epochs, steps, limits, batch sizes: beyond it a typo, never a budget
 
 
 def check_ranges(cfg: RunConfig) -> None:
@@ -311,10 +312,14 @@ def check_ranges(cfg: RunConfig) -> None:
         (0 < t.heldout_fraction < 1, "train.heldout_fraction", t.heldout_fraction, "in (0, 1)"),
         (t.heldout_min >= 1, "train.heldout_min", t.heldout_min, "at least 1"),
         (cfg.model.max_length >= 8, "model.max_length", cfg.model.max_length, "at least 8"),
-        (cfg.seed >= 0, "seed", cfg.seed, "0 or more"),
+        (0 <= cfg.seed < 2**32, "seed", cfg.seed, "0 to 2**32 - 1 (what numpy and torch seed with)"),
         (cfg.sampling.temperature > 0, "sampling.temperature", cfg.sampling.temperature, "a positive number"),
-        (all(x is None or x >= 0 for x in (cfg.data.shuffle_seed, cfg.data.data_seed)), "data.shuffle_seed/data_seed",
-         "negative", "0 or more"),
+        (all(x is None or 0 <= x < 2**32 for x in (cfg.data.shuffle_seed, cfg.data.data_seed)),
+         "data.shuffle_seed/data_seed", [cfg.data.shuffle_seed, cfg.data.data_seed], "0 to 2**32 - 1"),
+        (all(v <= MAX_COUNT for v in dataclasses.asdict(t).values() if isinstance(v, int) and not isinstance(v, bool)),
+         "train.*", "a count beyond 10**9", f"at most {MAX_COUNT:,}"),
+        (len(cfg.label) <= 120 and cfg.label.isprintable(), "label", repr(cfg.label[:40]),
+         "one line of at most 120 printable characters (it names a row in every table)"),
         (cfg.sampling.epoch in ("examples", "reference"), "sampling.epoch", cfg.sampling.epoch, "examples or reference"),
         (cfg.model.pooling in ("auto", "cls", "mean", "pooler"), "model.pooling", cfg.model.pooling,
          "auto, cls, mean or pooler"),

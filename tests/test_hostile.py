@@ -73,13 +73,13 @@ def test_evaluate_never_takes_trust_remote_code_from_the_run_folder(tiny_bert_di
 def test_fusion_sources_cannot_be_swapped_through_config_yaml(tiny_bert_dir, task_yamls, data_dir, tmp_path):
     a = extract(tiny_bert_dir, task_yamls, data_dir, tmp_path / "a")
     b = extract(tiny_bert_dir, task_yamls, data_dir, tmp_path / "b", "--seed", "7")
-    r = runner.invoke(app, ["fuse", "--target", str(task_yamls["toy"]), "--adapters", str(a), "--adapters", str(a),
+    r = runner.invoke(app, ["fuse", "--target", str(task_yamls["toy"]), "--adapters", str(a), "--adapters", str(b),
                             "--data-dir", str(data_dir), "--out", str(tmp_path / "f"), "train.max_steps=2",
                             "model.pooling=cls"])
     assert r.exit_code == 0, r.output
     fusion = next(p for p in (tmp_path / "f").glob("fuse/*/*/*") if p.is_dir())
     cfg = yaml.safe_load((fusion / "config.yaml").read_text())
-    cfg["method"]["adapters"] = [str(b), str(b)]
+    cfg["method"]["adapters"] = [str(b), str(a)]                 # the same two, swapped
     (fusion / "config.yaml").write_text(yaml.safe_dump(cfg))
     r = runner.invoke(app, ["evaluate", str(fusion), "--data-dir", str(data_dir)])
     assert r.exit_code == 2 and "other source adapters" in r.output

@@ -133,3 +133,111 @@ def test_force_replaces_the_files_it_writes_and_keeps_the_others(tmp_path):
     assert (out / "sources" / "a" / "adapter.safetensors").read_text() == "new"
     assert not (out / "fusion_config.json").is_symlink() and (out / "fusion_config.json").read_text() == "new"
     assert outside.read_text() == "not yours"
+
+
+# --- values of the wrong shape or range, anywhere on a command line: one line, exit 2 ----------
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_bert_dir, tmp_path_factory):
+    """Two finished adapter runs of one configuration (seeds 0 and 1), their task and data."""
+    from .conftest import write_data, write_task_yamls
+    root = tmp_path_factory.mktemp("two")
+    data, yamls = write_data(root / "data"), write_task_yamls(root)
+    runs = []
+    for seed in (0, 1):
+        r = runner.invoke(app, ["extract", "--task", str(yamls["toy"]), "--model", str(tiny_bert_dir), "--data-dir",
+                                str(data), "--out", str(root / f"s{seed}"), "--seed", str(seed), "train.max_steps=1"])
+        assert r.exit_code == 0, r.output
+        runs.append(str(next((root / f"s{seed}").glob("extract/pfeiffer/toy/*"))))
+    return runs, data, yamls
+
+
+VALUE_CASES = {   # command line -> words of its one line
+    "seed 2**32": (lambda e: ["extract", "--task", e.toy, "--seed", str(2**32)], "2**32 - 1"),
+    "seed 2**64 as override": (lambda e: ["extract", "--task", e.toy, f"seed={2**64}"], "2**32 - 1"),
+    "data seed 2**40": (lambda e: ["extract", "--task", e.toy, f"data.data_seed={2**40}"], "2**32 - 1"),
+    "shuffle seed 2**33": (lambda e: ["finetune", "--task", e.toy, f"data.shuffle_seed={2**33}"], "2**32 - 1"),
+    "epochs 2**63": (lambda e: ["extract", "--task", e.toy, f"train.epochs={2**63}"], "at most"),
+    "label of 300 characters": (lambda e: ["extract", "--task", e.toy, "label=" + "x" * 300], "120 printable"),
+    "method as a list": (lambda e: ["extract", "--task", e.toy, "method=[a,b]"], "not a method's name"),
+    "method as a number": (lambda e: ["finetune", "--task", e.toy, "method.name=3"], "not a method's name"),
+    "a task twice": (lambda e: ["multitask", "--tasks", f"{e.toy},{e.toy}", "--method", "mtl"], "given twice"),
+    "a task twice by name and path": (lambda e: ["multitask", "--tasks", f"toy,{e.toy}", "--method", "mt-a",
+                                                 "--tasks-dir-placeholder"], "given twice"),
+    "a fusion source twice": (lambda e: ["fuse", "--target", e.toy, "--adapters", e.a, "--adapters", e.a], "given twice"),
+    "a merge source twice": (lambda e: ["merge", "--adapters", e.a, "--adapters", e.a, "--out", e.out], "given twice"),
+    "merge weight nan": (lambda e: ["merge", "--adapters", e.a, "--adapters", e.b, "--weights", "nan,1", "--out", e.out],
+                         "finite"),
+    "merge weight inf": (lambda e: ["merge", "--adapters", e.a, "--adapters", e.b, "--weights", "1,inf", "--out", e.out],
+                         "finite"),
+    "align examples 0": (lambda e: ["merge", "--adapters", e.a, "--adapters", e.b, "--strategy", "align", "--align-on",
+                                    e.toy, "--align-examples", "0", "--out", e.out], "at least 1"),
+}
+
+
+class Env:
+    def __init__(self, runs, data, yamls, tmp):
+        self.a, self.b, self.toy, self.out, self.data, self.tmp = runs[0], runs[1], str(yamls["toy"]), str(tmp / "m"), data, tmp
+
+
+@pytest.mark.parametrize("case", sorted(VALUE_CASES))
+def test_values_of_the_wrong_shape_or_range_are_one_line(case, two_adapters, tiny_bert_dir, tmp_path):
+    runs, data, yamls = two_adapters
+    e = Env(runs, data, yamls, tmp_path)
+    make, words = VALUE_CASES[case]
+    args = make(e)
+    if args[-1] == "--tasks-dir-placeholder":           # 'toy' by name: its folder on the task path
+        args = ["--tasks-dir", str(yamls["toy"].parent), *args[:-1]]
+    if "merge" not in args:
+        args += ["--model", str(tiny_bert_dir), "--out", str(tmp_path / "runs"), "train.max_steps=2"]
+    r = runner.invoke(app, [*args, "--data-dir", str(data)])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error:") and words in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not list(tmp_path.glob("**/metrics.json")) and not (tmp_path / "m").exists()
+
+
+def test_fusion_with_temperature_trains(two_adapters, tiny_bert_dir, tmp_path):
+    """method.temperature=true (T from 50 annealed to 1) used to crash at the first backward."""
+    runs, data, yamls = two_adapters
+    r = runner.invoke(app, ["fuse", "--target", str(yamls["toy"]), "--adapters", runs[0], "--adapters", runs[1],
+                            "--model", str(tiny_bert_dir), "--data-dir", str(data), "--out", str(tmp_path / "f"),
+                            "method.temperature=true", "train.max_steps=3"])
+    assert r.exit_code == 0, r.output
+    assert '"status": "ok"' in next(tmp_path.glob("f/fuse/**/metrics.json")).read_text()
+
+
+def test_merge_writes_no_nan_adapter(two_adapters, tmp_path):
+    """A merge of two finite adapters with finite weights is finite, and nothing is written for nan."""
+    from adapterbench.fileio import load_tensors
+    runs, data, _ = two_adapters
+    r = runner.invoke(app, ["merge", "--adapters", runs[0], "--adapters", runs[1], "--weights", "2,1",
+                            "--out", str(tmp_path / "ok")])
+    assert r.exit_code == 0, r.output
+    weights = load_tensors(tmp_path / "ok" / "adapter.safetensors")
+    assert weights and all(t.isfinite().all() for t in weights.values())
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+INTS = st.one_of(st.integers(-2**70, 2**70), st.sampled_from([0, 1, -1, 2**31, 2**32 - 1, 2**32, 2**63, 10**9 + 1]))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["seed", "data.data_seed", "data.shuffle_seed", "train.epochs", "train.batch_size",
+                            "train.limit", "train.max_steps", "train.patience", "train.shots", "train.log_every",
+                            "train.eval_every", "train.checkpoint_every", "model.max_length", "train.heldout_min"]),
+       value=INTS, command=st.sampled_from(["extract", "finetune", "multitask"]))
+def test_every_integer_key_at_any_size_is_accepted_or_one_line(key, value, command, tmp_path_factory, task_yamls):
+    """Hypothesis over the integer keys of every training command at sizes up to 2**70 (the
+    family the seed crash belonged to), resolved by `validate` as the command would: accepted,
+    or one line with exit 2."""
+    tmp = tmp_path_factory.mktemp("ints")
+    task = f"{task_yamls['toy']},{task_yamls['toyreg']}" if command == "multitask" else str(task_yamls["toy"])
+    (tmp / "run.yaml").write_text(f"task: '{task}'\n")
+    stage = {"extract": "extract", "finetune": "finetune", "multitask": "multitask"}[command]
+    method = {"extract": "pfeiffer", "finetune": "full", "multitask": "mtl"}[command]
+    r = runner.invoke(app, ["validate", str(tmp / "run.yaml"), "--stage", stage, f"method={method}", f"{key}={value}"])
+    assert r.exit_code in (0, 2), (r.exit_code, r.output, repr(r.exception))
+    if r.exit_code == 2:
+        assert r.output.startswith("error:") and len(r.output.strip().splitlines()) == 1, r.output

@@ -57,6 +57,9 @@ METHODS: dict[str, ModuleType] = {
 def get_method(name: str) -> Any:
     """A registered method: shipped, a plug-in named on the command line, or an installed entry point."""
     from adapterbench.methods import plugins
+    if not isinstance(name, str) or not name:
+        raise UserError(f"method {name!r} is not a method's name: give one name, e.g. method=pfeiffer "
+                        f"(adapterbench ls methods)")
     if name not in METHODS:
         plugins.load_entry_points(METHODS)
     if name not in METHODS:

@@ -96,7 +96,8 @@ class FusionMixer(nn.Module):
         return self.cfg.reg_weight * (eye - self.value.weight).pow(2).sum()
 
     def _softmax(self, scores: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(self.dropout(scores) / self.T, dim=-1)
+        # T as a number: the softmax must not hold the buffer that the annealing below changes in place
+        p = torch.softmax(self.dropout(scores) / float(self.T), dim=-1)
         if self.training and self.cfg.temperature:
             self.T.fill_(max(float(self.T) - 50.0 / 1000.0, 1.0))
         if self.record is not None:

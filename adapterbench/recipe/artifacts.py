@@ -54,9 +54,13 @@ def read_sources(paths: list[str], feature: str = "fusion_source", allow_trained
     model and the adapter configuration, and their method must declare `feature`."""
     if not paths:
         raise UserError("no source adapters given: pass --adapters RUN_DIR [RUN_DIR ...]")
-    sources, names = [], set()
+    sources, names, seen = [], set(), {}
     for src in paths:
         folder = adapter_folder(src)
+        if folder.resolve() in seen:
+            raise UserError(f"source adapter {src} is given twice (also as {seen[folder.resolve()]}): name each "
+                            f"source once")
+        seen[folder.resolve()] = src
         meta = read_json(folder / "adapter_config.json")
         if "method" not in meta:
             raise UserError(f"{folder} holds an AdapterHub or peft adapter: convert it first with "

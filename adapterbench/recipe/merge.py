@@ -17,6 +17,8 @@ every merged adapter's config:
 
 from __future__ import annotations
 
+import math
+
 import hashlib
 from pathlib import Path
 
@@ -156,6 +158,10 @@ def merge(paths: list[str], strategy: str = "avg", weights: list[float] | None =
         weights = [1.0] * len(sources)
     if len(weights) != len(sources):
         raise UserError(f"--weights has {len(weights)} values for {len(sources)} sources")
+    if not all(math.isfinite(w) for w in weights):
+        raise UserError(f"--weights {','.join(map(str, weights))}: every weight must be a finite number")
+    if align_on and align_examples < 1:
+        raise UserError(f"--align-examples {align_examples} must be at least 1")
     if not 0 < density <= 1:
         raise UserError(f"--density {density} must be in (0, 1]")
     states = [s.state for s in sources]

@@ -78,7 +78,11 @@ def tasks_of(cfg: RunConfig) -> list[TaskSpec]:
     names = [n.strip() for n in cfg.task.split(",") if n.strip()]
     if get_method(cfg.method.name).STAGE == "multitask" and len(names) < 2:
         raise UserError(f"multitask needs at least two tasks, got '{cfg.task}': pass --tasks rte,mrpc")
-    return [load_task(n) for n in names]
+    tasks = [load_task(n) for n in names]
+    twice = sorted({t.name for t in tasks if [u.name for u in tasks].count(t.name) > 1})
+    if twice:
+        raise UserError(f"task '{twice[0]}' is given twice in '{cfg.task}': name each task once")
+    return tasks
 
 
 def run_identity(cfg: RunConfig, tasks: list[TaskSpec]) -> dict:
