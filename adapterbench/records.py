@@ -5,7 +5,9 @@ only through here."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import math
 import os
@@ -125,9 +127,23 @@ def write_archive(root: Path, out: Path, replace: bool = False) -> tuple[int, in
     if replace and not fresh and Path(out).is_file() and Path(out).read_text().strip():
         raise UserError(f"--replace would empty {out}: {root} has no finished run yet; leave out --replace, "
                         f"or pass the folder whose runs should replace the archive's")
-    kept = {} if replace else {k: line for k, line in read_archive_lines(out).items() if k not in fresh}
-    atomic_write(out, "".join(line + "\n" for line in sorted([*fresh.values(), *kept.values()])))
+    with folder_lock(Path(out).parent):     # two `archive` commands into one file: one after the other
+        kept = {} if replace else {k: line for k, line in read_archive_lines(out).items() if k not in fresh}
+        atomic_write(out, "".join(line + "\n" for line in sorted([*fresh.values(), *kept.values()])))
     return len(fresh), len(kept)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """An exclusive lock on a folder (flock on the folder itself: no lock file left behind), so a
+    read-modify-write of a file in it never interleaves with another process's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def archive_key(record: dict) -> tuple:
@@ -251,9 +267,10 @@ def write_unfinished(root: Path, out: Path) -> tuple[int, int, int]:
             fresh[unfinished_key(record)] = json.dumps(relative_to(record, bases), sort_keys=True, default=str)
         elif status_of(folder) == "ok":
             done.add((_label(_config(folder)), folder.name, _attempt(folder)))
-    old = read_archive_lines(out, key=unfinished_key, fix=f"delete {out} to start it anew")
-    kept = {k: line for k, line in old.items() if k not in fresh and k not in done}
-    atomic_write(out, "".join(line + "\n" for line in sorted([*fresh.values(), *kept.values()])))
+    with folder_lock(Path(out).parent):
+        old = read_archive_lines(out, key=unfinished_key, fix=f"delete {out} to start it anew")
+        kept = {k: line for k, line in old.items() if k not in fresh and k not in done}
+        atomic_write(out, "".join(line + "\n" for line in sorted([*fresh.values(), *kept.values()])))
     return len(fresh), len(kept), sum(1 for k in old if k in done)
 
 

@@ -241,3 +241,101 @@ def test_every_integer_key_at_any_size_is_accepted_or_one_line(key, value, comma
     assert r.exit_code in (0, 2), (r.exit_code, r.output, repr(r.exception))
     if r.exit_code == 2:
         assert r.output.startswith("error:") and len(r.output.strip().splitlines()) == 1, r.output
+
+
+# --- archives, reports and launcher state ------------------------------------------------------
+
+def archive_line(label: str, seed: int, value: float, **extra) -> str:
+    import json
+    return json.dumps({"run": f"m-s{seed}-abc", "label": label, "method": "pfeiffer", "task": "rte", "model": "m",
+                       "seed": seed, "status": "ok", "main_metric": "accuracy", "main_value": value,
+                       "tasks": {"rte": {"dev": {"accuracy": value}, "main_metric": "accuracy", "main_value": value}},
+                       "config": {}, **extra}) + "\n"
+
+
+HOSTILE_LABEL = "a|b <script>x</script> \\input{/etc/passwd} $y$ 50% my_row #1 & {z}"
+
+
+def test_report_never_writes_over_what_it_reads(tmp_path):
+    archive = tmp_path / "runs.jsonl"
+    archive.write_text(archive_line("full", 1, 60.0) + archive_line("full", 2, 61.0))
+    before = archive.read_text()
+    for out, words in (("runs.jsonl", "would write over"), ("table.png", "the plot goes beside it")):
+        r = runner.invoke(app, ["report", str(archive), "--out", str(tmp_path / out), "--no-majority"])
+        assert r.exit_code == 2 and words in r.output, r.output
+        assert not (tmp_path / "table.png").exists()
+    assert archive.read_text() == before
+
+
+def test_labels_are_text_in_markdown_latex_and_plots(tmp_path):
+    archive = tmp_path / "a.jsonl"
+    archive.write_text("".join(archive_line(lab, s, v) for lab, s, v in
+                               [("full", 1, 60.0), ("full", 2, 61.0), (HOSTILE_LABEL, 1, 62.0), (HOSTILE_LABEL, 2, 63.0)]))
+    r = runner.invoke(app, ["report", str(archive), "--out", str(tmp_path / "t.md"), "--no-majority"])
+    assert r.exit_code == 0, r.output
+    rows = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| a")]
+    assert len(rows) == 1 and "<script>" not in rows[0] and "a\\|b" in rows[0]
+    assert rows[0].count(" | ") == (tmp_path / "t.md").read_text().splitlines()[0].count(" | ")   # no extra cell
+    assert (tmp_path / "t.png").stat().st_size > 0                     # "$y$" drawn as text
+    r = runner.invoke(app, ["report", str(archive), "--format", "latex", "--out", str(tmp_path / "t.tex"),
+                            "--no-majority", "--no-plot"])
+    tex = (tmp_path / "t.tex").read_text()
+    assert r.exit_code == 0 and "\\input{" not in tex and r"\textbackslash{}input\{/etc/passwd\}" in tex
+    row = next(line for line in tex.splitlines() if line.startswith("a"))
+    assert row.count(" & ") == next(line for line in tex.splitlines() if line.startswith("method")).count(" & ")
+
+
+@pytest.mark.parametrize("field,value", [("seed", "abc"), ("seed", True), ("main_value", "4_5"), ("main_value", True),
+                                         ("main_value", float("inf")), ("tasks", [1]), ("label", 3)])
+def test_a_mistyped_archive_field_is_one_line_naming_it(field, value, tmp_path):
+    import json
+    lines = [json.loads(archive_line("full", s, 60.0 + s)) for s in (1, 2)]
+    lines[1][field] = value
+    archive = tmp_path / "a.jsonl"
+    archive.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = runner.invoke(app, ["report", str(archive), "--no-majority", "--no-plot"])
+    assert r.exit_code == 2 and f"'{field}'" in r.output and "a.jsonl:2" in r.output, r.output
+
+
+def test_two_archive_commands_into_one_file_keep_both_studies(tmp_path):
+    """archive updates a file under a lock: two studies archived at once into one file both land."""
+    import threading
+
+    from adapterbench.records import write_archive
+    for study in ("s1", "s2"):
+        for i in range(6):
+            run = tmp_path / study / "extract" / f"run{i}"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(archive_line(f"{study}-row", i, 50.0 + i))
+    out = tmp_path / "all.jsonl"
+    threads = [threading.Thread(target=write_archive, args=(tmp_path / s, out)) for s in ("s1", "s2") for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out.read_text().splitlines()) == 12
+
+
+def test_an_unfinished_snapshot_is_not_an_archived_run(tmp_path):
+    from adapterbench.study.archived import archive_records
+    archive = tmp_path / "a.jsonl"
+    archive.write_text(archive_line("full", 1, 60.0) + archive_line("full", 2, 0.0, status="running").replace(
+        '"main_value": 0.0', '"main_value": null'))
+    assert [key[1] for key in archive_records(archive)] == ["m-s1-abc"]
+
+
+def test_the_launcher_keeps_its_pickles_private_and_refuses_a_shared_folder(tmp_path):
+    import stat
+
+    from adapterbench.study.launch import private_folder
+    fresh = private_folder(tmp_path / "study" / "submitit")
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    shared = tmp_path / "shared" / "submitit"          # made under umask 002 by an earlier version
+    shared.mkdir(parents=True)
+    os.chmod(shared, 0o775)
+    (shared / "job_result.pkl").write_bytes(b"x")
+    os.chmod(shared / "job_result.pkl", 0o664)           # a colleague could have swapped it
+    with pytest.raises(UserError, match="not yours alone"):
+        private_folder(shared)
+    os.chmod(shared / "job_result.pkl", 0o644)
+    assert stat.S_IMODE(private_folder(shared).stat().st_mode) == 0o700

@@ -50,6 +50,7 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
                                                   "model, tasks, seeds and protocol, compared with paired statistics."),
            debug: bool = DebugOpt):
     """Tables (md/csv/latex) and plots over finished runs: mean ± std over seeds, deltas, significance."""
+    never_over_an_input(out_file, [runs_dir, against, claims])
     if against:
         from adapterbench.results.against import compare, comparison_table
         rep, results = compare(runs_dir, against, metric)
@@ -76,6 +77,21 @@ def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding ru
             console.print(f"plot: {png}")
         if runs_dir.is_dir():
             console.print(f"run folders: {runs_dir} (one per run: config.yaml, metrics.json, log.jsonl, weights)")
+
+
+def never_over_an_input(out_file: Path | None, inputs: list[Path | None]) -> None:
+    """--out (or the plot beside it) must not be a file the command reads: `report runs.jsonl
+    --out runs.jsonl` would replace the archive with its table."""
+    if out_file is None:
+        return
+    if out_file.suffix.lower() == ".png":
+        raise UserError(f"--out {out_file} names the table, and the plot goes beside it as .png: give the "
+                        f"table's name, e.g. {out_file.with_suffix('.md').name}")
+    for path in filter(None, inputs):
+        for written in (out_file, out_file.with_suffix(".png")):
+            if written.resolve() == Path(path).resolve():
+                raise UserError(f"--out {out_file} would write over {path}, which this command reads: "
+                                f"choose another --out, e.g. {Path(path).with_suffix('.md').name}")
 
 
 def show_or_write(text: str, out_file: Path | None, what: str) -> None:

@@ -241,6 +241,7 @@ def attention_heatmap(rows: list[list[float]], names: list[str], path: Path, tit
 
     import matplotlib
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False      # a label with "$" is text, not TeX math
     import matplotlib.pyplot as plt
     import numpy as np
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * max(len(names), 1), 1.2 + 0.45 * max(len(rows), 1)))

@@ -14,6 +14,7 @@ def metric_bars(rep, path: Path) -> None:
 
     import matplotlib
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False      # a label with "$" is text, not TeX math
     import matplotlib.pyplot as plt
     import numpy as np
     tasks, rows = rep.tasks, rep.rows
@@ -52,6 +53,7 @@ def forest_plot(claims: list[tuple], path: Path) -> None:
 
     import matplotlib
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False      # a label with "$" is text, not TeX math
     import matplotlib.pyplot as plt
     lines = []   # (y label, delta, ci, paper, bold)
     for label, delta, ci, paper, tasks in claims:

@@ -219,9 +219,25 @@ def _merge_words(merge: dict) -> str:
     return f"{merge.get('strategy')} of " + ", ".join(parts) + (f" [{merge['kind']}]" if merge.get("kind") else "")
 
 
+def md_cell(text: str) -> str:
+    """A table cell as Markdown shows it, whatever a label holds: a `|` does not end the cell and
+    HTML is text, not markup."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
+
+
+def latex_text(text: str) -> str:
+    """Text for a LaTeX table: TeX's special characters escaped (a label cannot \\input a file
+    or break the table), then the symbols our cells use as math."""
+    out = "".join({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}.get(c, c)
+                  for c in str(text))
+    return (out.replace("±", r"$\pm$").replace("†", r"$^\dagger$").replace("Δ", r"$\Delta$")
+            .replace(">", r"$>$").replace("<", r"$<$"))
+
+
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body]) + "\n"
+    lines = ["| " + " | ".join(map(md_cell, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(md_cell, r)) + " |" for r in body]) + "\n"
 
 
 SETTINGS_LEGEND = ("Settings: each row's learning rate, epoch budget (≤ N: best epoch on dev, stopped after "
@@ -253,8 +269,7 @@ def render(rep: Report, fmt: str) -> str:
                             *("" if p is None else f"{p:.4g}" for p in ps)])
         return buf.getvalue()
     if fmt == "latex":
-        esc = lambda s: s.replace("%", r"\%").replace("_", r"\_").replace("±", r"$\pm$").replace(
-            "†", r"$^\dagger$").replace("Δ", r"$\Delta$").replace(">", r"$>$")
+        esc = latex_text
         lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
                  " & ".join(esc(h) for h in header) + r" \\", r"\midrule"]
         lines += [" & ".join(esc(c) for c in r) + r" \\" for r in body]

@@ -121,8 +121,9 @@ def archive_records(archive: Path) -> dict[tuple, RunRecord]:
     """A results archive's records by (row label, run folder name); one clear line when it is missing."""
     if not Path(archive).is_file():
         raise UserError(f"archive {archive} does not exist: pass the .jsonl `adapterbench archive` wrote")
-    return {key: parse_record(json.loads(line), f"{archive} ({key[0]}, {key[1]})")
-            for key, line in read_archive_lines(archive).items()}
+    records = {key: parse_record(json.loads(line), f"{archive} ({key[0]}, {key[1]})")
+               for key, line in read_archive_lines(archive).items()}
+    return {key: r for key, r in records.items() if r.finished}    # an unfinished run's snapshot is not a result
 
 
 def mark_archived(rows: list, nodes: list[Node], archive: Path) -> int:

@@ -93,7 +93,7 @@ def submit(launcher: str, worker: StudyWorker, res: Resources, out_dir: Path) ->
         if shutil.which("sbatch") is None:
             raise UserError("--launcher slurm needs SLURM's sbatch on PATH: run it on a cluster's login node "
                             "(or install slurm-wlm and munge for a one-node SLURM), or use --launcher local")
-    logs = Path(out_dir) / "slurm" if launcher == "slurm" else Path(out_dir) / "submitit"
+    logs = private_folder(Path(out_dir) / "slurm" if launcher == "slurm" else Path(out_dir) / "submitit")
     ex = executor(launcher, logs, res)
     jobs = ex.map_array(worker, list(range(res.workers)))
     record = {"launcher": launcher, "jobs": [j.job_id for j in jobs], "log_folder": str(logs.resolve()),
@@ -103,6 +103,27 @@ def submit(launcher: str, worker: StudyWorker, res: Resources, out_dir: Path) ->
     history = read_json(path)["history"] if path.is_file() else []
     write_json(path, {**record, "history": history + [record]})
     return jobs, logs
+
+
+def private_folder(folder: Path) -> Path:
+    """submitit's folder (the pickled jobs and results the launcher unpickles): created owner-only
+    (0700) inside a study folder that may be shared group-writable, and refused when another
+    user owns it or could have written into it, so a swapped pickle never runs code here."""
+    import os
+    import stat
+    folder.mkdir(parents=True, exist_ok=True)
+    st = folder.lstat()
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():
+        raise UserError(f"{folder} is not a folder of yours (a link, or owned by another user): the launcher "
+                        f"keeps pickled jobs there; remove it or choose another --out")
+    if st.st_mode & 0o077:       # others could enter it (made by an earlier version): trust nothing they could write
+        for item in folder.rglob("*"):
+            mode = item.lstat()
+            if mode.st_uid != os.getuid() or stat.S_ISLNK(mode.st_mode) or mode.st_mode & 0o022:
+                raise UserError(f"{item} in the launcher's folder is not yours alone (another owner, a link, or "
+                                f"writable by others): remove {folder} (it holds only job state) and submit again")
+    os.chmod(folder, 0o700)
+    return folder
 
 
 def parse_params(pairs: list[str]) -> dict:
