@@ -173,15 +173,23 @@ def test_sigterm_checkpoints_then_stops_and_the_run_resumes(tiny_bert_dir, task_
     assert sorted(done["machine_seconds"]) == ["machine B", "not recorded"]
 
 
-def test_sigterm_handled_by_someone_else_is_left_to_them():
-    """A process whose SIGTERM already has a handler (submitit's job, for one) keeps it; so
-    does a rank of a multi-process run (catch_term=False)."""
+def test_sigterm_handled_by_someone_else_is_theirs_after_the_checkpoint():
+    """A process whose SIGTERM or SIGUSR2 already has a handler (submitit's job: requeue on a
+    time limit or preemption) gets it after the loop has checkpointed at the current step
+    (issue 42: preemption loses nothing); a rank of a multi-process run (catch_term=False)
+    leaves SIGTERM alone."""
     seen = []
     before = signal.signal(signal.SIGTERM, lambda *a: seen.append(a[0]))
+    before_usr2 = signal.signal(signal.SIGUSR2, lambda *a: seen.append(a[0]))
     try:
-        with T.CheckpointRequests() as req:
-            os.kill(os.getpid(), signal.SIGTERM)
-            assert not req.stopping and req.due(1) == "" and seen == [signal.SIGTERM]
+        for signum in (signal.SIGTERM, signal.SIGUSR2):
+            seen.clear()
+            with T.CheckpointRequests() as req:
+                os.kill(os.getpid(), signum)
+                assert req.stopping and req.due(1) == signal.Signals(signum).name and seen == []   # checkpoint first
+                req.hand_over()
+                assert seen == [signum]
+            assert signal.getsignal(signum) is not signal.SIG_DFL and signal.getsignal(signum) != req._defer
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         with T.CheckpointRequests(catch_term=False):
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -190,6 +198,7 @@ def test_sigterm_handled_by_someone_else_is_left_to_them():
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGUSR2, before_usr2)
 
 
 def test_checkpoint_signal_outside_training_leaves_the_process_alive():

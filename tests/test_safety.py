@@ -339,3 +339,21 @@ def test_the_launcher_keeps_its_pickles_private_and_refuses_a_shared_folder(tmp_
         private_folder(shared)
     os.chmod(shared / "job_result.pkl", 0o644)
     assert stat.S_IMODE(private_folder(shared).stat().st_mode) == 0o700
+
+
+def test_slurm_time_limits_are_read_in_every_format():
+    from adapterbench.study.launch import slurm_minutes, time_limit
+    assert [slurm_minutes(x) for x in ("infinite", "UNLIMITED", "1-00:00:00", "2:00:00", "30:00", "45", "0:30")] == \
+        [None, None, 1440, 120, 30, 45, 1]
+    assert time_limit("submitit-local", None, None) == 24 * 60 and time_limit("submitit-local", None, 5) == 5
+
+
+def test_status_refuses_to_guess_without_the_data(tmp_path, task_yamls, monkeypatch):
+    """Without the tasks' data every finished run would look queued (a run's identity hashes its
+    data): status says so in one line instead."""
+    monkeypatch.delenv("ADAPTERBENCH_DATA_DIR", raising=False)
+    study = tmp_path / "s.yaml"
+    study.write_text(f"name: s\nmodels: [m]\ntasks: ['{task_yamls['toy']}']\nseeds: [1]\nmethods: [{{name: full}}]\n"
+                     f"out_dir: {tmp_path / 'runs'}\n")
+    r = runner.invoke(app, ["status", str(study)])
+    assert r.exit_code == 2 and "data of task toy is not found" in r.output and "--data-dir" in r.output, r.output

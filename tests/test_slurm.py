@@ -101,6 +101,84 @@ methods:
     assert all((a[k] == b[k]).all() for k in a)
 
 
+def test_preemption_checkpoints_at_the_signal_with_default_settings(tmp_path, monkeypatch):
+    """At the default checkpoint settings (one per epoch) a worker preempted mid-epoch loses
+    nothing: SLURM's pre-timeout signal (USR2, submitit's) makes the loop checkpoint at the
+    current step before submitit requeues the job, and the requeued run resumes from that step
+    to the weights of an uninterrupted run."""
+    if not os.environ.get("ADAPTERBENCH_DATA_DIR"):
+        pytest.skip("needs ADAPTERBENCH_DATA_DIR (RTE)")
+    from safetensors.torch import load_file
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path / "d.yaml"
+    study.write_text("""name: preempt_default
+models: [tiny-bert]
+tasks: [rte]
+seeds: [1]
+defaults:
+  train: {limit: 512, eval_limit: 16, epochs: 2, batch_size: 8, log_every: 1}
+methods:
+  - {name: pfeiffer}
+""")
+    assert runner.invoke(app, ["run", str(study), "--out", str(tmp_path / "ref")]).exit_code == 0
+    r = runner.invoke(app, ["run", str(study), "--launcher", "slurm", "--time", "20"])
+    assert r.exit_code == 0, r.output
+    job = json.loads((tmp_path / "runs" / "preempt_default" / "launch.json").read_text())["jobs"][0]
+    deadline = time.time() + 180
+
+    def records(run):
+        return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.endswith("}")]
+    while True:                                  # mid-way through the first epoch
+        found = glob.glob(str(tmp_path / "runs/preempt_default/extract/pfeiffer/rte/*/log.jsonl"))
+        if found and any(rec.get("step", 0) >= 10 for rec in records(Path(found[0]).parent)):
+            break
+        assert time.time() < deadline, "the worker never got to step 10"
+        time.sleep(0.1)
+    run = Path(found[0]).parent
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)          # as SLURM does before a time limit
+    while json.loads((run / "metrics.json").read_text())["status"] != "ok":
+        assert time.time() < deadline + 180, "the requeued worker did not finish the run"
+        pending = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout
+        if "BeginTime" in pending:   # a requeued job waits ~2 minutes; start it now
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        time.sleep(0.5)
+    log = records(run)
+    saved = [rec for rec in log if rec.get("why") == "SIGUSR2"]
+    resumed = [rec for rec in log if rec.get("resumed")]
+    assert len(saved) == 1 and saved[0]["epoch"] == 0 and saved[0]["checkpoint"] >= 10, log
+    assert resumed and resumed[0]["step"] == saved[0]["checkpoint"]        # nothing trained twice, nothing lost
+    ref = Path(glob.glob(str(tmp_path / "ref/extract/pfeiffer/rte/*/metrics.json"))[0]).parent
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (run, ref))
+    assert got["history"] == want["history"] and got["steps"] == want["steps"]
+    a, b = load_file(run / "adapter" / "adapter.safetensors"), load_file(ref / "adapter" / "adapter.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_submission_problems_are_one_line_and_status_says_what_slurm_says(tmp_path, monkeypatch):
+    """An unknown partition, GPUs the partition does not have, or more time than it allows are
+    one line each (they used to pend forever or end in a traceback); after a submission,
+    `status` shows SLURM's state of each recorded job."""
+    if not os.environ.get("ADAPTERBENCH_DATA_DIR"):
+        pytest.skip("needs ADAPTERBENCH_DATA_DIR (the smoke study reads RTE and MRPC)")
+    from adapterbench.study.launch import partition_minutes
+    monkeypatch.chdir(tmp_path)
+    for extra, words in ((["--partition", "nosuch"], "not a SLURM partition here"),
+                         (["--gpus-per-worker", "1"], "did not take the job")):
+        r = runner.invoke(app, ["run", "smoke", "--launcher", "slurm", *extra])
+        assert r.exit_code == 2 and r.output.startswith("error:") and words in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output
+    limit = partition_minutes(None)
+    if limit is not None:
+        r = runner.invoke(app, ["run", "smoke", "--launcher", "slurm", "--time", str(limit + 1)])
+        assert r.exit_code == 2 and "would never start" in r.output, r.output
+    r = runner.invoke(app, ["run", "smoke", "--launcher", "slurm", "--workers", "1", "--only", "full"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["status", "smoke"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "SLURM: " in r.output, r.output
+    job = json.loads((tmp_path / "runs" / "smoke" / "launch.json").read_text())["jobs"][0]
+    subprocess.run(["scancel", job.split("_")[0]], check=False)
+
+
 def test_tune_workers_share_one_journal_on_slurm(tiny_bert_dir, task_yamls, data_dir, tmp_path):
     """Two SLURM workers of `tune` take trials from one Optuna journal: every trial once."""
     from .test_tune import check_shared_journal, tune_args

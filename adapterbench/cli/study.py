@@ -52,7 +52,8 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
         workers: int = typer.Option(1, "--workers", help="submitit/slurm: how many workers (array size)."),
         array_parallelism: int = typer.Option(0, "--array-parallelism", help="slurm: at most this many at once."),
         partition: Optional[str] = typer.Option(None, "--partition", help="slurm: partition."),
-        time_min: int = typer.Option(24 * 60, "--time", help="Minutes per worker (requeued when it runs out)."),
+        time_min: Optional[int] = typer.Option(None, "--time", help="Minutes per worker (requeued when it runs out); "
+                                                                    "default: the partition's time limit."),
         cpus: int = typer.Option(1, "--cpus-per-worker", help="CPUs per worker."),
         gpus: int = typer.Option(0, "--gpus-per-worker", help="GPUs per worker."),
         mem_gb: float = typer.Option(0.0, "--mem", help="GB of memory per worker (0: the partition's default)."),
@@ -180,16 +181,17 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
                                                   "recorded times estimate what is left."),
            todo: bool = typer.Option(False, "--todo", help="List only the runs still to do (running, queued, "
                                                            "failed, blocked); the counts and hours stay the study's."),
-           debug: bool = DebugOpt):
+           data_dir: Optional[str] = DataOpt, debug: bool = DebugOpt):
     """Every run of a study: done, running, queued, failed, blocked (or archived).
 
     Running runs show their host, job, heartbeat age and progress; --archive counts the runs an
     archive holds as archived."""
     from adapterbench.study.archived import STALE_WHY
-    from adapterbench.study.execute import open_study
+    from adapterbench.study.execute import open_study, require_data
     from adapterbench.study.plan import plan
     from adapterbench.study.status import overview
-    st = open_study(shipped("studies", study), out)
+    st = open_study(shipped("studies", study), out, data_dir)
+    require_data(st)
     ov = overview(plan(st), archive)
     title = f"study {st.name} ({st.out_dir})"
     shown = [r for r in ov.rows if r.state not in ("done", "archived")] if todo else ov.rows
@@ -213,6 +215,11 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
         rec = read_json(launch)
         console.print(f"last launch: {rec['launcher']} jobs {', '.join(rec['jobs'])} ({rec['submitted']}); "
                       f"logs {rec['log_folder']}")
+        if rec["launcher"] == "slurm":
+            from adapterbench.study.launch import job_states
+            said = job_states(rec["jobs"])
+            console.print("SLURM: " + (", ".join(f"{j} {s}" for j, s in sorted(said.items())) or
+                                       "no job of that launch in squeue (finished, cancelled or purged)"))
 
 
 def _status_by_run(rows: list, title: str) -> Table:
@@ -280,7 +287,8 @@ def tune(config: Optional[Path] = ConfigOpt, task: Optional[str] = TaskOpt, mode
          launcher: str = typer.Option("local", "--launcher", help="local, submitit-local or slurm."),
          workers: int = typer.Option(1, "--workers", help="submitit/slurm: workers sharing the journal."),
          partition: Optional[str] = typer.Option(None, "--partition", help="slurm: partition."),
-         time_min: int = typer.Option(24 * 60, "--time", help="Minutes per worker."),
+         time_min: Optional[int] = typer.Option(None, "--time", help="Minutes per worker; default: the "
+                                                                     "partition's time limit."),
          wait: bool = typer.Option(False, "--wait", help="submitit/slurm: wait for the workers and summarise."),
          overrides: Optional[list[str]] = Overrides, debug: bool = DebugOpt):
     """Search hyperparameters with Optuna (TPE, median pruning) on the held-out slice; every trial is a run."""

@@ -52,32 +52,42 @@ class Stopped(KeyboardInterrupt):
     (resumable), not failed."""
 
     @classmethod
-    def after(cls, where: str, checkpointed: bool) -> "Stopped":
-        return cls(f"SIGTERM: stopped after {where}" + (", checkpointed; the same command resumes"
-                                                         if checkpointed else ""))
+    def after(cls, where: str, checkpointed: bool, why: str = "SIGTERM") -> "Stopped":
+        return cls(f"{why}: stopped after {where}" + (", checkpointed; the same command resumes"
+                                                      if checkpointed else ""))
 
 
 class CheckpointRequests:
     """When the loop owes a mid-epoch checkpoint: every `every` steps, every `minutes` minutes
-    since the last checkpoint, or once after SIGUSR1; and whether SIGTERM asked it to stop
-    (`stopping`: checkpoint at the next step boundary, then stop; a second SIGTERM ends the
-    process at once). Signals are caught while the loop runs, in the main thread; SIGTERM only
-    in a one-process run (`catch_term`: ranks that stop one by one would leave the others
-    waiting in a collective) and only when nothing else handles it (submitit, for one, does).
-    The previous handlers come back afterwards. `due(step)` says why a checkpoint is owed, or ''."""
+    since the last checkpoint, or once after SIGUSR1; and whether a signal asked it to stop
+    (`stopping`: checkpoint at the next step boundary, then stop). SIGTERM stops a run nothing
+    else handles (a second SIGTERM ends the process at once). A handler someone else installed
+    for SIGTERM or SIGUSR2 (submitit's: requeue on preemption or a time limit) is deferred, not
+    replaced: the loop first checkpoints at the current step, then `hand_over` calls it, so a
+    preempted run loses nothing. Signals are caught while the loop runs, in the main thread, and
+    only in a one-process run (`catch_term`: ranks that stop one by one would leave the others
+    waiting in a collective). The previous handlers come back afterwards. `due(step)` says why a
+    checkpoint is owed, or ''."""
 
     def __init__(self, every: int = 0, minutes: float = 0.0, catch_term: bool = True):
         self.every, self.minutes, self.catch_term = every, minutes, catch_term
         self.last = time.monotonic()
         self.signalled = self.stopping = False
+        self.why = ""
         self.previous: dict = {}
+        self.deferred: list = []          # (handler, signum, frame) to call once the checkpoint is written
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             if hasattr(signal, "SIGUSR1"):
                 self.previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._ask)
-            if self.catch_term and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-                self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._stop)
+            if self.catch_term:
+                for signum in (signal.SIGTERM, getattr(signal, "SIGUSR2", None)):
+                    current = signum and signal.getsignal(signum)
+                    if signum == signal.SIGTERM and current is signal.SIG_DFL:
+                        self.previous[signum] = signal.signal(signum, self._stop)
+                    elif callable(current):
+                        self.previous[signum] = signal.signal(signum, self._defer)
         return self
 
     def __exit__(self, *exc):
@@ -89,11 +99,23 @@ class CheckpointRequests:
         self.signalled = True
 
     def _stop(self, signum, frame):
-        self.stopping = True
+        self.stopping, self.why = True, signal.Signals(signum).name
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
+    def _defer(self, signum, frame):
+        self.stopping, self.why = True, signal.Signals(signum).name
+        self.deferred.append((self.previous[signum], signum, frame))
+
+    def hand_over(self) -> None:
+        """After the stopping checkpoint: give the deferred signals to their own handlers
+        (submitit requeues the job and exits here); returns when there were none."""
+        waiting, self.deferred = self.deferred, []
+        self.__exit__()
+        for handler, signum, frame in waiting:
+            handler(signum, frame)
+
     def due(self, step: int) -> str:
-        return ("SIGTERM" if self.stopping else "SIGUSR1" if self.signalled else
+        return (self.why if self.stopping else "SIGUSR1" if self.signalled else
                 f"every {self.every} steps" if self.every and step % self.every == 0 else
                 f"every {self.minutes:g} min" if self.minutes and time.monotonic() - self.last >= 60 * self.minutes
                 else "")

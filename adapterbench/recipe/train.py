@@ -227,8 +227,8 @@ def train(model, source, dev_sets, tasks, collate, cfg: TrainConfig, log=lambda 
                 break
             if checkpoint_dir is not None:
                 lp.checkpoint()
-            if lp.requests.stopping:       # SIGTERM during the epoch's dev scoring
-                raise Stopped.after(f"epoch {res.epoch}", checkpoint_dir is not None)
+            if lp.requests.stopping:       # a signal during the epoch's dev scoring
+                stop(lp, f"epoch {res.epoch}")
     restore(lp.plain, lp.best_state)
     if lp.wanted:
         TR.finish(lp.accelerator, tracking, final_metrics(res, tasks))
@@ -313,6 +313,13 @@ def logger(to_file, accelerator, wanted: list):
     return log
 
 
+def stop(lp: Loop, where: str) -> None:
+    """A signal asked the run to stop and its checkpoint is written: hand the signal to whoever
+    else handles it (submitit requeues the job), else stop as interrupted."""
+    lp.requests.hand_over()
+    raise Stopped.after(where, lp.checkpoint_dir is not None, lp.requests.why)
+
+
 def train_epoch(lp: Loop) -> None:
     """One epoch of steps (each batch cut as `split_batch` cuts it on this device), logged every
     `log_every` steps, checkpointed when a request is due; stops at `max_steps` or on a signal."""
@@ -344,7 +351,7 @@ def train_epoch(lp: Loop) -> None:
             lp.checkpoint()
             lp.log({"checkpoint": res.steps, "epoch": res.epoch, "why": why})
         if lp.requests.stopping:
-            raise Stopped.after(f"step {res.steps}", lp.checkpoint_dir is not None)
+            stop(lp, f"step {res.steps}")
     res.clock(time.perf_counter() - t0, lp.here)
 
 

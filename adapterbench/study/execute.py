@@ -14,6 +14,7 @@ from adapterbench.records import status_of
 from adapterbench.study.archived import archive_records, archived
 from adapterbench.study.locks import Heartbeat, try_lock, unlock
 from adapterbench.study.plan import Node, Study, load_study, plan, selected, state
+from adapterbench.tasks import load_task
 
 
 def run_merge(node: Node) -> None:
@@ -131,6 +132,19 @@ def open_study(path: Path, out: str | None = None, data_dir: str | None = None) 
     if data_dir:
         st.defaults = {**st.defaults, "data": {**st.defaults.get("data", {}), "data_dir": data_dir}}
     return st
+
+
+def require_data(st: Study) -> None:
+    """A study's runs are found by their identity, which hashes each task's data: without the data
+    every finished run would look queued. One line instead of a wrong picture."""
+    from adapterbench.data import data_files
+    data_dir = (st.defaults.get("data") or {}).get("data_dir")
+    for name in st.tasks:
+        task = load_task(name)
+        if task.sources.local is not None and not data_files(task, data_dir):
+            raise UserError(f"the data of task {task.name} is not found, and a run's identity hashes its data, so "
+                            f"its runs cannot be told apart from runs still to do: pass --data-dir DIR or set "
+                            f"ADAPTERBENCH_DATA_DIR (a glue_data-style folder)")
 
 
 @dataclass

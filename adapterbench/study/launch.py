@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from adapterbench.errors import UserError
@@ -24,7 +24,7 @@ class Resources:
     workers: int = 1                  # array size: how many workers take runs
     array_parallelism: int = 0        # SLURM: at most this many at once (0: all)
     partition: str | None = None
-    time_min: int = 24 * 60           # per worker; a worker whose time runs out is requeued
+    time_min: int | None = None       # per worker (requeued when it runs out); None: the partition's limit
     cpus: int = 1                     # per worker
     gpus: int = 0                     # per worker (each run uses them through accelerate)
     mem_gb: float = 0.0               # per worker; 0: the partition's default
@@ -85,6 +85,7 @@ def executor(launcher: str, folder: Path, res: Resources):
 
 def submit(launcher: str, worker: StudyWorker, res: Resources, out_dir: Path) -> tuple[list, Path]:
     """Submit `res.workers` workers; record the job ids and log folder in <out_dir>/launch.json."""
+    res = replace(res, time_min=time_limit(launcher, res.partition, res.time_min))
     if res.workers < 1 or res.cpus < 1 or res.time_min < 1 or res.gpus < 0 or res.mem_gb < 0:
         raise UserError("--workers, --cpus-per-worker and --time must be at least 1; --gpus-per-worker and --mem "
                         "0 or more")
@@ -95,7 +96,12 @@ def submit(launcher: str, worker: StudyWorker, res: Resources, out_dir: Path) ->
                             "(or install slurm-wlm and munge for a one-node SLURM), or use --launcher local")
     logs = private_folder(Path(out_dir) / "slurm" if launcher == "slurm" else Path(out_dir) / "submitit")
     ex = executor(launcher, logs, res)
-    jobs = ex.map_array(worker, list(range(res.workers)))
+    try:
+        jobs = ex.map_array(worker, list(range(res.workers)))
+    except Exception as e:     # sbatch refused it: a partition, GPUs or memory it does not have
+        said = next((line.strip() for line in str(e).splitlines() if "error" in line.lower()), str(e).strip()[:200])
+        raise UserError(f"{launcher} did not take the job: {said}; check --partition, --gpus-per-worker, --mem "
+                        f"and --time against `sinfo`") from None
     record = {"launcher": launcher, "jobs": [j.job_id for j in jobs], "log_folder": str(logs.resolve()),
               "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resources": asdict(res)}
     from adapterbench.fileio import read_json, write_json
@@ -124,6 +130,64 @@ def private_folder(folder: Path) -> Path:
                                 f"writable by others): remove {folder} (it holds only job state) and submit again")
     os.chmod(folder, 0o700)
     return folder
+
+
+def time_limit(launcher: str, partition: str | None, asked: int | None) -> int:
+    """Minutes per worker: what was asked, checked against the partition's limit (a job asking more
+    pends forever), or that limit when nothing was asked (24 h where there is none, or no SLURM)."""
+    limit = partition_minutes(partition) if launcher == "slurm" else None
+    if asked is None:
+        return limit or 24 * 60
+    if limit and asked > limit:
+        raise UserError(f"--time {asked} is more than the {limit} minutes partition "
+                        f"{partition or '(the default)'} allows: a job asking more would never start; "
+                        f"give --time {limit} or less (a worker that runs out is requeued)")
+    return asked
+
+
+def partition_minutes(partition: str | None) -> int | None:
+    """A SLURM partition's time limit in minutes (`sinfo`; the default partition when None);
+    None when it has none or sinfo cannot say."""
+    import subprocess
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %l"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        name, _, limit = line.strip().partition(" ")
+        if (partition is None and name.endswith("*")) or name.rstrip("*") == partition:
+            return slurm_minutes(limit.strip())
+    if partition is not None and out.strip():
+        known = ", ".join(sorted({line.split()[0].rstrip("*") for line in out.splitlines() if line.strip()}))
+        raise UserError(f"--partition {partition} is not a SLURM partition here (sinfo shows: {known})")
+    return None
+
+
+def slurm_minutes(text: str) -> int | None:
+    """SLURM's time format ('infinite', 'D-HH:MM:SS', 'HH:MM:SS', 'MM:SS', 'MM') in minutes."""
+    if not text or text.lower() in ("infinite", "unlimited", "n/a"):
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    h, m, sec = ([0] * (3 - len(parts)) + parts) if len(parts) > 1 else (0, parts[0], 0)
+    return int(days or 0) * 24 * 60 + h * 60 + m + (1 if sec else 0)
+
+
+def job_states(jobs: list[str]) -> dict[str, str]:
+    """SLURM's word on recorded jobs (`squeue`): 'RUNNING', 'PENDING (Resources)', ...; a job
+    squeue no longer lists is absent (finished, cancelled or purged); {} without SLURM."""
+    import subprocess
+    ids = sorted({j.split("_")[0] for j in jobs})
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i %T %r"], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    states = {}
+    for line in out.splitlines():
+        job, state, reason = (line.split(None, 2) + ["", ""])[:3]
+        states[job] = state + (f" ({reason})" if reason and reason != "None" else "")
+    return states
 
 
 def parse_params(pairs: list[str]) -> dict:
