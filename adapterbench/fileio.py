@@ -200,3 +200,29 @@ def move_into(src: Path, dst: Path) -> None:
         elif there.is_dir():
             raise UserError(f"{there} is a folder where this command writes a file: move it out of {dst} and rerun")
         os.replace(item, there)
+
+
+def plain_name(name, where: str) -> str:
+    """A name that becomes a file or folder name (an adapter's, a source's) as read from a file
+    or the command line: one path component of printable characters, never '.', '..', a path or
+    empty, so nothing is written outside the folder it belongs in. Else one line naming `where`."""
+    ok = (isinstance(name, str) and 0 < len(name) <= 120 and name.isprintable() and name not in (".", "..")
+          and "/" not in name and "\\" not in name and "\0" not in name)
+    if not ok:
+        raise UserError(f"{where}: {name!r} is not a plain name (one folder name, no '/', '..' or control "
+                        f"characters, at most 120 characters): the file was not written by the tool it names; "
+                        f"mend it or re-save it")
+    return name
+
+
+def writable_inside(root: Path, *parts: str) -> Path:
+    """root/parts..., for a command to write into a folder it did not just make (a received run
+    folder): refused in one line when any step from `root` down is a link, so a write never
+    lands outside the folder."""
+    path = Path(root)
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise UserError(f"{path} is a link (to {path.resolve()}): adapterbench writes into a run folder only, "
+                            f"never through a link; remove the link and rerun")
+    return path

@@ -357,3 +357,39 @@ def test_status_refuses_to_guess_without_the_data(tmp_path, task_yamls, monkeypa
                      f"out_dir: {tmp_path / 'runs'}\n")
     r = runner.invoke(app, ["status", str(study)])
     assert r.exit_code == 2 and "data of task toy is not found" in r.output and "--data-dir" in r.output, r.output
+
+
+# --- names and links in received folders ------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/abs", "..", "", "a/b", "x" * 200, "tab\there", 3])
+def test_names_from_files_never_become_paths(name):
+    from adapterbench.fileio import plain_name
+    with pytest.raises(UserError, match="not a plain name"):
+        plain_name(name, "adapter_fusion_config.json")
+    assert plain_name("rte_adapter-1.v2", "x") == "rte_adapter-1.v2"
+
+
+def test_a_received_fusion_with_hostile_adapter_names_writes_nothing_outside(tmp_path):
+    """An AdapterHub fusion whose adapter_names point outside (../.., absolute) is refused in one
+    line before any folder is made."""
+    import json
+    src = tmp_path / "saved"
+    (src / "fusion").mkdir(parents=True)
+    (src / "fusion" / "adapter_fusion_config.json").write_text(json.dumps(
+        {"adapter_names": ["../../../evil", "/tmp/abs"], "config": {}}))
+    r = runner.invoke(app, ["import", str(src), "--out", str(tmp_path / "out" / "f"), "--model", "x"])
+    assert r.exit_code == 2 and "not a plain name" in r.output, r.output
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "out" / "f").exists()
+
+
+def test_evaluate_never_writes_through_a_link_in_a_received_run(two_adapters, tmp_path):
+    import shutil
+    runs, data, _ = two_adapters
+    run = tmp_path / "received"
+    shutil.copytree(runs[0], run)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / "predictions").symlink_to(elsewhere)
+    r = runner.invoke(app, ["evaluate", str(run), "--split", "test", "--data-dir", str(data)])
+    assert r.exit_code == 2 and "is a link" in r.output, r.output
+    assert not any(elsewhere.iterdir())

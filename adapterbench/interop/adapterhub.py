@@ -19,6 +19,7 @@ import torch
 from adapterbench.errors import UserError
 from adapterbench.fileio import (
     load_tensors,
+    plain_name,
     prepare_out,
     read_json,
     save_tensors,
@@ -207,8 +208,9 @@ def export_fusion(run_dir: str | Path, out: Path, force: bool = False) -> Path:
     out = prepare_out(Path(out), force)
     names = []
     for s in sources:
-        export(s["path"], out / s["name"], name=s["name"], force=force)
-        names.append(s["name"])
+        name = plain_name(s.get("name") if isinstance(s, dict) else None, f"{run_dir / 'fusion' / 'sources.json'}")
+        export(s["path"], out / name, name=name, force=force)
+        names.append(name)
     fused = ",".join(names)
     _check_layout(cfg_meta["model_type"])
     prefix = PREFIX[cfg_meta["model_type"]]
@@ -264,6 +266,9 @@ def import_fusion(src: str | Path, out: Path, base_model: str | None = None, for
                         f"save_adapter_fusion next to its adapters (save_adapter) and head (save_head)")
     fmeta = read_json(fdir / "adapter_fusion_config.json")
     names = fmeta.get("adapter_names") or str(fmeta.get("name", "")).split(",")
+    if not isinstance(names, list) or len(set(map(str, names))) != len(names):
+        raise UserError(f"{fdir / 'adapter_fusion_config.json'}: adapter_names {names!r} must list each adapter once")
+    names = [plain_name(n, str(fdir / "adapter_fusion_config.json")) for n in names]
     fcfg = fmeta.get("config", {})
     for key, want in (("query", True), ("key", True), ("residual_before", False), ("query_before_ln", False),
                       ("value_before_softmax", True)):

@@ -17,9 +17,8 @@ every merged adapter's config:
 
 from __future__ import annotations
 
-import math
-
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np

@@ -16,6 +16,7 @@ from adapterbench.fileio import (
     load_tensors,
     read_json,
     save_tensors,
+    writable_inside,
     write_json,
 )
 from adapterbench.methods import get_method, method_config
@@ -208,6 +209,8 @@ def evaluate_stage(folder: Path, split: str = "dev", data_dir: str | None = None
     metrics, preds = evaluate(model, items, tasks, collate, cfg.train.eval_batch_size, cfg.train.precision)
     result = {"split": split, "tasks": metrics}
     if save_attention:
+        for name in ("attention.csv", "attention.png"):
+            writable_inside(Path(folder), name)
         result["attention"] = str(write_attention(folder, model, items[0], collate, tasks[0], cfg))
     if split == "dev":
         want = {t: r["dev"] for t, r in task_results(stored).items()}
@@ -215,11 +218,11 @@ def evaluate_stage(folder: Path, split: str = "dev", data_dir: str | None = None
     else:
         paths = []
         for t, s in zip(tasks, splits):
-            path = Path(folder) / "predictions" / f"{t.name}.tsv"
+            path = writable_inside(Path(folder), "predictions", f"{t.name}.tsv")
             write_predictions(path, t, s[split], preds[t.name])
             paths.append(str(path))
         result["predictions"] = paths
-    write_json(Path(folder) / f"eval_{split}.json", result)
+    write_json(writable_inside(Path(folder), f"eval_{split}.json"), result)
     return result
 
 
