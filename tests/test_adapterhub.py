@@ -66,7 +66,8 @@ def test_export_then_import_is_lossless(method, tmp_path):
 
 def test_imported_adapters_fuse_and_merge(task_yamls, data_dir, tmp_path):
     a = import_adapter(FIX / "pfeiffer" / "adapter", tmp_path / "a", base_model=MODEL)
-    r = runner.invoke(app, ["merge", "--adapters", str(a), str(a), "--strategy", "align", "--out", str(tmp_path / "m")])
+    a2 = import_adapter(FIX / "pfeiffer" / "adapter", tmp_path / "a2", base_model=MODEL)   # a source is named once
+    r = runner.invoke(app, ["merge", "--adapters", str(a), str(a2), "--strategy", "align", "--out", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["fuse", "--target", str(task_yamls["toy"]), "--adapters", str(a), str(tmp_path / "m"),
                             "--data-dir", str(data_dir), "--out", str(tmp_path / "runs"), "train.max_steps=2", "model.max_length=64"])

@@ -73,9 +73,13 @@ def test_lora_refuses_merge_and_adapterhub_export_with_one_line(tiny_bert_dir, t
                             "train.max_steps=1"])
     assert r.exit_code == 0, r.output
     run = next((tmp_path / "runs").glob("extract/lora/toy/*"))
-    r = runner.invoke(app, ["merge", "--adapters", str(run), str(run), "--out", str(tmp_path / "m"),
+    import shutil
+    twin = tmp_path / "twin"                        # a second source (a source is named once)
+    shutil.copytree(run, twin)
+    r = runner.invoke(app, ["merge", "--adapters", str(run), str(twin), "--out", str(tmp_path / "m"),
                             "--strategy", "task-arithmetic"])
     assert r.exit_code == 2 and "lora" in r.output and len(r.output.strip().splitlines()) <= 2
+    assert "given twice" not in r.output
     r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "ah")])
     assert r.exit_code == 2 and "pfeiffer and houlsby" in r.output
 
