@@ -41,6 +41,37 @@ def need_slurm():
         pytest.skip(why)
 
 
+def submit_with_reference(tmp_path: Path, name: str, train: str) -> str:
+    """A one-run study (pfeiffer on RTE, tiny-bert) trained here uninterrupted (ref/), then
+    submitted to SLURM (runs/); its job id."""
+    study = tmp_path / f"{name}.yaml"
+    study.write_text(f"name: {name}\nmodels: [tiny-bert]\ntasks: [rte]\nseeds: [1]\ndefaults:\n  train: {train}\n"
+                     f"methods:\n  - {{name: pfeiffer}}\n")
+    assert runner.invoke(app, ["run", str(study), "--out", str(tmp_path / "ref")]).exit_code == 0
+    r = runner.invoke(app, ["run", str(study), "--launcher", "slurm", "--time", "20"])
+    assert r.exit_code == 0, r.output
+    return json.loads((tmp_path / "runs" / name / "launch.json").read_text())["jobs"][0]
+
+
+def finish_requeued(run: Path, job: str, deadline: float) -> None:
+    """Wait for a requeued worker to finish `run` (a requeued job waits ~2 minutes: start it now)."""
+    while json.loads((run / "metrics.json").read_text())["status"] != "ok":
+        assert time.time() < deadline, "the requeued worker did not finish the run"
+        pending = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout
+        if "BeginTime" in pending:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        time.sleep(0.5)
+
+
+def same_as_uninterrupted(run: Path, ref: Path) -> None:
+    """The interrupted-and-resumed run's history, steps and weights equal the uninterrupted one's."""
+    from safetensors.torch import load_file
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (run, ref))
+    assert got["history"] == want["history"] and got["steps"] == want["steps"]
+    a, b = load_file(run / "adapter" / "adapter.safetensors"), load_file(ref / "adapter" / "adapter.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+
+
 def test_smoke_study_as_a_slurm_job_array(tmp_path, monkeypatch):
     if not os.environ.get("ADAPTERBENCH_DATA_DIR"):
         pytest.skip("needs ADAPTERBENCH_DATA_DIR (the smoke study reads RTE and MRPC)")
@@ -61,22 +92,9 @@ def test_smoke_study_as_a_slurm_job_array(tmp_path, monkeypatch):
 def test_preempted_worker_is_requeued_and_resumes_identically(tmp_path, monkeypatch):
     if not os.environ.get("ADAPTERBENCH_DATA_DIR"):
         pytest.skip("needs ADAPTERBENCH_DATA_DIR (RTE)")
-    from safetensors.torch import load_file
     monkeypatch.chdir(tmp_path)
-    study = tmp_path / "r.yaml"
-    study.write_text("""name: preempt
-models: [tiny-bert]
-tasks: [rte]
-seeds: [1]
-defaults:
-  train: {limit: 512, eval_limit: 16, epochs: 3, batch_size: 8, checkpoint_every: 4}
-methods:
-  - {name: pfeiffer}
-""")
-    assert runner.invoke(app, ["run", str(study), "--out", str(tmp_path / "ref")]).exit_code == 0
-    r = runner.invoke(app, ["run", str(study), "--launcher", "slurm", "--time", "20"])
-    assert r.exit_code == 0, r.output
-    job = json.loads((tmp_path / "runs" / "preempt" / "launch.json").read_text())["jobs"][0]
+    job = submit_with_reference(tmp_path, "preempt", "{limit: 512, eval_limit: 16, epochs: 3, batch_size: 8, "
+                                                "checkpoint_every: 4}")
     deadline = time.time() + 120
     while not glob.glob(str(tmp_path / "runs/preempt/extract/pfeiffer/rte/*/checkpoint/latest.json")):
         assert time.time() < deadline, "the worker never wrote a checkpoint"
@@ -87,18 +105,9 @@ methods:
         assert time.time() < deadline, "the worker did not stop"
         time.sleep(0.2)
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
-    while json.loads((run / "metrics.json").read_text())["status"] != "ok":
-        assert time.time() < deadline + 120, "the requeued worker did not finish the run"
-        pending = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout
-        if "BeginTime" in pending:   # a requeued job waits ~2 minutes; start it now
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
-        time.sleep(0.5)
+    finish_requeued(run, job, deadline + 120)
     assert any(json.loads(x).get("resumed") for x in (run / "log.jsonl").read_text().splitlines())
-    ref = Path(glob.glob(str(tmp_path / "ref/extract/pfeiffer/rte/*/metrics.json"))[0]).parent
-    got, want = (json.loads((d / "metrics.json").read_text()) for d in (run, ref))
-    assert got["history"] == want["history"] and got["steps"] == want["steps"]
-    a, b = load_file(run / "adapter" / "adapter.safetensors"), load_file(ref / "adapter" / "adapter.safetensors")
-    assert all((a[k] == b[k]).all() for k in a)
+    same_as_uninterrupted(run, Path(glob.glob(str(tmp_path / "ref/extract/pfeiffer/rte/*/metrics.json"))[0]).parent)
 
 
 def test_preemption_checkpoints_at_the_signal_with_default_settings(tmp_path, monkeypatch):
@@ -108,22 +117,9 @@ def test_preemption_checkpoints_at_the_signal_with_default_settings(tmp_path, mo
     to the weights of an uninterrupted run."""
     if not os.environ.get("ADAPTERBENCH_DATA_DIR"):
         pytest.skip("needs ADAPTERBENCH_DATA_DIR (RTE)")
-    from safetensors.torch import load_file
     monkeypatch.chdir(tmp_path)
-    study = tmp_path / "d.yaml"
-    study.write_text("""name: preempt_default
-models: [tiny-bert]
-tasks: [rte]
-seeds: [1]
-defaults:
-  train: {limit: 512, eval_limit: 16, epochs: 2, batch_size: 8, log_every: 1}
-methods:
-  - {name: pfeiffer}
-""")
-    assert runner.invoke(app, ["run", str(study), "--out", str(tmp_path / "ref")]).exit_code == 0
-    r = runner.invoke(app, ["run", str(study), "--launcher", "slurm", "--time", "20"])
-    assert r.exit_code == 0, r.output
-    job = json.loads((tmp_path / "runs" / "preempt_default" / "launch.json").read_text())["jobs"][0]
+    job = submit_with_reference(tmp_path, "preempt_default", "{limit: 512, eval_limit: 16, epochs: 2, batch_size: 8, "
+                                                        "log_every: 1}")
     deadline = time.time() + 180
 
     def records(run):
@@ -136,22 +132,13 @@ methods:
         time.sleep(0.1)
     run = Path(found[0]).parent
     subprocess.run(["scancel", "--signal=USR2", job], check=True)          # as SLURM does before a time limit
-    while json.loads((run / "metrics.json").read_text())["status"] != "ok":
-        assert time.time() < deadline + 180, "the requeued worker did not finish the run"
-        pending = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout
-        if "BeginTime" in pending:   # a requeued job waits ~2 minutes; start it now
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
-        time.sleep(0.5)
+    finish_requeued(run, job, deadline + 180)
     log = records(run)
     saved = [rec for rec in log if rec.get("why") == "SIGUSR2"]
     resumed = [rec for rec in log if rec.get("resumed")]
     assert len(saved) == 1 and saved[0]["epoch"] == 0 and saved[0]["checkpoint"] >= 10, log
     assert resumed and resumed[0]["step"] == saved[0]["checkpoint"]        # nothing trained twice, nothing lost
-    ref = Path(glob.glob(str(tmp_path / "ref/extract/pfeiffer/rte/*/metrics.json"))[0]).parent
-    got, want = (json.loads((d / "metrics.json").read_text()) for d in (run, ref))
-    assert got["history"] == want["history"] and got["steps"] == want["steps"]
-    a, b = load_file(run / "adapter" / "adapter.safetensors"), load_file(ref / "adapter" / "adapter.safetensors")
-    assert all((a[k] == b[k]).all() for k in a)
+    same_as_uninterrupted(run, Path(glob.glob(str(tmp_path / "ref/extract/pfeiffer/rte/*/metrics.json"))[0]).parent)
 
 
 def test_submission_problems_are_one_line_and_status_says_what_slurm_says(tmp_path, monkeypatch):
