@@ -393,3 +393,24 @@ def test_evaluate_never_writes_through_a_link_in_a_received_run(two_adapters, tm
     r = runner.invoke(app, ["evaluate", str(run), "--split", "test", "--data-dir", str(data)])
     assert r.exit_code == 2 and "is a link" in r.output, r.output
     assert not any(elsewhere.iterdir())
+
+
+@pytest.mark.parametrize("command", ["fuse", "merge", "export-adapterhub", "export-peft"])
+def test_a_failed_run_is_never_built_on(command, two_adapters, tiny_bert_dir, tmp_path):
+    """A failed (or unfinished) run's adapter is not a result: every command that takes a source
+    or exports one refuses it in one line."""
+    import json
+    import shutil
+    runs, data, yamls = two_adapters
+    failed = tmp_path / "failed"
+    shutil.copytree(runs[1], failed)
+    (failed / "metrics.json").write_text(json.dumps({**json.loads((failed / "metrics.json").read_text()),
+                                                     "status": "failed"}))
+    args = {"fuse": ["fuse", "--target", str(yamls["toy"]), "--adapters", runs[0], "--adapters", str(failed),
+                     "--model", str(tiny_bert_dir), "--data-dir", str(data), "--out", str(tmp_path / "o")],
+            "merge": ["merge", "--adapters", runs[0], "--adapters", str(failed), "--out", str(tmp_path / "o")],
+            "export-adapterhub": ["export", str(failed), "--out", str(tmp_path / "o")],
+            "export-peft": ["export", str(failed), "--format", "peft", "--out", str(tmp_path / "o")]}[command]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "status is 'failed'" in r.output, r.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.safetensors"))

@@ -14,6 +14,7 @@ from pathlib import Path
 from adapterbench.errors import UserError
 from adapterbench.fileio import file_sha256, load_tensors, read_json
 from adapterbench.methods import get_method, method_config
+from adapterbench.records import status_of
 
 
 @dataclass
@@ -39,6 +40,11 @@ def adapter_folder(src: str | Path) -> Path:
     p = Path(src)
     for cand in (p, p / "adapter"):
         if (cand / "adapter_config.json").is_file():
+            run = cand.parent if cand.name == "adapter" else cand
+            status = status_of(run) if (run / "metrics.json").is_file() else "ok"
+            if status != "ok":      # a failed or unfinished run's adapter is not a result to build on
+                raise UserError(f"source {src} is a run whose status is {status!r}, not 'ok': finish it "
+                                f"(rerun its command) or pass another source")
             return cand
     raise UserError(f"source {src} is neither an adapter folder nor an extract run folder "
                     f"(no adapter_config.json): pass the run folder of `adapterbench extract`")
