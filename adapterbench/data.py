@@ -103,10 +103,12 @@ _FILE_HASHES: dict[tuple, str] = {}
 
 
 def file_fingerprint(path: Path) -> str:
-    """sha256 of a file's content, cached (in memory and under the cache folder) by path, size
-    and modification time, so a study plans hundreds of runs without rereading its data."""
+    """sha256 of a file's content, cached (in memory and under the cache folder) by path, size,
+    modification time, inode and change time, so a study plans hundreds of runs without rereading
+    its data. The change time is the kernel's (no tool sets it back), so an edit that keeps the
+    size and resets the modification time is still seen."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
     if key in _FILE_HASHES:
         return _FILE_HASHES[key]
     store = cache_root() / "file-hashes.json"

@@ -414,3 +414,15 @@ def test_a_failed_run_is_never_built_on(command, two_adapters, tiny_bert_dir, tm
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "status is 'failed'" in r.output, r.output
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.safetensors"))
+
+
+def test_data_edited_with_its_size_and_mtime_kept_is_a_new_run(tmp_path):
+    from adapterbench.data import file_fingerprint
+    f = tmp_path / "train.tsv"
+    f.write_text("sentence\tlabel\ngood\t1\n")
+    first = file_fingerprint(f)
+    st = f.stat()
+    f.write_text("sentence\tlabel\nbad!\t0\n")                 # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))           # the old modification time back
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert file_fingerprint(f) != first
