@@ -218,6 +218,8 @@ def to_example(task: TaskSpec, path, lineno: int, row: dict, split: str) -> dict
         if col not in row:
             raise UserError(f"{where}: column '{col}' (text '{name}') is missing; columns are "
                             f"{', '.join(map(str, row))}: fix sources.local.columns")
+        if not isinstance(row[col], (str, int, float)) or isinstance(row[col], bool):   # JSONL null, true, lists
+            raise UserError(f"{where}: text column '{col}' holds {row[col]!r}, not text: fix or drop the row")
         text.append(str(row[col]))
     label_col = cols.get(task.label_column, task.label_column)
     raw = row.get(label_col)
@@ -233,6 +235,10 @@ def to_example(task: TaskSpec, path, lineno: int, row: dict, split: str) -> dict
 
 def parse_label(task: TaskSpec, raw, where: str):
     if task.regression:
+        # a number as a file writes it: not JSON true (1.0) nor Python's '4_5' (45.0)
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)) or (isinstance(raw, str) and (
+                "_" in raw or not raw.strip())):
+            raise UserError(f"{where}: score {raw!r} is not a number") from None
         try:
             value = float(raw)
         except (TypeError, ValueError):
@@ -240,6 +246,8 @@ def parse_label(task: TaskSpec, raw, where: str):
         if not math.isfinite(value):
             raise UserError(f"{where}: score {raw!r} is not finite: fix or drop the row")
         return value
+    if isinstance(raw, (bool, list, dict)):       # JSON true would read as "True", a list as its text
+        raise UserError(f"{where}: label {raw!r} is not one of the task's labels {task.labels}: fix the row")
     mapping = task.sources.local.label_map if task.sources.local else {}
     name = str(mapping.get(str(raw), raw))
     if name not in task.labels:

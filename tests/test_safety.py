@@ -426,3 +426,24 @@ def test_data_edited_with_its_size_and_mtime_kept_is_a_new_run(tmp_path):
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))           # the old modification time back
     assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
     assert file_fingerprint(f) != first
+
+
+@pytest.mark.parametrize("row,words", [
+    ('{"sentence": null, "score": 1.0}', "not text"),
+    ('{"sentence": ["a"], "score": 1.0}', "not text"),
+    ('{"sentence": "a", "score": true}', "not a number"),
+    ('{"sentence": "a", "score": "4_5"}', "not a number"),
+    ('{"sentence": "a", "score": "nan"}', "not finite"),
+])
+def test_received_rows_are_read_as_written(row, words, tmp_path):
+    """A JSONL null is not the text 'None', JSON true not the score 1.0, '4_5' not 45."""
+    folder = tmp_path / "D"
+    folder.mkdir()
+    good = '{"sentence": "fine", "score": 2.5}\n'
+    (folder / "train.jsonl").write_text(good * 3 + row + "\n")
+    (folder / "dev.jsonl").write_text(good)
+    (tmp_path / "t.yaml").write_text("name: t\ntext_columns: [sentence]\nlabel_column: score\nregression: true\n"
+                                     "metrics: [pearson]\nmain_metric: pearson\nsources:\n  local:\n    dir: D\n"
+                                     "    format: jsonl\n    files: {train: train.jsonl, dev: dev.jsonl}\n")
+    r = runner.invoke(app, ["validate", str(tmp_path / "t.yaml"), "--data-dir", str(tmp_path)])
+    assert r.exit_code == 2 and words in r.output and "line 4" in r.output, r.output
