@@ -447,3 +447,21 @@ def test_received_rows_are_read_as_written(row, words, tmp_path):
                                      "    format: jsonl\n    files: {train: train.jsonl, dev: dev.jsonl}\n")
     r = runner.invoke(app, ["validate", str(tmp_path / "t.yaml"), "--data-dir", str(tmp_path)])
     assert r.exit_code == 2 and words in r.output and "line 4" in r.output, r.output
+
+
+def test_the_majority_row_of_a_user_task_is_its_own(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    """A user's task named like a shipped one ('rte') gets the majority-class row of its own data,
+    not the shipped RTE's."""
+    from adapterbench.results.report import build_report, majority_baseline
+    mine = tmp_path / "mine" / "rte.yaml"
+    mine.parent.mkdir()
+    mine.write_text(task_yamls["toy"].read_text().replace("name: toy", "name: rte"))
+    r = runner.invoke(app, ["extract", "--task", str(mine), "--model", str(tiny_bert_dir), "--data-dir",
+                            str(data_dir), "--out", str(tmp_path / "runs"), "train.max_steps=1"])
+    assert r.exit_code == 0, r.output
+    rep = build_report(tmp_path / "runs")
+    own, _ = majority_baseline(str(mine), None, str(data_dir))
+    assert own is not None and rep.majority["rte"] == own
+    shipped, _ = majority_baseline("rte", None)
+    if shipped is not None:                                     # the real RTE is at hand here
+        assert shipped != own

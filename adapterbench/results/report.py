@@ -163,16 +163,19 @@ class Report:
         return "†" if p is not None and p < ALPHA else ""
 
 
-def majority_baseline(task_name: str, metric: str | None) -> tuple[float | None, str | None]:
+def majority_baseline(task_name: str, metric: str | None, data_dir: str | None = None
+                      ) -> tuple[float | None, str | None]:
     """(score, metric name) of predicting the training set's majority class (regression: its
     mean, a constant) for every dev example; (None, None) when the task or a local copy of its
-    data is not at hand (a report never waits on the Hub for this row)."""
+    data is not at hand (a report never waits on the Hub for this row). `task_name`: the task as
+    the runs named it (a user's YAML by its path, so a shipped task of the same name never
+    stands in for it)."""
     from adapterbench import metrics as M
     from adapterbench.data import load_splits
     from adapterbench.tasks import load_task
     try:
         task = load_task(task_name)
-        splits = load_splits(task, None, ("train", "dev"), allow_hub=False)
+        splits = load_splits(task, data_dir, ("train", "dev"), allow_hub=False)
     except UserError:
         return None, None
     train = [e["label"] for e in splits["train"] if e["label"] is not None]
@@ -201,11 +204,27 @@ def build_report(root: Path, reference: str | None = None, versus: str = "full",
     ref = load_reference(reference) if reference else None
     rep = Report(tasks, order, [b for b in wanted if b in names], ref, versus, metric)
     if majority:
+        given = tasks_as_given(root, seeds)
         for t in tasks:
-            value, name = majority_baseline(t, metric)
+            spec, data_dir = given.get(t, (t, None))
+            value, name = majority_baseline(spec, metric, data_dir)
             if value is not None:
                 rep.majority[t], rep.metric_names[t] = value, name
     return rep
+
+
+def tasks_as_given(root: Path, seeds: list[int] | None) -> dict[str, tuple[str, str | None]]:
+    """Each task name -> (the task as the runs' configs gave it: a shipped name or a user's YAML
+    path, their data folder). A user's task that is no longer where its runs found it gives no
+    majority row rather than a shipped task's of the same name."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for r in records(root, seeds):
+        given = str(r.config.get("task") or "").split(",")
+        if len(given) == len(r.task.split(",")):
+            data_dir = (r.config.get("data") or {}).get("data_dir")
+            for name, spec in zip(r.task.split(","), given):
+                out.setdefault(name, (spec.strip(), data_dir))
+    return out
 
 
 def load_reference(name: str) -> dict:
