@@ -465,3 +465,20 @@ def test_the_majority_row_of_a_user_task_is_its_own(tiny_bert_dir, task_yamls, d
     shipped, _ = majority_baseline("rte", None)
     if shipped is not None:                                     # the real RTE is at hand here
         assert shipped != own
+
+
+def test_two_commands_on_one_run_folder_do_not_interleave(two_adapters, tiny_bert_dir, tmp_path):
+    """While a command trains a run folder, another training of it, or an evaluate, stops in one
+    line; evaluations share the folder with each other."""
+    from adapterbench.recipe.runfolder import in_use
+    runs, data, yamls = two_adapters
+    run = Path(runs[0])
+    with in_use(run):                                   # another command is training it
+        r = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(data)])
+        assert r.exit_code == 2 and "in use by another adapterbench command" in r.output, r.output
+        r = runner.invoke(app, ["extract", "--task", str(yamls["toy"]), "--model", str(tiny_bert_dir), "--data-dir",
+                                str(data), "--out", str(run.parents[3]), "--seed", "0", "train.max_steps=1", "--force"])
+        assert r.exit_code == 2 and "in use by another adapterbench command" in r.output, r.output
+    with in_use(run, shared=True):                      # another evaluate: both read
+        r = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(data)])
+        assert r.exit_code == 0, r.output

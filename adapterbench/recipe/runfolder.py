@@ -7,6 +7,8 @@ written atomically (temp file + rename), so a file is either complete or absent.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -213,3 +215,32 @@ class RunExists(Exception):
         self.folder = folder
 
 
+
+
+@contextlib.contextmanager
+def in_use(folder: Path, shared: bool = False):
+    """Hold a run folder for one command: training holds it alone, `evaluate` shares it with
+    other readers; a second command on the same folder stops with one line instead of two
+    writers interleaving. The lock (flock on a file named by the folder's path under the cache
+    folder: nothing is added to the runs tree) ends with the process, so a crash never leaves
+    the folder held; other ranks of a multi-process run pass."""
+    if not is_main_process():
+        yield
+        return
+    import hashlib
+
+    from adapterbench.data import cache_root
+    locks = cache_root() / "busy"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:24]
+    fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{folder} is in use by another adapterbench command ({'training' if shared else 'training or evaluating'}"
+                        f" it): wait for that command to end, then run this one again") from None
+    try:
+        yield
+    finally:
+        os.close(fd)

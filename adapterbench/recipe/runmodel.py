@@ -27,6 +27,7 @@ from adapterbench.models import (
     head_config_dict,
     load_encoder,
 )
+from adapterbench.recipe.runfolder import in_use
 from adapterbench.recipe.splits import prepare_items
 from adapterbench.recipe.train import evaluate, seed_everything
 from adapterbench.tasks import TaskSpec, load_task, parse_task
@@ -199,9 +200,15 @@ def write_attention(folder: Path, model, items, collate, task, cfg: RunConfig) -
 def evaluate_stage(folder: Path, split: str = "dev", data_dir: str | None = None, save_attention: bool = False,
                    trust_remote_code: bool = False) -> dict:
     """Recompute a run's metrics from its folder; `test` writes GLUE-style predictions."""
-    from adapterbench.records import task_results
     if split not in ("dev", "test"):
         raise UserError(f"--split '{split}' must be dev or test")
+    with in_use(Path(folder), shared=True):
+        return _evaluate(Path(folder), split, data_dir, save_attention, trust_remote_code)
+
+
+def _evaluate(folder: Path, split: str, data_dir: str | None, save_attention: bool, trust_remote_code: bool) -> dict:
+    """evaluate_stage's body, while this command shares the run folder with other readers."""
+    from adapterbench.records import task_results
     cfg, tasks, model, tokenizer, stored = load_run_model(folder, trust_remote_code)
     splits = [load_splits(t, data_dir or cfg.data.data_dir, (split,)) for t in tasks]
     items = [prepare_items(t, s, tokenizer, cfg, i)[split] for i, (t, s) in enumerate(zip(tasks, splits))]

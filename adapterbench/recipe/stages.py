@@ -21,7 +21,7 @@ from adapterbench.fileio import write_json
 from adapterbench.methods import get_method, method_config
 from adapterbench.models import count_params, default_pooling
 from adapterbench.recipe.precision import autocast, bf16_matmul
-from adapterbench.recipe.runfolder import Run, RunExists, run_path
+from adapterbench.recipe.runfolder import Run, RunExists, in_use, run_path
 from adapterbench.recipe.runmodel import build_model, save_weights, write_attention
 from adapterbench.recipe.sampling import (
     DEFAULT_PROXIES,
@@ -191,6 +191,15 @@ def train_stage(stage: str, cfg: RunConfig, force: bool = False, console=None, s
     tasks = tasks_of(cfg)
     folder = planned_folder(stage, cfg, tasks)
     if status_of(folder) == "ok" and not force:
+        raise RunExists(folder)
+    with in_use(folder):
+        return _train_run(stage, cfg, tasks, folder, force, show_progress, save_attention, epoch_hook)
+
+
+def _train_run(stage: str, cfg: RunConfig, tasks: list, folder: Path, force: bool, show_progress: bool,
+               save_attention: bool, epoch_hook) -> Path:
+    """train_stage's body, while this command holds the run folder."""
+    if status_of(folder) == "ok" and not force:       # finished by another command while this one waited
         raise RunExists(folder)
     splits = [load_splits(t, cfg.data.data_dir, ("train", "dev")) for t in tasks]
     model, tokenizer = build_model(cfg, tasks)
