@@ -482,3 +482,23 @@ def test_two_commands_on_one_run_folder_do_not_interleave(two_adapters, tiny_ber
     with in_use(run, shared=True):                      # another evaluate: both read
         r = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(data)])
         assert r.exit_code == 0, r.output
+
+
+def test_checkpoints_carry_the_cuda_generators(monkeypatch):
+    """On a GPU, dropout draws from CUDA's generators: a checkpoint saves each device's and a
+    resume on the same devices puts them back (a CPU checkpoint has none and changes nothing).
+    Checked here with the CUDA calls standing in; where a GPU is lent, resume tests run on it."""
+    import torch
+
+    from adapterbench.recipe.checkpoint import cuda_rng, restore_cuda_rng
+    assert (cuda_rng() == {}) == (not torch.cuda.is_available())
+    put = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.tensor([1], dtype=torch.uint8)] * 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", put.append)
+    saved = cuda_rng()["cuda_rng"]
+    restore_cuda_rng(saved)
+    restore_cuda_rng(saved[:1])                     # another device count: left as seeded
+    restore_cuda_rng(None)                          # a CPU checkpoint
+    assert put == [saved]

@@ -162,7 +162,7 @@ def save_checkpoint(root: Path, accelerator, model, optimizer, scheduler, state:
         save_tensors(folder / "best.safetensors", best_state)
     buf = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), **(extra or {})}, buf)
+                "torch_rng": torch.get_rng_state(), **cuda_rng(), **(extra or {})}, buf)
     atomic_write(folder / "optim.pt", buf.getvalue())
     write_json(folder / "state.json", state)
     write_json(root / "latest.json", {"checkpoint": name})
@@ -186,4 +186,18 @@ def load_checkpoint(root: Path, model, optimizer, scheduler):
     optimizer.load_state_dict(extra.pop("optimizer"))
     scheduler.load_state_dict(extra.pop("scheduler"))
     torch.set_rng_state(extra.pop("torch_rng"))
+    restore_cuda_rng(extra.pop("cuda_rng", None))
     return state, best, extra
+
+
+def cuda_rng() -> dict:
+    """Every CUDA device's generator (dropout on a GPU draws from it), so a resumed run on a GPU
+    continues the same draws; {} on a machine without CUDA."""
+    return {"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+
+
+def restore_cuda_rng(states: list | None) -> None:
+    """Put back what `cuda_rng` saved, when this machine has the same CUDA devices; a checkpoint
+    from a CPU (none saved) or another device count leaves the generators as seeded."""
+    if states and torch.cuda.is_available() and len(states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states)
