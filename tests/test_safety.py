@@ -502,3 +502,20 @@ def test_checkpoints_carry_the_cuda_generators(monkeypatch):
     restore_cuda_rng(saved[:1])                     # another device count: left as seeded
     restore_cuda_rng(None)                          # a CPU checkpoint
     assert put == [saved]
+
+
+def test_a_foreign_bin_is_mapped_checked_and_never_trusted(tmp_path):
+    """A foreign .bin is read as tensors only, memory-mapped, and its declared sizes are checked
+    against the file before anything is allocated; other shapes of file are one line."""
+    import torch
+
+    from adapterbench.interop.adapterhub import load_foreign_bin
+    torch.save({"w": torch.arange(12.0).reshape(3, 4)}, tmp_path / "ok.bin")
+    assert torch.equal(load_foreign_bin(tmp_path / "ok.bin", "a.safetensors")["w"], torch.arange(12.0).reshape(3, 4))
+    torch.save({"w": torch.ones(3)}, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    torch.save([torch.ones(3)], tmp_path / "list.bin")
+    (tmp_path / "junk.bin").write_bytes(b"\x80\x04junk")
+    for name, words in (("legacy.bin", "cannot be read safely"), ("list.bin", "not a state dict"),
+                        ("junk.bin", "cannot be read safely")):
+        with pytest.raises(UserError, match=words):
+            load_foreign_bin(tmp_path / name, "a.safetensors")

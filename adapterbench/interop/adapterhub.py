@@ -108,12 +108,28 @@ def _load_weights(folder: Path, safe: str, pickled: str) -> dict:
     if (folder / safe).is_file():
         return load_tensors(folder / safe)
     if (folder / pickled).is_file():  # foreign .bin: tensors only, never arbitrary objects
-        try:
-            return torch.load(folder / pickled, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"{folder / pickled} cannot be read safely ({type(e).__name__}): "
-                            f"re-save it as {safe}") from None
+        return load_foreign_bin(folder / pickled, safe)
     raise UserError(f"{folder} has neither {safe} nor {pickled}")
+
+
+def load_foreign_bin(path: Path, safe: str) -> dict:
+    """A foreign pickled state dict, read as tensors only (weights_only) and memory-mapped, so a
+    file that declares tensors larger than itself allocates nothing: sizes are checked against
+    the file before any tensor is used; a legacy (non-zip) pickle, which cannot be mapped, is
+    refused with the way out."""
+    size = path.stat().st_size
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"{path} cannot be read safely ({type(e).__name__}): re-save it as {safe}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise UserError(f"{path} is not a state dict of named tensors: re-save it as {safe}")
+    claimed = sum(v.untyped_storage().nbytes() for v in state.values())
+    if claimed > size:
+        raise UserError(f"{path} declares {claimed:,} bytes of tensors in a {size:,}-byte file: it is damaged or "
+                        f"crafted; re-save it as {safe}")
+    return {k: v.clone() for k, v in state.items()}
 
 
 def _placement(cfg: dict) -> str:
