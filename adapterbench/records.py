@@ -325,7 +325,7 @@ class RunRecord:
     label: str                     # the row (a study entry's label, else the method)
     method: str
     task: str                      # "rte", or "rte,mrpc,stsb" for a multi-task run
-    model: str
+    model: str | None              # None: a record from before runs named their model
     seed: int
     status: str                    # ok | running | failed | interrupted
     main_metric: str | None
@@ -377,7 +377,7 @@ def parse_record(raw, where: str) -> RunRecord:
     method = _typed(raw, "method", (str,), where, "?")
     return RunRecord(
         where=where, run=_typed(raw, "run", (str,), where, ""), label=_typed(raw, "label", (str,), where) or method,
-        method=method, task=_typed(raw, "task", (str,), where, "?"), model=_typed(raw, "model", (str,), where, "?"),
+        method=method, task=_typed(raw, "task", (str,), where, "?"), model=_typed(raw, "model", (str,), where),
         seed=_typed(raw, "seed", (int,), where, 0), status=_typed(raw, "status", (str,), where, "?"),
         main_metric=_typed(raw, "main_metric", (str,), where),
         main_value=None if raw.get("main_value") is None else float(_typed(raw, "main_value", num, where, finite=True)),

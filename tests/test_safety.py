@@ -181,8 +181,9 @@ class Env:
 
 
 @pytest.mark.parametrize("case", sorted(VALUE_CASES))
-def test_values_of_the_wrong_shape_or_range_are_one_line(case, two_adapters, tiny_bert_dir, tmp_path):
+def test_values_of_the_wrong_shape_or_range_are_one_line(case, two_adapters, tiny_bert_dir, tmp_path, monkeypatch):
     runs, data, yamls = two_adapters
+    monkeypatch.setenv("ADAPTERBENCH_TASKS", "")        # --tasks-dir sets it for this process: restored after
     e = Env(runs, data, yamls, tmp_path)
     make, words = VALUE_CASES[case]
     args = make(e)

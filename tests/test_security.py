@@ -23,8 +23,15 @@ def test_torch_load_only_weights_only():
 
 
 def test_yaml_safe_load_only():
-    assert not lines(r"yaml\.(load|unsafe_load|full_load)\(")
-    assert lines(r"yaml\.safe_load\(")
+    """YAML is read only by safe loaders: safe_load, or config.StrictLoader (a SafeLoader that
+    also refuses duplicate keys and alias bombs); never yaml.load with another loader."""
+    import yaml
+
+    from adapterbench.config import StrictLoader
+    assert issubclass(StrictLoader, yaml.SafeLoader)
+    assert not lines(r"yaml\.(unsafe_load|full_load)\(")
+    assert not [line for line in lines(r"yaml\.load\(") if "Loader=StrictLoader)" not in line]
+    assert lines(r"Loader=StrictLoader\)")
 
 
 def test_no_eval_or_exec():
