@@ -130,3 +130,16 @@ def write_task_yamls(folder: Path) -> dict[str, Path]:
         out[name] = folder / f"{name}.yaml"
         out[name].write_text(text)
     return out
+
+
+SLOW_TIER = Path(__file__).with_name("slow_tier.txt")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Tests listed in slow_tier.txt (measured, with how) join the slow tier, so `-m "not slow"`
+    stays the quick inner loop; CI runs both tiers."""
+    listed = {line.strip() for line in SLOW_TIER.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    for item in items:
+        if item.nodeid in listed:
+            item.add_marker(pytest.mark.slow)
