@@ -71,9 +71,7 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
     st = open_study(study_path, out, data_dir)
     rows = split_labels(only) if only else None
     i, n = parse_shard(shard)
-    if skip_archived and launcher != "local":
-        raise UserError("--skip-archived works with --launcher local only: run the workers locally, or "
-                        "drop the archived seeds from the study's seeds")
+    check_launch(launcher, skip_archived, partition, time_min)
     nodes = plan(st)
     choice = choose(nodes, rows, skip_archived)
     print_plan(nodes, choice.keep, st)
@@ -107,6 +105,16 @@ def print_outcome(st, res: dict) -> None:
                   + f"; runs in {st.out_dir}")
     if res["failed"] or res["blocked"]:
         raise typer.Exit(1)
+
+
+def check_launch(launcher: str, skip_archived: Path | None, partition: str | None, time_min: int | None) -> None:
+    """What would fail only after the plan is printed: one line before it."""
+    from adapterbench.study import launch as L
+    if skip_archived and launcher != "local":
+        raise UserError("--skip-archived works with --launcher local only: run the workers locally, or "
+                        "drop the archived seeds from the study's seeds")
+    if launcher == "slurm":      # a partition or a time SLURM would refuse
+        L.time_limit(launcher, partition, time_min)
 
 
 def submit_and_watch(launcher, worker, res, out_dir: Path, watch: str, wait: bool, nodes) -> None:
