@@ -222,9 +222,22 @@ def tasks_as_given(root: Path, seeds: list[int] | None) -> dict[str, tuple[str, 
         given = str(r.config.get("task") or "").split(",")
         if len(given) == len(r.task.split(",")):
             data_dir = (r.config.get("data") or {}).get("data_dir")
+            data_dir = found_from(data_dir, Path(root)) if data_dir else None
             for name, spec in zip(r.task.split(","), given):
-                out.setdefault(name, (spec.strip(), data_dir))
+                spec = spec.strip()
+                out.setdefault(name, (found_from(spec, Path(root)) if spec.endswith((".yaml", ".yml")) else spec,
+                                      data_dir))
     return out
+
+
+def found_from(path: str, root: Path) -> str:
+    """A path a run's config gave: absolute, or (an archive writes paths inside the study relative
+    to the folder above it) found from the archive's or runs folder or a folder above it, else
+    from here; as given when found nowhere."""
+    if Path(path).is_absolute():
+        return path
+    bases = [*(([root.parent, *root.parent.parents]) if root.is_file() else [root, *root.parents]), Path.cwd()]
+    return next((str(b / path) for b in bases if (b / path).exists()), path)
 
 
 def load_reference(name: str) -> dict:
