@@ -20,7 +20,7 @@ BOMB = "".join(f"{a}: &{a} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['x'] 
 HOSTILE = {   # what a received or hand-edited YAML can hold, and the words its one line must say
     "duplicate key": (b"name: s\ntasks: [rte]\nmethods: [{name: full}]\nmethods: []\n", "given twice"),
     "alias bomb": (BOMB.encode(), "aliases expand"),
-    "deep nesting": (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+    "deep nesting": (b"a: " + b"[" * 1200 + b"]" * 1200 + b"\n", "nested too deeply"),
     "latin-1": ("name: caf\u00e9\n".encode("latin-1"), "not UTF-8"),
 }
 
