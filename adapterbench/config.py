@@ -136,8 +136,7 @@ class StrictLoader(yaml.SafeLoader):
             if isinstance(key, (str, int, float, bool)) and key in seen and key != "<<":
                 raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' is given twice in one mapping "
                                                         f"(remove one)", key_node.start_mark)
-            if isinstance(key, (str, int, float, bool)):
-                seen.add(key)
+            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
         return super().construct_mapping(node, deep)
 
 
