@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -97,3 +98,49 @@ def test_multitask_two_processes_equal_one(method, sampling, tmp_path, task_yaml
                            "multitask/head-toyreg.safetensors"], exact=False)
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert m1["picks_per_epoch"] == m2["picks_per_epoch"]
+
+
+CRASHING = """import os, sys
+from adapterbench.recipe import train as T
+real = T.train_step
+def crashing(*args):
+    if args[-1] + 1 == int(os.environ["CRASH_AT"]):
+        os._exit(3)          # every rank dies at once, as under kill -9, after the checkpoint before this step
+    return real(*args)
+T.train_step = crashing
+from adapterbench.cli import main
+sys.argv[0] = "adapterbench"
+main()
+"""
+
+
+def test_two_processes_resume_each_ranks_own_dropout_draws(tmp_path, task_yamls, data_dir):
+    """With dropout on, each rank draws its own masks, and its generator goes its own way once the
+    ranks make different numbers of draws (a multi-task batch splits into a part per task on each
+    rank). A two-process run killed after a checkpoint resumes to the uninterrupted two-process
+    run's weights and history bit for bit: every rank's generator is in the checkpoint
+    (rng-rank1.pt beside rank 0's optim.pt); with rank 0's given to every rank it did not."""
+    args = ["multitask", "--tasks", f"{task_yamls['toy']},{task_yamls['toyreg']}", "--method", "mtl",
+            "--sampling", "uncertainty", "--data-dir", str(data_dir), *COMMON,
+            "model.dropout=0.3", "train.checkpoint_every=2", "train.epochs=3"]
+    two_processes([*args, "--out", str(tmp_path / "ref")], tmp_path)
+    script = tmp_path / "crashing.py"
+    script.write_text(CRASHING)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CRASH_AT="6")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), *args, "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0
+    run = only_run(tmp_path / "run")
+    latest = json.loads((run / "checkpoint" / "latest.json").read_text())
+    assert latest == {"checkpoint": "step-4-e0", "processes": 2}     # the checkpoint before the crash
+    assert (run / "checkpoint" / "step-4-e0" / "rng-rank1.pt").is_file()
+
+    two_processes([*args, "--out", str(tmp_path / "run")], tmp_path)
+    ref = only_run(tmp_path / "ref")
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (run, ref))
+    assert got["status"] == "ok" and got["history"] == want["history"] and got["steps"] == want["steps"]
+    for name in ("multitask/encoder.safetensors", "multitask/head-toy.safetensors"):
+        a, b = load_file(run / name), load_file(ref / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert any(json.loads(line).get("resumed") for line in (run / "log.jsonl").read_text().splitlines())

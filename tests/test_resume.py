@@ -290,3 +290,28 @@ def test_kill_9_resume_with_length_grouping_is_identical(tiny_bert_dir, task_yam
     assert any(json.loads(x).get("resumed") for x in (run / "log.jsonl").read_text().splitlines())
     a, b = load_tensors(run / "adapter" / "adapter.safetensors"), load_tensors(ref / "adapter" / "adapter.safetensors")
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_checkpoint_of_another_process_count_is_one_line(tiny_bert_dir, task_yamls, data_dir, tmp_path,
+                                                           monkeypatch):
+    """Ranks' generators are saved one per rank: a checkpoint that two processes wrote is not
+    resumed by one (nor the reverse); one line says how, and the checkpoint is kept."""
+    real_step = T.train_step
+
+    def crashing(*args):
+        if args[-1] + 1 == 6:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(T, "train_step", crashing)
+    args = command(tiny_bert_dir, task_yamls, data_dir, tmp_path / "run", "pfeiffer")
+    assert runner.invoke(app, args).exit_code == 130
+    run = next((tmp_path / "run").glob("*/*/toy/*"))
+    latest = run / "checkpoint" / "latest.json"
+    assert json.loads(latest.read_text())["processes"] == 1
+    latest.write_text(json.dumps({**json.loads(latest.read_text()), "processes": 2}))
+    monkeypatch.setattr(T, "train_step", real_step)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "written by 2 process(es), this run has 1" in r.output and len(r.output.strip().splitlines()) == 1
+    assert latest.is_file() and json.loads((run / "metrics.json").read_text())["status"] != "ok"

@@ -140,54 +140,75 @@ def restore(model, state: dict | None) -> None:
 
 # --- checkpoints ---------------------------------------------------------------------------
 # <run>/checkpoint/step-N-eE/ holds weights.safetensors (trainable weights), best.safetensors,
-# optim.pt (optimizer, scheduler, RNG state, the batch source's position) and state.json;
-# latest.json names the newest complete one and is written last, atomically, so a kill at any
-# moment leaves a usable one.
+# optim.pt (optimizer, scheduler, rank 0's generators, the batch source's position), state.json
+# and, in a run of several processes, rng-rank<R>.pt for every other rank; latest.json names the
+# newest complete one and is written last, atomically, so a kill at any moment leaves a usable one.
 
 def save_checkpoint(root: Path, accelerator, model, optimizer, scheduler, state: dict, best_state,
                     extra: dict | None = None) -> None:
-    """Write a complete checkpoint (rank 0), then point latest.json at it."""
+    """Write a complete checkpoint, then point latest.json at it. Rank 0 writes the weights and
+    the optimizer; every other rank writes its own generators (`rng-rank<R>.pt`: each rank draws
+    its own dropout masks), and latest.json is written only after every rank has written."""
     from adapterbench.fileio import (
         atomic_write,
         remove_checkpoints,
         save_tensors,
         write_json,
     )
-    if not accelerator.is_main_process:
-        return
     name = f"step-{state['steps']}-e{state['epoch']}"
     folder = root / name
-    save_tensors(folder / "weights.safetensors", trainable_snapshot(model))
-    if best_state:
-        save_tensors(folder / "best.safetensors", best_state)
-    buf = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), **cuda_rng(), **(extra or {})}, buf)
-    atomic_write(folder / "optim.pt", buf.getvalue())
-    write_json(folder / "state.json", state)
-    write_json(root / "latest.json", {"checkpoint": name})
-    remove_checkpoints(root, keep=name)          # older checkpoints of this run; nothing else there
+    if accelerator.is_main_process:
+        save_tensors(folder / "weights.safetensors", trainable_snapshot(model))
+        if best_state:
+            save_tensors(folder / "best.safetensors", best_state)
+        buf = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    **rng_state(), **(extra or {})}, buf)
+        atomic_write(folder / "optim.pt", buf.getvalue())
+        write_json(folder / "state.json", state)
+    elif accelerator.num_processes > 1:
+        buf = io.BytesIO()
+        torch.save(rng_state(), buf)
+        atomic_write(folder / f"rng-rank{accelerator.process_index}.pt", buf.getvalue())
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()          # every rank's generators are on disk
+    if accelerator.is_main_process:
+        write_json(root / "latest.json", {"checkpoint": name, "processes": accelerator.num_processes})
+        remove_checkpoints(root, keep=name)      # older checkpoints of this run; nothing else there
 
 
-def load_checkpoint(root: Path, model, optimizer, scheduler):
-    """Restore weights, optimizer, scheduler and torch RNG; returns (state, best state, extra)."""
+def load_checkpoint(root: Path, model, optimizer, scheduler, rank: int = 0, processes: int = 1):
+    """Restore weights, optimizer, scheduler and this rank's generators (torch, CUDA); returns
+    (state, best state, extra). A checkpoint written by another number of processes is refused:
+    its ranks' generators would not line up with these."""
     from adapterbench.fileio import load_tensors
-    folder = root / json.loads((root / "latest.json").read_text())["checkpoint"]
+    latest = json.loads((root / "latest.json").read_text())
+    folder = root / latest["checkpoint"]
+    written_by = latest.get("processes", 1)
+    if written_by != processes:
+        raise UserError(f"checkpoint {folder} was written by {written_by} process(es), this run has {processes}: "
+                        f"resume it with {written_by}, or delete {root} to start over")
     restore(model, load_tensors(folder / "weights.safetensors"))
     best = load_tensors(folder / "best.safetensors") if (folder / "best.safetensors").is_file() else None
     try:
         extra = torch.load(folder / "optim.pt", weights_only=True)
         state = json.loads((folder / "state.json").read_text())
         state = {k: v for k, v in state.items() if k in TrainResult.__dataclass_fields__}
+        own = torch.load(folder / f"rng-rank{rank}.pt", weights_only=True) if rank else extra
     except Exception as e:
         raise UserError(f"checkpoint {folder} is unreadable ({type(e).__name__}): delete {root} to start over") from None
     if "source" not in extra:
         raise UserError(f"checkpoint {folder} was written by an older adapterbench: delete {root} to start over")
     optimizer.load_state_dict(extra.pop("optimizer"))
     scheduler.load_state_dict(extra.pop("scheduler"))
-    torch.set_rng_state(extra.pop("torch_rng"))
-    restore_cuda_rng(extra.pop("cuda_rng", None))
+    torch.set_rng_state(own["torch_rng"])
+    restore_cuda_rng(own.get("cuda_rng"))
     return state, best, extra
+
+
+def rng_state() -> dict:
+    """This process's generators: torch's CPU generator and every CUDA device's."""
+    return {"torch_rng": torch.get_rng_state(), **cuda_rng()}
 
 
 def cuda_rng() -> dict:

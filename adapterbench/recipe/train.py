@@ -268,6 +268,17 @@ class Loop:
                         asdict(self.res), self.best_state, {"source": json.dumps(self.source.state())})
         self.requests.reset()
 
+    def due(self, step: int) -> str:
+        """Why a checkpoint is owed at this step ('' if none), the same answer on every rank: rank
+        0's (its clock, its SIGUSR1), since every rank writes its generators into a checkpoint."""
+        why = self.requests.due(step)
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+            box = [why]
+            broadcast_object_list(box, from_process=0)
+            why = box[0]
+        return why
+
 
 def start_loop(model, source, tasks, collate, cfg: TrainConfig, log, tracking, checkpoint_dir) -> Loop:
     """The accelerator (with the trackers `train.log_with` asks for), AdamW with a linear warm-up
@@ -297,7 +308,8 @@ def start_loop(model, source, tasks, collate, cfg: TrainConfig, log, tracking, c
     lp = Loop(model, accelerator.unwrap_model(model), source, tasks, collate, cfg, accelerator, optimizer, scheduler,
               total, log, wanted, here, requests, checkpoint_dir)
     if checkpoint_dir is not None and (checkpoint_dir / "latest.json").is_file():
-        state, lp.best_state, extra = load_checkpoint(checkpoint_dir, lp.plain, optimizer, scheduler)
+        state, lp.best_state, extra = load_checkpoint(checkpoint_dir, lp.plain, optimizer, scheduler,
+                                                          accelerator.process_index, accelerator.num_processes)
         lp.res = TrainResult(**state)
         source.restore(json.loads(extra["source"]))
         log({"resumed": True, "epoch": lp.res.epoch, "step": lp.res.steps})
@@ -345,7 +357,7 @@ def train_epoch(lp: Loop) -> None:
                     **sampling_share(lp.source, res.epoch, lp.tasks)})
         if cfg.max_steps and res.steps >= cfg.max_steps:
             break
-        if lp.checkpoint_dir is not None and (why := lp.requests.due(res.steps)):
+        if lp.checkpoint_dir is not None and (why := lp.due(res.steps)):
             res.clock(time.perf_counter() - t0, lp.here)
             t0 = time.perf_counter()
             lp.checkpoint()
