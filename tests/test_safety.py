@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from adapterbench.cli import app
 from adapterbench.errors import UserError
 from adapterbench.fileio import remove_checkpoints, staged
-from adapterbench.recipe.runfolder import clear_run_folder
+from adapterbench.recipe.runfolder import clear_run_folder, written_by_us
 
 runner = CliRunner()
 
@@ -520,3 +520,58 @@ def test_a_foreign_bin_is_mapped_checked_and_never_trusted(tmp_path):
                         ("junk.bin", "cannot be read safely")):
         with pytest.raises(UserError, match=words):
             load_foreign_bin(tmp_path / name, "a.safetensors")
+
+
+USER_FILES = ["adapter/notes.txt", "adapter/old/adapter.safetensors", "tracking/my_plot.png", "tracking/mine/x",
+              "wandb/settings", "multitask/adapters/rte/readme.md", "predictions/rte.tsv.bak", "tasks/notes.yaml",
+              ".my_notes", "fusion/sources.json.orig"]
+
+
+@pytest.mark.parametrize("user_file", USER_FILES)
+def test_a_users_file_at_any_depth_stops_the_clearing(tmp_path, user_file):
+    """Not only at the top: a file a user put inside adapter/, tracking/, wandb/ ... of an
+    unfinished run is named in one line, and nothing is deleted; what the tool and its trackers
+    write at those depths goes."""
+    run = tmp_path / "run"
+    ours = ["metrics.json", "adapter/adapter.safetensors", "adapter/head_config.json", "tasks/0.yaml",
+            "tracking/events.out.tfevents.17.vm.1.0", "tracking/1733.12/hparams.yml", "predictions/rte.tsv",
+            "wandb/debug.log", "wandb/offline-run-2026_1-ab/files/output.log", "fusion/sources.json",
+            "multitask/adapters/rte/adapter.safetensors", "multitask/base_model/vocab.txt", "attention.png"]
+    for name in [*ours, user_file]:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    (run / "wandb" / "latest-run").symlink_to(run / "wandb" / "offline-run-2026_1-ab")
+    with pytest.raises(UserError, match=user_file.split("/")[0]) as e:
+        clear_run_folder(run)
+    assert "\n" not in str(e.value) and user_file.rsplit("/", 1)[0] in str(e.value)
+    assert all((run / name).is_file() for name in [*ours, user_file])      # nothing was deleted
+    (run / user_file).unlink()
+    for parent in Path(user_file).parents:                   # a folder the user made for it
+        if str(parent) != "." and not written_by_us(parent.as_posix()):
+            (run / parent).rmdir()
+    clear_run_folder(run)
+    assert not run.exists()
+
+
+def test_rerunning_over_a_failed_run_keeps_a_users_file_inside_its_folders(tiny_bert_dir, task_yamls, data_dir,
+                                                                          tmp_path, monkeypatch):
+    """Through the CLI: a run that failed (no checkpoint) is trained again from scratch, which
+    clears its folder; a user's file inside its tracking/ folder stops that in one line."""
+    from adapterbench.recipe import train as T
+    args = ["extract", "--task", str(task_yamls["toy"]), "--model", str(tiny_bert_dir), "--data-dir",
+            str(data_dir), "--out", str(tmp_path / "runs"), "train.epochs=1", "train.log_with=[tensorboard]"]
+
+    def broken(*a):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(T, "train_step", broken)
+    assert runner.invoke(app, args).exit_code != 0
+    run = next((tmp_path / "runs").glob("extract/*/toy/*"))
+    assert (run / "tracking").is_dir()
+    (run / "tracking" / "my_analysis.ipynb").write_text("{}")
+    monkeypatch.undo()
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "tracking/my_analysis.ipynb" in r.output and "Traceback" not in r.output
+    assert (run / "tracking" / "my_analysis.ipynb").read_text() == "{}" and (run / "metrics.json").is_file()
+    (run / "tracking" / "my_analysis.ipynb").unlink()
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -163,31 +164,64 @@ class Run:
             pass  # e.g. the disk is full: the status stays `running`, never `ok`
 
 
-# what adapterbench writes into a run folder; a folder holding anything else is not deleted
-RUN_FILES = {"config.yaml", "task.yaml", "tasks", "env.json", "identity.json", "log.jsonl", "metrics.json",
-             "checkpoint", "adapter", "model", "fusion", "multitask", "tracking", "predictions", "attention.csv",
-             "attention.png", "eval_dev.json", "eval_test.json", "epoch_predictions.json",
-             "wandb"}
+# What adapterbench (and the trackers it starts) write into a run folder, at every depth, as
+# paths inside the folder. A weights folder holds the method's files (`<method>/<name>.safetensors`,
+# `<name>_config[-<task>].json`, sources.json, tasks.json), MT-A's per-task adapters and its
+# unwrapped base model (written whole by save_pretrained); tracking/ holds TensorBoard's event files
+# and its hparams folders; wandb/ W&B's run folders and the links to them. Anything else is a
+# user's, and clearing the folder stops before deleting anything.
+_WEIGHTS = r"(?:adapter|model|fusion|multitask)"
+_OWN_FILE = r"[^/]+\.safetensors|[^/]*_config(?:-[^/]+)?\.json|sources\.json|tasks\.json"
+RUN_LAYOUT = re.compile("|".join([
+    r"config\.yaml|task\.yaml|env\.json|identity\.json|log\.jsonl|metrics\.json|epoch_predictions\.json",
+    r"attention\.(?:csv|png)|eval_(?:dev|test)\.json",
+    r"tasks|tasks/\d+\.yaml",
+    r"predictions|predictions/[^/]+\.tsv",
+    rf"{_WEIGHTS}|{_WEIGHTS}/(?:{_OWN_FILE})",
+    r"multitask/adapters(?:/[^/]+(?:/(?:adapter\.safetensors|adapter_config\.json))?)?",
+    r"multitask/base_model(?:/.*)?",
+    r"tracking|tracking/events\.out\.tfevents\.[^/]+|tracking/\d+(?:\.\d+)?(?:/(?:hparams\.yml|events\.out\.tfevents\.[^/]+))?",
+    r"wandb|wandb/(?:debug|debug-internal)\.log|wandb/latest-run|wandb/(?:offline-)?run-[^/]+(?:/.*)?",
+    r"checkpoint",
+]))
+
+def written_by_us(inside: str) -> bool:
+    """Whether a path inside a run folder ('adapter/head.safetensors') is one adapterbench or its
+    trackers write (RUN_LAYOUT), or a temporary file of an interrupted write."""
+    return bool(RUN_LAYOUT.fullmatch(inside) or TEMP_NAME.match(inside.rsplit("/", 1)[-1]))
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The paths inside a run folder, at every depth, that adapterbench did not write; links are
+    looked at, never followed (checkpoint/ is looked at in its target: its own rule)."""
+    out = []
+    for path in sorted(folder.rglob("*")):   # rglob does not descend into linked folders
+        inside = path.relative_to(folder).as_posix()
+        if inside.startswith("checkpoint/") or not written_by_us(inside):
+            if not inside.startswith("checkpoint/") and not any(inside.startswith(f + "/") for f in out):
+                out.append(inside)
+    checkpoint = folder / "checkpoint"
+    if checkpoint.is_dir():
+        out += [f"checkpoint/{p.name}" for p in sorted(checkpoint.resolve().iterdir())
+                if not (CHECKPOINT_NAME.fullmatch(p.name) or p.name == "latest.json" or TEMP_NAME.match(p.name))]
+    return out
 
 
 def clear_run_folder(folder: Path) -> None:
     """Remove an unfinished or failed run folder before training it again, only when it holds
-    nothing but what adapterbench writes (its files, its temporary files, its checkpoints);
-    otherwise one line naming what is in the way, and nothing is deleted. Links are removed as
-    links: a checkpoint/ on a scratch disk loses only its checkpoints there."""
+    nothing but what adapterbench writes, at every depth (RUN_LAYOUT: its files, its trackers',
+    temporary files, checkpoints); otherwise one line naming what is in the way, and nothing is
+    deleted. Links are removed as links: a checkpoint/ on a scratch disk loses only its
+    checkpoints there."""
     folder = Path(folder)
     if folder.is_symlink():
         raise UserError(f"{folder} is a link to {folder.resolve()}: adapterbench does not clear a run folder "
                         f"through a link; remove the link or choose another --out")
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in RUN_FILES and not TEMP_NAME.match(p.name))
-    checkpoint = folder / "checkpoint"
-    if checkpoint.is_dir():
-        foreign += [f"checkpoint/{p.name}" for p in checkpoint.resolve().iterdir()
-                    if not (CHECKPOINT_NAME.fullmatch(p.name) or p.name == "latest.json" or TEMP_NAME.match(p.name))]
+    foreign = foreign_files(folder)
     if foreign:
         raise UserError(f"{folder} holds files adapterbench did not write ({', '.join(foreign[:3])}): move them "
                         f"out or choose another --out; the folder is left as it is")
-    remove_checkpoints(checkpoint)
+    remove_checkpoints(folder / "checkpoint")
     for item in folder.iterdir():
         if item.is_symlink() or not item.is_dir():
             item.unlink()
