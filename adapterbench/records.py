@@ -30,6 +30,47 @@ def status_of(folder: Path) -> str | None:
         return None
 
 
+def sealed_files(folder: Path) -> list[str]:
+    """The files that say what a run was (config.yaml, task.yaml, a multi-task run's tasks/N.yaml)."""
+    folder = Path(folder)
+    names = [n for n in ("config.yaml", "task.yaml") if (folder / n).is_file()]
+    return names + sorted(p.relative_to(folder).as_posix() for p in folder.glob("tasks/*.yaml"))
+
+
+def seal(folder: Path) -> dict:
+    """{file: sha256} of `sealed_files`, written into metrics.json when the run finishes."""
+    from adapterbench.fileio import file_sha256
+    return {name: file_sha256(Path(folder) / name) for name in sealed_files(folder)}
+
+
+def check_seal(folder: Path, metrics: dict | None = None) -> None:
+    """A finished run whose config.yaml or task files changed after it finished no longer
+    describes its weights and scores: one line naming the file and the fix. Runs finished before
+    runs were sealed (no `sealed` in metrics.json) are read as they are."""
+    from adapterbench.fileio import file_sha256
+    folder = Path(folder)
+    if metrics is None:
+        try:
+            metrics = json.loads((folder / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return
+    sealed = metrics.get("sealed") if isinstance(metrics, dict) and metrics.get("status") == "ok" else None
+    if not isinstance(sealed, dict):
+        return
+    for name, digest in sealed.items():
+        path = folder / name
+        if not path.is_file() or path.is_symlink() or file_sha256(path) != digest:
+            raise UserError(f"{path} was {'removed' if not path.exists() else 'changed'} after the run finished "
+                            f"(metrics.json's `sealed` holds its sha256): restore it as it was, or train the run "
+                            f"again with --force")
+
+
+def run_config(folder: Path) -> dict:
+    """A run folder's resolved config.yaml, checked against its seal when the run finished."""
+    check_seal(folder)
+    return load_yaml(Path(folder) / "config.yaml")
+
+
 def task_results(metrics: dict) -> dict:
     """{task: {"dev", "main_metric", "main_value"}} of any run's metrics.json, also of folders
     written before every run had per-task metrics (single-task `metrics.dev`)."""
@@ -58,6 +99,7 @@ def archive_record(folder: Path) -> dict | None:
         return None
     if not isinstance(m, dict) or m.get("status") != "ok" or m.get("main_value") is None:
         return None
+    check_seal(folder, m)
     try:   # a folder without a readable config.yaml still reports its scores
         config = yaml.load((folder / "config.yaml").read_text(), Loader=StrictLoader)  # noqa: S506
     except (OSError, yaml.YAMLError):

@@ -2,6 +2,7 @@
 (duplicate keys, alias bombs, deep nesting, non-UTF-8: one line, exit 2), and deletes and
 overwrites touch only what adapterbench wrote, never through a link."""
 
+import json
 import os
 from pathlib import Path
 
@@ -575,3 +576,41 @@ def test_rerunning_over_a_failed_run_keeps_a_users_file_inside_its_folders(tiny_
     (run / "tracking" / "my_analysis.ipynb").unlink()
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("edited", ["config.yaml", "task.yaml"])
+def test_a_finished_runs_description_edited_afterwards_is_one_line_everywhere_it_is_read(
+        edited, tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    """A finished run seals config.yaml and its task files (sha256 in metrics.json). Edited after
+    it finished, the folder no longer says what trained its weights: every command that reads it
+    (report, archive, evaluate, export, fuse, merge) stops in one line naming the file, and
+    nothing is written; put back, it reads again."""
+    def extract(task, out):
+        r = runner.invoke(app, ["extract", "--task", str(task_yamls[task]), "--model", str(tiny_bert_dir),
+                                "--data-dir", str(data_dir), "--out", str(out), "train.epochs=1"])
+        assert r.exit_code == 0, r.output
+        return next(out.glob(f"extract/*/{task}/*"))
+    run, other = extract("toy", tmp_path / "runs"), extract("toyreg", tmp_path / "src")
+    sealed = json.loads((run / "metrics.json").read_text())["sealed"]
+    assert set(sealed) == {"config.yaml", "task.yaml"}
+    original = (run / edited).read_text()
+    (run / edited).write_text(original.replace("seed: 42", "seed: 7").replace("name: toy", "name: toy2"))
+    assert (run / edited).read_text() != original
+    reads = {"report": ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md")],
+             "archive": ["archive", str(tmp_path / "runs"), "--out", str(tmp_path / "a.jsonl")],
+             "evaluate": ["evaluate", str(run), "--data-dir", str(data_dir)],
+             "export": ["export", str(run), "--out", str(tmp_path / "exp")],
+             "fuse": ["fuse", "--target", str(task_yamls["toy"]), "--adapters", str(run), "--adapters", str(other),
+                      "--model", str(tiny_bert_dir), "--data-dir", str(data_dir), "--out", str(tmp_path / "f"),
+                      "train.epochs=1"],
+             "merge": ["merge", "--adapters", str(run), "--adapters", str(other), "--out", str(tmp_path / "m")]}
+    for name, args in reads.items():
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (name, r.output)
+        assert f"{edited} was changed after the run finished" in r.output, (name, r.output)
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, (name, r.output)
+    assert not any((tmp_path / n).exists() for n in ("r.md", "a.jsonl", "exp", "f", "m"))
+    (run / edited).write_text(original)
+    for name in ("report", "evaluate", "export"):
+        r = runner.invoke(app, reads[name])
+        assert r.exit_code == 0, (name, r.output)

@@ -14,7 +14,7 @@ from pathlib import Path
 from adapterbench.errors import UserError
 from adapterbench.fileio import file_sha256, load_tensors, read_json
 from adapterbench.methods import get_method, method_config
-from adapterbench.records import status_of
+from adapterbench.records import check_seal, status_of
 
 
 @dataclass
@@ -45,6 +45,7 @@ def adapter_folder(src: str | Path) -> Path:
             if status != "ok":      # a failed or unfinished run's adapter is not a result to build on
                 raise UserError(f"source {src} is a run whose status is {status!r}, not 'ok': finish it "
                                 f"(rerun its command) or pass another source")
+            check_seal(run)          # its config.yaml and task.yaml still say what trained it
             return cand
     raise UserError(f"source {src} is neither an adapter folder nor an extract run folder "
                     f"(no adapter_config.json): pass the run folder of `adapterbench extract`")

@@ -187,15 +187,16 @@ def relative_change(source: Source) -> float | None:
     adapters without a run folder (imported ones)."""
     import torch
 
-    from adapterbench.config import RunConfig, build, load_yaml
+    from adapterbench.config import RunConfig, build
     from adapterbench.methods import get_method, method_config
+    from adapterbench.records import run_config
     from adapterbench.models import load_encoder
     from adapterbench.recipe.runmodel import init_seed
     from adapterbench.recipe.train import seed_everything
     run = Path(source.path).parent
     if not (run / "config.yaml").is_file():
         return None
-    cfg = build(RunConfig, load_yaml(run / "config.yaml"))
+    cfg = build(RunConfig, run_config(run))
     mcfg = method_config(cfg.method)
     method = get_method(mcfg.name)
     encoder, _ = load_encoder(source.meta["base_model"])

@@ -35,7 +35,7 @@ from adapterbench.fileio import (
     slug,
     write_json,
 )
-from adapterbench.records import status_of
+from adapterbench.records import seal, status_of
 
 
 def run_path(out_dir: str, stage: str, method: str, task: str, model: str, seed: int, h: str) -> Path:
@@ -149,7 +149,7 @@ class Run:
         """Mark the run ok (last, once every other file is complete); drop its checkpoint."""
         if not self.writer:
             return
-        write_json(self.folder / "metrics.json", {"status": "ok", **metrics})
+        write_json(self.folder / "metrics.json", {"status": "ok", **metrics, "sealed": seal(self.folder)})
         remove_checkpoints(self.checkpoint_dir)
 
     def fail(self, error: BaseException) -> None:

@@ -129,8 +129,8 @@ def run_tasks(folder: Path, cfg: RunConfig) -> list[TaskSpec]:
 
 def stored_config(folder: Path, trust_remote_code: bool = False) -> RunConfig:
     """The RunConfig a run folder's config.yaml records (finished or not), method defaults applied."""
-    from adapterbench.config import load_yaml
-    tree = load_yaml(Path(folder) / "config.yaml")
+    from adapterbench.records import run_config
+    tree = run_config(folder)
     if isinstance(tree.get("train"), dict):   # folders from before the held-out protocol selected on dev
         tree["train"].setdefault("selection", "dev")
     cfg = build(RunConfig, tree)
