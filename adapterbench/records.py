@@ -20,7 +20,7 @@ import yaml
 
 from adapterbench.config import StrictLoader, load_yaml
 from adapterbench.errors import UserError
-from adapterbench.fileio import atomic_write, read_json
+from adapterbench.fileio import atomic_write, file_sha256, read_json
 
 
 def status_of(folder: Path) -> str | None:
@@ -39,7 +39,6 @@ def sealed_files(folder: Path) -> list[str]:
 
 def seal(folder: Path) -> dict:
     """{file: sha256} of `sealed_files`, written into metrics.json when the run finishes."""
-    from adapterbench.fileio import file_sha256
     return {name: file_sha256(Path(folder) / name) for name in sealed_files(folder)}
 
 
@@ -47,7 +46,6 @@ def check_seal(folder: Path, metrics: dict | None = None) -> None:
     """A finished run whose config.yaml or task files changed after it finished no longer
     describes its weights and scores: one line naming the file and the fix. Runs finished before
     runs were sealed (no `sealed` in metrics.json) are read as they are."""
-    from adapterbench.fileio import file_sha256
     folder = Path(folder)
     if metrics is None:
         try:
@@ -55,9 +53,7 @@ def check_seal(folder: Path, metrics: dict | None = None) -> None:
         except (OSError, json.JSONDecodeError):
             return
     sealed = metrics.get("sealed") if isinstance(metrics, dict) and metrics.get("status") == "ok" else None
-    if not isinstance(sealed, dict):
-        return
-    for name, digest in sealed.items():
+    for name, digest in (sealed if isinstance(sealed, dict) else {}).items():
         path = folder / name
         if not path.is_file() or path.is_symlink() or file_sha256(path) != digest:
             raise UserError(f"{path} was {'removed' if not path.exists() else 'changed'} after the run finished "

@@ -55,6 +55,12 @@ def test_a_broken_run_folder_holding_user_files_is_not_deleted(tiny_bert_dir, ta
     assert (run / "my_notes.md").read_text() == "what I saw"
 
 
+def drop_seal(run):
+    m = json.loads((run / "metrics.json").read_text())
+    del m["sealed"]
+    (run / "metrics.json").write_text(json.dumps(m))
+
+
 def test_evaluate_never_takes_trust_remote_code_from_the_run_folder(tiny_bert_dir, task_yamls, data_dir, tmp_path,
                                                                     monkeypatch):
     from adapterbench.recipe import runmodel as stages   # builds the model (load_encoder)
@@ -65,6 +71,10 @@ def test_evaluate_never_takes_trust_remote_code_from_the_run_folder(tiny_bert_di
     seen = []
     real = stages.load_encoder
     monkeypatch.setattr(stages, "load_encoder", lambda name, trust=False, *a: seen.append(trust) or real(name, trust, *a))
+    r = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(data_dir)])
+    assert r.exit_code == 2 and "config.yaml was changed after the run finished" in r.output   # the seal
+    assert seen == []
+    drop_seal(run)                                   # a forged folder: metrics.json edited too
     r = runner.invoke(app, ["evaluate", str(run), "--data-dir", str(data_dir)])
     assert r.exit_code == 0, r.output
     assert seen == [False]
@@ -81,6 +91,9 @@ def test_fusion_sources_cannot_be_swapped_through_config_yaml(tiny_bert_dir, tas
     cfg = yaml.safe_load((fusion / "config.yaml").read_text())
     cfg["method"]["adapters"] = [str(b), str(a)]                 # the same two, swapped
     (fusion / "config.yaml").write_text(yaml.safe_dump(cfg))
+    r = runner.invoke(app, ["evaluate", str(fusion), "--data-dir", str(data_dir)])
+    assert r.exit_code == 2 and "config.yaml was changed after the run finished" in r.output   # the seal
+    drop_seal(fusion)                                # a forged folder: metrics.json edited too
     r = runner.invoke(app, ["evaluate", str(fusion), "--data-dir", str(data_dir)])
     assert r.exit_code == 2 and "other source adapters" in r.output
 

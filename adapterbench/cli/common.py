@@ -11,14 +11,36 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.markup import escape
 
 from adapterbench.errors import UserError
 
+class OneLineUsageErrors(TyperGroup):
+    """The command group: a command line click refuses (an unknown option, a value of the wrong
+    type or outside its declared range, a missing argument) is one line and exit code 2, like
+    every other bad input, instead of click's usage box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as e:   # typer's own click: UsageError, BadParameter, NoSuchOption ...
+            where = f" (see {e.ctx.command_path} --help)" if getattr(e, "ctx", None) is not None else ""
+            err.print(f"[red]error:[/red] {escape(e.format_message())}{escape(where)}", highlight=False,
+                      soft_wrap=True, markup=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            err.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 # markdown: help paragraphs are rewrapped to the terminal (rich mode keeps the docstrings' line breaks)
 app = typer.Typer(add_completion=False, rich_markup_mode="markdown", no_args_is_help=True,
-                  pretty_exceptions_enable=False,
+                  pretty_exceptions_enable=False, cls=OneLineUsageErrors,
                   help="Train, fuse and compare bottleneck adapters and their baselines.")
 PIPE_WIDTH = 200      # columns for output that goes to no terminal
 
@@ -44,11 +66,23 @@ WIDTH = _width()
 console = Console(width=WIDTH, markup=False)
 err = Console(stderr=True, width=WIDTH, markup=False)
 
+# Every number a command line takes declares its range (click refuses anything outside it in one
+# line): large enough for any real use, small enough that a typo never runs for days or allocates
+# terabytes. Config keys have theirs in config.check_ranges.
+MAX_SEED = 2**32 - 1          # what numpy and torch seed with
+MAX_BATCH = 65_536
+MAX_SEQ_LEN = 65_536
+MAX_STEPS = 1_000_000
+MAX_THREADS = 4_096
+MAX_WORKERS = 100_000         # a SLURM array's size
+MAX_MINUTES = 525_600         # a year
+MAX_TRIALS = 100_000
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (see configs/).")
 TaskOpt = typer.Option(None, "--task", "-t", help="Task name (adapterbench ls tasks) or task YAML.")
 ModelOpt = typer.Option(None, "--model", "-m", help="Hub id, local folder, or alias (minilm-l6, mpnet-base).")
 MethodOpt = typer.Option(None, "--method", help="Method name (adapterbench ls methods).")
-SeedOpt = typer.Option(None, "--seed", help="Random seed.")
+SeedOpt = typer.Option(None, "--seed", min=0, max=MAX_SEED, help="Random seed.")
 OutOpt = typer.Option(None, "--out", help="Root folder of run folders (default runs/).")
 DataOpt = typer.Option(None, "--data-dir", help="glue_data-style folder (else $ADAPTERBENCH_DATA_DIR).")
 ForceOpt = typer.Option(False, "--force", help="Retrain even if a finished run with this config exists.")

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from adapterbench.cli.common import DataOpt, DebugOpt, ForceOpt, command, console
+from adapterbench.cli.common import MAX_BATCH, MAX_SEQ_LEN, MAX_STEPS, MAX_THREADS, DataOpt, DebugOpt, ForceOpt, command, console
 from adapterbench.errors import UserError
 from adapterbench.fileio import read_json
 
@@ -69,9 +69,9 @@ def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, f
                                                                "supports bench (adapterbench ls methods)."),
           modes: str = typer.Option("train,infer", "--modes", help="train, infer, train-split (each real "
                                                                "batch cut as runs cut it on this device), or several."),
-          batch_size: int = typer.Option(32, "--batch-size"), seq_len: int = typer.Option(128, "--seq-len"),
-          steps: int = typer.Option(5, "--steps", help="Timed steps (0 with --task: one whole epoch)."),
-          warmup: int = typer.Option(2, "--warmup", help="Untimed steps first."),
+          batch_size: int = typer.Option(32, "--batch-size", min=1, max=MAX_BATCH), seq_len: int = typer.Option(128, "--seq-len", min=8, max=MAX_SEQ_LEN),
+          steps: int = typer.Option(5, "--steps", min=0, max=MAX_STEPS, help="Timed steps (0 with --task: one whole epoch)."),
+          warmup: int = typer.Option(2, "--warmup", min=0, max=MAX_STEPS, help="Untimed steps first."),
           task: Optional[str] = typer.Option(None, "--task", help="Real training batches of this task."),
           pad_to_max: bool = typer.Option(False, "--pad-to-max", help="Real batches padded to --seq-len."),
           peer: bool = typer.Option(False, "--peer", help="Also run the `adapters` library (.peer-venv)."),
@@ -81,8 +81,8 @@ def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, f
           precision: str = typer.Option("auto", "--precision", help="Ours: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, "
                                                                    "or several side by side: fp32,bf16."),
           group_by_length: bool = typer.Option(False, "--group-by-length", help="Real batches in length-grouped order."),
-          repeat: int = typer.Option(1, "--repeat", help="Measure everything N times, interleaved; keep the median."),
-          threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads per measurement."),
+          repeat: int = typer.Option(1, "--repeat", min=1, max=100, help="Measure everything N times, interleaved; keep the median."),
+          threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="Torch CPU threads per measurement."),
           out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for bench.json and bench.md."),
           data_dir: Optional[str] = DataOpt, debug: bool = DebugOpt):
     """Throughput (samples/s, tokens/s) and peak memory per method; the peer library side by side."""

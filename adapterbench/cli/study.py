@@ -12,6 +12,11 @@ from rich.table import Table
 from rich.text import Text
 
 from adapterbench.cli.common import (
+    MAX_MINUTES,
+    MAX_SEED,
+    MAX_THREADS,
+    MAX_TRIALS,
+    MAX_WORKERS,
     ConfigOpt,
     DataOpt,
     DebugOpt,
@@ -49,14 +54,14 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
         out: Optional[str] = OutOpt, data_dir: Optional[str] = DataOpt,
         launcher: str = typer.Option("local", "--launcher", help="local (this process), submitit-local, or "
                                                                  "slurm (a job array of workers through submitit)."),
-        workers: int = typer.Option(1, "--workers", help="submitit/slurm: how many workers (array size)."),
-        array_parallelism: int = typer.Option(0, "--array-parallelism", help="slurm: at most this many at once."),
+        workers: int = typer.Option(1, "--workers", min=1, max=MAX_WORKERS, help="submitit/slurm: how many workers (array size)."),
+        array_parallelism: int = typer.Option(0, "--array-parallelism", min=0, max=MAX_WORKERS, help="slurm: at most this many at once."),
         partition: Optional[str] = typer.Option(None, "--partition", help="slurm: partition."),
-        time_min: Optional[int] = typer.Option(None, "--time", help="Minutes per worker (requeued when it runs out); "
+        time_min: Optional[int] = typer.Option(None, "--time", min=1, max=MAX_MINUTES, help="Minutes per worker (requeued when it runs out); "
                                                                     "default: the partition's time limit."),
-        cpus: int = typer.Option(1, "--cpus-per-worker", help="CPUs per worker."),
-        gpus: int = typer.Option(0, "--gpus-per-worker", help="GPUs per worker."),
-        mem_gb: float = typer.Option(0.0, "--mem", help="GB of memory per worker (0: the partition's default)."),
+        cpus: int = typer.Option(1, "--cpus-per-worker", min=1, max=MAX_THREADS, help="CPUs per worker."),
+        gpus: int = typer.Option(0, "--gpus-per-worker", min=0, max=64, help="GPUs per worker."),
+        mem_gb: float = typer.Option(0.0, "--mem", min=0.0, max=1e6, help="GB of memory per worker (0: the partition's default)."),
         slurm_param: Optional[list[str]] = typer.Option(None, "--slurm-param", help="Any other sbatch option as "
                                                                                      "key=value (repeatable)."),
         wait: bool = typer.Option(False, "--wait", help="submitit/slurm: wait for the workers and summarise."),
@@ -288,14 +293,14 @@ def tune(config: Optional[Path] = ConfigOpt, task: Optional[str] = TaskOpt, mode
          space: Optional[list[str]] = typer.Option(None, "--space", help="KEY=SPEC, SPEC loguniform(a,b), uniform(a,b), "
                                                    "int(a,b) or choice(a,b,...) (repeatable), e.g. "
                                                    "train.lr=loguniform(1e-5,1e-3)."),
-         trials: int = typer.Option(20, "--trials", help="Trials to finish (complete or pruned), all workers together."),
+         trials: int = typer.Option(20, "--trials", min=1, max=MAX_TRIALS, help="Trials to finish (complete or pruned), all workers together."),
          out: Path = typer.Option(Path("runs/tune"), "--out", help="The search's folder: optuna.journal, trials/, "
                                                                    "best.yaml, plots."),
-         sampler_seed: int = typer.Option(0, "--sampler-seed", help="TPE's seed."),
+         sampler_seed: int = typer.Option(0, "--sampler-seed", min=0, max=MAX_SEED, help="TPE's seed."),
          launcher: str = typer.Option("local", "--launcher", help="local, submitit-local or slurm."),
-         workers: int = typer.Option(1, "--workers", help="submitit/slurm: workers sharing the journal."),
+         workers: int = typer.Option(1, "--workers", min=1, max=MAX_WORKERS, help="submitit/slurm: workers sharing the journal."),
          partition: Optional[str] = typer.Option(None, "--partition", help="slurm: partition."),
-         time_min: Optional[int] = typer.Option(None, "--time", help="Minutes per worker; default: the "
+         time_min: Optional[int] = typer.Option(None, "--time", min=1, max=MAX_MINUTES, help="Minutes per worker; default: the "
                                                                      "partition's time limit."),
          wait: bool = typer.Option(False, "--wait", help="submitit/slurm: wait for the workers and summarise."),
          overrides: Optional[list[str]] = Overrides, debug: bool = DebugOpt):

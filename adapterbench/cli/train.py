@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from adapterbench.cli.common import (
+    MAX_STEPS,
     ConfigOpt,
     DataOpt,
     DebugOpt,
@@ -164,8 +165,8 @@ def merge(adapters: Optional[list[str]] = typer.Option(None, "--adapters", "-a",
           same_track: bool = typer.Option(False, "--same-track", help="Only sources in the target's track."),
           include_target: bool = typer.Option(False, "--include-target", help="Keep the target's own adapter."),
           align_on: Optional[str] = typer.Option(None, "--align-on", help="align: cost from activations on this task."),
-          align_examples: int = typer.Option(64, "--align-examples", help="Examples for --align-on."),
-          density: float = typer.Option(0.2, "--density", help="ties: share of entries kept."),
+          align_examples: int = typer.Option(64, "--align-examples", min=1, max=MAX_STEPS, help="Examples for --align-on."),
+          density: float = typer.Option(0.2, "--density", min=1e-6, max=1.0, help="ties: share of entries kept."),
           data_dir: Optional[str] = DataOpt, force: bool = ForceOpt,
           rest: Optional[list[str]] = typer.Argument(None, help="More source folders."),
           debug: bool = DebugOpt):
