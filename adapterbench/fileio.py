@@ -43,11 +43,35 @@ def _umask() -> int:
 
 
 def _disk_error(e: OSError, path: Path) -> Exception:
-    """Disk full / quota / read-only: one line; the previous version of the file is untouched."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-        return UserError(f"cannot write {path} ({os.strerror(e.errno)}): free space or fix permissions and "
-                         f"rerun; files written before are intact")
-    return e
+    """A write the file system refuses is one line naming the path and the way out; the previous
+    version of the file is untouched. Anything else stays the error it is."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space and rerun"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "fix the permissions (or write elsewhere) and rerun"
+    elif e.errno in (errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP):
+        fix = "choose another path"
+    else:
+        return e
+    return UserError(f"cannot write {path} ({os.strerror(e.errno)}): {fix}; files written before are intact")
+
+
+# a file system's refusals, and what the user can do about each
+_REFUSALS = {errno.ENOENT: "check the path", errno.EISDIR: "it is a folder where a file belongs: give a file path",
+             errno.ENOTDIR: "a file stands where a folder belongs: give another path",
+             errno.EACCES: "fix its permissions or use another path", errno.EPERM: "fix its permissions or use another path",
+             errno.EROFS: "the file system is read-only: write elsewhere", errno.ENOSPC: "free space and rerun",
+             errno.EDQUOT: "free space (quota) and rerun", errno.ENAMETOOLONG: "use a shorter name",
+             errno.ELOOP: "a loop of links: fix the link", errno.EEXIST: "something of that name is in the way",
+             errno.EBUSY: "it is in use (a mount point, the current folder): give another path"}
+
+
+def refusal(e: OSError) -> str | None:
+    """One line for an OSError the file system raised about a named path (any command, reading or
+    writing what a user named); None for any other error, which stays a traceback."""
+    if e.errno not in _REFUSALS or not e.filename:
+        return None
+    return f"{e.filename}: {os.strerror(e.errno)}: {_REFUSALS[e.errno]}"
 
 
 def file_sha256(path: Path) -> str:

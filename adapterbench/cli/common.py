@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from typer.core import TyperGroup
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from adapterbench.errors import UserError
+
 
 class OneLineUsageErrors(TyperGroup):
     """The command group: a command line click refuses (an unknown option, a value of the wrong
@@ -29,8 +30,7 @@ class OneLineUsageErrors(TyperGroup):
             code = super().main(*args, standalone_mode=False, **kwargs)
         except typer.TyperException as e:   # typer's own click: UsageError, BadParameter, NoSuchOption ...
             where = f" (see {e.ctx.command_path} --help)" if getattr(e, "ctx", None) is not None else ""
-            err.print(f"[red]error:[/red] {escape(e.format_message())}{escape(where)}", highlight=False,
-                      soft_wrap=True, markup=True)
+            fail(e.format_message() + where)
             sys.exit(e.exit_code)
         except typer.Abort:
             err.print("aborted")
@@ -78,21 +78,48 @@ MAX_WORKERS = 100_000         # a SLURM array's size
 MAX_MINUTES = 525_600         # a year
 MAX_TRIALS = 100_000
 
+def named_output(value: Path | None) -> Path | None:
+    """Callback of the options that name a file or folder to write: it needs a name of its own
+    ('', '.' and '..' name the current folder or its parent, never something to create)."""
+    if value is not None and Path(value).name in ("", ".", ".."):
+        raise typer.BadParameter(f"{str(value)!r} names no file or folder to write: give a path with a name, "
+                                 f"e.g. results/table.md or exports/rte")
+    return value
+
+
+def existing_folder(value: str | None) -> str | None:
+    """Callback of --data-dir: a folder that exists, checked before anything starts."""
+    try:
+        missing = value is not None and (not value.strip() or not Path(value).expanduser().is_dir())
+    except OSError:       # a name too long for the file system
+        missing = True
+    if missing:
+        raise typer.BadParameter(f"{value!r} is not a folder: give the glue_data-style folder that holds the "
+                                 f"tasks' data (e.g. ../shared/data/glue)")
+    return value
+
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (see configs/).")
 TaskOpt = typer.Option(None, "--task", "-t", help="Task name (adapterbench ls tasks) or task YAML.")
 ModelOpt = typer.Option(None, "--model", "-m", help="Hub id, local folder, or alias (minilm-l6, mpnet-base).")
 MethodOpt = typer.Option(None, "--method", help="Method name (adapterbench ls methods).")
 SeedOpt = typer.Option(None, "--seed", min=0, max=MAX_SEED, help="Random seed.")
 OutOpt = typer.Option(None, "--out", help="Root folder of run folders (default runs/).")
-DataOpt = typer.Option(None, "--data-dir", help="glue_data-style folder (else $ADAPTERBENCH_DATA_DIR).")
+DataOpt = typer.Option(None, "--data-dir", callback=existing_folder, help="glue_data-style folder (else $ADAPTERBENCH_DATA_DIR).")
 ForceOpt = typer.Option(False, "--force", help="Retrain even if a finished run with this config exists.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
 Overrides = typer.Argument(None, help="key=value overrides, e.g. train.lr=3e-4 train.epochs=3")
 
 
+def one_line(text: str) -> str:
+    """`text` as one printable line: a newline or other control character a user's value brought
+    into a message shows as its escape (\\n), so an error is always one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def fail(message: str) -> typer.Exit:
     """Print one red error line; the exit (code 2) to raise."""
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True, markup=True)
+    err.print(f"[red]error:[/red] {escape(one_line(message))}", highlight=False, soft_wrap=True, markup=True)
     return typer.Exit(2)
 
 
@@ -117,7 +144,8 @@ def main_options(tasks_dir: Optional[list[Path]] = typer.Option(
 
 
 def guarded(debug: bool, fn, /, *args, **kwargs):
-    """Run `fn`; bad input becomes one red line and exit code 2 (a traceback with --debug)."""
+    """Run `fn`; bad input, and a path the file system refuses, become one red line and exit
+    code 2 (a traceback with --debug)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return fn(*args, **kwargs)
@@ -125,6 +153,11 @@ def guarded(debug: bool, fn, /, *args, **kwargs):
         if debug:
             raise
         raise fail(str(e)) from None
+    except OSError as e:   # a path the file system refuses (a folder where a file belongs, a full or read-only disk)
+        from adapterbench.fileio import refusal
+        if debug or (line := refusal(e)) is None:
+            raise
+        raise fail(line) from None
     except KeyboardInterrupt as e:
         err.print(f"[yellow]interrupted[/yellow]{': ' + escape(str(e)) if str(e) else ''}", highlight=False,
                   markup=True)

@@ -9,7 +9,18 @@ from typing import Optional
 
 import typer
 
-from adapterbench.cli.common import MAX_BATCH, MAX_SEQ_LEN, MAX_STEPS, MAX_THREADS, DataOpt, DebugOpt, ForceOpt, command, console
+from adapterbench.cli.common import (
+    MAX_BATCH,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
+    MAX_THREADS,
+    DataOpt,
+    DebugOpt,
+    ForceOpt,
+    command,
+    console,
+    named_output,
+)
 from adapterbench.errors import UserError
 from adapterbench.fileio import read_json
 
@@ -17,7 +28,7 @@ from adapterbench.fileio import read_json
 @command("export")
 def export_cmd(run_dir: Path = typer.Argument(..., help="An extract run folder or adapter folder."),
                fmt: str = typer.Option("adapterhub", "--format", help="adapterhub (pfeiffer, houlsby, fusion) or peft (lora)."),
-               out: Path = typer.Option(..., "--out", help="Folder to write."),
+               out: Path = typer.Option(..., "--out", callback=named_output, help="Folder to write."),
                name: Optional[str] = typer.Option(None, "--name", help="Adapter name (default: the task)."),
                head: Optional[bool] = typer.Option(None, "--head/--no-head", help="Also write the head (adapterhub: "
                                                    "default; --no-head: the adapter alone, e.g. a fusion source. peft: "
@@ -44,7 +55,7 @@ def export_cmd(run_dir: Path = typer.Argument(..., help="An extract run folder o
 def import_cmd(src: Path = typer.Argument(..., help="A folder saved by the `adapters` library (save_adapter; for a "
                                                    "fusion: its adapters, save_adapter_fusion and save_head in one "
                                                    "folder) or by peft (LoRA)."),
-               out: Path = typer.Option(..., "--out", help="adapterbench adapter folder to write."),
+               out: Path = typer.Option(..., "--out", callback=named_output, help="adapterbench adapter folder to write."),
                model: Optional[str] = typer.Option(None, "--model", help="Base model, if not the one it names."),
                force: bool = ForceOpt, debug: bool = DebugOpt):
     """Read an AdapterHub adapter (Pfeiffer/Houlsby) or a peft LoRA adapter into an adapterbench folder."""
@@ -83,7 +94,7 @@ def bench(model: str = typer.Option("minilm-l6", "--model", help="Model alias, f
           group_by_length: bool = typer.Option(False, "--group-by-length", help="Real batches in length-grouped order."),
           repeat: int = typer.Option(1, "--repeat", min=1, max=100, help="Measure everything N times, interleaved; keep the median."),
           threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="Torch CPU threads per measurement."),
-          out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for bench.json and bench.md."),
+          out: Path = typer.Option(Path("runs/bench"), "--out", callback=named_output, help="Folder for bench.json and bench.md."),
           data_dir: Optional[str] = DataOpt, debug: bool = DebugOpt):
     """Throughput (samples/s, tokens/s) and peak memory per method; the peer library side by side."""
     import json as _json

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from adapterbench.cli.common import DebugOpt, command, console
+from adapterbench.cli.common import DebugOpt, command, console, named_output
 from adapterbench.config import split_labels
 from adapterbench.errors import UserError
 from adapterbench.fileio import atomic_write
@@ -24,7 +24,7 @@ from adapterbench.results.report import build_report
 @command()
 def report(runs_dir: Path = typer.Argument(Path("runs"), help="Folder holding run folders (searched recursively)."),
            fmt: str = typer.Option("md", "--format", help="md, csv or latex."),
-           out_file: Optional[Path] = typer.Option(None, "--out", help="Write the table here (and the plot beside it)."),
+           out_file: Optional[Path] = typer.Option(None, "--out", callback=named_output, help="Write the table here (and the plot beside it)."),
            reference: Optional[str] = typer.Option(None, "--reference",
                                                    help="Paper numbers beside ours: adapterfusion-bert-base, houlsby-glue."),
            plot: bool = typer.Option(True, "--plot/--no-plot", help="Bar plot PNG with error bars."),

@@ -28,6 +28,7 @@ from adapterbench.cli.common import (
     TaskOpt,
     command,
     console,
+    named_output,
 )
 from adapterbench.cli.train import command_line_plugins, options
 from adapterbench.config import merge_layers, split_labels
@@ -258,7 +259,7 @@ def _status_by_row(groups: dict[str, list], states: tuple, title: str, left_by_l
 
 @command()
 def archive(runs_dir: Path = typer.Argument(..., help="Folder holding run folders (a study's)."),
-            out: Path = typer.Option(..., "--out", help="The archive to write or update, e.g. docs/results/runs.jsonl."),
+            out: Path = typer.Option(..., "--out", callback=named_output, help="The archive to write or update, e.g. docs/results/runs.jsonl."),
             replace: bool = typer.Option(False, "--replace", help="Write only RUNS_DIR's runs, dropping the "
                                                                    "archive's lines for runs it does not hold."),
             unfinished: Optional[Path] = typer.Option(None, "--unfinished", help="Also write each unfinished run's "
@@ -294,7 +295,7 @@ def tune(config: Optional[Path] = ConfigOpt, task: Optional[str] = TaskOpt, mode
                                                    "int(a,b) or choice(a,b,...) (repeatable), e.g. "
                                                    "train.lr=loguniform(1e-5,1e-3)."),
          trials: int = typer.Option(20, "--trials", min=1, max=MAX_TRIALS, help="Trials to finish (complete or pruned), all workers together."),
-         out: Path = typer.Option(Path("runs/tune"), "--out", help="The search's folder: optuna.journal, trials/, "
+         out: Path = typer.Option(Path("runs/tune"), "--out", callback=named_output, help="The search's folder: optuna.journal, trials/, "
                                                                    "best.yaml, plots."),
          sampler_seed: int = typer.Option(0, "--sampler-seed", min=0, max=MAX_SEED, help="TPE's seed."),
          launcher: str = typer.Option("local", "--launcher", help="local, submitit-local or slurm."),

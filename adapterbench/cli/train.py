@@ -24,6 +24,7 @@ from adapterbench.cli.common import (
     command,
     console,
     guarded,
+    named_output,
 )
 from adapterbench.config import merge_layers
 from adapterbench.errors import UserError
@@ -160,7 +161,7 @@ def multitask(tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-s
 def merge(adapters: Optional[list[str]] = typer.Option(None, "--adapters", "-a", help="Source adapter or run folders."),
           strategy: str = typer.Option("avg", "--strategy", help="avg, align, ties or task-arithmetic."),
           weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated, one per source."),
-          out: Optional[Path] = typer.Option(None, "--out", help="Folder for the merged adapter."),
+          out: Optional[Path] = typer.Option(None, "--out", callback=named_output, help="Folder for the merged adapter."),
           target: Optional[str] = typer.Option(None, "--target", help="Target task (for --same-track)."),
           same_track: bool = typer.Option(False, "--same-track", help="Only sources in the target's track."),
           include_target: bool = typer.Option(False, "--include-target", help="Keep the target's own adapter."),

@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -63,8 +64,9 @@ def _import(spec: str) -> tuple[str, ModuleType, str]:
     """(registered name, module, source) of a file path or an importable module name."""
     path = Path(spec).expanduser()
     if spec.endswith(".py") or path.is_file():
-        if not path.is_file():
-            raise UserError(f"method file {spec} does not exist: check the path")
+        if not path.is_file() or path.suffix != ".py":
+            raise UserError(f"method file {spec} {'is not a .py file' if path.is_file() else 'does not exist'}: "
+                            f"give a method module's .py path")
         name = path.stem
         mod_name = f"adapterbench_plugin_{name}"
         module_spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -76,6 +78,9 @@ def _import(spec: str) -> tuple[str, ModuleType, str]:
             sys.modules.pop(mod_name, None)
             raise UserError(f"method file {path} failed to import ({type(e).__name__}: {e}): fix the module") from None
         return name, module, str(path.resolve())
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", spec):
+        raise UserError(f"method {spec!r} is neither a .py file nor a module name (dotted identifiers): "
+                        f"give a registered method (adapterbench ls methods), a .py path or a module")
     try:
         module = importlib.import_module(spec)
     except ImportError as e:

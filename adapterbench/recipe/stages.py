@@ -76,6 +76,8 @@ def resolve(user: dict, stage: str) -> RunConfig:
 def tasks_of(cfg: RunConfig) -> list[TaskSpec]:
     """The run's tasks: one, or several joined by commas (multi-task)."""
     names = [n.strip() for n in cfg.task.split(",") if n.strip()]
+    if not names:
+        raise UserError(f"no task given ({cfg.task!r}): pass --task NAME or --task PATH.yaml (adapterbench ls tasks)")
     if get_method(cfg.method.name).STAGE == "multitask" and len(names) < 2:
         raise UserError(f"multitask needs at least two tasks, got '{cfg.task}': pass --tasks rte,mrpc")
     tasks = [load_task(n) for n in names]
