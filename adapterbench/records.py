@@ -166,7 +166,9 @@ def write_archive(root: Path, out: Path, replace: bool = False) -> tuple[int, in
         raise UserError(f"--replace would empty {out}: {root} has no finished run yet; leave out --replace, "
                         f"or pass the folder whose runs should replace the archive's")
     with folder_lock(Path(out).parent):     # two `archive` commands into one file: one after the other
-        kept = {} if replace else {k: line for k, line in read_archive_lines(out).items() if k not in fresh}
+        old = read_archive_lines(out, fix="name another --out (--replace replaces a results archive, no other file)"
+                                 if replace else "pass --replace to write only this folder's runs")
+        kept = {} if replace else {k: line for k, line in old.items() if k not in fresh}
         atomic_write(out, "".join(line + "\n" for line in sorted([*fresh.values(), *kept.values()])))
     return len(fresh), len(kept)
 
@@ -211,8 +213,6 @@ def read_archive_lines(path: Path, key=archive_key, fix: str = "pass --replace t
                             f"Name another file, or {fix}")
         out[key(record)] = line
     return out
-
-
 
 
 
