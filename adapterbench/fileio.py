@@ -3,6 +3,7 @@ absent), JSON, safetensors, sha256 of a file, output folders staged and moved in
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -68,10 +69,26 @@ _REFUSALS = {errno.ENOENT: "check the path", errno.EISDIR: "it is a folder where
 
 def refusal(e: OSError) -> str | None:
     """One line for an OSError the file system raised about a named path (any command, reading or
-    writing what a user named); None for any other error, which stays a traceback."""
-    if e.errno not in _REFUSALS or not e.filename:
+    writing what a user named), or a full or read-only disk under a library's write that named no
+    file; None for any other error, which stays a traceback."""
+    if e.errno not in _REFUSALS:
         return None
-    return f"{e.filename}: {os.strerror(e.errno)}: {_REFUSALS[e.errno]}"
+    if e.filename:
+        return f"{e.filename}: {os.strerror(e.errno)}: {_REFUSALS[e.errno]}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return f"a write failed ({os.strerror(e.errno)}): {_REFUSALS[e.errno]} (--debug shows which file)"
+    return None
+
+
+@contextlib.contextmanager
+def naming(path: Path):
+    """An OSError a library raises without a file name (optuna's journal writes) names `path`."""
+    try:
+        yield
+    except OSError as e:
+        if not e.filename:
+            e.filename = str(path)
+        raise
 
 
 def file_sha256(path: Path) -> str:

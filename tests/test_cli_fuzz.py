@@ -239,6 +239,7 @@ def test_every_command_is_fuzzed_and_every_number_declares_its_range(workspace):
                 assert info.min is not None and info.max is not None, f"{name} {flag} declares no range"
 
 
+@pytest.mark.slow        # about 40 s for the 17 commands at 6 cases each
 @pytest.mark.parametrize("name", sorted(commands()))
 def test_a_fuzzed_command_line_works_or_is_one_line(name, workspace):
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=not FRESH, database=None,

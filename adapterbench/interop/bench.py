@@ -70,7 +70,9 @@ def fixed_batches(spec: Spec, vocab_size: int, n: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(n):
-        ids = torch.randint(1000, min(vocab_size, 20000), (spec.batch_size, spec.seq_len), generator=g)
+        # ordinary word ids: past a BERT vocabulary's special and rare tokens, within any vocabulary
+        low = 1000 if vocab_size > 2000 else 1
+        ids = torch.randint(low, min(vocab_size, 20000), (spec.batch_size, spec.seq_len), generator=g)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
                     "labels": torch.randint(0, 2, (spec.batch_size,), generator=g)})
     return out

@@ -138,7 +138,15 @@ def objective_value(folder: Path) -> float:
 
 def run_trials(user: dict, stage: str, space: list[Dimension], trials: int, out: Path, seed: int = 0,
                on_trial=lambda number, text: None) -> dict:
-    """Run trials until `trials` have finished (complete or pruned) in the journal; returns the summary."""
+    """Run trials until `trials` have finished (complete or pruned) in the journal; returns the
+    summary. A disk that refuses optuna's journal (it names no file) is named by its path."""
+    from adapterbench.fileio import naming
+    with naming(Path(out) / "optuna.journal"):
+        return _run_trials(user, stage, space, trials, out, seed, on_trial)
+
+
+def _run_trials(user: dict, stage: str, space: list[Dimension], trials: int, out: Path, seed: int,
+                on_trial) -> dict:
     import optuna
     from optuna.trial import TrialState
 
