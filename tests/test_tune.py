@@ -103,3 +103,20 @@ def test_two_local_workers_share_one_journal(tiny_bert_dir, task_yamls, data_dir
     r = runner.invoke(app, tune_args(tiny_bert_dir, task_yamls, data_dir, out, "--trials", "4", "--space",
                                      "train.lr=loguniform(1e-4,1e-2)"))
     assert r.exit_code == 0 and f"{len(study.trials)} trials done" in r.output, r.output
+
+
+def test_trials_that_all_fail_stop_the_search_in_one_line(task_yamls, data_dir, tmp_path):
+    """A trial that fails on its input (here a model folder that does not exist: found only when
+    the trial loads it) is not the search's business: three in a row stop `tune` with one line
+    naming the cause, instead of drawing failed trials for ever (they never count as finished)."""
+    args = tune_args(tmp_path / "no-such-model", task_yamls, data_dir, tmp_path / "t", "--trials", "2", "--space",
+                     "train.lr=loguniform(1e-4,1e-2)")
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1].startswith("error: 3 trials in a row failed, the last with: model folder")
+    assert "Traceback" not in r.output
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    study = optuna.load_study(study_name="tune", storage=JournalStorage(JournalFileBackend(str(tmp_path / "t" / "optuna.journal"))))
+    assert [t.state.name for t in study.trials] == ["FAIL"] * 3

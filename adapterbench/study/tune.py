@@ -105,7 +105,7 @@ def storage(out: Path):
 
 def open_study(out: Path, seed: int, direction: str):
     import optuna
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)   # a failed trial: our own line (give_up)
     return optuna.create_study(study_name="tune", storage=storage(out), load_if_exists=True, direction=direction,
                                sampler=optuna.samplers.TPESampler(seed=seed),
                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
@@ -152,8 +152,11 @@ def _run_trials(user: dict, stage: str, space: list[Dimension], trials: int, out
 
     from adapterbench.recipe.runfolder import RunExists
     from adapterbench.recipe.stages import train_stage
+    from adapterbench.recipe.stages import tasks_of
     for d in space:                                   # every key checked before the first trial
-        trial_config(user, stage, {d.key: d.values[0]}, out)
+        cfg = trial_config(user, stage, {d.key: d.values[0]}, out)
+    if space:
+        tasks_of(cfg)                                 # and the tasks: named, found, each once
     study = open_study(out, seed, "maximize")
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         if t.state == TrialState.RUNNING and not locked_elsewhere(t):   # its process died: again, same values
@@ -174,16 +177,31 @@ def _run_trials(user: dict, stage: str, space: list[Dimension], trials: int, out
             folder = train_stage(stage, cfg, show_progress=False, epoch_hook=report)
         except RunExists as e:
             folder = e.folder
+        except UserError as e:
+            failures.append(str(e))
+            raise
+        failures.clear()
         trial.set_user_attr("run", str(folder))
         value = objective_value(folder)
         on_trial(trial.number, f"trial {trial.number}: held-out {value:.2f} with {values} ({folder})")
         return value
 
+    failures: list[str] = []           # this process's trials that failed in a row
+
+    def give_up(study, trial) -> None:
+        if len(failures) >= FAILURES_IN_A_ROW:
+            study.stop()
+
     done = lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))  # noqa: E731
     if done() < trials:
         study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(
-            trials, states=(TrialState.COMPLETE, TrialState.PRUNED))], catch=(UserError,))
+            trials, states=(TrialState.COMPLETE, TrialState.PRUNED)), give_up], catch=(UserError,))
+    if len(failures) >= FAILURES_IN_A_ROW:    # every value fails alike: the input, not the search
+        raise UserError(f"{len(failures)} trials in a row failed, the last with: {failures[-1]}")
     return summarize(study, user, stage, out)
+
+
+FAILURES_IN_A_ROW = 3   # a trial may fail on its values (a learning rate that diverges); three in a row stop the search
 
 
 def locked_elsewhere(trial) -> bool:
