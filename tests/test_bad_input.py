@@ -113,7 +113,8 @@ CASES = {
                                "main_metric 'mcc' is not in metrics"),
     "path traversal in task name": (lambda e: train(e, "--task", task_variant(e, "pt", "name: toy", "name: ../../x")),
                                     "must be letters, digits"),
-    "missing data files": (lambda e: ["extract", "--model", e["base"][1], "--data-dir", str(e["tmp"] / "empty"),
+    "missing data files": (lambda e: (e["tmp"] / "empty").mkdir(exist_ok=True) or
+                           ["extract", "--model", e["base"][1], "--data-dir", str(e["tmp"] / "empty"),
                                       "--out", str(e["out"]), "--task", e["toy"]], "local files not found"),
     "missing column": (lambda e: (write(e["data"] / "TOY" / "train.tsv", "index\tsentence1\tlabel\n0\ta\tpos\n"),
                                   train(e, "--task", e["toy"]))[1], "column 'sentence2' (text 'sentence2') is missing"),

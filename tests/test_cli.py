@@ -130,6 +130,9 @@ def test_bad_inputs_one_line_exit_2(tiny_bert_dir, task_yamls, data_dir, tmp_pat
     y = tmp_path / "bad.yaml"
     y.write_text("task: [rte\n")
     assert "malformed YAML" in bad(tmp_path, "extract", "--config", y, *common)
+    assert "is not a folder" in bad(tmp_path, "extract", "--task", task_yamls["toy"], "--model", tiny_bert_dir,
+                                    "--data-dir", tmp_path / "empty", "--out", tmp_path / "runs")
+    (tmp_path / "empty").mkdir()               # a folder, without the task's files
     assert "local files not found" in bad(tmp_path, "extract", "--task", task_yamls["toy"], "--model", tiny_bert_dir,
                                           "--data-dir", tmp_path / "empty", "--out", tmp_path / "runs")
     assert "does not exist" in bad(tmp_path, "extract", "--task", task_yamls["toy"], "--model", tmp_path / "nomodel",

@@ -154,7 +154,7 @@ def two_adapters(tiny_bert_dir, tmp_path_factory):
 
 
 VALUE_CASES = {   # command line -> words of its one line
-    "seed 2**32": (lambda e: ["extract", "--task", e.toy, "--seed", str(2**32)], "2**32 - 1"),
+    "seed 2**32": (lambda e: ["extract", "--task", e.toy, "--seed", str(2**32)], "less than or equal to 4294967295"),
     "seed 2**64 as override": (lambda e: ["extract", "--task", e.toy, f"seed={2**64}"], "2**32 - 1"),
     "data seed 2**40": (lambda e: ["extract", "--task", e.toy, f"data.data_seed={2**40}"], "2**32 - 1"),
     "shuffle seed 2**33": (lambda e: ["finetune", "--task", e.toy, f"data.shuffle_seed={2**33}"], "2**32 - 1"),
@@ -172,7 +172,7 @@ VALUE_CASES = {   # command line -> words of its one line
     "merge weight inf": (lambda e: ["merge", "--adapters", e.a, "--adapters", e.b, "--weights", "1,inf", "--out", e.out],
                          "finite"),
     "align examples 0": (lambda e: ["merge", "--adapters", e.a, "--adapters", e.b, "--strategy", "align", "--align-on",
-                                    e.toy, "--align-examples", "0", "--out", e.out], "at least 1"),
+                                    e.toy, "--align-examples", "0", "--out", e.out], "greater than or equal to 1"),
 }
 
 
