@@ -18,6 +18,19 @@ from adapterbench.recipe.runfolder import machine_name
 runner = CliRunner()
 
 
+def crash_before(monkeypatch, step: int):
+    """Training raises KeyboardInterrupt before global step `step` (as if killed after the
+    checkpoint before it); returns the real train_step, to put back."""
+    real = T.train_step
+
+    def crashing(*args):
+        if args[-1] + 1 == step:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(T, "train_step", crashing)
+    return real
+
+
 def command(tiny_bert_dir, task_yamls, data_dir, out, method, *extra):
     return ["extract" if method != "full" else "finetune", "--task", str(task_yamls["toy"]), "--model",
             str(tiny_bert_dir), "--method", method, "--data-dir", str(data_dir), "--out", str(out),
@@ -244,14 +257,7 @@ def test_multitask_resume_gives_the_same_result(tiny_bert_dir, task_yamls, data_
                        "--sampling", "uncertainty", "train.epochs=3", "train.batch_size=8", "train.lr=1e-3",
                        "train.checkpoint_every=5"]
     assert runner.invoke(app, cmd(tmp_path / "ref")).exit_code == 0
-    real = MT.train_step
-
-    def crashing(*args):
-        if args[-1] + 1 == 17:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(MT, "train_step", crashing)
+    real = crash_before(monkeypatch, 17)
     assert runner.invoke(app, cmd(tmp_path / "run")).exit_code == 130
     monkeypatch.setattr(MT, "train_step", real)
     r = runner.invoke(app, cmd(tmp_path / "run"))
@@ -296,14 +302,7 @@ def test_a_checkpoint_of_another_process_count_is_one_line(tiny_bert_dir, task_y
                                                            monkeypatch):
     """Ranks' generators are saved one per rank: a checkpoint that two processes wrote is not
     resumed by one (nor the reverse); one line says how, and the checkpoint is kept."""
-    real_step = T.train_step
-
-    def crashing(*args):
-        if args[-1] + 1 == 6:
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(T, "train_step", crashing)
+    real_step = crash_before(monkeypatch, 6)
     args = command(tiny_bert_dir, task_yamls, data_dir, tmp_path / "run", "pfeiffer")
     assert runner.invoke(app, args).exit_code == 130
     run = next((tmp_path / "run").glob("*/*/toy/*"))
