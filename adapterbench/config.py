@@ -136,7 +136,8 @@ class StrictLoader(yaml.SafeLoader):
             if isinstance(key, (str, int, float, bool)) and key in seen and key != "<<":
                 raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' is given twice in one mapping "
                                                         f"(remove one)", key_node.start_mark)
-            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+            if isinstance(key, (str, int, float, bool)):
+                seen.add(key)
         return super().construct_mapping(node, deep)
 
 

@@ -58,12 +58,13 @@ def records(root: Path, seeds: list[int] | None = None) -> Iterator[RunRecord]:
             yield record
 
 
-def collect(root: Path, metric: str | None = None, seeds: list[int] | None = None) -> dict[str, Row]:
+def collect(root: Path, metric: str | None = None, seeds: list[int] | None = None,
+            found: list[RunRecord] | None = None) -> dict[str, Row]:
     """Rows keyed by label from every finished run under `root` (run folders or an archive).
     Cells hold each task's main metric, or `metric` (e.g. accuracy) on the tasks that report
     it. With runs of several models, a row is a (label, model) pair; two runs that would fill
     one cell (same row, task and seed) are an error, never one silently replacing the other."""
-    found = [r for r in records(root, seeds) if r.finished]
+    found = [r for r in (records(root, seeds) if found is None else found) if r.finished]
     models = {r.model for r in found}
     rows: dict[str, Row] = {}
     filled: dict[tuple, str] = {}
@@ -190,7 +191,8 @@ def majority_baseline(task_name: str, metric: str | None, data_dir: str | None =
 def build_report(root: Path, reference: str | None = None, versus: str = "full",
                  only: list[str] | None = None, metric: str | None = None,
                  tasks: list[str] | None = None, majority: bool = True, seeds: list[int] | None = None) -> Report:
-    rows = collect(root, metric, seeds)
+    found = list(records(root, seeds))          # read once: the rows and the tasks as the runs named them
+    rows = collect(root, metric, seeds, found)
     if only:  # row labels or shell patterns ('merge-*'), kept in the order of the report
         from fnmatch import fnmatch
         rows = {k: r for k, r in rows.items() if any(fnmatch(k, pat) for pat in only)}
@@ -204,7 +206,7 @@ def build_report(root: Path, reference: str | None = None, versus: str = "full",
     ref = load_reference(reference) if reference else None
     rep = Report(tasks, order, [b for b in wanted if b in names], ref, versus, metric)
     if majority:
-        given = tasks_as_given(root, seeds)
+        given = tasks_as_given(found, Path(root))
         for t in tasks:
             spec, data_dir = given.get(t, (t, None))
             value, name = majority_baseline(spec, metric, data_dir)
@@ -213,12 +215,12 @@ def build_report(root: Path, reference: str | None = None, versus: str = "full",
     return rep
 
 
-def tasks_as_given(root: Path, seeds: list[int] | None) -> dict[str, tuple[str, str | None]]:
+def tasks_as_given(found: list[RunRecord], root: Path) -> dict[str, tuple[str, str | None]]:
     """Each task name -> (the task as the runs' configs gave it: a shipped name or a user's YAML
     path, their data folder). A user's task that is no longer where its runs found it gives no
     majority row rather than a shipped task's of the same name."""
     out: dict[str, tuple[str, str | None]] = {}
-    for r in records(root, seeds):
+    for r in found:
         given = str(r.config.get("task") or "").split(",")
         if len(given) == len(r.task.split(",")):
             data_dir = (r.config.get("data") or {}).get("data_dir")
