@@ -197,9 +197,10 @@ def foreign_files(folder: Path) -> list[str]:
     out = []
     for path in sorted(folder.rglob("*")):   # rglob does not descend into linked folders
         inside = path.relative_to(folder).as_posix()
-        if inside.startswith("checkpoint/") or not written_by_us(inside):
-            if not inside.startswith("checkpoint/") and not any(inside.startswith(f + "/") for f in out):
-                out.append(inside)
+        if inside.startswith("checkpoint/") or written_by_us(inside):
+            continue
+        if not any(inside.startswith(f + "/") for f in out):    # a foreign folder is named once, not its files
+            out.append(inside)
     checkpoint = folder / "checkpoint"
     if checkpoint.is_dir():
         out += [f"checkpoint/{p.name}" for p in sorted(checkpoint.resolve().iterdir())
