@@ -192,6 +192,12 @@ CHECKPOINT_NAME = re.compile(r"step-\d+-e\d+")
 TEMP_NAME = re.compile(r"\..+\.(tmp|partial-\d+)$|\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
+def checkpoint_entry(name: str) -> bool:
+    """An entry adapterbench writes in a run's checkpoint folder: a step-N-eM checkpoint,
+    latest.json, or a temporary file of an interrupted write."""
+    return bool(CHECKPOINT_NAME.fullmatch(name) or name == "latest.json" or TEMP_NAME.match(name))
+
+
 def remove_ours(path: Path, ours) -> list[str]:
     """Delete under `path` only the entries `ours(name)` says adapterbench wrote, never following
     a symbolic link (a link is removed as a link, its target left alone). Returns the names of
@@ -218,8 +224,7 @@ def remove_checkpoints(root: Path, keep: str | None = None) -> None:
     target = root.resolve() if root.is_symlink() else root
     if not target.is_dir():
         return
-    remove_ours(target, lambda n: (CHECKPOINT_NAME.fullmatch(n) and n != keep) or (keep is None and n == "latest.json")
-                or bool(TEMP_NAME.match(n)))
+    remove_ours(target, lambda n: checkpoint_entry(n) and n != keep and (keep is None or n != "latest.json"))
     if keep is None:
         if root.is_symlink():
             root.unlink()

@@ -41,6 +41,16 @@ def need_slurm():
         pytest.skip(why)
 
 
+@pytest.fixture()
+def glue_here(tmp_path, monkeypatch) -> Path:
+    """The real GLUE data (these studies read RTE, and the smoke study MRPC) and tmp_path as the
+    working folder, where the workers write."""
+    if not os.environ.get("ADAPTERBENCH_DATA_DIR"):
+        pytest.skip("needs ADAPTERBENCH_DATA_DIR (RTE and MRPC)")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 def submit_with_reference(tmp_path: Path, name: str, train: str) -> str:
     """A one-run study (pfeiffer on RTE, tiny-bert) trained here uninterrupted (ref/), then
     submitted to SLURM (runs/); its job id."""
@@ -72,10 +82,7 @@ def same_as_uninterrupted(run: Path, ref: Path) -> None:
     assert all((a[k] == b[k]).all() for k in a)
 
 
-def test_smoke_study_as_a_slurm_job_array(tmp_path, monkeypatch):
-    if not os.environ.get("ADAPTERBENCH_DATA_DIR"):
-        pytest.skip("needs ADAPTERBENCH_DATA_DIR (the smoke study reads RTE and MRPC)")
-    monkeypatch.chdir(tmp_path)
+def test_smoke_study_as_a_slurm_job_array(tmp_path, glue_here):
     r = runner.invoke(app, ["run", "smoke", "--launcher", "slurm", "--workers", "2", "--wait", "--time", "20"])
     assert r.exit_code == 0, r.output
     launch = json.loads((tmp_path / "runs" / "smoke" / "launch.json").read_text())
@@ -89,10 +96,7 @@ def test_smoke_study_as_a_slurm_job_array(tmp_path, monkeypatch):
     assert r.exit_code == 0 and "done 16, running 0, queued 0, failed 0, blocked 0" in r.output
 
 
-def test_preempted_worker_is_requeued_and_resumes_identically(tmp_path, monkeypatch):
-    if not os.environ.get("ADAPTERBENCH_DATA_DIR"):
-        pytest.skip("needs ADAPTERBENCH_DATA_DIR (RTE)")
-    monkeypatch.chdir(tmp_path)
+def test_preempted_worker_is_requeued_and_resumes_identically(tmp_path, glue_here):
     job = submit_with_reference(tmp_path, "preempt", "{limit: 512, eval_limit: 16, epochs: 3, batch_size: 8, "
                                                 "checkpoint_every: 4}")
     deadline = time.time() + 120
@@ -110,14 +114,11 @@ def test_preempted_worker_is_requeued_and_resumes_identically(tmp_path, monkeypa
     same_as_uninterrupted(run, Path(glob.glob(str(tmp_path / "ref/extract/pfeiffer/rte/*/metrics.json"))[0]).parent)
 
 
-def test_preemption_checkpoints_at_the_signal_with_default_settings(tmp_path, monkeypatch):
+def test_preemption_checkpoints_at_the_signal_with_default_settings(tmp_path, glue_here):
     """At the default checkpoint settings (one per epoch) a worker preempted mid-epoch loses
     nothing: SLURM's pre-timeout signal (USR2, submitit's) makes the loop checkpoint at the
     current step before submitit requeues the job, and the requeued run resumes from that step
     to the weights of an uninterrupted run."""
-    if not os.environ.get("ADAPTERBENCH_DATA_DIR"):
-        pytest.skip("needs ADAPTERBENCH_DATA_DIR (RTE)")
-    monkeypatch.chdir(tmp_path)
     job = submit_with_reference(tmp_path, "preempt_default", "{limit: 512, eval_limit: 16, epochs: 2, batch_size: 8, "
                                                         "log_every: 1}")
     deadline = time.time() + 180
@@ -141,14 +142,11 @@ def test_preemption_checkpoints_at_the_signal_with_default_settings(tmp_path, mo
     same_as_uninterrupted(run, Path(glob.glob(str(tmp_path / "ref/extract/pfeiffer/rte/*/metrics.json"))[0]).parent)
 
 
-def test_submission_problems_are_one_line_and_status_says_what_slurm_says(tmp_path, monkeypatch):
+def test_submission_problems_are_one_line_and_status_says_what_slurm_says(tmp_path, glue_here):
     """An unknown partition, GPUs the partition does not have, or more time than it allows are
     one line each (they used to pend forever or end in a traceback); after a submission,
     `status` shows SLURM's state of each recorded job."""
-    if not os.environ.get("ADAPTERBENCH_DATA_DIR"):
-        pytest.skip("needs ADAPTERBENCH_DATA_DIR (the smoke study reads RTE and MRPC)")
     from adapterbench.study.launch import partition_minutes
-    monkeypatch.chdir(tmp_path)
     for extra, words in ((["--partition", "nosuch"], "not a SLURM partition here"),
                          (["--gpus-per-worker", "1"], "did not take the job")):
         r = runner.invoke(app, ["run", "smoke", "--launcher", "slurm", *extra])

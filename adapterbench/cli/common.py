@@ -78,6 +78,7 @@ MAX_WORKERS = 100_000         # a SLURM array's size
 MAX_MINUTES = 525_600         # a year
 MAX_TRIALS = 100_000
 
+
 def named_output(value: Path | None) -> Path | None:
     """Callback of the options that name a file or folder to write: it needs a name of its own
     ('', '.' and '..' name the current folder or its parent, never something to create)."""

@@ -194,7 +194,8 @@ def load_checkpoint(root: Path, model, optimizer, scheduler, rank: int = 0, proc
         extra = torch.load(folder / "optim.pt", weights_only=True)
         state = json.loads((folder / "state.json").read_text())
         state = {k: v for k, v in state.items() if k in TrainResult.__dataclass_fields__}
-        own = torch.load(folder / f"rng-rank{rank}.pt", weights_only=True) if rank else extra
+        mine = {k: extra.pop(k) for k in ("torch_rng", "cuda_rng") if k in extra}   # rank 0's
+        own = torch.load(folder / f"rng-rank{rank}.pt", weights_only=True) if rank else mine
     except Exception as e:
         raise UserError(f"checkpoint {folder} is unreadable ({type(e).__name__}): delete {root} to start over") from None
     if "source" not in extra:

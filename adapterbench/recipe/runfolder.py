@@ -26,10 +26,10 @@ import yaml
 from adapterbench.config import StrictLoader, config_hash
 from adapterbench.errors import UserError
 from adapterbench.fileio import (
-    CHECKPOINT_NAME,
     TEMP_NAME,
     _disk_error,
     atomic_write,
+    checkpoint_entry,
     is_main_process,
     remove_checkpoints,
     slug,
@@ -203,8 +203,7 @@ def foreign_files(folder: Path) -> list[str]:
             out.append(inside)
     checkpoint = folder / "checkpoint"
     if checkpoint.is_dir():
-        out += [f"checkpoint/{p.name}" for p in sorted(checkpoint.resolve().iterdir())
-                if not (CHECKPOINT_NAME.fullmatch(p.name) or p.name == "latest.json" or TEMP_NAME.match(p.name))]
+        out += [f"checkpoint/{p.name}" for p in sorted(checkpoint.resolve().iterdir()) if not checkpoint_entry(p.name)]
     return out
 
 

@@ -154,9 +154,8 @@ def _run_trials(user: dict, stage: str, space: list[Dimension], trials: int, out
     from adapterbench.recipe.stages import train_stage
     from adapterbench.recipe.stages import tasks_of
     for d in space:                                   # every key checked before the first trial
-        cfg = trial_config(user, stage, {d.key: d.values[0]}, out)
-    if space:
-        tasks_of(cfg)                                 # and the tasks: named, found, each once
+        trial_config(user, stage, {d.key: d.values[0]}, out)
+    tasks_of(trial_config(user, stage, {}, out))      # and the tasks: named, found, each once
     study = open_study(out, seed, "maximize")
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         if t.state == TrialState.RUNNING and not locked_elsewhere(t):   # its process died: again, same values
