@@ -917,3 +917,24 @@ def test_no_wait_leaves_runs_held_by_another_worker_to_it(tmp_path, task_yamls, 
         other.kill()
         other.wait()
     assert S.state(held) == "pending"    # its holder died: the next worker takes it over
+
+
+def test_first_rows_run_first_after_what_they_need(tmp_path, task_yamls, data_dir):
+    """`first: [fusion]` puts the fusion row's runs, each after the sources it needs, before every
+    other run (seed by seed); the same runs and folders are planned, dependencies renumbered. A
+    label that is not a row is one line naming it."""
+    y = write_study(tmp_path, task_yamls, data_dir)
+    plain = S.plan(S.load_study(y))
+    y.write_text(y.read_text().replace("methods:", "first: [fusion]\nmethods:"))
+    nodes = S.plan(S.load_study(y))
+    assert {n.folder for n in nodes} == {n.folder for n in plain} and [n.index for n in nodes] == list(range(10))
+    assert [(n.label, n.seed) for n in nodes[:6]] == [("pfeiffer", 1), ("pfeiffer", 1), ("fusion", 1),
+                                                       ("pfeiffer", 2), ("pfeiffer", 2), ("fusion", 2)]
+    assert [n.label for n in nodes[6:]] == ["full", "pfeiffer-rf64"] * 2
+    by_folder = {n.folder: n for n in plain}
+    for n in nodes:   # the same dependencies, by folder, each placed before its run
+        assert [nodes[d].folder for d in n.deps] == [plain[d].folder for d in by_folder[n.folder].deps]
+        assert all(d < n.index for d in n.deps)
+    y.write_text(y.read_text().replace("first: [fusion]", "first: [fusoin]"))
+    r = runner.invoke(app, ["run", str(y), "--dry-run"])
+    assert r.exit_code == 2 and "first names 'fusoin'" in r.output and len(r.output.strip().splitlines()) == 1

@@ -71,6 +71,8 @@ class Study:
     defaults: dict = field(default_factory=dict)  # a config layer under every run (train, model, data)
     out_dir: str = ""                             # default: runs/<study name>
     sweep: Sweep = field(default_factory=Sweep)   # where lr_sweep entries choose their rate
+    first: list[str] = field(default_factory=list)  # row labels run before all others (their sweeps,
+                                                  # the runs they need, their seeds, seed by seed)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class Node:
     config: dict                   # the user layer handed to stages.resolve
     folder: Path
     deps: list[int] = field(default_factory=list)
+    row: str = ""                  # the entry whose planning added it first (a sweep's too)
 
 
 def load_study(path: str | Path) -> Study:
@@ -96,6 +99,10 @@ def load_study(path: str | Path) -> Study:
     labels = [m.label or m.name for m in study.methods]
     if len(set(labels)) != len(labels):
         raise UserError(f"study {path}: two method entries share the label '{_dup(labels)}': give each a label")
+    unknown = [r for r in study.first if r not in labels]
+    if unknown:
+        raise UserError(f"study {path}: first names '{unknown[0]}', which is not a method label of the study "
+                        f"({', '.join(labels)}): use one of those")
     if not study.out_dir:
         study.out_dir = str(Path("runs") / study.name)
     return study
@@ -121,6 +128,7 @@ class Planner:
         self.nodes: dict[Path, Node] = {}
         self.by_index: dict[int, Node] = {}
         self.entries = {m.label or m.name: m for m in study.methods}
+        self.row = ""                   # the entry being planned: its new nodes (and their needs) are its
 
     def plan(self) -> list[Node]:
         study = self.study
@@ -130,7 +138,7 @@ class Planner:
             for seed in all_seeds:
                 for shots in study.shots or [0]:
                     self.grid_cell(model, seed, shots)
-        return sorted(self.nodes.values(), key=lambda n: n.index)
+        return first_rows_first(sorted(self.nodes.values(), key=lambda n: n.index), study.first)
 
     def grid_cell(self, model: str, seed: int, shots: int) -> None:
         """Every row's runs at one model, seed and shot count: per task, then multi-task rows."""
@@ -140,9 +148,11 @@ class Planner:
         for task in study.tasks:
             for entry in runs_here:
                 if get_method(entry.name).STAGE != "multitask" and (not entry.tasks or task in entry.tasks):
+                    self.row = entry.label or entry.name
                     self.add(entry, task, seed, model, shots)
         for entry in runs_here:  # a multi-task entry is one run over all the study's tasks
             if get_method(entry.name).STAGE == "multitask":
+                self.row = entry.label or entry.name
                 self.add(entry, ",".join(study.tasks), seed, model, shots)
 
     def choose_rates(self) -> None:
@@ -152,7 +162,7 @@ class Planner:
         uses = lambda e: bool(e.merge or takes_sources(get_method(e.name)))   # noqa: E731
         for model in study.models:
             for entry in sorted(study.methods, key=uses):   # rows with sources last: they need their source's rate
-                label = entry.label or entry.name
+                label = self.row = entry.label or entry.name
                 src = self.entries.get(entry.source_method) if uses(entry) else None
                 if src is not None and src.lr_sweep:    # its source row's rate is not chosen yet
                     study.waiting[label] = f"waits for {src.label or src.name}'s learning rate"
@@ -166,7 +176,7 @@ class Planner:
 
     def node(self, stage, label, task, seed, model, config, folder, deps) -> int:
         if folder not in self.nodes:
-            self.nodes[folder] = Node(len(self.nodes), stage, label, task, seed, model, config, folder, deps)
+            self.nodes[folder] = Node(len(self.nodes), stage, label, task, seed, model, config, folder, deps, self.row)
             self.by_index[self.nodes[folder].index] = self.nodes[folder]
         return self.nodes[folder].index
 
@@ -250,6 +260,29 @@ class Planner:
             folder = earlier
         layer["init_from"] = str(folder)
         return self.node("merge", label, task, seed, model, spec, folder, deps)
+
+
+def first_rows_first(nodes: list[Node], first: list[str]) -> list[Node]:
+    """The plan reordered so the runs of the `first` rows come before every other run (in plan
+    order otherwise: sweeps, then seed by seed), each run after the runs it needs; indexes
+    renumbered. A study puts its cheap rows first so their claims become testable early."""
+    if not first:
+        return nodes
+    by_index = {nd.index: nd for nd in nodes}
+    order: list[Node] = []
+    placed: set[int] = set()
+
+    def place(nd: Node) -> None:
+        if nd.index not in placed:
+            placed.add(nd.index)
+            for d in nd.deps:
+                place(by_index[d])
+            order.append(nd)
+
+    for nd in sorted(nodes, key=lambda nd: (nd.row not in first, nd.index)):
+        place(nd)
+    new = {nd.index: i for i, nd in enumerate(order)}
+    return [replace(nd, index=new[nd.index], deps=[new[d] for d in nd.deps]) for nd in order]
 
 
 def sweep_rate(study: Study, entry: MethodEntry, model: str, place) -> tuple[float | None, str]:
