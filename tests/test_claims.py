@@ -479,3 +479,12 @@ def test_protocol_sensitivity_and_selection_optimism(runs, tmp_path):
     assert cells[3] == "inconclusive" and cells[5] == "heldout" and cells[6] == "confirmed" and cells[8] == "dev"
     assert cells[9] == "yes"
     assert "| fusion | 6 | +2.00 | +2.00 |" in text and "| full | 6 | +0.00 | +0.00 |" in text
+    # a rerun still under way (the held-out archive lacks a row): no verdict here, so nothing changed yet
+    write_jsonl(fair, [x for x in lines if x["label"] == "full"])
+    r, out = report_claims(fair, tmp_path, f"compare_protocols: {runs}\nclaims:\n"
+                                           "  - {id: f, title: fusion beats full, a: fusion, b: full}\n")
+    row = next(x for x in out.read_text().split("## Protocol sensitivity")[1].splitlines()
+               if x.startswith("| 1 | fusion beats full |"))
+    cells = [c.strip() for c in row.split("|")]
+    assert r.exit_code == 0 and cells[3] == "not testable here" and cells[6] == "confirmed"
+    assert cells[9] == "– (runs missing)"

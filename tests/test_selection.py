@@ -163,6 +163,16 @@ def test_lr_sweep_decides_on_held_out_then_the_reported_seeds_run(tmp_path, task
         assert all(S.state(n) == "done" for n in reported)
     fusions = [n for n in nodes if n.stage == "fuse"]
     assert len(fusions) == 2 and all(S.state(n) == "done" for n in fusions)
+    # the study folder lost, the archive kept: its sweeps still choose, so the rows are planned at
+    # the same rates and nothing is trained again
+    archive = tmp_path / "sw.jsonl"
+    assert runner.invoke(app, ["archive", str(tmp_path / "runs"), "--out", str(archive)]).exit_code == 0
+    shutil.rmtree(tmp_path / "runs")
+    from adapterbench.study.execute import open_study
+    again = open_study(y, archive=archive)
+    assert {n.folder for n in S.plan(again)} == {n.folder for n in nodes} and again.chosen == st.chosen
+    r = runner.invoke(app, ["run", str(y), "--skip-archived", str(archive)])
+    assert r.exit_code == 0 and "not planned yet" not in r.output and "0 ran" in r.output, r.output
 
 
 def test_a_sweep_seed_that_is_reported_is_refused(tmp_path, task_yamls, data_dir):

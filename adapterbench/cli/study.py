@@ -74,7 +74,7 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
     from adapterbench.study.execute import choose, open_study, run_here
     from adapterbench.study.plan import plan
     study_path = shipped("studies", study)
-    st = open_study(study_path, out, data_dir)
+    st = open_study(study_path, out, data_dir, skip_archived)
     rows = split_labels(only) if only else None
     i, n = parse_shard(shard)
     check_launch(launcher, skip_archived, partition, time_min)
@@ -204,7 +204,7 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
     from adapterbench.study.execute import open_study, require_data
     from adapterbench.study.plan import plan
     from adapterbench.study.status import overview
-    st = open_study(shipped("studies", study), out, data_dir)
+    st = open_study(shipped("studies", study), out, data_dir, archive)
     require_data(st)
     ov = overview(plan(st), archive)
     title = f"study {st.name} ({st.out_dir})"

@@ -200,8 +200,10 @@ def sensitivity_section(claims: list[Claim], verdicts: list[Verdict], other: Pat
            "|---|---|---|---|---|---|---|---|---|"]
     for i, (c, v, w) in enumerate(zip(claims, verdicts, others), 1):
         cell = lambda x: "–" if x.delta is None else f"{x.delta:+.2f} {_ci(x.ci)}"   # noqa: E731
+        waiting = c.testable and (v.delta is None or w.delta is None)   # runs missing: no comparison yet
+        changed = "– (runs missing)" if waiting else "yes" if v.word != w.word else "no"
         out.append(f"| {i} | {c.title} | {v.word} | {cell(v)} | {v.protocol or '–'} | {w.word} | {cell(w)} | "
-                   f"{w.protocol or '–'} | {'yes' if v.word != w.word else 'no'} |")
+                   f"{w.protocol or '–'} | {changed} |")
     return out + [""]
 
 

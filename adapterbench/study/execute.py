@@ -124,9 +124,14 @@ def mark_failed(node: Node, error: BaseException) -> None:
         write_json(node.folder / "metrics.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
 
 
-def open_study(path: Path, out: str | None = None, data_dir: str | None = None) -> Study:
-    """A study file with the command line's --out and --data-dir laid over it."""
+def open_study(path: Path, out: str | None = None, data_dir: str | None = None, archive: Path | None = None) -> Study:
+    """A study file with the command line's --out and --data-dir laid over it; with `archive`
+    (--skip-archived, --archive) the planner also reads finished sweeps from it, so a study whose
+    folder was lost still knows the rates its sweeps chose."""
+    from adapterbench.study.archived import archive_records
     st = load_study(path)
+    if archive:
+        st.archived = archive_records(archive)
     if out:
         st.out_dir = out
     if data_dir:

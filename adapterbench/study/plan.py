@@ -74,6 +74,10 @@ class Study:
     first: list[str] = field(default_factory=list)  # row labels run before all others (their sweeps,
                                                   # the runs they need, their seeds, seed by seed)
 
+    # Set by the planner or the command, never by the YAML: `waiting` and `chosen` (the rows a
+    # sweep holds back, the rates finished sweeps chose) and `archived` (a results archive's
+    # finished runs by (label, folder name): a sweep run found there counts as finished).
+
 
 @dataclass
 class Node:
@@ -300,11 +304,12 @@ def sweep_rate(study: Study, entry: MethodEntry, model: str, place) -> tuple[flo
     multi = get_method(entry.name).STAGE == "multitask"
     tasks = [",".join(study.tasks)] if multi else (study.sweep.tasks or study.tasks)
     scores: dict[float, list] = {}
+    archived = getattr(study, "archived", {})
     for lr in entry.lr_sweep:
         trial = replace(entry, label=f"{label} lr={lr:g}", train={**entry.train, "lr": lr}, lr_sweep=[], seeds=[])
         for task in tasks:
             folder = place(trial, task, study.sweep.seed, model, 0)   # plans the run, returns its folder
-            scores.setdefault(lr, []).append(heldout_score(folder))
+            scores.setdefault(lr, []).append(heldout_score(folder, archived.get((trial.label, folder.name))))
     done = sum(v is not None for vs in scores.values() for v in vs)
     total = sum(len(vs) for vs in scores.values())
     if done < total:
@@ -314,14 +319,18 @@ def sweep_rate(study: Study, entry: MethodEntry, model: str, place) -> tuple[flo
     return best, ", ".join(f"{lr:g}: {m:.2f}" for lr, m in means.items()) + f" (held-out, seed {study.sweep.seed})"
 
 
-def heldout_score(folder: Path) -> float | None:
+def heldout_score(folder: Path, archived=None) -> float | None:
     """A finished run's held-out selection value: the mean over its tasks of the main metric on
-    the held-out slice at the selected epoch (None: not finished, or selected on another split)."""
-    if status_of(folder) != "ok":
+    the held-out slice at the selected epoch (None: not finished, or selected on another split).
+    `archived`: the run's finished RunRecord in a results archive, read when its folder is not."""
+    if status_of(folder) == "ok":
+        tasks = json.loads((folder / "metrics.json").read_text())["tasks"]
+    elif archived is not None:
+        tasks = archived.tasks
+    else:
         return None
-    m = json.loads((folder / "metrics.json").read_text())
-    held = [t["heldout"][t["main_metric"]] for t in m["tasks"].values() if "heldout" in t]
-    return sum(held) / len(held) if held and len(held) == len(m["tasks"]) else None
+    held = [t["heldout"][t["main_metric"]] for t in tasks.values() if "heldout" in t]
+    return sum(held) / len(held) if held and len(held) == len(tasks) else None
 
 
 MERGE_KEYS = {"strategy": "avg", "same_track": False, "weights": None, "align_on": None}
