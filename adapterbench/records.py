@@ -345,7 +345,7 @@ def checkpoint_step(folder) -> int | None:
 
 def recorded_seconds(metrics: dict | RunRecord) -> float:
     """A finished run's time from its metrics (a folder's metrics.json, an archive line or its
-    record), as `status.run_seconds`."""
+    record), as `status.finished_cost` reads it."""
     if isinstance(metrics, RunRecord):
         return max(float(metrics.extras.get("wall_seconds") or 0), metrics.train_seconds)
     return max(float(metrics.get("wall_seconds") or 0), float(metrics.get("train_seconds") or 0))

@@ -175,6 +175,26 @@ def test_lr_sweep_decides_on_held_out_then_the_reported_seeds_run(tmp_path, task
     assert r.exit_code == 0 and "not planned yet" not in r.output and "0 ran" in r.output, r.output
 
 
+def test_a_row_without_runs_on_a_task_is_scaled_by_its_examples(tmp_path):
+    """`status --by-row` groups the runs by row, but estimates each from the whole plan: a row from
+    its sweep rows' runs of the same task; on a task none of them ran, from the row's time per
+    training example times the examples that task's finished runs (any row) trained on; a task
+    no run has finished stays unknown."""
+    from adapterbench.study import status as P
+    def row(label, task, state, seconds=None, examples=None, stage="extract"):
+        return P.StatusRow(label=label, stage=stage, task=task, state=state, seconds=seconds, examples=examples,
+                           folder=tmp_path / "x")
+    rows = [row("pfeiffer lr=0.001", "rte", "archived", 100.0, {"rte": 1000}),
+            row("pfeiffer lr=0.001", "mrpc", "archived", 600.0, {"mrpc": 3000}),
+            row("full lr=2e-05", "cola", "archived", 50.0, {"cola": 8000}, stage="finetune"),
+            row("pfeiffer", "rte", "queued"), row("pfeiffer", "cola", "queued"), row("pfeiffer", "sst2", "queued")]
+    # rates 0.1 and 0.2 s per example: median 0.15 x 8000 CoLA examples = 1200 s
+    want = {"seconds": pytest.approx(100.0 + 1200.0), "estimated": 2, "unknown": 1}
+    assert P.remaining(rows) == want
+    assert P.remaining([r for r in rows if r.label == "pfeiffer"], peers=P.peers_of(rows)) == want
+    assert P.remaining([r for r in rows if r.label == "pfeiffer"])["unknown"] == 3   # its group alone knows nothing
+
+
 def test_a_sweep_seed_that_is_reported_is_refused(tmp_path, task_yamls, data_dir):
     y = sweep_study(tmp_path, task_yamls, data_dir, seeds="[1, 2]")
     r = runner.invoke(app, ["run", str(y), "--dry-run"])

@@ -151,7 +151,7 @@ def print_estimate(nodes) -> None:
     from adapterbench.study.status import remaining, status_table
     left = remaining(status_table(nodes))
     console.print(f"estimated: ≈ {left['seconds'] / 3600:.1f} run-hours for {left['estimated']} runs to do"
-                  + (f"; {left['unknown']} more have no finished run of their row and task to go by yet"
+                  + (f"; {left['unknown']} more have no finished run of their row (or of their task) to go by yet"
                      if left["unknown"] else "") + " (adapterbench status --by-row: per row)", highlight=False)
 
 
@@ -219,7 +219,8 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
                       f"(a running run: its steps left at its own pace over its last logged steps; else "
                       f"{'the time the archive recorded for its cell, else ' if archive else ''}the median "
                       f"time of the same row and task's finished runs, else a running run's whole time at "
-                      f"its pace; divide by the workers)"
+                      f"its pace, else the row's time per training example on its other tasks; divide by "
+                      f"the workers)"
                       + (f"; {left['unknown']} runs have no finished or running run to go by" if left["unknown"] else ""))
     if archive and ov.stale:
         console.print(f"{ov.stale} runs to do have a cell (row, tasks, seed, model) that {archive} holds under "

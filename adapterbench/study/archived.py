@@ -142,6 +142,8 @@ def mark_archived(rows: list, nodes: list[Node], archive: Path) -> int:
         own = took.get(matches.get(r.index))
         if r.index in skip:       # (a merge no run to do needs is skipped too; merges are not archived)
             r.state, r.detail, r.seconds = "archived", "", own or 0.0
+            if (record := records.get(matches.get(r.index))) is not None:
+                r.examples = {t: v.get("train_examples") for t, v in record.tasks.items() if isinstance(v, dict)}
         elif nd.stage != "merge":    # to be rerun: expect what this run, or its cell, took before
             r.expect = own if own is not None else took_in_cell.get(node_cell(nd))
     return stale

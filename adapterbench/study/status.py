@@ -37,6 +37,7 @@ class StatusRow:
     whole_seconds: float | None = None  # a running run's whole time at its pace (for queued peers)
     seconds: float | None = None        # an archived run: the time the archive recorded
     expect: float | None = None         # a run to do again: what it (or its cell) took before
+    examples: dict | None = None        # an archived run: its training examples per task
 
 
 def status_table(nodes: list[Node]) -> list[StatusRow]:
@@ -168,39 +169,79 @@ def _resolved_train(folder):
     return train if isinstance(train, dict) else None
 
 
-def run_seconds(folder: Path) -> float | None:
-    """How long a finished run took: the larger of its wall clock and its training time (a resumed
-    run's wall clock counts only its last leg; training time leaves out loading and dev scoring);
-    0 for a step that records neither (a merge takes seconds); None when unreadable."""
+@dataclass
+class Peers:
+    """What a plan's finished (or archived) and running runs say about the time of the rest."""
+    taken: dict        # (row, stage, task) -> [seconds] of finished runs
+    family: dict       # (row less ' lr=V', stage, task) -> [seconds]: a row with its lr-sweep rows
+    paced: dict        # (row, stage, task) -> [whole seconds] of running runs at their own pace
+    per_example: dict  # (row less ' lr=V', stage) -> [seconds per training example], any task
+    examples: dict     # task -> [training examples] of its finished runs, any row
+
+
+def family_of(label: str) -> str:
+    return label.split(" lr=")[0]
+
+
+def peers_of(rows: list[StatusRow]) -> Peers:
+    """The finished and running runs of `rows` (a whole plan's), each read once."""
+    p = Peers({}, {}, {}, {}, {})
+    for r in rows:
+        s, examples = finished_cost(r)
+        if s is not None:
+            p.taken.setdefault((r.label, r.stage, r.task), []).append(s)
+            p.family.setdefault((family_of(r.label), r.stage, r.task), []).append(s)
+            if examples and all(examples.values()):
+                for t, n in examples.items():
+                    p.examples.setdefault(t, []).append(n)
+                p.per_example.setdefault((family_of(r.label), r.stage), []).append(s / sum(examples.values()))
+        if r.state == "running" and r.whole_seconds:
+            p.paced.setdefault((r.label, r.stage, r.task), []).append(r.whole_seconds)
+    return p
+
+
+def finished_cost(r: StatusRow) -> tuple[float | None, dict | None]:
+    """(seconds, training examples per task) of a done or archived run; (None, None) otherwise."""
+    if r.state == "archived":
+        return r.seconds, r.examples
+    if r.state != "done":
+        return None, None
     try:
-        return recorded_seconds(read_json(Path(folder) / "metrics.json"))
-    except (UserError, OSError, TypeError, ValueError):
+        m = read_json(Path(r.folder) / "metrics.json")
+        examples = {t: v.get("train_examples") for t, v in (m.get("tasks") or {}).items()}
+        return recorded_seconds(m), examples
+    except (UserError, OSError, TypeError, ValueError, AttributeError):
+        return None, None
+
+
+def scaled(r: StatusRow, p: Peers) -> float | None:
+    """A run no run of its row has done on its task yet: its row's median time per training
+    example (its other tasks' runs) times the examples its task's finished runs trained on."""
+    import statistics
+    rates = p.per_example.get((family_of(r.label), r.stage))
+    counts = [p.examples.get(t) for t in r.task.split(",")]
+    if not rates or not all(counts):
         return None
+    return statistics.median(rates) * sum(statistics.median(c) for c in counts)
 
 
-def remaining(rows: list[StatusRow], now: float | None = None) -> dict:
+def remaining(rows: list[StatusRow], now: float | None = None, peers: Peers | None = None) -> dict:
     """What the unfinished runs of a plan (status_table rows) still need, in run-seconds: a
     running run whose log says how many steps it has left, at its own pace (`pace_seconds`, as
     `status_table` read it), and a queued one with a checkpoint, its steps
     after the checkpoint at the pace its log shows;
     any other queued or running run by what the archive recorded for its cell (`mark_archived`)
-    or else by the median time of the finished (or archived) runs of the same row, stage and task
-    (other seeds), less what a running run has spent in its current leg; a queued run with
-    neither, by the whole time of a running run of its row, stage and task at that run's pace
-    (`whole_seconds`: a projection, counted among the estimated). Returns
+    or else by the median time of the finished (or archived) runs of the same row (or its
+    lr-sweep rows), stage and task (other seeds), less what a running run has spent in its
+    current leg; a queued run with neither, by the whole time of a running run of its row, stage
+    and task at that run's pace (`whole_seconds`: a projection), else by its row's time per
+    training example on other tasks (`scaled`). `peers`: what the whole plan's runs say
+    (`peers_of`), when `rows` is part of it. Returns
     {"seconds", "estimated": runs estimated, "unknown": runs with no finished or running run to go by}."""
     import statistics
     now = time.time() if now is None else now
-    taken: dict[tuple, list[float]] = {}
-    paced: dict[tuple, list[float]] = {}              # running runs' whole times at their own pace
-    family: dict[tuple, list[float]] = {}             # a row and its lr-sweep rows ('full', 'full lr=2e-05')
-    for r in rows:
-        s = r.seconds if r.state == "archived" else run_seconds(r.folder) if r.state == "done" else None
-        if s is not None:
-            taken.setdefault((r.label, r.stage, r.task), []).append(s)
-            family.setdefault((r.label.split(" lr=")[0], r.stage, r.task), []).append(s)
-        if r.state == "running" and r.whole_seconds:
-            paced.setdefault((r.label, r.stage, r.task), []).append(r.whole_seconds)
+    p = peers or peers_of(rows)
+    taken, family, paced = p.taken, p.family, p.paced
     seconds, estimated, unknown = 0.0, 0, 0
     for r in rows:
         if r.state not in ("queued", "running"):
@@ -213,12 +254,12 @@ def remaining(rows: list[StatusRow], now: float | None = None) -> dict:
             seconds += pace
             estimated += 1
             continue
-        peers = taken.get((r.label, r.stage, r.task)) or family.get(
-            (r.label.split(" lr=")[0], r.stage, r.task))
+        peers = taken.get((r.label, r.stage, r.task)) or family.get((family_of(r.label), r.stage, r.task))
         if r.expect is None and not peers:
             projected = paced.get((r.label, r.stage, r.task))
-            if r.state == "queued" and projected:
-                seconds += statistics.median(projected)
+            guess = statistics.median(projected) if projected else scaled(r, p)
+            if r.state == "queued" and guess is not None:
+                seconds += guess
                 estimated += 1
             else:
                 unknown += 1
@@ -259,6 +300,7 @@ def overview(nodes: list[Node], archive: Path | None = None) -> Overview:
     groups: dict[str, list[StatusRow]] = {}
     for r in rows:
         groups.setdefault(r.label, []).append(r)
-    by_label = {label: remaining(mine) for label, mine in groups.items()}
+    peers = peers_of(rows)
+    by_label = {label: remaining(mine, peers=peers) for label, mine in groups.items()}
     left = {k: sum(x[k] for x in by_label.values()) for k in ("seconds", "estimated", "unknown")}
     return Overview(rows, states, groups, by_label, left, stale)
