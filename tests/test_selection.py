@@ -193,6 +193,11 @@ def test_a_row_without_runs_on_a_task_is_scaled_by_its_examples(tmp_path):
     assert P.remaining(rows) == want
     assert P.remaining([r for r in rows if r.label == "pfeiffer"], peers=P.peers_of(rows)) == want
     assert P.remaining([r for r in rows if r.label == "pfeiffer"])["unknown"] == 3   # its group alone knows nothing
+    # a row with no run at all (CA-MTL beside a running MTL): the other rows of its stage and task
+    mt = [P.StatusRow(label="mtl", stage="multitask", task="rte,cola", state="running", whole_seconds=5000.0,
+                      pace_seconds=2000.0, folder=tmp_path / "y"),
+          P.StatusRow(label="camtl", stage="multitask", task="rte,cola", state="queued", folder=tmp_path / "z")]
+    assert P.remaining(mt) == {"seconds": pytest.approx(2000.0 + 5000.0), "estimated": 2, "unknown": 0}
 
 
 def test_a_sweep_seed_that_is_reported_is_refused(tmp_path, task_yamls, data_dir):

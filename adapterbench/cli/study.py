@@ -219,8 +219,8 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
                       f"(a running run: its steps left at its own pace over its last logged steps; else "
                       f"{'the time the archive recorded for its cell, else ' if archive else ''}the median "
                       f"time of the same row and task's finished runs, else a running run's whole time at "
-                      f"its pace, else the row's time per training example on its other tasks; divide by "
-                      f"the workers)"
+                      f"its pace, else the row's time per training example on its other tasks, else (a "
+                      f"multi-task row) the other multi-task rows' runs; divide by the workers)"
                       + (f"; {left['unknown']} runs have no finished or running run to go by" if left["unknown"] else ""))
     if archive and ov.stale:
         console.print(f"{ov.stale} runs to do have a cell (row, tasks, seed, model) that {archive} holds under "

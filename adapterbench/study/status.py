@@ -34,7 +34,7 @@ class StatusRow:
     detail: str = ""                    # host, job, heartbeat, progress, checkpoint; a failure's error
     folder: str = ""
     pace_seconds: float | None = None   # a running or checkpointed run: its steps left at its own pace
-    whole_seconds: float | None = None  # a running run's whole time at its pace (for queued peers)
+    whole_seconds: float | None = None  # a running or checkpointed run: its whole time at its pace
     seconds: float | None = None        # an archived run: the time the archive recorded
     expect: float | None = None         # a run to do again: what it (or its cell) took before
     examples: dict | None = None        # an archived run: its training examples per task
@@ -61,7 +61,7 @@ def status_table(nodes: list[Node]) -> list[StatusRow]:
                 detail = f"has a checkpoint at step {step}: resumes" + dev_by_epoch(nd.folder)
                 rec, train = last_step(nd.folder), _resolved_train(nd.folder)
                 if rec is not None:           # what is left after the checkpoint, at the pace its log shows
-                    pace = _pace({**rec, "step": step}, train)
+                    pace, whole = _pace({**rec, "step": step}, train), _pace(rec, train, whole=True)
         elif st == "failed":
             try:
                 detail = str(read_json(nd.folder / "metrics.json").get("error", ""))[:100]
@@ -177,6 +177,7 @@ class Peers:
     paced: dict        # (row, stage, task) -> [whole seconds] of running runs at their own pace
     per_example: dict  # (row less ' lr=V', stage) -> [seconds per training example], any task
     examples: dict     # task -> [training examples] of its finished runs, any row
+    stage: dict        # (stage, task) -> [seconds, or running runs' whole seconds], any row
 
 
 def family_of(label: str) -> str:
@@ -185,7 +186,7 @@ def family_of(label: str) -> str:
 
 def peers_of(rows: list[StatusRow]) -> Peers:
     """The finished and running runs of `rows` (a whole plan's), each read once."""
-    p = Peers({}, {}, {}, {}, {})
+    p = Peers({}, {}, {}, {}, {}, {})
     for r in rows:
         s, examples = finished_cost(r)
         if s is not None:
@@ -197,6 +198,8 @@ def peers_of(rows: list[StatusRow]) -> Peers:
                 p.per_example.setdefault((family_of(r.label), r.stage), []).append(s / sum(examples.values()))
         if r.state == "running" and r.whole_seconds:
             p.paced.setdefault((r.label, r.stage, r.task), []).append(r.whole_seconds)
+        if (took := s if s is not None else r.whole_seconds) is not None:
+            p.stage.setdefault((r.stage, r.task), []).append(took)
     return p
 
 
@@ -235,7 +238,9 @@ def remaining(rows: list[StatusRow], now: float | None = None, peers: Peers | No
     lr-sweep rows), stage and task (other seeds), less what a running run has spent in its
     current leg; a queued run with neither, by the whole time of a running run of its row, stage
     and task at that run's pace (`whole_seconds`: a projection), else by its row's time per
-    training example on other tasks (`scaled`). `peers`: what the whole plan's runs say
+    training example on other tasks (`scaled`), else, for a multi-task row with no run yet, by
+    the other multi-task rows' runs of its tasks (their steps cost alike; single-task methods
+    differ too much, a head from full fine-tuning, to stand in for each other). `peers`: what the whole plan's runs say
     (`peers_of`), when `rows` is part of it. Returns
     {"seconds", "estimated": runs estimated, "unknown": runs with no finished or running run to go by}."""
     import statistics
@@ -258,6 +263,8 @@ def remaining(rows: list[StatusRow], now: float | None = None, peers: Peers | No
         if r.expect is None and not peers:
             projected = paced.get((r.label, r.stage, r.task))
             guess = statistics.median(projected) if projected else scaled(r, p)
+            if guess is None and r.stage == "multitask" and (alike := p.stage.get((r.stage, r.task))):
+                guess = statistics.median(alike)     # multi-task rows cost alike (docs/performance.md)
             if r.state == "queued" and guess is not None:
                 seconds += guess
                 estimated += 1
