@@ -177,7 +177,7 @@ class Peers:
     paced: dict        # (row, stage, task) -> [whole seconds] of running runs at their own pace
     per_example: dict  # (row less ' lr=V', stage) -> [seconds per training example], any task
     examples: dict     # task -> [training examples] of its finished runs, any row
-    stage: dict        # (stage, task) -> [seconds, or running runs' whole seconds], any row
+    stage: dict        # (stage, task) -> [seconds, or unfinished runs' whole seconds], any row
 
 
 def family_of(label: str) -> str:
@@ -228,6 +228,22 @@ def scaled(r: StatusRow, p: Peers) -> float | None:
     return statistics.median(rates) * sum(statistics.median(c) for c in counts)
 
 
+def projected(r: StatusRow, p: Peers) -> float | None:
+    """A queued run that no finished run of its row and task times: the whole time of a running
+    run of its row and task at that run's pace, else its row's time per training example on
+    other tasks (`scaled`), else, for a multi-task row with no run yet, the other multi-task
+    rows' runs of its tasks (their steps cost alike, docs/performance.md; single-task methods
+    differ too much, a head from full fine-tuning, to stand in for each other)."""
+    import statistics
+    if paced := p.paced.get((r.label, r.stage, r.task)):
+        return statistics.median(paced)
+    if (guess := scaled(r, p)) is not None:
+        return guess
+    if r.stage == "multitask" and (alike := p.stage.get((r.stage, r.task))):
+        return statistics.median(alike)
+    return None
+
+
 def remaining(rows: list[StatusRow], now: float | None = None, peers: Peers | None = None) -> dict:
     """What the unfinished runs of a plan (status_table rows) still need, in run-seconds: a
     running run whose log says how many steps it has left, at its own pace (`pace_seconds`, as
@@ -236,17 +252,12 @@ def remaining(rows: list[StatusRow], now: float | None = None, peers: Peers | No
     any other queued or running run by what the archive recorded for its cell (`mark_archived`)
     or else by the median time of the finished (or archived) runs of the same row (or its
     lr-sweep rows), stage and task (other seeds), less what a running run has spent in its
-    current leg; a queued run with neither, by the whole time of a running run of its row, stage
-    and task at that run's pace (`whole_seconds`: a projection), else by its row's time per
-    training example on other tasks (`scaled`), else, for a multi-task row with no run yet, by
-    the other multi-task rows' runs of its tasks (their steps cost alike; single-task methods
-    differ too much, a head from full fine-tuning, to stand in for each other). `peers`: what the whole plan's runs say
-    (`peers_of`), when `rows` is part of it. Returns
+    current leg; a queued run with neither, as `projected`. `peers`: what the whole plan's runs
+    say (`peers_of`), when `rows` is part of it. Returns
     {"seconds", "estimated": runs estimated, "unknown": runs with no finished or running run to go by}."""
     import statistics
     now = time.time() if now is None else now
     p = peers or peers_of(rows)
-    taken, family, paced = p.taken, p.family, p.paced
     seconds, estimated, unknown = 0.0, 0, 0
     for r in rows:
         if r.state not in ("queued", "running"):
@@ -259,19 +270,16 @@ def remaining(rows: list[StatusRow], now: float | None = None, peers: Peers | No
             seconds += pace
             estimated += 1
             continue
-        peers = taken.get((r.label, r.stage, r.task)) or family.get((family_of(r.label), r.stage, r.task))
-        if r.expect is None and not peers:
-            projected = paced.get((r.label, r.stage, r.task))
-            guess = statistics.median(projected) if projected else scaled(r, p)
-            if guess is None and r.stage == "multitask" and (alike := p.stage.get((r.stage, r.task))):
-                guess = statistics.median(alike)     # multi-task rows cost alike (docs/performance.md)
-            if r.state == "queued" and guess is not None:
+        same = p.taken.get((r.label, r.stage, r.task)) or p.family.get((family_of(r.label), r.stage, r.task))
+        if r.expect is None and not same:
+            guess = projected(r, p) if r.state == "queued" else None
+            if guess is not None:
                 seconds += guess
                 estimated += 1
             else:
                 unknown += 1
             continue
-        need = r.expect if r.expect is not None else statistics.median(peers)
+        need = r.expect if r.expect is not None else statistics.median(same)
         if r.state == "running":
             try:
                 need -= now - float(read_json(Path(r.folder) / "metrics.json").get("started", now))
