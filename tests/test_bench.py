@@ -109,3 +109,25 @@ def test_bench_train_split_beside_train(tmp_path, task_yamls):
     assert r.exit_code == 2 and "--modes train-split needs real batches" in r.output
     r = runner.invoke(app, ["bench", "--model", "tiny-bert", "--modes", "train,fast", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "--modes: unknown 'fast'" in r.output
+
+
+@pytest.mark.parametrize("config", ["pfeiffer", "fusion2", "mtl"])
+def test_bench_real_batches_of_any_label_space(tmp_path, task_yamls, data_dir, config):
+    """Real batches of a three-class task and of a regression task train under every kind of
+    configuration (a method built on that task, fusion's own head, a multi-task pair): the model
+    is built for the task given, not for RTE's two classes."""
+    three = tmp_path / "three.yaml"
+    three.write_text(task_yamls["toy"].read_text().replace("name: toy", "name: three")
+                     .replace("labels: [neg, pos]", "labels: [neg, pos, mid]").replace("dir: TOY", "dir: THREE"))
+    (data_dir / "THREE").mkdir()
+    for split in ("train", "dev"):
+        rows = (data_dir / "TOY" / f"{split}.tsv").read_text().splitlines()
+        mixed = [rows[0]] + [r.rsplit("\t", 1)[0] + "\t" + ("neg", "pos", "mid")[i % 3] for i, r in enumerate(rows[1:])]
+        (data_dir / "THREE" / f"{split}.tsv").write_text("\n".join(mixed) + "\n")
+    trainable = []
+    for task in (task_yamls["toyreg"], task_yamls["toy"], three):    # 1, 2 and 3 outputs
+        spec = bench.Spec(model="tiny-bert", task=str(task), steps=1, warmup=0, batch_size=6, data_dir=str(data_dir))
+        row = bench.measure(config, "train", spec)
+        assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0, (config, task.name)
+        trainable.append(row["trainable"])
+    assert trainable == sorted(set(trainable)), trainable      # each head as wide as its task's outputs

@@ -938,3 +938,36 @@ def test_first_rows_run_first_after_what_they_need(tmp_path, task_yamls, data_di
     y.write_text(y.read_text().replace("first: [fusion]", "first: [fusoin]"))
     r = runner.invoke(app, ["run", str(y), "--dry-run"])
     assert r.exit_code == 2 and "first names 'fusoin'" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_calibrate_estimates_every_row_before_its_first_run(tmp_path, task_yamls, data_dir):
+    """`run --dry-run --calibrate N` times each row's training on each of its tasks here and
+    prints the run-hours of everything to do, rows a sweep holds back included (at the sweep's
+    first rate), writing no run. Its token counts keep the budgets' arithmetic: two methods on
+    the same training sets train on the same tokens, two epochs on twice one epoch's, MTL's
+    epoch of all examples on what the single-task rows train on together; finished runs drop out."""
+    from adapterbench.study import calibrate as C
+    y = write_study(tmp_path, task_yamls, data_dir, seeds=(2,), extra_methods=(
+        "  - {name: full, label: full-2ep, train: {epochs: 2}}\n"
+        "  - {name: full, label: swept, lr_sweep: [1.0e-4, 1.0e-3]}\n"
+        "  - {name: mtl}\n"))
+    y.write_text(y.read_text().replace(f"tasks: [{task_yamls['toy']}]",
+                                       f"tasks: [{task_yamls['toy']}, {task_yamls['toyreg']}]"))
+    r = runner.invoke(app, ["run", str(y), "--dry-run", "--calibrate", "1"])
+    assert r.exit_code == 0, r.output
+    assert "calibrated: ≈" in r.output and "swept lr=0.0001" in r.output and not (tmp_path / "runs").exists()
+    st = S.load_study(y)
+    rows = {e.row: e for e in C.estimate(st, S.plan(st), 1)}
+    assert {"full", "pfeiffer", "pfeiffer-rf64", "fusion", "mtl", "full-2ep", "swept lr=0.0001", "swept lr=0.001",
+            "swept"} <= set(rows)
+    assert rows["swept"].runs == 2 and rows["swept lr=0.0001"].runs == 2 and rows["fusion"].runs == 2
+    assert rows["full"].tokens > 0
+    assert rows["full"].tokens == pytest.approx(rows["pfeiffer"].tokens) == pytest.approx(rows["swept"].tokens)
+    assert rows["full-2ep"].tokens == pytest.approx(2 * rows["full"].tokens)
+    assert rows["mtl"].tokens == pytest.approx(rows["full"].tokens)
+    assert all(e.seconds and e.seconds > 0 and e.tokens_per_s > 0 for e in rows.values())
+    assert runner.invoke(app, ["run", str(y), "--only", "full"]).exit_code == 0
+    st = S.load_study(y)
+    left = {n.label for n in C.runs_to_do(st, S.plan(st))}
+    assert "full" not in left and {"pfeiffer", "swept", "mtl"} <= left

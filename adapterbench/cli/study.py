@@ -14,6 +14,7 @@ from rich.text import Text
 from adapterbench.cli.common import (
     MAX_MINUTES,
     MAX_SEED,
+    MAX_STEPS,
     MAX_THREADS,
     MAX_TRIALS,
     MAX_WORKERS,
@@ -40,6 +41,10 @@ from adapterbench.tasks import shipped
 @command()
 def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study's name (quickstart, reproduce_full, ...)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+        calibrate: int = typer.Option(0, "--calibrate", min=0, max=MAX_STEPS,
+                                      help="Time this many training steps of every row on each of its tasks "
+                                           "here, and estimate the run-hours of everything still to do "
+                                           "from them (with --dry-run: before the first run)."),
         retry_failed: bool = typer.Option(False, "--retry-failed", help="Rerun runs that failed."),
         shard: str = typer.Option("0/1", "--shard", help="i/n: this worker takes every n-th run."),
         only: Optional[str] = typer.Option(None, "--only", help="Only these rows (labels or patterns, comma-"
@@ -84,6 +89,8 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
     if skip_archived:
         print_skipped(choice, skip_archived)
     print_estimate(nodes)
+    if calibrate:
+        print_calibrated(st, nodes, calibrate)
     if dry_run:
         return
     if launcher != "local":
@@ -153,6 +160,23 @@ def print_estimate(nodes) -> None:
     console.print(f"estimated: ≈ {left['seconds'] / 3600:.1f} run-hours for {left['estimated']} runs to do"
                   + (f"; {left['unknown']} more have no finished run of their row (or of their task) to go by yet"
                      if left["unknown"] else "") + " (adapterbench status --by-row: per row)", highlight=False)
+
+
+def print_calibrated(st, nodes, steps: int) -> None:
+    """Run-hours per row from training speeds measured here (study/calibrate.py)."""
+    from adapterbench.study.calibrate import estimate
+    console.print(f"calibrating: {steps} timed training step(s) per row and task, this process's threads ...")
+    rows = estimate(st, nodes, steps)
+    t = Table("row", "runs to do", "tokens (M)", "tokens/s here", "run-hours at most")
+    for r in rows:
+        t.add_row(escape(r.row), str(r.runs), f"{r.tokens / 1e6:.1f}",
+                  "–" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}",
+                  "– (no bench configuration)" if r.seconds is None else f"{r.seconds / 3600:.1f}")
+    console.print(t)
+    known = [r.seconds for r in rows if r.seconds is not None]
+    console.print(f"calibrated: ≈ {sum(known) / 3600:.1f} run-hours at most for {sum(r.runs for r in rows if r.seconds is not None)} "
+                  f"runs (every epoch of each budget; early stopping ends runs sooner, scoring comes on top; "
+                  f"divide by the workers)", highlight=False)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

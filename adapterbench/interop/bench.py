@@ -92,7 +92,9 @@ def real_token_lists(spec: Spec, tokenizer, n: int | None) -> tuple[list[list[in
         batches = length_grouped([len(it["input_ids"]) for it in items], spec.batch_size,
                                  torch.Generator().manual_seed(0))
         items = [items[i] for b in batches for i in b]
-    labels = [int(it["labels"]) if not task.regression else 0 for it in items]
+    # labels folded into {0, 1}: a step costs the same whatever they are, and every head (a
+    # multi-task bench's second task's too) has at least two classes
+    labels = [int(it["labels"]) % 2 if not task.regression else 0 for it in items]
     return [it["input_ids"] for it in items], labels
 
 
@@ -113,10 +115,11 @@ def pad_batches(ids: list[list[int]], labels: list[int], batch_size: int, pad_to
 
 # --- models ----------------------------------------------------------------------------------
 
-def build(config: str, model_name: str):
+def build(config: str, model_name: str, task: str | None = None):
     """(model, loss_fn, tokenizer) for one benchmark configuration, in training layout: a
-    registered method (built as a run builds it, on RTE; multi-task methods on RTE + MRPC, the
-    batch shared half and half), or bare / merged / fusionN."""
+    registered method (built as a run builds it, on `task`, default RTE; multi-task methods on it
+    and MRPC, or RTE beside MRPC, the batch shared half and half), or bare / merged / fusionN,
+    whose head has the task's labels."""
     from adapterbench.methods import fusion, get_method, method_config
     from adapterbench.models import (
         ClassificationHead,
@@ -126,7 +129,7 @@ def build(config: str, model_name: str):
     )
     torch.manual_seed(0)
     if config not in ("bare", "merged") and not config.startswith("fusion"):
-        return build_method(config, model_name)
+        return build_method(config, model_name, task)
     enc, tok = load_encoder(model_name)
     if config == "bare":
         enc.requires_grad_(False)
@@ -145,19 +148,24 @@ def build(config: str, model_name: str):
         state = method.trainable_state(enc, cfg, ["a"])
         other = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
         method.load_state(enc, cfg, ["a"], average([state, other], [1.0, 1.0]))
-    model = TaskModel(enc, ClassificationHead(HeadConfig(enc.config.hidden_size, 2)))
+    from adapterbench.tasks import load_task
+    spec = load_task(task or "rte")
+    model = TaskModel(enc, ClassificationHead(HeadConfig(enc.config.hidden_size, spec.num_labels, spec.regression)))
     return model, model.loss, tok
 
 
-def build_method(config: str, model_name: str):
+def build_method(config: str, model_name: str, task: str | None = None):
     from adapterbench.methods import get_method, require
     from adapterbench.recipe.runmodel import build_model
     from adapterbench.recipe.stages import resolve
     from adapterbench.tasks import load_task
     require(config, "bench", "adapterbench bench")
     method = get_method(config)
-    tasks = [load_task("rte"), load_task("mrpc")] if method.STAGE == "multitask" else [load_task("rte")]
-    cfg = resolve({"task": ",".join(t.name for t in tasks), "method": {"name": config},
+    given = [task or "rte"]
+    if method.STAGE == "multitask":          # a second task beside it (a name or a task file, as given)
+        given.append("mrpc" if load_task(given[0]).name != "mrpc" else "rte")
+    tasks = [load_task(t) for t in given]
+    cfg = resolve({"task": ",".join(given), "method": {"name": config},
                    "model": {"name": model_name}}, method.STAGE)
     model, tok = build_model(cfg, tasks)
     return model, model.loss, tok
@@ -168,7 +176,7 @@ def build_method(config: str, model_name: str):
 def measure(config: str, mode: str, spec: Spec) -> dict:
     """Time `spec.steps` steps of one configuration in this process."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, loss_fn, tok = build(config, spec.model)
+    model, loss_fn, tok = build(config, spec.model, spec.task)
     model.to(device)
     batches = bench_batches(spec, tok, len(model.heads))
     train = mode in ("train", "train-split")
