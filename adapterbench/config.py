@@ -55,7 +55,8 @@ class TrainConfig:
     shots: int = 0                   # few-shot: k training examples per class (k in all for regression); 0 = all
     checkpoint_every: int = 0        # also checkpoint every N steps (one is always written after each epoch)
     checkpoint_minutes: float = 0.0  # also checkpoint M minutes after the last one (and after SIGUSR1, always)
-    group_by_length: bool = False    # batches of similar length: less padding, a different batch order (single-task runs)
+    group_by_length: bool = False    # batches of similar length: less padding, a different batch order (single-task
+                                     # runs; multi-task runs: sampling.group_by_length)
     eval_every: int = 1              # score dev after every N-th epoch and the last (best epoch among those)
     precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16 (also on CPU)
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # live tracking (accelerate's
@@ -79,6 +80,8 @@ class SamplingConfig:
                                      # classification task whose scores it borrows (default stsb: mrpc)
     epoch: str = "examples"          # what one multi-task epoch is: examples (steps = all tasks' examples /
                                      # batch) | reference (CA-MTL's code: the longest task's batches x tasks)
+    group_by_length: bool = False    # each task's batches of similar length (less padding; the multi-task
+                                     # counterpart of train.group_by_length, which orders single-task batches)
 
 
 @dataclass
@@ -348,6 +351,7 @@ HASH_NEUTRAL = {("sampling", "uncertainty_proxy"): {}, ("init_from",): None, ("t
                 # runs from before the held-out protocol selected on dev
                 ("train", "selection"): "dev", ("train", "heldout_fraction"): 0.1, ("train", "heldout_min"): 100,
                 ("sampling", "epoch"): "examples", ("method", "frozen_conditional_trains"): False,
+                ("sampling", "group_by_length"): False,
                 ("sampling",): {"scheme": "proportional", "temperature": 2.0}}
 
 

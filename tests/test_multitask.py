@@ -1,5 +1,6 @@
 """Multi-task methods (mtl, mt-a, camtl) and task samplers."""
 
+import itertools
 import json
 
 import numpy as np
@@ -419,3 +420,35 @@ def test_a_mixed_task_batch_split_by_task_takes_the_same_step():
         assert l1 == pytest.approx(l2, rel=1e-5) and n1 == pytest.approx(n2, rel=1e-4) and n1 > 0
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p1, p2))
     assert not all(torch.equal(a, b) for a, b in zip(p1, [p for p in build().parameters() if p.requires_grad]))
+
+
+def test_grouped_task_streams_pad_less_cover_every_example_and_resume_exactly():
+    """sampling.group_by_length: each task's batches hold examples of similar length (far less
+    padding than a plain shuffle), a pass still draws every example once, a restored state
+    continues with the same batches, and the default keeps the plain shuffle runs before it drew."""
+    import random
+    from adapterbench.recipe.sampling import TaskMixture, TaskStreams
+    rng = random.Random(0)
+    items = [[{"input_ids": [5] * rng.randint(3, 60), "task_id": t, "uid": j} for j in range(200)] for t in range(2)]
+
+    def padding(grouped):
+        mix = TaskMixture(items, 8, 3, "proportional", grouped=grouped)
+        batches = list(mix.epoch(0))
+        assert all(len({it["task_id"] for it in b}) == 1 for b in batches)    # one task per batch
+        return (sum(8 * max(len(it["input_ids"]) for it in b) for b in batches)
+                / sum(len(it["input_ids"]) for b in batches for it in b))
+    assert padding(True) < 1.2 < 1.5 < padding(False)
+    streams = TaskStreams(items, 8, 3, grouped=True)
+    assert sorted(streams.refill(0)) == list(range(200))
+    plain = list(range(200))
+    random.Random(3).shuffle(plain)
+    assert TaskStreams(items, 8, 3).refill(0) == plain          # the default: the shuffle as before
+    mix = TaskMixture(items, 8, 3, "proportional", grouped=True)
+    it = mix.epoch(0)
+    for _ in range(7):
+        next(it)
+    saved = json.loads(json.dumps(mix.state()))
+    want = [[x["uid"] for x in next(it)] for _ in range(20)]
+    again = TaskMixture(items, 8, 3, "proportional", grouped=True)
+    again.restore(saved)
+    assert [[x["uid"] for x in b] for b in itertools.islice(again.epoch(0), 20)] == want

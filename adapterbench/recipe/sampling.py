@@ -18,9 +18,11 @@ the same batches.
   (`sampling.uncertainty_proxy`, STS-B -> MRPC by default as in the reference), one to one;
   a regression task without a proxy gets the highest score of the step for its examples, so it
   is never starved (documented choice: the paper gives no rule).
-An epoch is sum_t n_t / b steps for every multi-task scheme, so every scheme trains on as many
-examples as plain MTL. (The reference's MT-Uncertainty epoch is longer: T * max_t n_t / b steps
-times its `percent_of_max_data_size`; a deliberate difference, for equal budgets.)
+An epoch is sum_t n_t / b steps for every multi-task scheme by default, so every scheme trains
+on as many examples as plain MTL; `sampling.epoch: reference` makes it the reference code's
+T * max_t ceil(n_t / b) steps (set in stages.batch_source), for every scheme alike.
+Each task's examples come in a seeded shuffle per pass, or with `sampling.group_by_length` in
+length-grouped batches (`TaskStreams`), as `train.group_by_length` orders a single task's.
 """
 
 from __future__ import annotations
@@ -99,20 +101,31 @@ def length_grouped(lengths: list[int], batch_size: int, gen: torch.Generator, gr
 
 
 class TaskStreams:
-    """Endless shuffled batches per task (reshuffled after each pass), seeded."""
+    """Endless shuffled batches per task (reshuffled after each pass), seeded. `grouped`
+    (sampling.group_by_length): each pass in length-grouped batches (`length_grouped`), so a
+    batch of one task pads little; the seed of each pass comes from the same generator."""
 
-    def __init__(self, items: list[list[dict]], batch_size: int, seed: int):
-        self.items, self.b = items, batch_size
+    def __init__(self, items: list[list[dict]], batch_size: int, seed: int, grouped: bool = False):
+        self.items, self.b, self.grouped = items, batch_size, grouped
         self.rng = random.Random(seed)
         self.order: list[list[int]] = [[] for _ in items]
+
+    def refill(self, t: int) -> list[int]:
+        """One pass over task t, in the order `take` pops it (from the end)."""
+        if not self.grouped:
+            order = list(range(len(self.items[t])))
+            self.rng.shuffle(order)
+            return order
+        gen = torch.Generator().manual_seed(self.rng.getrandbits(63))
+        batches = length_grouped([len(it["input_ids"]) for it in self.items[t]], self.b, gen)
+        return [i for batch in reversed(batches) for i in reversed(batch)]
 
     def take(self, t: int, k: int | None = None) -> list[dict]:
         k = k or self.b
         out = []
         while len(out) < k:
             if not self.order[t]:
-                self.order[t] = list(range(len(self.items[t])))
-                self.rng.shuffle(self.order[t])
+                self.order[t] = self.refill(t)
             out.append(self.items[t][self.order[t].pop()])
         return out
 
@@ -121,13 +134,13 @@ class TaskMixture:
     """Several tasks: each step one task, drawn by `scheme`, gives the whole batch."""
 
     def __init__(self, items: list[list[dict]], batch_size: int, seed: int, scheme: str,
-                 temperature: float = 2.0, epochs: int = 1):
+                 temperature: float = 2.0, epochs: int = 1, grouped: bool = False):
         if scheme not in SCHEMES:
             raise UserError(f"sampling.scheme '{scheme}' must be one of {', '.join(SCHEMES)}")
         self.items, self.b, self.scheme = items, batch_size, scheme
         self.temperature, self.epochs = temperature, epochs
         self.sizes = [len(x) for x in items]
-        self.streams = TaskStreams(items, batch_size, seed)
+        self.streams = TaskStreams(items, batch_size, seed, grouped)
         self.rng = np.random.default_rng(seed)
         self.pos = 0
         self.steps_per_epoch = max(1, sum(self.sizes) // batch_size)
@@ -171,8 +184,8 @@ class Uncertainty(TaskMixture):
     docstring). `scorer(candidates, position)` returns each classification candidate's normalised entropy
     (NaN for regression candidates); the recipe builds it from the model."""
 
-    def __init__(self, items, batch_size, seed, tasks, proxies: dict[str, str], scorer=None):
-        super().__init__(items, batch_size, seed, "proportional")
+    def __init__(self, items, batch_size, seed, tasks, proxies: dict[str, str], scorer=None, grouped: bool = False):
+        super().__init__(items, batch_size, seed, "proportional", grouped=grouped)
         self.tasks, self.scorer = tasks, scorer
         self.proxy = proxy_index(tasks, proxies)
 

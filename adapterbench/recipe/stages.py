@@ -139,10 +139,12 @@ def batch_source(cfg: RunConfig, tasks: list[TaskSpec], train_items: list[list[d
     if len(tasks) == 1:
         return Shuffled(train_items[0], b, seed, cfg.train.group_by_length)
     if cfg.sampling.scheme != "uncertainty":
-        source = TaskMixture(train_items, b, seed, cfg.sampling.scheme, cfg.sampling.temperature, cfg.train.epochs)
+        source = TaskMixture(train_items, b, seed, cfg.sampling.scheme, cfg.sampling.temperature, cfg.train.epochs,
+                             grouped=cfg.sampling.group_by_length)
     else:
         proxies = {**DEFAULT_PROXIES, **cfg.sampling.uncertainty_proxy}
-        source = Uncertainty(train_items, b, seed, tasks, proxies, uncertainty_scorer(model, tasks, cfg, seed))
+        source = Uncertainty(train_items, b, seed, tasks, proxies, uncertainty_scorer(model, tasks, cfg, seed),
+                             grouped=cfg.sampling.group_by_length)
     if cfg.sampling.epoch == "reference":   # CA-MTL's trainer: len(longest task's loader) x number of tasks
         source.steps_per_epoch = max(math.ceil(len(x) / b) for x in train_items) * len(train_items)
     return source
