@@ -118,7 +118,8 @@ def work_of(node: Node, sets: TrainingSets) -> list[Work]:
     if cfg.train.max_steps:
         examples = min(examples, cfg.train.max_steps * b)
     total = sum(n for n, _ in sizes) or 1
-    spec = {"batch_size": b, "precision": cfg.train.precision, "group_by_length": cfg.train.group_by_length,
+    grouped = cfg.sampling.group_by_length if len(tasks) > 1 else cfg.train.group_by_length
+    spec = {"batch_size": b, "precision": cfg.train.precision, "group_by_length": grouped,
             "data_dir": cfg.data.data_dir, "seq_len": cfg.model.max_length}
     config = bench_config(node, cfg)
     given = [x.strip() for x in cfg.task.split(",") if x.strip()]     # a name or a task file, as bench takes it
