@@ -958,7 +958,14 @@ def test_calibrate_estimates_every_row_before_its_first_run(tmp_path, task_yamls
     assert r.exit_code == 0, r.output
     assert "calibrated: ≈" in r.output and "swept lr=0.0001" in r.output and not (tmp_path / "runs").exists()
     st = S.load_study(y)
-    rows = {e.row: e for e in C.estimate(st, S.plan(st), 1)}
+    timed = []
+
+    def timer(config, model, task, steps, spec):            # a fixed speed: the arithmetic is exact
+        timed.append((config, Path(task).stem))
+        return 1000.0
+    rows = {e.row: e for e in C.estimate(st, S.plan(st), 1, timer)}
+    assert sorted(timed) == sorted(set(timed)) == sorted((c, t) for c in ("full", "fusion2", "mtl", "pfeiffer")
+                                                         for t in ("toy", "toyreg"))   # each timed once
     assert {"full", "pfeiffer", "pfeiffer-rf64", "fusion", "mtl", "full-2ep", "swept lr=0.0001", "swept lr=0.001",
             "swept"} <= set(rows)
     assert rows["swept"].runs == 2 and rows["swept lr=0.0001"].runs == 2 and rows["fusion"].runs == 2
@@ -966,7 +973,7 @@ def test_calibrate_estimates_every_row_before_its_first_run(tmp_path, task_yamls
     assert rows["full"].tokens == pytest.approx(rows["pfeiffer"].tokens) == pytest.approx(rows["swept"].tokens)
     assert rows["full-2ep"].tokens == pytest.approx(2 * rows["full"].tokens)
     assert rows["mtl"].tokens == pytest.approx(rows["full"].tokens)
-    assert all(e.seconds and e.seconds > 0 and e.tokens_per_s > 0 for e in rows.values())
+    assert all(e.seconds == pytest.approx(e.tokens / 1000.0) and e.tokens_per_s == 1000.0 for e in rows.values())
     assert runner.invoke(app, ["run", str(y), "--only", "full"]).exit_code == 0
     st = S.load_study(y)
     left = {n.label for n in C.runs_to_do(st, S.plan(st))}

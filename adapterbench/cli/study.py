@@ -164,9 +164,10 @@ def print_estimate(nodes) -> None:
 
 def print_calibrated(st, nodes, steps: int) -> None:
     """Run-hours per row from training speeds measured here (study/calibrate.py)."""
+    from adapterbench.interop.bench import tokens_per_second
     from adapterbench.study.calibrate import estimate
     console.print(f"calibrating: {steps} timed training step(s) per row and task, this process's threads ...")
-    rows = estimate(st, nodes, steps)
+    rows = estimate(st, nodes, steps, tokens_per_second)
     t = Table("row", "runs to do", "tokens (M)", "tokens/s here", "run-hours at most")
     for r in rows:
         t.add_row(escape(r.row), str(r.runs), f"{r.tokens / 1e6:.1f}",

@@ -289,6 +289,12 @@ def run_one(config: str, mode: str, spec: Spec, peer: bool = False) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def tokens_per_second(config: str, model: str, task: str, steps: int, spec: dict) -> float:
+    """Training tokens per second of one configuration on real batches of `task`: `steps` timed
+    steps after one warm-up, in a fresh process (a study.calibrate Timer)."""
+    return float(run_one(config, "train", Spec(model=model, task=task, steps=steps, warmup=1, **spec))["tokens_per_s"])
+
+
 def check_peer() -> None:
     if not peer_python().is_file():
         raise UserError(f"--peer needs the peer virtualenv {peer_python().parent.parent} (AdapterHub's adapters "

@@ -1,7 +1,7 @@
 """A study's run-hours before its first run (`adapterbench run STUDY --dry-run --calibrate N`).
 
-Each row's training speed is measured on this machine: N steps of `adapterbench bench`'s training
-measurement (forward, loss, backward, AdamW) on real batches of each of its tasks, at the row's
+Each row's training speed is measured on this machine (by the `Timer` the command passes:
+`adapterbench bench`'s): N steps of its training measurement (forward, loss, backward, AdamW) on real batches of each of its tasks, at the row's
 model, batch size, precision and length grouping, in a fresh process with this process's threads
 (run it with the workers' OMP_NUM_THREADS). A run's time is the tokens it trains on (its training
 set after the held-out slice and limits, every epoch of its budget) over the tokens per second
@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from adapterbench.errors import UserError
 from adapterbench.study.plan import Node, Study, plan, state
@@ -127,19 +128,19 @@ def work_of(node: Node, sets: TrainingSets) -> list[Work]:
             for g, (n, mean) in zip(given, sizes)]
 
 
-def measure_speeds(work: list[Work], steps: int, on_measure=lambda key, row: None) -> dict[tuple, float]:
-    """Tokens per second of each (model, config, task, spec) the work needs, `steps` timed steps
-    after one warm-up step, each in its own process (bench.run_one)."""
-    from adapterbench.interop.bench import Spec, run_one
+class Timer(Protocol):
+    """Training tokens per second of a bench configuration: `steps` timed steps after one warm-up,
+    on real batches of `task`, with the bench Spec fields in `spec` (the CLI passes bench's)."""
+    def __call__(self, config: str, model: str, task: str, steps: int, spec: dict) -> float: ...
+
+
+def measure_speeds(work: list[Work], steps: int, timer: Timer) -> dict[tuple, float]:
+    """Tokens per second of each (model, config, task, spec) the work needs, each timed once."""
     speeds: dict[tuple, float] = {}
     for w in work:
         key = speed_key(w)
-        if key in speeds or not w.config:
-            continue
-        spec = Spec(model=w.model, task=w.task, steps=steps, warmup=1, **w.spec)
-        row = run_one(w.config, "train", spec)
-        speeds[key] = float(row["tokens_per_s"])
-        on_measure(key, row)
+        if key not in speeds and w.config:
+            speeds[key] = timer(w.config, w.model, w.task, steps, w.spec)
     return speeds
 
 
@@ -147,7 +148,7 @@ def speed_key(w: Work) -> tuple:
     return (w.model, w.config, w.task, tuple(sorted(w.spec.items())))
 
 
-def estimate(study: Study, nodes: list[Node], steps: int, on_measure=lambda key, row: None) -> list[RowEstimate]:
+def estimate(study: Study, nodes: list[Node], steps: int, timer: Timer) -> list[RowEstimate]:
     """Per row: its runs still to do, the tokens they train on and the run-seconds that takes at
     the speeds measured here (None: a row no bench configuration trains like, e.g. a plug-in)."""
     if steps < 1:
@@ -155,7 +156,7 @@ def estimate(study: Study, nodes: list[Node], steps: int, on_measure=lambda key,
     sets = TrainingSets()
     todo = runs_to_do(study, nodes)
     work = [w for n in todo for w in work_of(n, sets)]
-    speeds = measure_speeds(work, steps, on_measure)
+    speeds = measure_speeds(work, steps, timer)
     rows: dict[str, RowEstimate] = {}
     runs: dict[str, set] = {}
     for n in todo:
