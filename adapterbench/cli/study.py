@@ -38,13 +38,16 @@ from adapterbench.fileio import read_json
 from adapterbench.tasks import shipped
 
 
+CalibrateOpt = typer.Option(0, "--calibrate", min=0, max=MAX_STEPS,
+                            help="Time this many training steps of every row on each of its tasks here, and "
+                                 "estimate the run-hours of everything still to do from them (with --dry-run: "
+                                 "before the first run).")
+
+
 @command()
 def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study's name (quickstart, reproduce_full, ...)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
-        calibrate: int = typer.Option(0, "--calibrate", min=0, max=MAX_STEPS,
-                                      help="Time this many training steps of every row on each of its tasks "
-                                           "here, and estimate the run-hours of everything still to do "
-                                           "from them (with --dry-run: before the first run)."),
+        calibrate: int = CalibrateOpt,
         retry_failed: bool = typer.Option(False, "--retry-failed", help="Rerun runs that failed."),
         shard: str = typer.Option("0/1", "--shard", help="i/n: this worker takes every n-th run."),
         only: Optional[str] = typer.Option(None, "--only", help="Only these rows (labels or patterns, comma-"
@@ -85,12 +88,7 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
     check_launch(launcher, skip_archived, partition, time_min)
     nodes = plan(st)
     choice = choose(nodes, rows, skip_archived)
-    print_plan(nodes, choice.keep, st)
-    if skip_archived:
-        print_skipped(choice, skip_archived)
-    print_estimate(nodes)
-    if calibrate:
-        print_calibrated(st, nodes, calibrate)
+    show_plan(st, nodes, choice, skip_archived, calibrate)
     if dry_run:
         return
     if launcher != "local":
@@ -103,6 +101,16 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
     res = run_here(st, nodes, choice, rows, retry_failed=retry_failed, shard=(i, n), wait_others=wait_others,
                    on_event=print_event, on_plan=lambda more, keep: print_plan(more, keep, st))
     print_outcome(st, res)
+
+
+def show_plan(st, nodes, choice, skip_archived: Path | None, calibrate: int) -> None:
+    """What `run` prints before it starts: the plan, what the archive skips, the estimates."""
+    print_plan(nodes, choice.keep, st)
+    if skip_archived:
+        print_skipped(choice, skip_archived)
+    print_estimate(nodes)
+    if calibrate:
+        print_calibrated(st, nodes, calibrate)
 
 
 def print_event(node, what: str) -> None:
