@@ -210,8 +210,11 @@ def measure(config: str, mode: str, spec: Spec) -> dict:
     for b in batches[: spec.warmup]:
         step(b)
     sync(device)
-    t0 = time.perf_counter()
     timed = batches[spec.warmup:]
+    if not timed:        # the task's training set ran out during the warm-up
+        raise UserError(f"{spec.task}'s training set holds {len(batches)} batch(es) of {spec.batch_size}, none "
+                        f"left to time after {spec.warmup} warm-up step(s): time fewer steps or a larger task")
+    t0 = time.perf_counter()
     for b in timed:
         step(b)
     sync(device)
@@ -284,7 +287,7 @@ def run_one(config: str, mode: str, spec: Spec, peer: bool = False) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(cmd, input=json.dumps(job), capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1].replace("adapterbench.errors.UserError: ", "")
         raise UserError(f"bench {'peer ' if peer else ''}{config}/{mode} failed: {last[:300]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -140,7 +140,9 @@ def measure_speeds(work: list[Work], steps: int, timer: Timer) -> dict[tuple, fl
     for w in work:
         key = speed_key(w)
         if key not in speeds and w.config:
-            speeds[key] = timer(w.config, w.model, w.task, steps, w.spec)
+            speed = timer(w.config, w.model, w.task, steps, w.spec)
+            if speed > 0:            # no tokens timed: no speed to go by
+                speeds[key] = speed
     return speeds
 
 
