@@ -149,8 +149,8 @@ def build(config: str, model_name: str, task: str | None = None):
         other = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
         method.load_state(enc, cfg, ["a"], average([state, other], [1.0, 1.0]))
     from adapterbench.tasks import load_task
-    spec = load_task(task or "rte")
-    model = TaskModel(enc, ClassificationHead(HeadConfig(enc.config.hidden_size, spec.num_labels, spec.regression)))
+    target = load_task(task or "rte")
+    model = TaskModel(enc, ClassificationHead(HeadConfig(enc.config.hidden_size, target.num_labels, target.regression)))
     return model, model.loss, tok
 
 

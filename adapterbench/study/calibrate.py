@@ -1,9 +1,10 @@
 """A study's run-hours before its first run (`adapterbench run STUDY --dry-run --calibrate N`).
 
-Each row's training speed is measured on this machine (by the `Timer` the command passes:
-`adapterbench bench`'s): N steps of its training measurement (forward, loss, backward, AdamW) on real batches of each of its tasks, at the row's
-model, batch size, precision and length grouping, in a fresh process with this process's threads
-(run it with the workers' OMP_NUM_THREADS). A run's time is the tokens it trains on (its training
+Each row's training speed is measured on this machine by the `Timer` the command passes
+(`adapterbench bench`'s): N training steps (forward, loss, backward, AdamW) on real batches of
+each of its tasks, at the row's model, batch size, precision and length grouping (the method's
+default settings), in a fresh process with this process's threads (run it with the workers'
+OMP_NUM_THREADS). A run's time is the tokens it trains on (its training
 set after the held-out slice and limits, every epoch of its budget) over the tokens per second
 measured for its row and task: an upper bound, since early stopping ends runs sooner, less the
 dev and held-out scoring that come on top. Rows a sweep still holds back are counted at the
@@ -62,7 +63,7 @@ def runs_to_do(study: Study, nodes: list[Node]) -> list[Node]:
     return todo
 
 
-def bench_config(node: Node, cfg) -> str:
+def bench_config(cfg) -> str:
     """The `adapterbench bench` configuration that trains as the run does ('' when none does)."""
     from adapterbench.methods import get_method
     method = get_method(cfg.method.name)
@@ -122,7 +123,7 @@ def work_of(node: Node, sets: TrainingSets) -> list[Work]:
     grouped = cfg.sampling.group_by_length if len(tasks) > 1 else cfg.train.group_by_length
     spec = {"batch_size": b, "precision": cfg.train.precision, "group_by_length": grouped,
             "data_dir": cfg.data.data_dir, "seq_len": cfg.model.max_length}
-    config = bench_config(node, cfg)
+    config = bench_config(cfg)
     given = [x.strip() for x in cfg.task.split(",") if x.strip()]     # a name or a task file, as bench takes it
     return [Work(node.label, config, cfg.model.name, g, examples * n / total * mean, spec)
             for g, (n, mean) in zip(given, sizes)]
