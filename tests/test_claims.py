@@ -488,3 +488,12 @@ def test_protocol_sensitivity_and_selection_optimism(runs, tmp_path):
     cells = [c.strip() for c in row.split("|")]
     assert r.exit_code == 0 and cells[3] == "not testable here" and cells[6] == "confirmed"
     assert cells[9] == "– (runs missing)"
+    # the same claims beside another encoder's archive: its own heading, both may stand together
+    write_jsonl(fair, lines)
+    r, out = report_claims(fair, tmp_path, f"compare_protocols: {runs}\ncompare_encoders: {fair}\nclaims:\n"
+                                           "  - {id: f, title: fusion beats full, a: fusion, b: full}\n")
+    text = out.read_text()
+    assert r.exit_code == 0 and "## Protocol sensitivity" in text and "## Encoder sensitivity" in text
+    row = next(x for x in text.split("## Encoder sensitivity")[1].splitlines() if x.startswith("| 1 | fusion beats full |"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[3] == cells[6] == "inconclusive" and cells[9] == "no"      # the same archive: nothing changes

@@ -36,7 +36,7 @@ TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "
               "extras", "plot", "unfinished"}
 CLAIM_KEYS = {"id", "title", "paper", "claim", "a", "b", "tasks", "kind", "margin", "paper_delta", "metric",
               "testable", "why", "discussion"}
-TOP_KEYS = {"title", "intro", "tables", "claims", "closing", "compare_protocols"}
+TOP_KEYS = {"title", "intro", "tables", "claims", "closing", "compare_protocols", "compare_encoders"}
 
 
 @dataclass

@@ -189,13 +189,21 @@ def attention_plots(table: dict, source: Path, rows: list[str], assets: Path) ->
     return lines
 
 
-def sensitivity_section(claims: list[Claim], verdicts: list[Verdict], other: Path) -> list[str]:
+SENSITIVITY = {   # claims-file key -> (heading, what the other archive changes)
+    "compare_protocols": ("Protocol sensitivity", "the other selection protocol"),
+    "compare_encoders": ("Encoder sensitivity", "the same claims on another encoder"),
+}
+
+
+def sensitivity_section(claims: list[Claim], verdicts: list[Verdict], other: Path,
+                        key: str = "compare_protocols") -> list[str]:
     """Each claim judged again on another archive (the same study under the other selection
-    protocol): both verdicts side by side and whether the protocol changed it."""
+    protocol, or on another encoder): both verdicts side by side and whether they differ."""
+    heading, differs = SENSITIVITY[key]
     others = [judge(c, rows_or_none(other, c.metric)) for c in claims]
     decide(claims, others)
-    out = ["## Protocol sensitivity", "",
-           f"Each claim under this document's runs and under `{other}` (the other selection protocol).", "",
+    out = [f"## {heading}", "",
+           f"Each claim under this document's runs and under `{other}` ({differs}).", "",
            "| # | claim | verdict | Δ [95% CI] | protocol | verdict there | Δ [95% CI] there | protocol there | changed |",
            "|---|---|---|---|---|---|---|---|---|"]
     for i, (c, v, w) in enumerate(zip(claims, verdicts, others), 1):
@@ -253,8 +261,9 @@ def write_claims_report(runs_dir: Path, claims_file: Path, out: Path, plot: bool
     decide([c for c, _ in judged], [v for _, v in judged])
     if judged:
         parts += verdicts_section(judged, assets, plot)
-    if judged and spec.get("compare_protocols"):
-        parts += sensitivity_section(spec["claims"], [v for _, v in judged], Path(spec["compare_protocols"]))
+    for key in SENSITIVITY:
+        if judged and spec.get(key):
+            parts += sensitivity_section(spec["claims"], [v for _, v in judged], Path(spec[key]), key)
     if optimism := optimism_rows(runs_dir):
         parts += ["## What dev selection would have added", "",
                   "Per row, the mean over its runs of dev at the epoch dev would have chosen minus dev at the "
