@@ -1,16 +1,13 @@
-"""Records read back from run folders and archives: a finished run's metrics.json as one
-archive line (`archive_record`, `write_archive`), an unfinished run's progress from its log
-(`unfinished_record`), per-task results of any metrics.json. `results/` and `study/` read runs
-only through here."""
+"""Records read back from run folders: a finished run's metrics.json as one archive record
+(`archive_record`), an unfinished run's progress from its log (`unfinished_record`), per-task
+results of any metrics.json, and the records of a results archive (`read_records`). `archive`
+writes and updates archive files. `results/` and `study/` read runs only through these two."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +17,7 @@ import yaml
 
 from adapterbench.config import StrictLoader, load_yaml
 from adapterbench.errors import UserError
-from adapterbench.fileio import atomic_write, file_sha256, read_json
+from adapterbench.fileio import file_sha256, read_json
 
 
 def status_of(folder: Path) -> str | None:
@@ -134,88 +131,6 @@ def find_from(path: str | Path, folder: Path) -> Path | None:
                  if (base / path).is_dir()), None)
 
 
-def relative_to(value, bases: tuple[Path, ...]):
-    """`value` (a record: dicts, lists, strings) with every absolute path inside one of `bases`
-    written relative to it, so that an archive names no machine's folders; `find_from` still
-    finds them from any run folder below the base."""
-    if isinstance(value, dict):
-        return {k: relative_to(v, bases) for k, v in value.items()}
-    if isinstance(value, list):
-        return [relative_to(v, bases) for v in value]
-    if isinstance(value, str):
-        base = next((str(b) for b in bases if value.startswith(f"{b}{os.sep}")), None)
-        return value[len(base) + 1:] if base else value
-    return value
-
-
-def write_archive(root: Path, out: Path, replace: bool = False) -> tuple[int, int]:
-    """Every finished run under `root` as one JSON line each, in a stable order. An existing
-    archive at `out` is updated, not overwritten: its lines for runs `root` does not hold (a
-    study folder that was lost or moved, runs archived from another machine) are kept, and a run
-    in both is written from `root`. `replace` writes `root`'s runs alone. Returns (runs from
-    `root`, lines kept). Paths inside the study are written relative to the folder above `root`
-    ('reproduce_full/...')."""
-    bases = (Path(root).absolute().parent, Path(root).resolve().parent)   # as configs wrote it, or resolved
-    folders = list(iter_runs(root))
-    if not folders:
-        raise UserError(f"no run folder under {root} (none holds a metrics.json): pass the folder a study "
-                        f"or stage wrote, e.g. runs/<study>")
-    fresh = {archive_key(r): json.dumps(relative_to(r, bases), sort_keys=True, default=str)
-             for r in map(archive_record, folders) if r}
-    if replace and not fresh and Path(out).is_file() and Path(out).read_text().strip():
-        raise UserError(f"--replace would empty {out}: {root} has no finished run yet; leave out --replace, "
-                        f"or pass the folder whose runs should replace the archive's")
-    with folder_lock(Path(out).parent):     # two `archive` commands into one file: one after the other
-        old = read_archive_lines(out, fix="name another --out (--replace replaces a results archive, no other file)"
-                                 if replace else "pass --replace to write only this folder's runs")
-        kept = {} if replace else {k: line for k, line in old.items() if k not in fresh}
-        atomic_write(out, "".join(line + "\n" for line in sorted([*fresh.values(), *kept.values()])))
-    return len(fresh), len(kept)
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path):
-    """An exclusive lock on a folder (flock on the folder itself: no lock file left behind), so a
-    read-modify-write of a file in it never interleaves with another process's."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def archive_key(record: dict) -> tuple:
-    """What makes two archive lines the same run: its row label and its folder name (model,
-    seed and config hash)."""
-    return record.get("label") or record.get("method"), record.get("run")
-
-
-def read_archive_lines(path: Path, key=archive_key, fix: str = "pass --replace to write only this folder's runs"
-                       ) -> dict[tuple, str]:
-    """An archive's lines by `key` (`archive_key`; none when the file does not exist yet); a bad
-    line is named, with `fix` as the way out."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    out = {}
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {i}: not valid JSON ({e.msg}): mend or delete that line, or "
-                            f"{fix}") from None
-        if not isinstance(record, dict) or "run" not in record:
-            raise UserError(f"{path} line {i}: not an archive record (no 'run'): is {path} an archive? "
-                            f"Name another file, or {fix}")
-        out[key(record)] = line
-    return out
-
-
-
 def read_log(folder) -> list[dict]:
     """A run folder's log.jsonl records (JSON objects), in order; a line being written, or not
     an object, is skipped; [] without a log."""
@@ -282,34 +197,6 @@ def unfinished_record(folder: Path) -> dict | None:
             "machines": [r["machine"] for r in records if "machine" in r],
             "history": [v for _, v in sorted(scored_epochs(records).items())],
             "epochs": [v for _, v in sorted(last.items())], "config": config}
-
-
-def unfinished_key(record: dict) -> tuple:
-    """What makes two lines of an unfinished-runs file the same attempt of a run: its row label,
-    folder name and when its folder was created."""
-    return record.get("label"), record.get("run"), record.get("attempt")
-
-
-def write_unfinished(root: Path, out: Path) -> tuple[int, int, int]:
-    """`archive --unfinished`: every unfinished run under `root` (`unfinished_record`) as one JSON
-    line of `out`, updated as the archive is: lines for attempts `root` does not hold (a study
-    folder that was lost) are kept, an attempt in both is written from `root` (its newer
-    snapshot), and the line of an attempt that has since finished is dropped (its result is in
-    the archive). Paths inside the study are written relative to the folder above `root`.
-    Returns (attempts from `root`, lines kept, lines dropped)."""
-    bases = (Path(root).absolute().parent, Path(root).resolve().parent)
-    fresh, done = {}, set()
-    for folder in iter_runs(root):
-        record = unfinished_record(folder)
-        if record is not None:
-            fresh[unfinished_key(record)] = json.dumps(relative_to(record, bases), sort_keys=True, default=str)
-        elif status_of(folder) == "ok":
-            done.add((_label(_config(folder)), folder.name, _attempt(folder)))
-    with folder_lock(Path(out).parent):
-        old = read_archive_lines(out, key=unfinished_key, fix=f"delete {out} to start it anew")
-        kept = {k: line for k, line in old.items() if k not in fresh and k not in done}
-        atomic_write(out, "".join(line + "\n" for line in sorted([*fresh.values(), *kept.values()])))
-    return len(fresh), len(kept), sum(1 for k in old if k in done)
 
 
 def _config(folder) -> dict:

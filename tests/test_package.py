@@ -56,7 +56,7 @@ def test_recipes_do_not_branch_on_method_names():
 
 
 WINGS = ("study", "results", "interop")
-BOTTOM = ("errors", "config", "tasks", "data", "models", "model_parts", "metrics", "fileio", "records")
+BOTTOM = ("errors", "config", "tasks", "data", "models", "model_parts", "metrics", "fileio", "records", "archive")
 
 
 def test_wings_depend_downward_only():

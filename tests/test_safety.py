@@ -303,7 +303,7 @@ def test_two_archive_commands_into_one_file_keep_both_studies(tmp_path):
     """archive updates a file under a lock: two studies archived at once into one file both land."""
     import threading
 
-    from adapterbench.records import write_archive
+    from adapterbench.archive import write_archive
     for study in ("s1", "s2"):
         for i in range(6):
             run = tmp_path / study / "extract" / f"run{i}"

@@ -215,3 +215,45 @@ def test_a_row_is_estimated_from_its_lr_sweep_runs(tmp_path):
     rows = [row("full lr=2e-05", "rte", "archived", 100.0), row("full lr=5e-05", "rte", "archived", 300.0),
             row("full", "rte", "queued"), row("full", "rte", "queued"), row("full", "cola", "queued")]
     assert P.remaining(rows) == {"seconds": pytest.approx(400.0), "estimated": 2, "unknown": 1}
+
+
+def test_archive_keeps_predictions_beside_it_gzipped_per_row(tiny_bert_dir, task_yamls, data_dir, tmp_path):
+    """`archive` moves each run's per-epoch predictions out of the archive line into a gzipped
+    file per row beside it (byte-identical when nothing changed), gives them back whole through
+    `read_predictions` (enough to recompute the reported metric), keeps them for runs whose
+    folder is gone, moves an older archive's inline predictions out, and names a damaged file."""
+    import gzip
+    from adapterbench import metrics as M
+    from adapterbench.archive import read_predictions
+    import numpy as np
+    a = extract(tiny_bert_dir, task_yamls, data_dir, tmp_path / "one", "train.epochs=2")
+    b = extract(tiny_bert_dir, task_yamls, data_dir, tmp_path / "two", "train.epochs=2", "seed=2")
+    out = tmp_path / "docs" / "fair.jsonl"
+    assert runner.invoke(app, ["archive", str(tmp_path / "one"), "--out", str(out)]).exit_code == 0
+    line = json.loads(out.read_text())
+    assert "predictions" not in line and line["predictions_file"] == "fair.predictions/full.jsonl.gz"
+    shard = tmp_path / "docs" / "fair.predictions" / "full.jsonl.gz"
+    first = shard.read_bytes()
+    assert runner.invoke(app, ["archive", str(tmp_path / "one"), "--out", str(out)]).exit_code == 0
+    assert shard.read_bytes() == first                      # no churn in a committed file
+    # a second study into the same archive; the first study's folder is gone, its predictions are not
+    shutil.rmtree(tmp_path / "one")
+    assert runner.invoke(app, ["archive", str(tmp_path / "two"), "--out", str(out)]).exit_code == 0
+    got = read_predictions(out)
+    assert len(out.read_text().splitlines()) == 2 and len(gzip.decompress(shard.read_bytes()).splitlines()) == 2
+    for folder, m, preds, _ in (a, b):
+        assert got[m["label"], folder.name] == preds
+        at = next(e for e in preds["epochs"] if e["epoch"] == m["best_epoch"])
+        score = M.compute(["accuracy", "f1"], np.array(preds["labels"]["dev"]["toy"]), np.array(at["dev"]["toy"]))
+        assert score == pytest.approx(m["tasks"]["toy"]["dev"])
+    # an archive written before the predictions moved out: its inline predictions are read, then moved
+    old = tmp_path / "old" / "runs.jsonl"
+    old.parent.mkdir()
+    old.write_text(json.dumps({**json.loads(out.read_text().splitlines()[0]), "predictions": a[2]}
+                              | {"predictions_file": None}) + "\n")
+    assert list(read_predictions(old).values()) == [a[2]]
+    assert runner.invoke(app, ["archive", str(tmp_path / "two"), "--out", str(old)]).exit_code == 0
+    assert "\"predictions\":" not in old.read_text() and len(read_predictions(old)) == 2
+    shard.write_bytes(first[:40])                           # a damaged file: one line that names it
+    r = runner.invoke(app, ["archive", str(tmp_path / "two"), "--out", str(out)])
+    assert r.exit_code == 2 and "full.jsonl.gz" in r.output and "git checkout" in r.output

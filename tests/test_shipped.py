@@ -116,7 +116,7 @@ def test_committed_archive_is_the_shipped_study(tmp_path, archive_name, study, l
     from adapterbench.study import plan as S
     from adapterbench.study.execute import open_study
     from adapterbench.config import config_hash, to_dict
-    from adapterbench.records import relative_to
+    from adapterbench.archive import relative_to
     from adapterbench.recipe.stages import resolve
 
     archive = Path(__file__).parent.parent / "docs" / "results" / archive_name
@@ -138,6 +138,34 @@ def test_committed_archive_is_the_shipped_study(tmp_path, archive_name, study, l
         assert same(r["config"]) == same(cfg), (r["label"], r["task"], r["seed"])
         if not cfg["init_from"] and not cfg["method"].get("adapters"):
             assert node.folder.name == r["run"], (r["label"], r["task"], r["seed"])
+
+
+def test_committed_fair_predictions_recompute_every_reported_score():
+    """Every run of the committed fair rerun has its per-epoch predictions in the gzipped file
+    its archive line names (docs/results/fair.predictions/), and they give back, at the epoch the
+    held-out slice chose, the dev and held-out scores the archive reports, task by task. Nothing
+    committed under docs/ is over 1 MiB (the predictions are why the archive would be)."""
+    import json
+
+    import numpy as np
+
+    from adapterbench import metrics as M
+    from adapterbench.archive import read_predictions
+    docs = Path(__file__).parent.parent / "docs"
+    archive = docs / "results" / "fair.jsonl"
+    predictions = read_predictions(archive)
+    records = [json.loads(line) for line in archive.read_text().splitlines()]
+    assert len(predictions) == len(records)
+    for r in records:
+        p = predictions[r["label"], r["run"]]
+        assert p["best_epoch"] == r["best_epoch"] and p["selection"] == r["selection"] == "heldout"
+        at = next(e for e in p["epochs"] if e["epoch"] == r["best_epoch"])
+        for task, scores in r["tasks"].items():
+            for split in ("dev", "heldout"):
+                metric = scores["main_metric"]
+                got = M.compute([metric], np.array(p["labels"][split][task]), np.array(at[split][task]))[metric]
+                assert got == pytest.approx(scores[split][metric], abs=1e-6), (r["run"], task, split)
+    assert max(f.stat().st_size for f in docs.rglob("*") if f.is_file()) < 2 ** 20
 
 
 @pytest.mark.integration

@@ -305,7 +305,7 @@ def archive(runs_dir: Path = typer.Argument(..., help="Folder holding run folder
     runs it holds that RUNS_DIR does not are kept (a lost study folder loses no results).
     `--unfinished`: the learning curves of runs still going, kept the same way, so a long run's
     progress outlives a lost folder (no result: `report` reads finished runs only)."""
-    from adapterbench.records import write_archive, write_unfinished
+    from adapterbench.archive import write_archive, write_unfinished
     if not runs_dir.is_dir():
         raise UserError(f"runs folder {runs_dir} does not exist: pass the folder a study wrote")
     if unfinished is not None and unfinished.resolve() == out.resolve():

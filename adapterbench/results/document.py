@@ -133,7 +133,7 @@ def unfinished_table(path: Path, rows: list[str], seeds: list[int] | None,
     --unfinished` file (`progress.write_unfinished`), as Markdown lines; [] when it holds none.
     `finished`: (row label, run folder name) of the finished runs: an attempt of one of them was
     replaced by the attempt that finished (the file keeps a lost attempt's line as history)."""
-    from adapterbench.records import read_archive_lines, unfinished_key
+    from adapterbench.archive import read_archive_lines, unfinished_key
     if not path.is_file():
         raise UserError(f"unfinished: {path} does not exist: write it with `adapterbench archive RUNS_DIR --out "
                         f"ARCHIVE --unfinished {path}`, or drop the key")

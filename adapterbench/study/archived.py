@@ -7,14 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from adapterbench.archive import read_archive_lines
 from adapterbench.config import portable
 from adapterbench.errors import UserError
-from adapterbench.records import (
-    RunRecord,
-    parse_record,
-    read_archive_lines,
-    recorded_seconds,
-)
+from adapterbench.records import RunRecord, parse_record, recorded_seconds
 from adapterbench.study.plan import Node, with_deps
 
 
