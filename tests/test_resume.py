@@ -130,6 +130,33 @@ def test_sigusr1_writes_a_checkpoint_and_training_goes_on(tiny_bert_dir, task_ya
     assert got["history"] == want["history"] and got["tasks"] == want["tasks"] and got["steps"] == 18
 
 
+@pytest.mark.parametrize("continued", [True, False])
+def test_time_the_process_spent_stopped_is_no_training_time(continued, tiny_bert_dir, task_yamls, data_dir,
+                                                            tmp_path, monkeypatch):
+    """A worker stopped mid-step (SIGSTOP, Ctrl-Z: here a 4 s sleep that ends with the SIGCONT a
+    stopped process gets) is not charged for the stop: that step counts at the run's mean step
+    time, so train_seconds and samples/s say what training cost. Without the SIGCONT (a step
+    that really was slow) the time counts."""
+    import time
+    real_step = T.train_step
+
+    def stopped(*args):
+        if args[-1] == 7:
+            time.sleep(4)
+            if continued:
+                os.kill(os.getpid(), signal.SIGCONT)
+        return real_step(*args)
+
+    monkeypatch.setattr(T, "train_step", stopped)
+    started = time.time()
+    r = runner.invoke(app, command(tiny_bert_dir, task_yamls, data_dir, tmp_path, "pfeiffer", "train.selection=dev"))
+    assert r.exit_code == 0, r.output
+    m = json.loads(next(tmp_path.glob("*/*/toy/*/metrics.json")).read_text())
+    assert m["steps"] == 18 and m["wall_seconds"] >= 4 and time.time() - started >= 4
+    assert (m["train_seconds"] < 3) if continued else (m["train_seconds"] >= 4)
+    assert signal.getsignal(signal.SIGCONT) is signal.SIG_DFL
+
+
 def test_sigterm_checkpoints_then_stops_and_the_run_resumes(tiny_bert_dir, task_yamls, data_dir, tmp_path,
                                                            monkeypatch):
     """`kill PID` (or scancel) mid-epoch: the step finishes, a checkpoint is written, the run stops

@@ -67,13 +67,16 @@ class CheckpointRequests:
     preempted run loses nothing. Signals are caught while the loop runs, in the main thread, and
     only in a one-process run (`catch_term`: ranks that stop one by one would leave the others
     waiting in a collective). The previous handlers come back afterwards. `due(step)` says why a
-    checkpoint is owed, or ''."""
+    checkpoint is owed, or ''. `continued` counts SIGCONTs: the process was stopped (SIGSTOP,
+    Ctrl-Z; a worker paused while something else takes the cores) and goes on, so the step that
+    was under way is not timed by the clock (`train_epoch`)."""
 
     def __init__(self, every: int = 0, minutes: float = 0.0, catch_term: bool = True):
         self.every, self.minutes, self.catch_term = every, minutes, catch_term
         self.last = time.monotonic()
         self.signalled = self.stopping = False
         self.why = ""
+        self.continued = 0
         self.previous: dict = {}
         self.deferred: list = []          # (handler, signum, frame) to call once the checkpoint is written
 
@@ -81,6 +84,8 @@ class CheckpointRequests:
         if threading.current_thread() is threading.main_thread():
             if hasattr(signal, "SIGUSR1"):
                 self.previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._ask)
+            if hasattr(signal, "SIGCONT"):
+                self.previous[signal.SIGCONT] = signal.signal(signal.SIGCONT, self._continued)
             if self.catch_term:
                 for signum in (signal.SIGTERM, getattr(signal, "SIGUSR2", None)):
                     current = signum and signal.getsignal(signum)
@@ -97,6 +102,11 @@ class CheckpointRequests:
 
     def _ask(self, signum, frame):
         self.signalled = True
+
+    def _continued(self, signum, frame):
+        self.continued += 1
+        if callable(self.previous.get(signum)):
+            self.previous[signum](signum, frame)
 
     def _stop(self, signum, frame):
         self.stopping, self.why = True, signal.Signals(signum).name

@@ -338,7 +338,7 @@ def train_epoch(lp: Loop) -> None:
     res, cfg, acc = lp.res, lp.cfg, lp.accelerator
     chunk = CPU_CHUNK if acc.device.type == "cpu" else None   # split_batch's rule on this device
     lp.model.train()
-    t0 = time.perf_counter()
+    t0, spent, seen = time.perf_counter(), 0.0, lp.requests.continued
     for items in lp.source.epoch(res.epoch):
         mine, weights = shard(items, acc.process_index, lp.world)
         # a penalty (fusion's) counts once per step: such a model's batch is never split
@@ -348,7 +348,11 @@ def train_epoch(lp: Loop) -> None:
         loss, grad_norm = train_step(lp.model, lp.plain, batches, lp.optimizer, lp.scheduler, acc, cfg, res.steps)
         res.steps += 1
         res.train_samples += len(items)
-        pace = res.train_samples / max(res.train_seconds + time.perf_counter() - t0, 1e-9)
+        t0, took = time.perf_counter(), time.perf_counter() - t0
+        if lp.requests.continued != seen:   # stopped (SIGSTOP) during this step: its length is no training time
+            seen, took = lp.requests.continued, (res.train_seconds + spent) / max(res.steps - 1, 1)
+        spent += took
+        pace = res.train_samples / max(res.train_seconds + spent, 1e-9)
         lp.progress.update(lp.bar, advance=1, description=f"epoch {res.epoch + 1}/{cfg.epochs}",
                            info=f"loss {loss:.4f}  {pace:.1f} samples/s")
         if res.steps % cfg.log_every == 0:
@@ -358,13 +362,13 @@ def train_epoch(lp: Loop) -> None:
         if cfg.max_steps and res.steps >= cfg.max_steps:
             break
         if lp.checkpoint_dir is not None and (why := lp.due(res.steps)):
-            res.clock(time.perf_counter() - t0, lp.here)
-            t0 = time.perf_counter()
+            res.clock(spent, lp.here)
             lp.checkpoint()
             lp.log({"checkpoint": res.steps, "epoch": res.epoch, "why": why})
+            t0, spent, seen = time.perf_counter(), 0.0, lp.requests.continued
         if lp.requests.stopping:
             stop(lp, f"step {res.steps}")
-    res.clock(time.perf_counter() - t0, lp.here)
+    res.clock(spent, lp.here)
 
 
 def final_metrics(res: TrainResult, tasks) -> dict:
