@@ -229,7 +229,7 @@ def test_shipped_claims_files_parse_and_name_study_rows():
 
 
 def test_settings_table_states_each_rows_budget(tmp_path):
-    """--settings: lr, epoch budget, epochs run / best epoch (1-based means), warm-up, data and
+    """--settings: lr, epoch budget, the selection protocol, epochs run / best epoch (1-based means), warm-up, data and
     precision from each run's resolved config (and how many bf16 runs computed their products as
     fp32 GEMMs), the machines the runs trained on; values that differ within a row are all shown."""
     root = tmp_path / "runs"
@@ -237,7 +237,7 @@ def test_settings_table_states_each_rows_budget(tmp_path):
         fake_run(root, "pfeiffer", "rte", seed, 60.0 + seed)
         d = root / "pfeiffer" / "rte" / f"s{seed}"
         m = json.loads((d / "metrics.json").read_text())
-        gemm = {"bf16_matmul": "fp32 GEMM of bf16-rounded operands"} if seed == 3 else {}
+        gemm = {"bf16_matmul": "fp32 GEMM of bf16-rounded operands", "selection": "heldout"} if seed == 3 else {}
         # where they trained: seeds 1 and 2 on one GPU, seed 3 resumed on a CPU after starting on it
         where = {"GPU A": 50.0} if seed < 3 else {"GPU A": 20.0, "EPYC (AVX2, 1 thread)": 90.0}
         (d / "metrics.json").write_text(json.dumps({**m, "best_epoch": best, "epochs_run": run, "pooling": "mean",
@@ -250,9 +250,9 @@ def test_settings_table_states_each_rows_budget(tmp_path):
         "train: {lr: 0.001, epochs: 10, patience: 0, warmup_ratio: 0.0, batch_size: 8, shots: 32, precision: fp32}\n")
     r = runner.invoke(app, ["report", str(root), "--settings", "--no-plot", "--no-majority"])
     assert r.exit_code == 0, r.output
-    assert ("| pfeiffer | pfeiffer | 1e-4 / 3e-4 | ≤ 10 (patience 3) | 5.0 | 3.0 | 10% | 32 | ≤ 20,000 | "
+    assert ("| pfeiffer | pfeiffer | 1e-4 / 3e-4 | ≤ 10 (patience 3) | dev / heldout | 5.0 | 3.0 | 10% | 32 | ≤ 20,000 | "
             "bf16 (1 of 3 runs: fp32 GEMMs) | mean | EPYC (AVX2, 1 thread) + GPU A (1) / GPU A (2) | 3 |") in r.output
-    assert ("| adapter k=32 | adapter k=32 | 1e-3 | 10 | – | – | 0% | 8 | 32/class | fp32 | ? | not recorded | 1 |"
+    assert ("| adapter k=32 | adapter k=32 | 1e-3 | 10 | dev | – | – | 0% | 8 | 32/class | fp32 | ? | not recorded | 1 |"
             in r.output)
     bad = runner.invoke(app, ["report", str(root), "--settings", "--format", "csv"])
     assert bad.exit_code == 2 and "use it with --format md" in bad.output
@@ -272,7 +272,7 @@ def test_claims_table_from_another_archive_with_settings(runs, tmp_path):
     main, swept = out.read_text().split("## sweep")
     assert "| full | 81.00 ± 1.00 (3) | 62.00 ± 2.00 (3) |" in main and "head lr" not in main
     assert "| head lr=3e-3 | 57.50 (1) |" in swept             # one seed: no std to show
-    assert "| head lr=1e-3 | head | 1e-3 | 10 | 4.0 | 1.0 |" in swept and "| full |" not in swept
+    assert "| head lr=1e-3 | head | 1e-3 | 10 | dev | 4.0 | 1.0 |" in swept and "| full |" not in swept
 
 
 def test_unfinished_runs_show_how_far_they_got_and_which_attempts_were_lost(runs, tmp_path):

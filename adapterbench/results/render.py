@@ -117,7 +117,7 @@ def _epochs(train: dict) -> str:
     return f"≤ {n} (patience {train['patience']})" if train.get("patience") else str(n)
 
 
-SETTINGS_HEADER = ["row", "method", "lr", "epochs", "epochs run", "best epoch", "warm-up", "batch",
+SETTINGS_HEADER = ["row", "method", "lr", "epochs", "selection", "epochs run", "best epoch", "warm-up", "batch",
                    "training data", "precision", "pooling", "machine", "runs"]
 
 
@@ -141,7 +141,7 @@ def _machines(records: list[RunRecord]) -> str:
 def settings_rows(root: Path, only: list[str] | None = None,
                   seeds: list[int] | None = None) -> tuple[list[str], list[list[str]]]:
     """The budget and settings of every row (the paper-table footnote): learning rate, epoch
-    budget, epochs actually run and the best (dev-chosen) epoch, 1-based means over the row's
+    budget, the selection protocol, epochs actually run and the chosen epoch, 1-based means over the row's
     runs, warm-up, batch size, training data, precision and pooling, from each run's resolved
     config. A setting that differs between a row's runs shows every value."""
     by_label: dict[str, list[RunRecord]] = {}
@@ -158,7 +158,7 @@ def settings_rows(root: Path, only: list[str] | None = None,
         best = [r.best_epoch + 1 for r in runs if r.best_epoch is not None]
         body.append([label, each(r.method for r in runs),
                      each(_lr(t["lr"]) for t in trains if "lr" in t),
-                     each(map(_epochs, trains)),
+                     each(map(_epochs, trains)), each(r.selection for r in runs),
                      f"{np.mean(run_epochs):.1f}" if run_epochs else "–",
                      f"{np.mean(best):.1f}" if best else "–",
                      each(f"{t.get('warmup_ratio', 0):.0%}" for t in trains),
@@ -240,8 +240,10 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(md_cell, r)) + " |" for r in body]) + "\n"
 
 
-SETTINGS_LEGEND = ("Settings: each row's learning rate, epoch budget (≤ N: best epoch on dev, stopped after "
-                   "`patience` epochs without a better one), epochs run and best epoch (means over the row's runs, "
+SETTINGS_LEGEND = ("Settings: each row's learning rate, epoch budget (≤ N: stopped after `patience` epochs without "
+                   "a better score on the selection set), selection (what chose the epoch: heldout, a held-out slice "
+                   "of train; dev, the dev set the table reports, as the papers did; last, the last epoch), epochs run "
+                   "and best epoch (means over the row's runs, "
                    "1-based), warm-up share of the steps, batch size, training examples per task (all, a seeded "
                    "cap, or k per class), precision (bf16: autocast; \"fp32 GEMMs\": runs whose bf16 products ran as fp32 GEMMs "
                    "of bf16-rounded operands, on a CPU without native bf16), the pooling the head reads and the machine "
