@@ -439,11 +439,12 @@ def test_attention_plot_averages_each_targets_runs(tmp_path):
 def test_a_table_with_seeds_says_which_runs_are_still_to_come(runs, tmp_path):
     """A table that names its seeds lists, below it, each named row with no run and each row's
     missing seeds (per task where tasks differ), so a table from a study under way does not pass
-    for a finished one; a complete table, or one without seeds, gets no such line."""
+    for a finished one; a complete table, or one without seeds, gets no such line. A row the
+    study ran at fewer seeds (`seeds_by_row`) waits only for those; a bad mapping is one line."""
     spec = tmp_path / "claims.yaml"
     spec.write_text("tables:\n"
                     "  - {id: part, rows: 'full,camtl,lonely,head,hou*', tasks: [rte, mrpc], seeds: [1, 2, 3]}\n"
-                    "  - {id: whole, rows: 'full,houlsby', seeds: [1, 2, 3]}\n"
+                    "  - {id: whole, rows: 'full,houlsby,camtl', seeds: [1, 2, 3], seeds_by_row: {camtl: [1, 2]}}\n"
                     "  - {id: unsaid, rows: 'full,camtl'}\n")
     out = tmp_path / "results.md"
     r = runner.invoke(app, ["report", str(runs), "--claims", str(spec), "--out", str(out), "--no-plot"])
@@ -451,7 +452,12 @@ def test_a_table_with_seeds_says_which_runs_are_still_to_come(runs, tmp_path):
     part, whole, unsaid = out.read_text().split("## ")[1:]
     assert ("_Still to come (runs this table names that have not finished): camtl (seed 3), "
             "lonely (rte: seeds 2, 3; mrpc: seeds 1, 2, 3), head (no run yet)._") in part
-    assert "Still to come" not in whole and "Still to come" not in unsaid
+    assert "Still to come" not in whole and "Still to come" not in unsaid    # camtl's seeds are 1 and 2 there
+    for bad, words in (("{camtl: [3, 4]}", "must list some of the table's seeds"), ("[1, 2]", "must map rows"),
+                       ("{lonely: [1]}", "not a row of the table")):
+        spec.write_text(f"tables:\n  - {{id: t, rows: 'full,camtl', seeds: [1, 2, 3], seeds_by_row: {bad}}}\n")
+        r = runner.invoke(app, ["report", str(runs), "--claims", str(spec), "--out", str(out), "--no-plot"])
+        assert r.exit_code == 2 and words in r.output and "tables[0].seeds_by_row" in r.output, r.output
 
 
 def test_protocol_sensitivity_and_selection_optimism(runs, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from adapterbench.cli import app
+from adapterbench.config import split_labels
 from adapterbench.tasks import configs_dir
 
 runner = CliRunner()
@@ -138,6 +139,22 @@ def test_committed_archive_is_the_shipped_study(tmp_path, archive_name, study, l
         assert same(r["config"]) == same(cfg), (r["label"], r["task"], r["seed"])
         if not cfg["init_from"] and not cfg["method"].get("adapters"):
             assert node.folder.name == r["run"], (r["label"], r["task"], r["seed"])
+
+
+@pytest.mark.parametrize("name", ["reproduce_fair", "reproduce_base"])
+def test_claims_tables_wait_for_the_seeds_their_study_plans(name):
+    """A claims file's tables name, per row, the seeds its study reports (the study's seeds, or
+    the entry's own: `seeds_by_row`), so `still_to_come` neither waits for seeds never planned
+    nor passes a row as finished before its last seed."""
+    from adapterbench.results.claims import load_claims
+    from adapterbench.study.plan import load_study
+    study = load_study(configs_dir() / "studies" / f"{name}.yaml")
+    planned = {e.label or e.name: sorted(e.seeds or study.seeds) for e in study.methods}
+    tables = [t for t in load_claims(configs_dir() / "claims" / f"{name}.yaml")["tables"] if t.get("seeds")]
+    assert tables
+    for t in tables:
+        for row in split_labels(t["rows"]):
+            assert sorted((t.get("seeds_by_row") or {}).get(row, t["seeds"])) == planned[row], (t["id"], row)
 
 
 def test_committed_fair_predictions_recompute_every_reported_score():

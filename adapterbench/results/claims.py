@@ -2,18 +2,20 @@
 tables to show; `adapterbench report RUNS --claims FILE --out results.md` writes one Markdown
 document with those tables, their plots and a verdict per claim, all computed from the runs.
 
-Verdicts (alpha 0.05; the test pairs the two rows' runs by (task, seed)):
-- `gain` claims (A beats B): confirmed when the mean difference is positive and a two-sided
-  paired t-test over the (task, seed) pairs gives p < alpha; otherwise not confirmed.
-- `parity` claims (A within `margin` points of B): a non-inferiority test, one-sided t-test of
-  (A - B + margin) > 0 over the same pairs; confirmed when p < alpha.
-- not testable here: a row is missing, fewer than 2 seeds are shared, or the file says so
-  (`testable: false` with `why`). While a study is under way the claim's table still shows the
-  runs so far (per task, over the seeds both rows have), without a mean, p or verdict.
+Verdicts (`judge` and `decide` below, on `stats.py`'s estimates; the document prints the rules): a claim's
+effect is the stratified Δ (per task, the mean paired difference over the seeds both rows have;
+then the mean over tasks) with a 95% CI. A `gain` claim (A beats B) is a one-sided test of Δ > 0
+at alpha 0.05, Holm-adjusted across the file's gain claims; a `parity` claim (A within `margin`
+points of B) a non-inferiority test of Δ > -margin at the same alpha. **confirmed** (the test
+rejects), **contradicted** (the CI excludes the paper's Δ), **inconclusive** (neither: with the
+seeds 80% power would need) or **not testable here** (a row or seeds missing, rows at or below
+the majority class on every task, or the file says so: `testable: false` with `why`). While a
+study is under way the claim's table still shows the runs so far, without a verdict.
 The human discussion (likely reasons) is text in the claims file, printed beside the verdict.
 A table may read other runs than the document's (`runs: docs/results/lr_sweep.jsonl`, a folder or
 archive, relative to where the command runs), keep only some seeds (`seeds: [2, 3, 4]`: a
-study's reported seeds, when some rows trained extra seeds for another row's sake), add its rows'
+study's reported seeds, when some rows trained extra seeds for another row's sake; `seeds_by_row`
+for rows the study ran at fewer of them), add its rows'
 budgets (`settings: true`) and what their runs recorded beyond scores (`extras: true`: multi-task
 shares, merge alignment, fusion attention), and draw fusion rows' attention as target x source
 heatmaps instead of score bars (`plot: attention`). A table that names its seeds says below it
@@ -29,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from adapterbench.config import check_keys, load_yaml
+from adapterbench.config import check_keys, load_yaml, split_labels
 from adapterbench.errors import UserError
 
-TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "seeds", "text", "runs", "settings",
-              "extras", "plot", "unfinished"}
+TABLE_KEYS = {"id", "title", "rows", "versus", "reference", "metric", "tasks", "seeds", "seeds_by_row", "text", "runs",
+              "settings", "extras", "plot", "unfinished"}
 CLAIM_KEYS = {"id", "title", "paper", "claim", "a", "b", "tasks", "kind", "margin", "paper_delta", "metric",
               "testable", "why", "discussion"}
 TOP_KEYS = {"title", "intro", "tables", "claims", "closing", "compare_protocols", "compare_encoders"}
@@ -74,6 +76,25 @@ class Verdict:
     estimate: object = None             # stats.Estimate
 
 
+def check_seeds_by_row(t: dict, where: str) -> None:
+    """`seeds_by_row: {head: [2, 3, 4]}`: rows of the table that a study ran at fewer of the
+    table's `seeds` (so `still_to_come` does not wait for seeds that were never planned)."""
+    by_row = t.get("seeds_by_row")
+    if by_row is None:
+        return
+    if not isinstance(by_row, dict) or not t.get("seeds"):
+        raise UserError(f"{where}.seeds_by_row must map rows to some of the table's seeds, e.g. {{head: [2, 3, 4]}} "
+                        f"beside seeds: [2, 3, 4, 5, 6]")
+    rows = set(split_labels(str(t["rows"])))
+    for label, seeds in by_row.items():
+        if label not in rows:
+            raise UserError(f"{where}.seeds_by_row names {label!r}, not a row of the table ({t['rows']}): "
+                            f"name one of its rows")
+        if not (isinstance(seeds, list) and seeds and all(type(x) is int and x in t["seeds"] for x in seeds)):
+            raise UserError(f"{where}.seeds_by_row.{label} = {seeds!r} must list some of the table's seeds "
+                            f"{t['seeds']}, e.g. {t['seeds'][:3]}")
+
+
 def load_claims(path: Path) -> dict:
     """The claims file, checked: unknown keys and bad kinds are errors naming the file."""
     spec = load_yaml(path)
@@ -87,6 +108,7 @@ def load_claims(path: Path) -> dict:
                             "(fusion rows: target x source heatmap)")
         if "seeds" in t and not (isinstance(t["seeds"], list) and all(type(x) is int for x in t["seeds"])):
             raise UserError(f"{path}: tables[{i}].seeds = {t['seeds']!r} must be a list of seeds, e.g. [2, 3, 4]")
+        check_seeds_by_row(t, f"{path}: tables[{i}]")
     claims = []
     for i, c in enumerate(spec.get("claims", [])):
         check_keys(c, CLAIM_KEYS, f"{path}: claims[{i}]")

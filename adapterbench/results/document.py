@@ -95,19 +95,22 @@ def rows_or_none(runs_dir: Path, metric: str | None) -> dict:
     return collect(runs_dir, metric)
 
 
-def still_to_come(rep: Report, rows: list[str], tasks: list[str] | None, seeds: list[int] | None) -> str | None:
+def still_to_come(rep: Report, rows: list[str], tasks: list[str] | None, seeds: list[int] | None,
+                  by_row: dict[str, list[int]] | None = None) -> str | None:
     """One line naming what a table with `seeds` still lacks, so a partial table does not pass for
     a finished one: each row it names (patterns left out) with no run, or with a (task, seed) it
-    has no run for. None when every named row has every seed on every task."""
+    has no run for; a row in `by_row` (`seeds_by_row`) waits only for its own seeds. None when
+    every named row has its seeds on every task."""
     if not seeds:
         return None
+    by_row = by_row or {}
     have, tasks = {r.label: r for r in rep.rows}, tasks or rep.tasks
     parts = []
     for label in (x for x in rows if not any(c in x for c in "*?[")):
         if label not in have:
             parts.append(f"{label} (no run yet)")
             continue
-        gaps = {t: [s for s in seeds if s not in (have[label].cells[t].by_seed if t in have[label].cells else {})]
+        gaps = {t: [s for s in by_row.get(label, seeds) if s not in (have[label].cells[t].by_seed if t in have[label].cells else {})]
                 for t in tasks}
         gaps = {t: g for t, g in gaps.items() if g}
         seed_list = lambda g: ("seed " if len(g) == 1 else "seeds ") + ", ".join(map(str, g))  # noqa: E731
@@ -311,7 +314,7 @@ def table_section(t: dict, runs_dir: Path, assets: Path, plot: bool) -> list[str
         return parts + [f"_No finished runs yet for rows {', '.join(rows)}._", "", *going]
     rep.marks = False   # per-cell † on 2-6 seeds, uncorrected: the claims carry CIs and Holm instead
     parts += [render(rep, "md").rstrip(), ""]
-    if todo := still_to_come(rep, rows, t.get("tasks"), t.get("seeds")):
+    if todo := still_to_come(rep, rows, t.get("tasks"), t.get("seeds"), t.get("seeds_by_row")):
         parts += [todo, ""]
     if t.get("settings"):
         parts += [markdown_table(*settings_rows(source, rows, t.get("seeds"))), SETTINGS_LEGEND, ""]
