@@ -190,7 +190,8 @@ def test_committed_fair_predictions_recompute_every_reported_score():
         for task, scores in r["tasks"].items():
             for split in ("dev", "heldout"):
                 metric = scores["main_metric"]
-                assert score(at, split, task, metric) == pytest.approx(scores[split][metric], abs=1e-6), (r["run"], task)
+                want = scores[split][metric]
+                assert score(at, split, task, metric) == pytest.approx(want, abs=1e-6), (r["run"], task)
     assert max(f.stat().st_size for f in docs.rglob("*") if f.is_file()) < 2 ** 20
 
 
