@@ -257,3 +257,21 @@ def test_archive_keeps_predictions_beside_it_gzipped_per_row(tiny_bert_dir, task
     shard.write_bytes(first[:40])                           # a damaged file: one line that names it
     r = runner.invoke(app, ["archive", str(tmp_path / "two"), "--out", str(out)])
     assert r.exit_code == 2 and "full.jsonl.gz" in r.output and "git checkout" in r.output
+
+
+def test_archive_predictions_files_follow_the_rows_the_archive_holds(tmp_path):
+    """One predictions file per row (its sweep rows with it); a row no line holds any more (an
+    archive written again with --replace) leaves no file behind, and a run without predictions
+    names none."""
+    from adapterbench.archive import read_predictions, store_predictions
+    out = tmp_path / "a.jsonl"
+    rec = lambda label, run, p=None: {"label": label, "run": run, **({"predictions": p} if p else {})}  # noqa: E731
+    lines = store_predictions(out, {("full lr=2e-05", "r1"): rec("full lr=2e-05", "r1", {"e": 1}),
+                                    ("full", "r2"): rec("full", "r2", {"e": 2}),
+                                    ("head", "r3"): rec("head", "r3", {"e": 3}), ("old", "r4"): rec("old", "r4")})
+    out.write_text("".join(f"{line}\n" for line in lines))
+    assert sorted(p.name for p in (tmp_path / "a.predictions").iterdir()) == ["full.jsonl.gz", "head.jsonl.gz"]
+    assert read_predictions(out) == {("full lr=2e-05", "r1"): {"e": 1}, ("full", "r2"): {"e": 2}, ("head", "r3"): {"e": 3}}
+    assert "predictions_file" not in json.loads(lines[-1])
+    store_predictions(out, {("full", "r2"): rec("full", "r2", {"e": 2})})
+    assert [p.name for p in (tmp_path / "a.predictions").iterdir()] == ["full.jsonl.gz"]
