@@ -147,6 +147,10 @@ def test_lr_sweep_decides_on_held_out_then_the_reported_seeds_run(tmp_path, task
     assert dry.exit_code == 0, dry.output
     assert "full: not planned yet, lr sweep 0 of 2 runs done" in dry.output
     assert "fusion: not planned yet, waits for pfeiffer's learning rate" in dry.output
+    status = runner.invoke(app, ["status", str(y), "--by-row"], env={"COLUMNS": "200"})
+    assert status.exit_code == 0 and "queued 4" in status.output, status.output
+    assert ("full: not planned yet, lr sweep 0 of 2 runs done (its runs are not counted above)" in status.output
+            and "fusion: not planned yet, waits for pfeiffer's learning rate" in status.output)
     r = runner.invoke(app, ["run", str(y)])
     assert r.exit_code == 0, r.output
     st = S.load_study(y)

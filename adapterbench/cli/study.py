@@ -254,6 +254,8 @@ def status(study: Path = typer.Argument(..., help="A study YAML or a shipped stu
                       f"its pace, else the row's time per training example on its other tasks, else (a "
                       f"multi-task row) the other multi-task rows' runs; divide by the workers)"
                       + (f"; {left['unknown']} runs have no finished or running run to go by" if left["unknown"] else ""))
+    for label, why in st.waiting.items():   # rows a sweep still holds back: neither counted nor estimated above
+        console.print(f"{label}: not planned yet, {why} (its runs are not counted above)", highlight=False)
     if archive and ov.stale:
         console.print(f"{ov.stale} runs to do have a cell (row, tasks, seed, model) that {archive} holds under "
                       f"another folder name ({STALE_WHY}): they are counted as queued")
