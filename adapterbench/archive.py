@@ -88,7 +88,8 @@ def store_predictions(archive: Path, records: dict[tuple, dict]) -> list[str]:
     file (written here, byte-identical for the same content) and named by `predictions_file`. A
     record that already points at a file keeps the predictions that file holds; a file no
     record names any more is removed."""
-    old = read_predictions(archive) if any("predictions_file" in r for r in records.values()) else {}
+    old = read_shards(archive, {Path(r["predictions_file"]).name for r in records.values()
+                                if isinstance(r.get("predictions_file"), str)})
     folder, shards = predictions_folder(archive), defaultdict(list)
     for key, record in records.items():
         predictions = record.pop("predictions", None)
@@ -117,7 +118,14 @@ def read_predictions(archive: Path) -> dict[tuple, dict]:
             out[key] = record["predictions"]
         elif isinstance(record.get("predictions_file"), str):
             files.add(Path(record["predictions_file"]).name)   # always inside the archive's own folder
-    for name in sorted(files):
+    return {**out, **read_shards(archive, files)}
+
+
+def read_shards(archive: Path, names: set[str]) -> dict[tuple, dict]:
+    """The predictions in the archive's files `names` (inside its predictions folder), by
+    `archive_key`; a missing or damaged file is one line naming it and the way out."""
+    out = {}
+    for name in sorted(names):
         path = predictions_folder(archive) / name
         try:
             lines = gzip.decompress(path.read_bytes()).decode().splitlines()

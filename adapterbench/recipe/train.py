@@ -348,7 +348,8 @@ def train_epoch(lp: Loop) -> None:
         loss, grad_norm = train_step(lp.model, lp.plain, batches, lp.optimizer, lp.scheduler, acc, cfg, res.steps)
         res.steps += 1
         res.train_samples += len(items)
-        t0, took = time.perf_counter(), time.perf_counter() - t0
+        now = time.perf_counter()
+        took, t0 = now - t0, now
         if lp.requests.continued != seen:   # stopped (SIGSTOP) during this step: its length is no training time
             seen, took = lp.requests.continued, (res.train_seconds + spent) / max(res.steps - 1, 1)
         spent += took
