@@ -177,6 +177,16 @@ def test_lr_sweep_decides_on_held_out_then_the_reported_seeds_run(tmp_path, task
     assert {n.folder for n in S.plan(again)} == {n.folder for n in nodes} and again.chosen == st.chosen
     r = runner.invoke(app, ["run", str(y), "--skip-archived", str(archive)])
     assert r.exit_code == 0 and "not planned yet" not in r.output and "0 ran" in r.output, r.output
+    # an archive without full's runs: full's sweep runs first, and the plan that grows once it has
+    # chosen still skips what the archive holds, so only full's 4 runs train (not pfeiffer, fusion)
+    lines = [x for x in archive.read_text().splitlines() if not json.loads(x)["label"].startswith("full")]
+    archive.write_text("".join(x + "\n" for x in lines))
+    r = runner.invoke(app, ["run", str(y), "--skip-archived", str(archive)])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "full: not planned yet" in said and "4 ran" in said, said
+    trained = sorted((json.loads(m.read_text())["method"], json.loads(m.read_text())["seed"])
+                     for m in (tmp_path / "runs").rglob("metrics.json"))
+    assert trained == [("full", 1), ("full", 1), ("full", 2), ("full", 3)], trained
 
 
 def test_a_row_without_runs_on_a_task_is_scaled_by_its_examples(tmp_path):

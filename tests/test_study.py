@@ -651,6 +651,8 @@ def test_a_lost_study_folder_resumes_from_its_archive(tmp_path, task_yamls, data
     r = runner.invoke(app, ["run", str(y), "--skip-archived", str(archive)])
     said = " ".join(r.output.split())
     assert r.exit_code == 0 and "7 runs skipped" in said and "3 ran" in said, said
+    # the estimate printed before it starts is for those 3 runs, from the times the archive recorded
+    assert re.search(r"estimated: ≈ \d+\.\d run-hours for 3 runs to do \(", said), said
     ran = sorted((m.parent.parent.parent.name, m.parent.parent.name, json.loads(m.read_text())["seed"])
                  for m in (tmp_path / "runs").rglob("metrics.json"))
     assert [(stage_label, s) for stage_label, _, s in ran] == [("fusion", 2), ("pfeiffer", 2), ("pfeiffer", 2)]

@@ -107,7 +107,7 @@ def show_plan(st, nodes, choice, skip_archived: Path | None, calibrate: int) -> 
     print_plan(nodes, choice.keep, st)
     if skip_archived:
         print_skipped(choice, skip_archived)
-    print_estimate(nodes)
+    print_estimate(nodes, choice)
     if calibrate:
         print_calibrated(st, nodes, calibrate)
 
@@ -161,9 +161,13 @@ def print_skipped(choice, archive: Path) -> None:
                       f"({STALE_WHY}): they run again")
 
 
-def print_estimate(nodes) -> None:
-    from adapterbench.study.status import remaining, status_table
-    left = remaining(status_table(nodes))
+def print_estimate(nodes, choice) -> None:
+    """Run-hours for the runs this command takes (`choice.keep`; all when None), estimated as
+    `status` does: with --skip-archived, from the times its archive recorded too."""
+    from adapterbench.study.status import overview, peers_of, remaining
+    rows = overview(nodes, choice.archive).rows
+    mine = rows if choice.keep is None else [r for r in rows if r.index in choice.keep]
+    left = remaining(mine, peers=peers_of(rows))
     console.print(f"estimated: ≈ {left['seconds'] / 3600:.1f} run-hours for {left['estimated']} runs to do"
                   + (f"; {left['unknown']} more have no finished run of their row (or of their task) to go by yet"
                      if left["unknown"] else "") + " (adapterbench status --by-row: per row)", highlight=False)

@@ -159,6 +159,7 @@ class Choice:
     keep: set[int] | None
     skipped: set[int] = field(default_factory=set)
     stale: int = 0
+    archive: Path | None = None      # --skip-archived's archive, to choose again in a grown plan
 
 
 def choose(nodes: list[Node], only: list[str] | None, skip_archived: Path | None) -> Choice:
@@ -167,7 +168,7 @@ def choose(nodes: list[Node], only: list[str] | None, skip_archived: Path | None
     if not skip_archived:
         return Choice(keep)
     skip, stale = archived(nodes, archive_records(skip_archived), keep)
-    return Choice((set(range(len(nodes))) if keep is None else keep) - skip, skip, stale)
+    return Choice((set(range(len(nodes))) if keep is None else keep) - skip, skip, stale, skip_archived)
 
 
 def run_here(st: Study, nodes: list[Node], choice: Choice, only: list[str] | None, *, retry_failed: bool,
@@ -185,7 +186,7 @@ def run_here(st: Study, nodes: list[Node], choice: Choice, only: list[str] | Non
         if len(more) == len(nodes):
             break
         nodes = more
-        keep = selected(nodes, only) if only else None
+        keep = choose(nodes, only, choice.archive).keep      # the grown plan less what the archive holds
         on_plan(nodes, keep)
         again = execute(st, nodes, retry_failed=retry_failed, shard=shard, on_event=on_event, only=keep,
                         wait_for_others=wait_others, replan=replan)
