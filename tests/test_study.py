@@ -942,6 +942,21 @@ def test_first_rows_run_first_after_what_they_need(tmp_path, task_yamls, data_di
     assert r.exit_code == 2 and "first names 'fusoin'" in r.output and len(r.output.strip().splitlines()) == 1
 
 
+def test_a_run_that_needs_others_runs_as_soon_as_they_are_placed(tmp_path):
+    """With `first`, a fusion comes right after the last of its sources is placed, ahead of the
+    other tasks' runs (so the sources' folders are needed for the shortest time); a consumer
+    outside the first rows (a merge row) still waits behind every first row."""
+    def node(i, label, task, deps=()):
+        return S.Node(i, "fuse" if deps else "extract", label, task, 2, "m", {}, tmp_path / f"{label}-{task}",
+                      list(deps), label)
+    plain = [node(0, "full", "a"), node(1, "pfeiffer", "a"), node(2, "pfeiffer", "b"), node(3, "fusion", "a", (1, 2)),
+             node(4, "full", "b"), node(5, "fusion", "b", (1, 2)), node(6, "merged", "a", (1, 2))]
+    nodes = S.first_rows_first(plain, ["full", "pfeiffer", "fusion"])
+    assert [(n.label, n.task) for n in nodes] == [("full", "a"), ("pfeiffer", "a"), ("pfeiffer", "b"), ("fusion", "a"),
+                                                  ("fusion", "b"), ("full", "b"), ("merged", "a")]
+    assert all(d < n.index for n in nodes for d in n.deps) and [n.index for n in nodes] == list(range(7))
+
+
 @pytest.mark.slow
 def test_calibrate_estimates_every_row_before_its_first_run(tmp_path, task_yamls, data_dir):
     """`run --dry-run --calibrate N` times each row's training on each of its tasks here and

@@ -268,22 +268,34 @@ class Planner:
 
 def first_rows_first(nodes: list[Node], first: list[str]) -> list[Node]:
     """The plan reordered so the runs of the `first` rows come before every other run (in plan
-    order otherwise: sweeps, then seed by seed), each run after the runs it needs; indexes
-    renumbered. A study puts its cheap rows first so their claims become testable early."""
+    order otherwise: sweeps, then seed by seed), each run after the runs it needs, and a run that
+    needs others (a fusion over its sources) as soon as they are all placed, among runs of its own
+    group (first or not); indexes renumbered. A study puts its cheap rows first so their claims
+    become testable early; the sources' weights are needed on disk for the shortest time, so a
+    study folder lost in between (resuming with --skip-archived) retrains fewest of them."""
     if not first:
         return nodes
     by_index = {nd.index: nd for nd in nodes}
+    key = lambda nd: (nd.row not in first, nd.index)   # noqa: E731
+    needed_by: dict[int, list[Node]] = {}
+    for nd in sorted(nodes, key=key):
+        for d in nd.deps:
+            needed_by.setdefault(d, []).append(nd)
     order: list[Node] = []
     placed: set[int] = set()
 
     def place(nd: Node) -> None:
-        if nd.index not in placed:
-            placed.add(nd.index)
-            for d in nd.deps:
-                place(by_index[d])
-            order.append(nd)
+        if nd.index in placed:
+            return
+        placed.add(nd.index)
+        for d in nd.deps:
+            place(by_index[d])
+        order.append(nd)
+        for user in needed_by.get(nd.index, ()):
+            if (user.row in first) == (nd.row in first) and all(d in placed for d in user.deps):
+                place(user)
 
-    for nd in sorted(nodes, key=lambda nd: (nd.row not in first, nd.index)):
+    for nd in sorted(nodes, key=key):
         place(nd)
     new = {nd.index: i for i, nd in enumerate(order)}
     return [replace(nd, index=new[nd.index], deps=[new[d] for d in nd.deps]) for nd in order]
