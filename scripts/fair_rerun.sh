@@ -17,7 +17,8 @@ if pgrep -f "adapterbench run reproduce_fair" > /dev/null; then   # never swap t
 fi
 rm -rf "$STUDIES/fair-code" && git archive --format=tar --prefix=fair-code/ HEAD | tar -x -C "$STUDIES"
 SKIP=()
-[ -s docs/results/fair.jsonl ] && [ ! -d "$STUDIES/reproduce_fair" ] && SKIP=(--skip-archived "$ROOT/docs/results/fair.jsonl")
+# always: a folder lost and started anew holds only what ran since, and the archive the rest
+[ -s docs/results/fair.jsonl ] && SKIP=(--skip-archived "$ROOT/docs/results/fair.jsonl")
 cd "$STUDIES"
 export PYTHONPATH="$STUDIES/fair-code" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 export ADAPTERBENCH_DATA_DIR=${ADAPTERBENCH_DATA_DIR:-$(cd "$ROOT/../shared/data/glue" && pwd)}
