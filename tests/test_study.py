@@ -937,6 +937,21 @@ def test_first_rows_run_first_after_what_they_need(tmp_path, task_yamls, data_di
     for n in nodes:   # the same dependencies, by folder, each placed before its run
         assert [nodes[d].folder for d in n.deps] == [plain[d].folder for d in by_folder[n.folder].deps]
         assert all(d < n.index for d in n.deps)
+    # first_seeds: only seed 1 of the fusion row goes first; its seed 2 waits behind the other rows' seed 1
+    y.write_text(y.read_text().replace("first: [fusion]", "first: [fusion]\nfirst_seeds: [1]"))
+    nodes = S.plan(S.load_study(y))
+    assert {n.folder for n in nodes} == {n.folder for n in plain}
+    assert [(n.label, n.seed) for n in nodes[:5]] == [("pfeiffer", 1), ("pfeiffer", 1), ("fusion", 1),
+                                                       ("full", 1), ("pfeiffer-rf64", 1)]
+    assert all(d < n.index for n in nodes for d in n.deps)
+    for bad, said in (("first_seeds: [1]", "first_seeds: [7]"), ("first: [fusion]\n", "")):
+        text = y.read_text().replace(bad, said)
+        (tmp_path / "bad.yaml").write_text(text)
+        r = runner.invoke(app, ["run", str(tmp_path / "bad.yaml"), "--dry-run"])
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and "first_seeds" in r.output, r.output
+        assert ("names seed 7, which no row runs" if said else "needs `first`") in r.output
+    y.write_text(y.read_text().replace("\nfirst_seeds: [1]", ""))
     y.write_text(y.read_text().replace("first: [fusion]", "first: [fusoin]"))
     r = runner.invoke(app, ["run", str(y), "--dry-run"])
     assert r.exit_code == 2 and "first names 'fusoin'" in r.output and len(r.output.strip().splitlines()) == 1

@@ -73,6 +73,8 @@ class Study:
     sweep: Sweep = field(default_factory=Sweep)   # where lr_sweep entries choose their rate
     first: list[str] = field(default_factory=list)  # row labels run before all others (their sweeps,
                                                   # the runs they need, their seeds, seed by seed)
+    first_seeds: list[int] = field(default_factory=list)  # only these seeds of the `first` rows go
+                                                  # first (default: all); their other seeds after the rest
 
     # Set by the planner or the command, never by the YAML: `waiting` and `chosen` (the rows a
     # sweep holds back, the rates finished sweeps chose) and `archived` (a results archive's
@@ -107,6 +109,11 @@ def load_study(path: str | Path) -> Study:
     if unknown:
         raise UserError(f"study {path}: first names '{unknown[0]}', which is not a method label of the study "
                         f"({', '.join(labels)}): use one of those")
+    seeds = {*study.seeds, *(x for m in study.methods for x in m.seeds)}
+    if study.first_seeds and (not study.first or not set(study.first_seeds) <= seeds):
+        odd = next((x for x in study.first_seeds if x not in seeds), None)
+        raise UserError(f"study {path}: first_seeds " + (f"names seed {odd}, which no row runs: use some of "
+                        f"{sorted(seeds)}" if odd is not None else "needs `first` (the rows whose seeds go first)"))
     if not study.out_dir:
         study.out_dir = str(Path("runs") / study.name)
     return study
@@ -142,7 +149,8 @@ class Planner:
             for seed in all_seeds:
                 for shots in study.shots or [0]:
                     self.grid_cell(model, seed, shots)
-        return first_rows_first(sorted(self.nodes.values(), key=lambda n: n.index), study.first)
+        return first_rows_first(sorted(self.nodes.values(), key=lambda n: n.index), study.first,
+                                study.first_seeds and [*study.first_seeds, study.sweep.seed])
 
     def grid_cell(self, model: str, seed: int, shots: int) -> None:
         """Every row's runs at one model, seed and shot count: per task, then multi-task rows."""
@@ -266,17 +274,19 @@ class Planner:
         return self.node("merge", label, task, seed, model, spec, folder, deps)
 
 
-def first_rows_first(nodes: list[Node], first: list[str]) -> list[Node]:
-    """The plan reordered so the runs of the `first` rows come before every other run (in plan
-    order otherwise: sweeps, then seed by seed), each run after the runs it needs, and a run that
-    needs others (a fusion over its sources) as soon as they are all placed, among runs of its own
-    group (first or not); indexes renumbered. A study puts its cheap rows first so their claims
-    become testable early; the sources' weights are needed on disk for the shortest time, so a
-    study folder lost in between (resuming with --skip-archived) retrains fewest of them."""
+def first_rows_first(nodes: list[Node], first: list[str], seeds: list[int] | None = None) -> list[Node]:
+    """The plan reordered so the runs of the `first` rows (at `seeds` only, when given: a study's
+    first_seeds and its sweep seed) come before every other run (in plan order otherwise: sweeps,
+    then seed by seed), each run after the runs it needs, and a run that needs others (a fusion
+    over its sources) as soon as they are all placed, among runs of its own group (first or not);
+    indexes renumbered. A study puts its cheap rows first so their claims become testable early;
+    the sources' weights are needed on disk for the shortest time, so a study folder lost in
+    between (resuming with --skip-archived) retrains fewest of them."""
     if not first:
         return nodes
     by_index = {nd.index: nd for nd in nodes}
-    key = lambda nd: (nd.row not in first, nd.index)   # noqa: E731
+    early = lambda nd: nd.row in first and (not seeds or nd.seed in seeds)   # noqa: E731
+    key = lambda nd: (not early(nd), nd.index)   # noqa: E731
     needed_by: dict[int, list[Node]] = {}
     for nd in sorted(nodes, key=key):
         for d in nd.deps:
@@ -292,7 +302,7 @@ def first_rows_first(nodes: list[Node], first: list[str]) -> list[Node]:
             place(by_index[d])
         order.append(nd)
         for user in needed_by.get(nd.index, ()):
-            if (user.row in first) == (nd.row in first) and all(d in placed for d in user.deps):
+            if early(user) == early(nd) and all(d in placed for d in user.deps):
                 place(user)
 
     for nd in sorted(nodes, key=key):
