@@ -966,10 +966,13 @@ def test_a_run_that_needs_others_runs_as_soon_as_they_are_placed(tmp_path):
                       list(deps), label)
     plain = [node(0, "full", "a"), node(1, "pfeiffer", "a"), node(2, "pfeiffer", "b"), node(3, "fusion", "a", (1, 2)),
              node(4, "full", "b"), node(5, "fusion", "b", (1, 2)), node(6, "merged", "a", (1, 2))]
-    nodes = S.first_rows_first(plain, ["full", "pfeiffer", "fusion"])
+    nodes = S.run_order(plain, ["full", "pfeiffer", "fusion"])
     assert [(n.label, n.task) for n in nodes] == [("full", "a"), ("pfeiffer", "a"), ("pfeiffer", "b"), ("fusion", "a"),
                                                   ("fusion", "b"), ("full", "b"), ("merged", "a")]
     assert all(d < n.index for n in nodes for d in n.deps) and [n.index for n in nodes] == list(range(7))
+    nodes = S.run_order(plain, [])         # no first rows: plan order, each fusion as soon as it can
+    assert [(n.label, n.task) for n in nodes] == [("full", "a"), ("pfeiffer", "a"), ("pfeiffer", "b"), ("fusion", "a"),
+                                                  ("fusion", "b"), ("merged", "a"), ("full", "b")]
 
 
 @pytest.mark.slow

@@ -149,7 +149,7 @@ class Planner:
             for seed in all_seeds:
                 for shots in study.shots or [0]:
                     self.grid_cell(model, seed, shots)
-        return first_rows_first(sorted(self.nodes.values(), key=lambda n: n.index), study.first,
+        return run_order(sorted(self.nodes.values(), key=lambda n: n.index), study.first,
                                 study.first_seeds and [*study.first_seeds, study.sweep.seed])
 
     def grid_cell(self, model: str, seed: int, shots: int) -> None:
@@ -274,16 +274,14 @@ class Planner:
         return self.node("merge", label, task, seed, model, spec, folder, deps)
 
 
-def first_rows_first(nodes: list[Node], first: list[str], seeds: list[int] | None = None) -> list[Node]:
-    """The plan reordered so the runs of the `first` rows (at `seeds` only, when given: a study's
+def run_order(nodes: list[Node], first: list[str], seeds: list[int] | None = None) -> list[Node]:
+    """The plan reordered so the runs of the `first` rows (none: plan order; at `seeds` only, when given: a study's
     first_seeds and its sweep seed) come before every other run (in plan order otherwise: sweeps,
     then seed by seed), each run after the runs it needs, and a run that needs others (a fusion
     over its sources) as soon as they are all placed, among runs of its own group (first or not);
     indexes renumbered. A study puts its cheap rows first so their claims become testable early;
     the sources' weights are needed on disk for the shortest time, so a study folder lost in
     between (resuming with --skip-archived) retrains fewest of them."""
-    if not first:
-        return nodes
     by_index = {nd.index: nd for nd in nodes}
     early = lambda nd: nd.row in first and (not seeds or nd.seed in seeds)   # noqa: E731
     key = lambda nd: (not early(nd), nd.index)   # noqa: E731
