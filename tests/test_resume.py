@@ -3,6 +3,7 @@ checkpoint (weights, optimizer, scheduler, RNG, sampler position) and ends with 
 metrics and weights as an uninterrupted run."""
 
 import json
+import time
 import os
 import signal
 
@@ -183,11 +184,18 @@ def test_sigterm_checkpoints_then_stops_and_the_run_resumes(tiny_bert_dir, task_
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert {"checkpoint": 8, "epoch": 1, "why": "SIGTERM"} in records
     assert max(r.get("step", 0) for r in records) == 8                 # nothing trained after it
+    # the checkpoint carries the wall time of the leg it ends; the finished run adds its own to it
+    state = run / "checkpoint" / "step-8-e1" / "state.json"
+    first_leg = json.loads(state.read_text())
+    assert first_leg["earlier_wall_seconds"] >= first_leg["train_seconds"] > 0
+    state.write_text(json.dumps({**first_leg, "earlier_wall_seconds": 1000.0}))
     monkeypatch.setattr(T, "train_step", real_step)
     monkeypatch.setattr(T, "machine_name", lambda device: "machine B")    # resumed on another machine
+    t0 = time.time()
     assert runner.invoke(app, cmd).exit_code == 0
     got, want = (json.loads((p / "metrics.json").read_text())
                  for p in (run, next((tmp_path / "ref").glob("*/*/toy/*"))))
+    assert 1000.0 < got["wall_seconds"] <= 1000.0 + time.time() - t0
     assert got["history"] == want["history"] and got["tasks"] == want["tasks"] and got["steps"] == 18
     # each machine's share of the training time, and each leg's machine in the log
     here = machine_name("cpu")

@@ -32,6 +32,7 @@ class TrainResult:
     predictions: list = field(default_factory=list)    # per scored epoch: {"epoch", split: {task: [per example]}}
     stale: int = 0                 # scorings since the best one
     machine_seconds: dict = field(default_factory=dict)   # train_seconds per machine (`runs.machine_name`)
+    earlier_wall_seconds: float = 0.0   # wall time of the legs before this one, to the checkpoint resumed from
 
     def __post_init__(self):
         if self.train_seconds and not self.machine_seconds:   # a checkpoint from before machines were recorded

@@ -289,7 +289,7 @@ def run_metrics(stage, cfg: RunConfig, tasks, model, res, dev, train_items, dev_
         "trainable_params": trainable, "total_params": total, "trainable_percent": round(100.0 * trainable / total, 4),
         "train_seconds": round(res.train_seconds, 3), "samples_per_second": round(res.samples_per_second, 3),
         "machine_seconds": {k: round(v, 3) for k, v in res.machine_seconds.items()},
-        "wall_seconds": round(time.time() - started, 3), "adapterbench_version": __version__,
+        "wall_seconds": round(res.earlier_wall_seconds + time.time() - started, 3), "adapterbench_version": __version__,
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
     }
     if how := bf16_matmul(cfg.train.precision, next(model.parameters()).device):

@@ -258,14 +258,18 @@ class Loop:
     best_state: dict | None = None
     progress: object = None
     bar: object = None
+    leg_started: float = field(default_factory=time.time)   # when this process took the run up
 
     @property
     def world(self) -> int:
         return self.accelerator.num_processes
 
     def checkpoint(self) -> None:
+        """Save the loop; its wall time so far (earlier legs' and this one's) goes with it."""
+        state = asdict(self.res)
+        state["earlier_wall_seconds"] += time.time() - self.leg_started
         save_checkpoint(self.checkpoint_dir, self.accelerator, self.plain, self.optimizer, self.scheduler,
-                        asdict(self.res), self.best_state, {"source": json.dumps(self.source.state())})
+                        state, self.best_state, {"source": json.dumps(self.source.state())})
         self.requests.reset()
 
     def due(self, step: int) -> str:
