@@ -970,6 +970,11 @@ def test_a_run_that_needs_others_runs_as_soon_as_they_are_placed(tmp_path):
     assert [(n.label, n.task) for n in nodes] == [("full", "a"), ("pfeiffer", "a"), ("pfeiffer", "b"), ("fusion", "a"),
                                                   ("fusion", "b"), ("full", "b"), ("merged", "a")]
     assert all(d < n.index for n in nodes for d in n.deps) and [n.index for n in nodes] == list(range(7))
+    # a run that needs both a source and a run over that source comes after both
+    chain = [node(0, "pfeiffer", "a"), node(1, "merge", "a", (0, 2)), node(2, "pfeiffer", "b"),
+             node(3, "start", "a", (2, 1))]
+    got = S.run_order(chain, [])
+    assert all(d < n.index for n in got for d in n.deps), [(n.label, n.deps) for n in got]
     nodes = S.run_order(plain, [])         # no first rows: plan order, each fusion as soon as it can
     assert [(n.label, n.task) for n in nodes] == [("full", "a"), ("pfeiffer", "a"), ("pfeiffer", "b"), ("fusion", "a"),
                                                   ("fusion", "b"), ("merged", "a"), ("full", "b")]

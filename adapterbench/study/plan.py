@@ -290,7 +290,8 @@ def run_order(nodes: list[Node], first: list[str], seeds: list[int] | None = Non
         for d in nd.deps:
             needed_by.setdefault(d, []).append(nd)
     order: list[Node] = []
-    placed: set[int] = set()
+    placed: set[int] = set()      # taken up (its needs may still be on the way)
+    ordered: set[int] = set()     # in `order`
 
     def place(nd: Node) -> None:
         if nd.index in placed:
@@ -299,8 +300,9 @@ def run_order(nodes: list[Node], first: list[str], seeds: list[int] | None = Non
         for d in nd.deps:
             place(by_index[d])
         order.append(nd)
+        ordered.add(nd.index)
         for user in needed_by.get(nd.index, ()):
-            if early(user) == early(nd) and all(d in placed for d in user.deps):
+            if early(user) == early(nd) and all(d in ordered for d in user.deps):
                 place(user)
 
     for nd in sorted(nodes, key=key):
