@@ -13,6 +13,7 @@ STUDY=$1 ARCHIVE=$2
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 [ -f "adapterbench/configs/studies/$STUDY.yaml" ] || { echo "no shipped study '$STUDY' (adapterbench/configs/studies/)"; exit 2; }
+[ -x .venv/bin/python ] || { echo "no .venv here: run bash scripts/setup.sh first"; exit 2; }
 STUDIES=${ADAPTERBENCH_STUDIES:-$HOME/studies}
 mkdir -p "$STUDIES"
 if pgrep -f "adapterbench run $STUDY " > /dev/null; then   # never swap the code under a worker
