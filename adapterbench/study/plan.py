@@ -109,11 +109,11 @@ def load_study(path: str | Path) -> Study:
     if unknown:
         raise UserError(f"study {path}: first names '{unknown[0]}', which is not a method label of the study "
                         f"({', '.join(labels)}): use one of those")
+    if study.first_seeds and not study.first:
+        raise UserError(f"study {path}: first_seeds needs `first` (the rows whose seeds go first)")
     seeds = {*study.seeds, *(x for m in study.methods for x in m.seeds)}
-    if study.first_seeds and (not study.first or not set(study.first_seeds) <= seeds):
-        odd = next((x for x in study.first_seeds if x not in seeds), None)
-        raise UserError(f"study {path}: first_seeds " + (f"names seed {odd}, which no row runs: use some of "
-                        f"{sorted(seeds)}" if odd is not None else "needs `first` (the rows whose seeds go first)"))
+    if odd := [x for x in study.first_seeds if x not in seeds]:
+        raise UserError(f"study {path}: first_seeds names seed {odd[0]}, which no row runs: use some of {sorted(seeds)}")
     if not study.out_dir:
         study.out_dir = str(Path("runs") / study.name)
     return study
