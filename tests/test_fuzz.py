@@ -141,9 +141,16 @@ def studies(draw):
         if draw(st.booleans()):
             e[draw(st.sampled_from(["seeds", "tasks", "sources", "include_target", "train", "oops"]))] = draw(scalars)
         entries.append(e)
-    return {"name": draw(st.sampled_from(["s", "s-1", "../bad", ""])), "tasks": ["toy", "toyreg"],
-            "seeds": draw(st.one_of(st.just([1]), st.lists(st.integers(-2, 3), max_size=3), scalars)),
-            "models": ["tiny-bert"], "methods": entries}
+    study = {"name": draw(st.sampled_from(["s", "s-1", "../bad", ""])), "tasks": ["toy", "toyreg"],
+             "seeds": draw(st.one_of(st.just([1]), st.lists(st.integers(-2, 3), max_size=3), scalars)),
+             "models": ["tiny-bert"], "methods": entries}
+    for key, plausible in (("first", st.lists(st.sampled_from(labels + ["zz"]), max_size=2)),   # the study's order
+                           ("first_seeds", st.lists(st.integers(-1, 3), max_size=2)),
+                           ("sweep", st.fixed_dictionaries({"seed": st.integers(-1, 3)})),
+                           ("shots", st.lists(st.integers(-1, 4), max_size=2))):
+        if draw(st.booleans()):
+            study[key] = draw(st.one_of(plausible, scalars))
+    return study
 
 
 def test_study_graphs(tmp_path_factory, task_yamls):
