@@ -87,7 +87,7 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
     check_launch(launcher, skip_archived, partition, time_min)
     nodes = plan(st)
     choice = choose(nodes, rows, skip_archived)
-    show_plan(st, nodes, choice, skip_archived, calibrate)
+    show_plan(st, nodes, choice, calibrate)
     if dry_run:
         return
     if launcher != "local":
@@ -102,11 +102,11 @@ def run(study: Path = typer.Argument(..., help="A study YAML, or a shipped study
     print_outcome(st, res)
 
 
-def show_plan(st, nodes, choice, skip_archived: Path | None, calibrate: int) -> None:
+def show_plan(st, nodes, choice, calibrate: int) -> None:
     """What `run` prints before it starts: the plan, what the archive skips, the estimates."""
     print_plan(nodes, choice.keep, st)
-    if skip_archived:
-        print_skipped(choice, skip_archived)
+    if choice.archive:
+        print_skipped(choice, choice.archive)
     print_estimate(nodes, choice)
     if calibrate:
         print_calibrated(st, nodes, calibrate)
@@ -164,8 +164,11 @@ def print_skipped(choice, archive: Path) -> None:
 def print_estimate(nodes, choice) -> None:
     """Run-hours for the runs this command takes (`choice.keep`; all when None), estimated as
     `status` does: with --skip-archived, from the times its archive recorded too."""
-    from adapterbench.study.status import overview, peers_of, remaining
-    rows = overview(nodes, choice.archive).rows
+    from adapterbench.study.archived import mark_archived
+    from adapterbench.study.status import peers_of, remaining, status_table
+    rows = status_table(nodes)
+    if choice.archive:
+        mark_archived(rows, nodes, choice.archive)
     mine = rows if choice.keep is None else [r for r in rows if r.index in choice.keep]
     left = remaining(mine, peers=peers_of(rows))
     console.print(f"estimated: ≈ {left['seconds'] / 3600:.1f} run-hours for {left['estimated']} runs to do"
